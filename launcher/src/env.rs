@@ -1,0 +1,133 @@
+//! Reading RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT.
+
+/// Where this process sits in the job. A process started by hand (no variables) is rank 0 of 1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RankEnv {
+    pub rank: usize,
+    pub local_rank: usize,
+    pub world_size: usize,
+    pub local_world_size: usize,
+    pub master_addr: Option<String>,
+    pub master_port: Option<u16>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum EnvError {
+    #[error("environment variable {name}={value:?} is not a valid {expected}")]
+    Invalid { name: &'static str, value: String, expected: &'static str },
+    #[error("RANK={rank} is not below WORLD_SIZE={world_size}")]
+    RankOutOfRange { rank: usize, world_size: usize },
+    #[error("{set} is set but {missing} is not; set both or neither")]
+    Incomplete { set: &'static str, missing: &'static str },
+}
+
+impl RankEnv {
+    /// The single-process default.
+    pub fn single() -> Self {
+        Self {
+            rank: 0,
+            local_rank: 0,
+            world_size: 1,
+            local_world_size: 1,
+            master_addr: None,
+            master_port: None,
+        }
+    }
+
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, EnvError> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// Reads the variables through `get`, so tests need not touch the process environment.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, EnvError> {
+        fn num<T: std::str::FromStr>(
+            get: &impl Fn(&str) -> Option<String>,
+            name: &'static str,
+            expected: &'static str,
+        ) -> Result<Option<T>, EnvError> {
+            match get(name) {
+                None => Ok(None),
+                Some(v) => v
+                    .trim()
+                    .parse()
+                    .map(Some)
+                    .map_err(|_| EnvError::Invalid { name, value: v, expected }),
+            }
+        }
+        let rank: Option<usize> = num(&get, "RANK", "rank (non-negative integer)")?;
+        let world: Option<usize> = num(&get, "WORLD_SIZE", "world size (positive integer)")?;
+        let (rank, world_size) = match (rank, world) {
+            (None, None) => return Ok(Self::single()),
+            (Some(_), None) => return Err(EnvError::Incomplete { set: "RANK", missing: "WORLD_SIZE" }),
+            (None, Some(_)) => return Err(EnvError::Incomplete { set: "WORLD_SIZE", missing: "RANK" }),
+            (Some(r), Some(w)) => (r, w),
+        };
+        if world_size == 0 {
+            return Err(EnvError::Invalid {
+                name: "WORLD_SIZE",
+                value: "0".into(),
+                expected: "world size (positive integer)",
+            });
+        }
+        if rank >= world_size {
+            return Err(EnvError::RankOutOfRange { rank, world_size });
+        }
+        Ok(Self {
+            rank,
+            local_rank: num(&get, "LOCAL_RANK", "local rank (non-negative integer)")?.unwrap_or(rank),
+            world_size,
+            local_world_size: num(&get, "LOCAL_WORLD_SIZE", "local world size (positive integer)")?
+                .unwrap_or(world_size),
+            master_addr: get("MASTER_ADDR"),
+            master_port: num(&get, "MASTER_PORT", "port (0-65535)")?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> Result<RankEnv, EnvError> {
+        let m: HashMap<String, String> =
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        RankEnv::from_lookup(|k| m.get(k).cloned())
+    }
+
+    #[test]
+    fn empty_environment_is_one_rank() {
+        assert_eq!(env(&[]).unwrap(), RankEnv::single());
+    }
+
+    #[test]
+    fn torchrun_variables_are_read() {
+        let e = env(&[
+            ("RANK", "3"),
+            ("WORLD_SIZE", "8"),
+            ("LOCAL_RANK", "1"),
+            ("LOCAL_WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "node0"),
+            ("MASTER_PORT", "29500"),
+        ])
+        .unwrap();
+        assert_eq!((e.rank, e.local_rank, e.world_size, e.local_world_size), (3, 1, 8, 2));
+        assert_eq!(e.master_addr.as_deref(), Some("node0"));
+        assert_eq!(e.master_port, Some(29500));
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        assert!(matches!(env(&[("RANK", "x"), ("WORLD_SIZE", "2")]), Err(EnvError::Invalid { name: "RANK", .. })));
+        assert_eq!(
+            env(&[("RANK", "2"), ("WORLD_SIZE", "2")]),
+            Err(EnvError::RankOutOfRange { rank: 2, world_size: 2 })
+        );
+        assert!(matches!(env(&[("RANK", "0")]), Err(EnvError::Incomplete { .. })));
+        assert!(matches!(
+            env(&[("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_PORT", "99999")]),
+            Err(EnvError::Invalid { name: "MASTER_PORT", .. })
+        ));
+    }
+}

@@ -1,0 +1,482 @@
+//! The run configuration: a TOML file, `--set KEY=VALUE` overrides by dotted path, then one
+//! validation step that refuses unknown keys and out-of-range values naming the key.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Result, TrainerError};
+use crate::model::lora::{LoraInit, DEFAULT_TARGETS};
+use crate::model::FluxConfig;
+use crate::optim::Schedule;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub run: RunSection,
+    #[serde(default)]
+    pub model: ModelSection,
+    #[serde(default)]
+    pub lora: LoraSection,
+    #[serde(default)]
+    pub conditioning: ConditioningSection,
+    #[serde(default)]
+    pub loss: LossSection,
+    #[serde(default)]
+    pub optim: OptimSection,
+    #[serde(default)]
+    pub train: TrainSection,
+    #[serde(default)]
+    pub data: DataSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunSection {
+    pub name: String,
+    /// Output folder; empty means `runs/<name>`.
+    pub dir: String,
+    pub seed: u64,
+}
+
+impl Default for RunSection {
+    fn default() -> Self {
+        Self { name: "run".into(), dir: String::new(), seed: 42 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Preset {
+    Tiny,
+    Medium,
+    FluxDev,
+}
+
+impl Preset {
+    pub fn config(self) -> FluxConfig {
+        match self {
+            Preset::Tiny => FluxConfig::tiny(),
+            Preset::Medium => FluxConfig::medium(),
+            Preset::FluxDev => FluxConfig::flux_dev(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DTypeName {
+    F32,
+    Bf16,
+    F16,
+    F64,
+}
+
+impl DTypeName {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            DTypeName::F32 => candle_core::DType::F32,
+            DTypeName::Bf16 => candle_core::DType::BF16,
+            DTypeName::F16 => candle_core::DType::F16,
+            DTypeName::F64 => candle_core::DType::F64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceName {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// Architecture when no weights are given (random init): tiny, medium or flux-dev.
+    pub preset: Preset,
+    /// A diffusers folder or a single safetensors file (BFL or diffusers naming); empty means
+    /// seeded random initialisation of `preset`.
+    pub weights: String,
+    pub dtype: DTypeName,
+    pub device: DeviceName,
+    /// RoPE split, needed only for BFL files whose head dim has no default.
+    pub axes_dims: Option<[usize; 3]>,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        Self { preset: Preset::Tiny, weights: String::new(), dtype: DTypeName::F32, device: DeviceName::Cpu, axes_dims: None }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraSection {
+    pub rank: usize,
+    pub alpha: f64,
+    pub init: LoraInit,
+    pub targets: Vec<String>,
+}
+
+impl Default for LoraSection {
+    fn default() -> Self {
+        Self { rank: 16, alpha: 16.0, init: LoraInit::Gaussian, targets: DEFAULT_TARGETS.iter().map(|s| s.to_string()).collect() }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConditioningSection {
+    /// References do not attend to each other (the official group mask).
+    pub isolate_refs: bool,
+    /// Guidance value fed to text and target (MOSAIC trains with 1.0).
+    pub guidance: f64,
+    /// Guidance value fed to the references.
+    pub ref_guidance: f64,
+}
+
+impl Default for ConditioningSection {
+    fn default() -> Self {
+        Self { isolate_refs: true, guidance: 1.0, ref_guidance: 1.0 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MdlVariantName {
+    PaperKl,
+    OfficialJsd,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LossSection {
+    pub scal_weight: f64,
+    pub mdl_weight: f64,
+    pub mdl_variant: MdlVariantName,
+    /// The MDL weight is 0 before this optimizer step...
+    pub mdl_ramp_start: u64,
+    /// ...then rises linearly to `mdl_weight` over this many steps (0: at once).
+    pub mdl_ramp_steps: u64,
+    pub points_per_ref: usize,
+    /// Double blocks whose attention rows feed SCAL/MDL.
+    pub double_blocks: Vec<usize>,
+    pub single_blocks: Vec<usize>,
+    /// t = sigmoid(n), n ~ N(logit_mean, logit_std^2).
+    pub logit_mean: f64,
+    pub logit_std: f64,
+    /// Apply the resolution-dependent shift mu(seq_len) to t.
+    pub resolution_shift: bool,
+}
+
+impl Default for LossSection {
+    fn default() -> Self {
+        Self {
+            scal_weight: 0.4,
+            mdl_weight: 0.6,
+            mdl_variant: MdlVariantName::PaperKl,
+            mdl_ramp_start: 0,
+            mdl_ramp_steps: 0,
+            points_per_ref: 150,
+            double_blocks: vec![0],
+            single_blocks: vec![],
+            logit_mean: 0.0,
+            logit_std: 1.0,
+            resolution_shift: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimSection {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Maximum global gradient norm; 0 disables clipping.
+    pub grad_clip: f64,
+    pub warmup_steps: u64,
+    pub schedule: Schedule,
+    pub min_lr_ratio: f64,
+    /// EMA decay of the LoRA weights; 0 disables the EMA.
+    pub ema_decay: f64,
+}
+
+impl Default for OptimSection {
+    fn default() -> Self {
+        Self {
+            lr: 1e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            grad_clip: 1.0,
+            warmup_steps: 0,
+            schedule: Schedule::Constant,
+            min_lr_ratio: 0.0,
+            ema_decay: 0.99,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnNonFinite {
+    Skip,
+    Stop,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    pub max_steps: u64,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    /// Block-wise recomputation (gradient checkpointing).
+    pub checkpointing: bool,
+    pub log_every: u64,
+    pub on_nonfinite: OnNonFinite,
+    pub progress: bool,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        Self { max_steps: 100, batch_size: 1, grad_accum: 1, checkpointing: false, log_every: 10, on_nonfinite: OnNonFinite::Skip, progress: true }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataSource {
+    /// Generated in memory with exact correspondences (no files).
+    Synthetic,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    pub source: DataSource,
+    pub samples: usize,
+    /// Target size in pixels (16 px per token).
+    pub resolution: usize,
+    pub ref_resolution: usize,
+    pub min_refs: usize,
+    pub max_refs: usize,
+    /// Text tokens per caption.
+    pub text_tokens: usize,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        Self { source: DataSource::Synthetic, samples: 32, resolution: 128, ref_resolution: 128, min_refs: 1, max_refs: 2, text_tokens: 16 }
+    }
+}
+
+/// The most references MOSAIC handles (DESIGN.md §4).
+pub const MAX_REFS: usize = 6;
+
+/// Sets `path` (dotted) in `root` to `raw` parsed as a TOML value, or as a string if it is not one.
+fn apply_override(root: &mut toml::Table, path: &str, raw: &str) -> Result<()> {
+    let value: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.to_string())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    let parts: Vec<&str> = path.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(TrainerError::config(path, "empty segment in --set key"));
+    }
+    let mut table = root;
+    for part in &parts[..parts.len() - 1] {
+        let entry = table.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = match entry {
+            toml::Value::Table(t) => t,
+            _ => return Err(TrainerError::config(path, format!("`{part}` is a value, not a section"))),
+        };
+    }
+    table.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+impl Config {
+    /// Parses TOML text with overrides `KEY=VALUE`, then validates. `origin` names the file in
+    /// errors.
+    pub fn from_toml(text: &str, origin: &Path, overrides: &[String]) -> Result<Self> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| TrainerError::Parse { file: origin.to_path_buf(), reason: e.to_string() })?;
+        for o in overrides {
+            let (k, v) = o.split_once('=').ok_or_else(|| TrainerError::config(o, "--set expects KEY=VALUE"))?;
+            apply_override(&mut table, k.trim(), v.trim())?;
+        }
+        let de = toml::Value::Table(table);
+        let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            TrainerError::Config { key, reason: format!("{} (in {})", e.inner(), origin.display()) }
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| TrainerError::io(path, e))?;
+        Self::from_toml(&text, path, overrides)
+    }
+
+    pub fn run_dir(&self) -> PathBuf {
+        if self.run.dir.is_empty() {
+            PathBuf::from("runs").join(&self.run.name)
+        } else {
+            PathBuf::from(&self.run.dir)
+        }
+    }
+
+    /// sha256 of the canonical TOML of the config: runs and checkpoints compare it.
+    pub fn fingerprint(&self) -> String {
+        let text = toml::to_string(self).unwrap_or_default();
+        let digest = Sha256::digest(text.as_bytes());
+        digest.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Every range check, naming the key.
+    pub fn validate(&self) -> Result<()> {
+        let err = |k: &str, why: String| Err(TrainerError::config(k, why));
+        let l = &self.lora;
+        if l.rank == 0 {
+            return err("lora.rank", "must be at least 1".into());
+        }
+        if !(l.alpha > 0.0) {
+            return err("lora.alpha", format!("{} must be positive", l.alpha));
+        }
+        if l.targets.is_empty() {
+            return err("lora.targets", "must name at least one module".into());
+        }
+        let s = &self.loss;
+        for (k, v) in [("loss.scal_weight", s.scal_weight), ("loss.mdl_weight", s.mdl_weight)] {
+            if !(v >= 0.0) || !v.is_finite() {
+                return err(k, format!("{v} must be a finite number >= 0"));
+            }
+        }
+        if s.points_per_ref == 0 {
+            return err("loss.points_per_ref", "must be at least 1".into());
+        }
+        if !(s.logit_std > 0.0) {
+            return err("loss.logit_std", format!("{} must be positive", s.logit_std));
+        }
+        if (s.scal_weight > 0.0 || s.mdl_weight > 0.0) && s.double_blocks.is_empty() && s.single_blocks.is_empty() {
+            return err("loss.double_blocks", "SCAL/MDL are on but no block is selected (set loss.double_blocks or loss.single_blocks, or the weights to 0)".into());
+        }
+        let o = &self.optim;
+        if !(o.lr >= 0.0) || !o.lr.is_finite() {
+            return err("optim.lr", format!("{} must be a finite number >= 0", o.lr));
+        }
+        for (k, v) in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return err(k, format!("{v} must be in [0, 1)"));
+            }
+        }
+        if !(o.eps > 0.0) {
+            return err("optim.eps", format!("{} must be positive", o.eps));
+        }
+        if !(o.weight_decay >= 0.0) {
+            return err("optim.weight_decay", format!("{} must be >= 0", o.weight_decay));
+        }
+        if !(o.grad_clip >= 0.0) {
+            return err("optim.grad_clip", format!("{} must be >= 0 (0 disables clipping)", o.grad_clip));
+        }
+        if !(0.0..=1.0).contains(&o.min_lr_ratio) {
+            return err("optim.min_lr_ratio", format!("{} must be in [0, 1]", o.min_lr_ratio));
+        }
+        if !(0.0..1.0).contains(&o.ema_decay) {
+            return err("optim.ema_decay", format!("{} must be in [0, 1) (0 disables the EMA)", o.ema_decay));
+        }
+        let t = &self.train;
+        if t.max_steps == 0 {
+            return err("train.max_steps", "must be at least 1".into());
+        }
+        if t.batch_size == 0 {
+            return err("train.batch_size", "must be at least 1".into());
+        }
+        if t.grad_accum == 0 {
+            return err("train.grad_accum", "must be at least 1".into());
+        }
+        if t.log_every == 0 {
+            return err("train.log_every", "must be at least 1".into());
+        }
+        let d = &self.data;
+        if d.max_refs == 0 || d.max_refs > MAX_REFS {
+            return err("data.max_refs", format!("{} must be between 1 and {MAX_REFS}", d.max_refs));
+        }
+        if d.min_refs == 0 || d.min_refs > d.max_refs {
+            return err("data.min_refs", format!("{} must be between 1 and data.max_refs ({})", d.min_refs, d.max_refs));
+        }
+        for (k, v) in [("data.resolution", d.resolution), ("data.ref_resolution", d.ref_resolution)] {
+            if v < 32 || v % 16 != 0 {
+                return err(k, format!("{v} must be a multiple of 16 and at least 32"));
+            }
+        }
+        if d.samples == 0 {
+            return err("data.samples", "must be at least 1".into());
+        }
+        if d.text_tokens == 0 {
+            return err("data.text_tokens", "must be at least 1".into());
+        }
+        if !self.conditioning.guidance.is_finite() || !self.conditioning.ref_guidance.is_finite() {
+            return err("conditioning.guidance", "must be finite".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str, sets: &[&str]) -> Result<Config> {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        Config::from_toml(text, Path::new("test.toml"), &sets)
+    }
+
+    #[test]
+    fn defaults_are_valid_and_overrides_apply() {
+        let c = parse("", &["train.max_steps=40", "run.name=abc", "loss.double_blocks=[0, 1]"]).unwrap();
+        assert_eq!(c.train.max_steps, 40);
+        assert_eq!(c.run.name, "abc");
+        assert_eq!(c.loss.double_blocks, vec![0, 1]);
+        assert_eq!(c.run_dir(), PathBuf::from("runs/abc"));
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_path() {
+        let e = parse("[lora]\nrnak = 3\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("lora.rnak"), "{e}");
+        let e = parse("", &["optim.lrr=1"]).unwrap_err().to_string();
+        assert!(e.contains("optim.lrr"), "{e}");
+    }
+
+    #[test]
+    fn out_of_range_values_name_the_key() {
+        for (set, key) in [
+            ("lora.rank=0", "lora.rank"),
+            ("data.max_refs=7", "data.max_refs"),
+            ("loss.points_per_ref=0", "loss.points_per_ref"),
+            ("optim.lr=-1e-4", "optim.lr"),
+            ("data.resolution=100", "data.resolution"),
+        ] {
+            let e = parse("", &[set]).unwrap_err().to_string();
+            assert!(e.contains(key), "{set}: {e}");
+        }
+        let e = parse("", &["train.batch_size=x"]).unwrap_err().to_string();
+        assert!(e.contains("train.batch_size"), "{e}");
+    }
+
+    #[test]
+    fn fingerprint_changes_with_the_config() {
+        let a = parse("", &[]).unwrap();
+        let b = parse("", &["optim.lr=0.5"]).unwrap();
+        assert_eq!(a.fingerprint(), parse("", &[]).unwrap().fingerprint());
+        assert_ne!(a.fingerprint(), b.fingerprint());
+    }
+}

@@ -1,0 +1,17 @@
+//! MOSAIC training on FLUX.1 in candle: the model with its reference branch and LoRA, the
+//! flow-matching + SCAL/MDL objective, the optimizer, a synthetic data source and the loop.
+
+pub mod alloc;
+pub mod config;
+pub mod error;
+pub mod forward;
+pub mod loader;
+pub mod metrics;
+pub mod model;
+pub mod objective;
+pub mod optim;
+pub mod rng;
+pub mod synth;
+pub mod train;
+
+pub use error::{Result, TrainerError};

@@ -1,0 +1,98 @@
+//! `trainer`: train MOSAIC LoRAs on FLUX.1, and run a plain forward for parity checks.
+//!
+//! Exit codes: 0 success, 1 error (printed with its cause chain), 2 bad command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use trainer::config::{Config, DTypeName};
+
+#[global_allocator]
+static ALLOC: trainer::alloc::CountingAlloc = trainer::alloc::CountingAlloc;
+
+#[derive(Parser)]
+#[command(name = "trainer", version, about = "MOSAIC multi-subject personalization training on FLUX.1")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a LoRA as the config says.
+    Train {
+        /// Run config (TOML).
+        #[arg(long)]
+        config: PathBuf,
+        /// Override a config key by its dotted path, e.g. --set train.max_steps=40.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// Plain FLUX forward (no references) on diffusers-named inputs; writes tensor `output`.
+    Forward {
+        /// A diffusers transformer folder or a single safetensors file (BFL or diffusers names).
+        #[arg(long)]
+        weights: PathBuf,
+        #[arg(long)]
+        inputs: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: DtypeArg,
+        /// RoPE split "a,b,c" for files that do not say it (BFL) and a non-FLUX head size.
+        #[arg(long, value_parser = parse_axes)]
+        axes_dims: Option<[usize; 3]>,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DtypeArg {
+    F32,
+    Bf16,
+    F64,
+}
+
+fn parse_axes(s: &str) -> Result<[usize; 3], String> {
+    let v: Vec<usize> = s.split(',').map(|x| x.trim().parse::<usize>().map_err(|e| format!("`{x}`: {e}"))).collect::<Result<_, _>>()?;
+    v.try_into().map_err(|_| "expected three comma-separated numbers".to_string())
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Train { config, set } => {
+            let cfg = Config::load(&config, &set).with_context(|| format!("loading config {}", config.display()))?;
+            let outcome = trainer::train::train(cfg).context("training failed")?;
+            let first = outcome.losses.first().map(|l| l.total).unwrap_or(f64::NAN);
+            let last = outcome.losses.last().map(|l| l.total).unwrap_or(f64::NAN);
+            println!("trained {} steps (loss {first:.4} -> {last:.4}, {} skipped); LoRA written to {}", outcome.losses.len(), outcome.skipped, outcome.lora_path.display());
+        }
+        Command::Forward { weights, inputs, out, dtype, axes_dims } => {
+            let dtype = match dtype {
+                DtypeArg::F32 => DTypeName::F32,
+                DtypeArg::Bf16 => DTypeName::Bf16,
+                DtypeArg::F64 => DTypeName::F64,
+            };
+            trainer::forward::forward_cmd(&weights, &inputs, &out, dtype.dtype(), axes_dims).context("forward failed")?;
+            println!("wrote {}", out.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    init_tracing();
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("trainer: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,41 @@
+//! One JSON object per optimizer step in `metrics.jsonl`, flushed as written.
+
+use std::io::Write;
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::error::{Result, TrainerError};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub loss: f64,
+    pub loss_diff: f64,
+    pub loss_scal: f64,
+    pub loss_mdl: f64,
+    pub grad_norm: f64,
+    pub lr: f64,
+    pub s_per_step: f64,
+    pub tokens_per_s: f64,
+    /// The update was skipped because the loss or gradient was not finite.
+    pub skipped: bool,
+}
+
+pub struct MetricsLog {
+    file: std::fs::File,
+    path: std::path::PathBuf,
+}
+
+impl MetricsLog {
+    pub fn create(path: &Path) -> Result<Self> {
+        let file = std::fs::File::create(path).map_err(|e| TrainerError::io(path, e))?;
+        Ok(Self { file, path: path.to_path_buf() })
+    }
+
+    pub fn write(&mut self, m: &StepMetrics) -> Result<()> {
+        let line = serde_json::to_string(m).map_err(|e| TrainerError::Parse { file: self.path.clone(), reason: e.to_string() })?;
+        writeln!(self.file, "{line}").map_err(|e| TrainerError::io(&self.path, e))?;
+        self.file.flush().map_err(|e| TrainerError::io(&self.path, e))
+    }
+}

@@ -1,0 +1,245 @@
+//! Ops that are safe to train through (DESIGN.md §9).
+//!
+//! - `frozen_linear`: y = x W^T (+ b) whose backward computes only dL/dx. A plain matmul would
+//!   also compute and store dL/dW for every frozen weight (24 GB of useless work on FLUX.1-dev).
+//! - `layer_norm`, `rms_norm`, `softmax`: composed of primitive ops, so they have a backward;
+//!   candle's fast fused versions have none and silently drop gradients.
+//!
+//! Shape legend: `x_bsd` batch, tokens, features; `q_bhsd` batch, heads, tokens, head dim.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, D};
+
+use crate::error::Result;
+
+/// x W^T with W frozen: the backward returns a gradient for x only.
+struct FrozenMatmul;
+
+impl FrozenMatmul {
+    /// (m, k, n), the lhs layout as a 2-D [m, k] matrix and the rhs layout of W^T [k, n].
+    fn plan(l1: &Layout, l2: &Layout) -> candle_core::Result<(Shape, (usize, usize, usize), Layout, Layout)> {
+        if !l1.is_contiguous() {
+            candle_core::bail!("frozen-linear: input must be contiguous, got strides {:?}", l1.stride());
+        }
+        let (n, k_w) = l2.shape().dims2()?;
+        let k = *l1.dims().last().unwrap_or(&0);
+        if k != k_w {
+            candle_core::bail!(
+                "frozen-linear: input features {k} do not match weight {:?} (out, in)",
+                l2.dims()
+            );
+        }
+        let m = l1.shape().elem_count() / k.max(1);
+        let mut out_dims = l1.dims().to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = n;
+        }
+        let lhs = Layout::contiguous_with_offset((m, k), l1.start_offset());
+        let rhs = l2.transpose(0, 1)?;
+        Ok((Shape::from(out_dims), (m, k, n), lhs, rhs))
+    }
+}
+
+impl CustomOp2 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (shape, (m, k, n), lhs, rhs) = Self::plan(l1, l2)?;
+        Ok((s1.matmul(s2, (1, m, n, k), &lhs, &rhs)?, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (shape, (m, k, n), lhs, rhs) = Self::plan(l1, l2)?;
+        Ok((s1.matmul(s2, (1, m, n, k), &lhs, &rhs)?, shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (n, k) = w.dims2()?;
+        let m = x.elem_count() / k.max(1);
+        let gx = grad_res.reshape((m, n))?.matmul(w)?.reshape(x.shape())?;
+        Ok((Some(gx), None))
+    }
+}
+
+/// y = x W^T + b for a frozen weight `w_oi` [out, in] and bias [out].
+pub fn frozen_linear(x: &Tensor, w_oi: &Tensor, b_o: Option<&Tensor>) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let y = x.apply_op2(w_oi, FrozenMatmul)?;
+    Ok(match b_o {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    })
+}
+
+/// The dtype normalisation statistics are computed in: f32 for half types, else the input's.
+fn stats_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        d => d,
+    }
+}
+
+/// LayerNorm over the last dim without affine parameters (FLUX's norm1/norm2/norm_out).
+pub fn layer_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(stats_dtype(dtype))?;
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
+    Ok(y.to_dtype(dtype)?)
+}
+
+/// RMSNorm over the last dim with a learned weight (the QK norms): x / sqrt(mean(x^2) + eps) * w.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(stats_dtype(dtype))?;
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
+    Ok(y.to_dtype(dtype)?.broadcast_mul(w)?)
+}
+
+/// Softmax over the last dim, with a backward.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+}
+
+/// x * (1 + scale) + shift, with `scale`/`shift` [B, D] broadcast over tokens of `x_bsd`.
+pub fn modulate(x_bsd: &Tensor, shift_bd: &Tensor, scale_bd: &Tensor) -> Result<Tensor> {
+    let scale = (scale_bd.unsqueeze(1)? + 1.0)?;
+    Ok(x_bsd.broadcast_mul(&scale)?.broadcast_add(&shift_bd.unsqueeze(1)?)?)
+}
+
+/// Rotates consecutive pairs (x_2k, x_2k+1) of the last dim by angles with `cos_sk`/`sin_sk`
+/// [S, hd/2] (spec/flux.md §4.2), in f32 (or f64), cast back to the input dtype.
+pub fn apply_rope(q_bhsd: &Tensor, cos_sk: &Tensor, sin_sk: &Tensor) -> Result<Tensor> {
+    let dtype = q_bhsd.dtype();
+    let (b, h, s, d) = q_bhsd.dims4()?;
+    let x = q_bhsd.to_dtype(stats_dtype(dtype))?.reshape((b, h, s, d / 2, 2))?;
+    let x0 = x.narrow(4, 0, 1)?;
+    let x1 = x.narrow(4, 1, 1)?;
+    let cos = cos_sk.to_dtype(x.dtype())?.reshape((s, d / 2, 1))?;
+    let sin = sin_sk.to_dtype(x.dtype())?.reshape((s, d / 2, 1))?;
+    let r0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
+    let r1 = (x1.broadcast_mul(&cos)? + x0.broadcast_mul(&sin)?)?;
+    Ok(Tensor::cat(&[r0, r1], 4)?.reshape((b, h, s, d))?.to_dtype(dtype)?)
+}
+
+/// softmax(Q K^T / sqrt(d) + mask) V, scores and softmax in f32 for half inputs.
+/// `mask_ss` is additive (0 or -inf), broadcast over batch and heads.
+pub fn attention(q_bhsd: &Tensor, k_bhsd: &Tensor, v_bhsd: &Tensor, mask_ss: Option<&Tensor>) -> Result<Tensor> {
+    let dtype = q_bhsd.dtype();
+    let d = q_bhsd.dim(D::Minus1)?;
+    let q = q_bhsd.to_dtype(stats_dtype(dtype))?;
+    let k = k_bhsd.to_dtype(stats_dtype(dtype))?;
+    let mut scores = (q.matmul(&k.t()?.contiguous()?)? / (d as f64).sqrt())?;
+    if let Some(mask) = mask_ss {
+        scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
+    }
+    let probs = softmax_last(&scores)?.to_dtype(dtype)?;
+    Ok(probs.matmul(&v_bhsd.contiguous()?)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn frozen_linear_matches_matmul_and_has_no_weight_gradient() {
+        let x = Var::from_tensor(&randn(&[2, 3, 4], 1)).unwrap();
+        let w = Var::from_tensor(&randn(&[5, 4], 2)).unwrap();
+        let b = randn(&[5], 3);
+        let y = frozen_linear(x.as_tensor(), w.as_tensor(), Some(&b)).unwrap();
+        let reference = x.as_tensor().broadcast_matmul(&w.as_tensor().t().unwrap()).unwrap().broadcast_add(&b).unwrap();
+        let diff = (y.clone() - &reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        assert!(diff < 1e-12);
+        let grads = (y.sqr().unwrap().sum_all().unwrap()).backward().unwrap();
+        assert!(grads.get(w.as_tensor()).is_none(), "a frozen weight must get no gradient");
+        let gx = grads.get(x.as_tensor()).unwrap();
+        let ref_grads = reference.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let gx_ref = ref_grads.get(x.as_tensor()).unwrap();
+        let diff = (gx - gx_ref).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        assert!(diff < 1e-12);
+    }
+
+    #[test]
+    fn frozen_linear_accepts_a_row_slice_of_a_fused_weight() {
+        let fused = randn(&[9, 4], 4);
+        let w = fused.narrow(0, 3, 3).unwrap();
+        let x = randn(&[2, 4], 5);
+        let y = frozen_linear(&x, &w, None).unwrap();
+        let reference = x.matmul(&w.t().unwrap()).unwrap();
+        let diff = (y - reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        assert!(diff < 1e-12);
+    }
+
+    #[test]
+    fn norms_match_hand_computation() {
+        let x = Tensor::new(&[[1.0f64, 2.0, 3.0, 6.0]], &Device::Cpu).unwrap();
+        let ln: Vec<f64> = layer_norm(&x, 0.0).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        // mean 3, var (4+1+0+9)/4 = 3.5
+        let s = 3.5f64.sqrt();
+        for (a, e) in ln.iter().zip([-2.0 / s, -1.0 / s, 0.0, 3.0 / s]) {
+            assert!((a - e).abs() < 1e-12);
+        }
+        let w = Tensor::new(&[1.0f64, 2.0, 1.0, 1.0], &Device::Cpu).unwrap();
+        let rms: Vec<f64> = rms_norm(&x, &w, 0.0).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let r = 12.5f64.sqrt(); // mean of squares (1+4+9+36)/4
+        for (a, e) in rms.iter().zip([1.0 / r, 4.0 / r, 3.0 / r, 6.0 / r]) {
+            assert!((a - e).abs() < 1e-12);
+        }
+    }
+
+    #[test]
+    fn rope_rotates_pairs() {
+        let x = Tensor::new(&[1.0f64, 0.0, 0.0, 1.0], &Device::Cpu).unwrap().reshape((1, 1, 1, 4)).unwrap();
+        let a = 0.3f64;
+        let cos = Tensor::new(&[[a.cos(), 1.0]], &Device::Cpu).unwrap();
+        let sin = Tensor::new(&[[a.sin(), 0.0]], &Device::Cpu).unwrap();
+        let y: Vec<f64> = apply_rope(&x, &cos, &sin).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let e = [a.cos(), a.sin(), 0.0, 1.0];
+        for (p, q) in y.iter().zip(e) {
+            assert!((p - q).abs() < 1e-12, "{y:?}");
+        }
+    }
+
+    #[test]
+    fn masked_attention_ignores_masked_keys() {
+        let q = randn(&[1, 1, 2, 4], 6);
+        let k = randn(&[1, 1, 2, 4], 7);
+        let v = Tensor::new(&[[10.0f64, 0.0, 0.0, 0.0], [0.0, 20.0, 0.0, 0.0]], &Device::Cpu).unwrap().reshape((1, 1, 2, 4)).unwrap();
+        let mask = Tensor::new(&[[0.0f64, f64::NEG_INFINITY], [0.0, 0.0]], &Device::Cpu).unwrap();
+        let out: Vec<f64> = attention(&q, &k, &v, Some(&mask)).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert!((out[0] - 10.0).abs() < 1e-12 && out[1].abs() < 1e-12);
+    }
+}

@@ -1,0 +1,285 @@
+//! The training objective: flow matching on the target tokens plus SCAL and MDL on the sampled
+//! attention rows (DESIGN.md §6). It turns samples into model inputs (noise, timesteps,
+//! sampled correspondence points) and model outputs into the loss; it knows nothing of files.
+//!
+//! Every random draw comes from a stream keyed by (seed, step, sample slot), so a sample's
+//! noise, t and points do not depend on how samples are grouped into batches or ranks.
+
+use candle_core::{DType, Device, Tensor};
+use datasets::TokenPair;
+use kernels::{mdl_loss, scal_loss, MdlVariant, RefSegments};
+use rand::Rng;
+use rand_distr::{Distribution, Normal, StandardNormal};
+
+use crate::config::{Config, MdlVariantName};
+use crate::error::{Result, TrainerError};
+use crate::model::embed::{grid_ids, reference_ids, text_ids};
+use crate::model::grad::loss_and_grads;
+use crate::model::{Flux, Lora, ModelInputs, RefInputs};
+use crate::rng::{stream, Purpose};
+use crate::synth::Sample;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObjectiveSpec {
+    pub scal_weight: f64,
+    pub mdl_weight: f64,
+    pub mdl_variant: MdlVariant,
+    pub mdl_ramp_start: u64,
+    pub mdl_ramp_steps: u64,
+    pub points_per_ref: usize,
+    pub logit_mean: f64,
+    pub logit_std: f64,
+    pub resolution_shift: bool,
+    pub guidance: f32,
+    pub ref_guidance: f32,
+    pub isolate_refs: bool,
+}
+
+impl ObjectiveSpec {
+    pub fn from_config(c: &Config) -> Self {
+        Self {
+            scal_weight: c.loss.scal_weight,
+            mdl_weight: c.loss.mdl_weight,
+            mdl_variant: match c.loss.mdl_variant {
+                MdlVariantName::PaperKl => MdlVariant::PaperKl,
+                MdlVariantName::OfficialJsd => MdlVariant::OfficialJsd,
+            },
+            mdl_ramp_start: c.loss.mdl_ramp_start,
+            mdl_ramp_steps: c.loss.mdl_ramp_steps,
+            points_per_ref: c.loss.points_per_ref,
+            logit_mean: c.loss.logit_mean,
+            logit_std: c.loss.logit_std,
+            resolution_shift: c.loss.resolution_shift,
+            guidance: c.conditioning.guidance as f32,
+            ref_guidance: c.conditioning.ref_guidance as f32,
+            isolate_refs: c.conditioning.isolate_refs,
+        }
+    }
+
+    /// The MDL weight at optimizer step `step`: 0 before the ramp, linear over it, then full.
+    pub fn mdl_weight_at(&self, step: u64) -> f64 {
+        if step < self.mdl_ramp_start {
+            0.0
+        } else if self.mdl_ramp_steps == 0 {
+            self.mdl_weight
+        } else {
+            let p = (step - self.mdl_ramp_start) as f64 / self.mdl_ramp_steps as f64;
+            self.mdl_weight * p.min(1.0)
+        }
+    }
+}
+
+/// Resolution-dependent shift mu(seq_len): linear through (256, 0.5) and (4096, 1.15).
+pub fn shift_mu(seq_len: usize) -> f64 {
+    let m = (1.15 - 0.5) / (4096.0 - 256.0);
+    let b = 0.5 - m * 256.0;
+    m * seq_len as f64 + b
+}
+
+/// t' = e^mu / (e^mu + (1/t - 1)) (spec/flux.md §6.2 with sigma = 1).
+pub fn shift_t(t: f64, mu: f64) -> f64 {
+    let e = mu.exp();
+    e / (e + (1.0 / t - 1.0))
+}
+
+/// t = sigmoid(n), n ~ N(mean, std^2), shifted for `seq_len` target tokens when asked.
+pub fn sample_t(spec: &ObjectiveSpec, seq_len: usize, rng: &mut impl Rng) -> Result<f64> {
+    let normal = Normal::new(spec.logit_mean, spec.logit_std).map_err(|e| TrainerError::config("loss.logit_std", e.to_string()))?;
+    let n: f64 = normal.sample(rng);
+    let t = 1.0 / (1.0 + (-n).exp());
+    Ok(if spec.resolution_shift { shift_t(t, shift_mu(seq_len)) } else { t })
+}
+
+/// Draws up to `p` of a reference's pairs without replacement (all of them when fewer exist).
+pub fn sample_pairs(pairs: &[TokenPair], p: usize, rng: &mut impl Rng) -> Vec<TokenPair> {
+    let n = pairs.len().min(p);
+    rand::seq::index::sample(rng, pairs.len(), n).into_iter().map(|i| pairs[i]).collect()
+}
+
+/// A batch turned into model inputs plus what the loss needs.
+pub struct Prepared {
+    pub inputs: ModelInputs,
+    /// noise - x0, [B, N, C] in the loss dtype.
+    pub velocity: Tensor,
+    /// Per sample: the target token each sampled point must attend to.
+    pub tgt_idx: Vec<Vec<u32>>,
+    pub segments: Vec<RefSegments>,
+    /// Tokens per sample (text + target + references), for throughput.
+    pub tokens: usize,
+}
+
+/// f64 models compute the loss in f64 (gradient checks), everything else in f32.
+pub fn loss_dtype(model_dtype: DType) -> DType {
+    if model_dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// Builds the model inputs of `samples` (same shapes) at optimizer step `step`; `first_slot` is
+/// the position of the first sample in the step's global batch.
+pub fn prepare(spec: &ObjectiveSpec, samples: &[&Sample], seed: u64, step: u64, first_slot: u64, with_rows: bool, dtype: DType, device: &Device) -> Result<Prepared> {
+    let first = samples.first().ok_or_else(|| TrainerError::Input { name: "batch".into(), reason: "empty".into() })?;
+    let k = first.refs.len();
+    if samples.iter().any(|s| s.refs.len() != k || s.x0.dims() != first.x0.dims()) {
+        return Err(TrainerError::Input { name: "batch".into(), reason: "samples of one batch must share the reference count and shapes".into() });
+    }
+    let (n, c) = first.x0.dims2()?;
+    let ldt = loss_dtype(dtype);
+    let mut xt = Vec::with_capacity(samples.len());
+    let mut velocity = Vec::with_capacity(samples.len());
+    let mut timestep = Vec::with_capacity(samples.len());
+    let mut tgt_idx = Vec::new();
+    let mut ref_idx = Vec::new();
+    let mut segments = Vec::new();
+    for (b, s) in samples.iter().enumerate() {
+        let slot = first_slot + b as u64;
+        let t = sample_t(spec, n, &mut stream(seed, Purpose::Timestep, &[step, slot]))?;
+        let mut rng = stream(seed, Purpose::Noise, &[step, slot]);
+        let noise: Vec<f32> = (0..n * c).map(|_| StandardNormal.sample(&mut rng)).collect();
+        let noise = Tensor::from_vec(noise, (n, c), device)?.to_dtype(ldt)?;
+        let x0 = s.x0.to_dtype(ldt)?;
+        xt.push(((&x0 * (1.0 - t))? + (&noise * t)?)?.to_dtype(dtype)?);
+        velocity.push((noise - x0)?);
+        timestep.push(t as f32);
+        if with_rows {
+            let mut rng = stream(seed, Purpose::Points, &[step, slot]);
+            let (mut r_idx, mut t_idx, mut seg) = (Vec::new(), Vec::new(), Vec::new());
+            let mut offset = 0u32;
+            for r in &s.refs {
+                let picked = sample_pairs(&r.pairs, spec.points_per_ref, &mut rng);
+                seg.push(picked.len());
+                r_idx.extend(picked.iter().map(|p| offset + p.ref_token));
+                t_idx.extend(picked.iter().map(|p| p.tgt_token));
+                offset += r.grid.len() as u32;
+            }
+            ref_idx.push(r_idx);
+            tgt_idx.push(t_idx);
+            segments.push(RefSegments(seg));
+        }
+    }
+    let b = samples.len();
+    let refs = if k == 0 {
+        None
+    } else {
+        let mut ids = Vec::new();
+        let mut lens = Vec::new();
+        for (i, r) in first.refs.iter().enumerate() {
+            ids.extend(reference_ids(r.grid.rows, r.grid.cols, i));
+            lens.push(r.grid.len());
+        }
+        let per_sample: Vec<Tensor> = samples.iter().map(|s| Tensor::cat(&s.refs.iter().map(|r| &r.latent).collect::<Vec<_>>(), 0)).collect::<candle_core::Result<_>>()?;
+        Some(RefInputs {
+            latents: Tensor::stack(&per_sample, 0)?.to_dtype(dtype)?,
+            ids,
+            lens,
+            timestep: vec![0.0; b],
+            guidance: vec![spec.ref_guidance; b],
+        })
+    };
+    let l = first.txt.dim(0)?;
+    let tokens = l + n + refs.as_ref().map_or(0, |r| r.ids.len());
+    let inputs = ModelInputs {
+        img: Tensor::stack(&xt, 0)?,
+        img_ids: grid_ids(first.grid.rows, first.grid.cols, 0),
+        txt: Tensor::stack(&samples.iter().map(|s| &s.txt).collect::<Vec<_>>(), 0)?.to_dtype(dtype)?,
+        txt_ids: text_ids(l),
+        pooled: Tensor::stack(&samples.iter().map(|s| &s.pooled).collect::<Vec<_>>(), 0)?.to_dtype(dtype)?,
+        timestep,
+        guidance: vec![spec.guidance; b],
+        refs,
+        isolate_refs: spec.isolate_refs,
+        row_queries: with_rows.then_some(ref_idx),
+    };
+    Ok(Prepared { inputs, velocity: Tensor::stack(&velocity, 0)?, tgt_idx, segments, tokens })
+}
+
+/// Loss values of one micro-batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LossParts {
+    pub total: f64,
+    pub diff: f64,
+    pub scal: f64,
+    pub mdl: f64,
+}
+
+fn value(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+/// L = L_diff + alpha L_SCA + beta L_MD and the LoRA gradients, for `prep` at step `step`.
+pub fn loss_and_lora_grads(model: &Flux, lora: &Lora, prep: &Prepared, spec: &ObjectiveSpec, step: u64, checkpointing: bool) -> Result<(LossParts, Vec<Tensor>)> {
+    let alpha = spec.scal_weight;
+    let beta = spec.mdl_weight_at(step);
+    let loss_fn = |pred: &Tensor, rows: Option<&[Tensor]>| -> Result<(Tensor, LossParts)> {
+        let diff = (pred.to_dtype(prep.velocity.dtype())? - &prep.velocity)?.sqr()?.mean_all()?;
+        let mut parts = LossParts { diff: value(&diff)?, ..Default::default() };
+        let mut total = diff;
+        if let Some(rows) = rows {
+            let b = rows.len() as f64;
+            let mut scal = Tensor::zeros((), total.dtype(), total.device())?;
+            let mut mdl = Tensor::zeros((), total.dtype(), total.device())?;
+            for ((r, t_idx), seg) in rows.iter().zip(&prep.tgt_idx).zip(&prep.segments) {
+                let r = r.to_dtype(total.dtype())?;
+                scal = (scal + scal_loss(&r, t_idx, seg)?)?;
+                mdl = (mdl + mdl_loss(spec.mdl_variant, &r, seg)?)?;
+            }
+            let (scal, mdl) = ((scal / b)?, (mdl / b)?);
+            parts.scal = value(&scal)?;
+            parts.mdl = value(&mdl)?;
+            total = ((total + (scal * alpha)?)? + (mdl * beta)?)?;
+        }
+        parts.total = value(&total)?;
+        Ok((total, parts))
+    };
+    loss_and_grads(model, &prep.inputs, lora, checkpointing, loss_fn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shift_matches_the_spec_values() {
+        assert!((shift_mu(256) - 0.5).abs() < 1e-12);
+        assert!((shift_mu(4096) - 1.15).abs() < 1e-12);
+        assert!((shift_mu(1024) - 0.63).abs() < 1e-12);
+        assert!((shift_t(0.5, 0.0) - 0.5).abs() < 1e-12);
+        assert!(shift_t(0.5, 0.63) > 0.5, "a positive mu moves t toward noise");
+    }
+
+    #[test]
+    fn mdl_ramp() {
+        let spec = ObjectiveSpec {
+            scal_weight: 0.1,
+            mdl_weight: 1.0,
+            mdl_variant: MdlVariant::OfficialJsd,
+            mdl_ramp_start: 10_000,
+            mdl_ramp_steps: 1000,
+            points_per_ref: 150,
+            logit_mean: 0.0,
+            logit_std: 1.0,
+            resolution_shift: true,
+            guidance: 1.0,
+            ref_guidance: 1.0,
+            isolate_refs: true,
+        };
+        assert_eq!(spec.mdl_weight_at(9_999), 0.0);
+        assert_eq!(spec.mdl_weight_at(10_500), 0.5);
+        assert_eq!(spec.mdl_weight_at(20_000), 1.0);
+    }
+
+    #[test]
+    fn pair_sampling_is_without_replacement_and_capped() {
+        let pairs: Vec<TokenPair> = (0..10).map(|i| TokenPair { ref_token: i, tgt_token: i }).collect();
+        let mut rng = stream(1, Purpose::Points, &[0]);
+        let mut got: Vec<u32> = sample_pairs(&pairs, 4, &mut rng).iter().map(|p| p.ref_token).collect();
+        assert_eq!(got.len(), 4);
+        got.sort();
+        got.dedup();
+        assert_eq!(got.len(), 4);
+        assert_eq!(sample_pairs(&pairs, 50, &mut rng).len(), 10);
+        assert!(sample_pairs(&[], 5, &mut rng).is_empty());
+    }
+}

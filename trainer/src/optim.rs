@@ -1,0 +1,194 @@
+//! AdamW with f32 moments, global-norm gradient clipping, a warmup + constant/cosine learning
+//! rate schedule, and an EMA of the trainable weights. candle-nn's AdamW has none of clipping,
+//! schedule or EMA (DESIGN.md §9), so this is written against plain tensors.
+
+use candle_core::{DType, Tensor, Var};
+
+use crate::error::Result;
+
+/// The learning-rate shape after warmup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Schedule {
+    Constant,
+    /// Cosine decay from the peak to `min_lr_ratio * lr` at the last step.
+    Cosine,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OptimSpec {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Maximum global gradient norm; `None` disables clipping.
+    pub grad_clip: Option<f64>,
+    pub warmup_steps: u64,
+    pub schedule: Schedule,
+    pub min_lr_ratio: f64,
+}
+
+/// Learning rate of optimizer step `step` (0-based) of `max_steps`: linear warmup from lr/warmup
+/// to lr over `warmup_steps`, then constant or cosine.
+pub fn lr_at(spec: &OptimSpec, step: u64, max_steps: u64) -> f64 {
+    if step < spec.warmup_steps {
+        return spec.lr * (step + 1) as f64 / spec.warmup_steps as f64;
+    }
+    match spec.schedule {
+        Schedule::Constant => spec.lr,
+        Schedule::Cosine => {
+            let span = max_steps.saturating_sub(spec.warmup_steps).max(1) as f64;
+            let progress = ((step - spec.warmup_steps) as f64 / span).min(1.0);
+            let min = spec.lr * spec.min_lr_ratio;
+            min + (spec.lr - min) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+        }
+    }
+}
+
+/// sqrt(sum of squares) over all gradients, in f64.
+pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
+    let mut sq = 0f64;
+    for g in grads {
+        sq += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+    }
+    Ok(sq.sqrt())
+}
+
+/// Scales every gradient by max_norm / norm when the norm exceeds `max_norm`; returns the norm
+/// before clipping.
+pub fn clip_global_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
+    let norm = global_norm(grads)?;
+    if norm > max_norm {
+        let factor = max_norm / (norm + 1e-6);
+        for g in grads.iter_mut() {
+            *g = (&*g * factor)?;
+        }
+    }
+    Ok(norm)
+}
+
+/// AdamW state: first and second moments per variable, in f32.
+pub struct AdamW {
+    pub m: Vec<Tensor>,
+    pub v: Vec<Tensor>,
+    /// Number of updates applied so far (for bias correction).
+    pub t: u64,
+}
+
+impl AdamW {
+    pub fn new(vars: &[&Var]) -> Result<Self> {
+        let zeros = |v: &&Var| v.as_tensor().zeros_like().and_then(|z| z.to_dtype(DType::F32));
+        Ok(Self {
+            m: vars.iter().map(zeros).collect::<candle_core::Result<_>>()?,
+            v: vars.iter().map(zeros).collect::<candle_core::Result<_>>()?,
+            t: 0,
+        })
+    }
+
+    /// One decoupled-weight-decay Adam update with learning rate `lr`.
+    pub fn step(&mut self, spec: &OptimSpec, vars: &[&Var], grads: &[Tensor], lr: f64) -> Result<()> {
+        self.t += 1;
+        let bc1 = 1.0 - spec.beta1.powi(self.t as i32);
+        let bc2 = 1.0 - spec.beta2.powi(self.t as i32);
+        for (i, (var, g)) in vars.iter().zip(grads).enumerate() {
+            let g = g.to_dtype(DType::F32)?;
+            self.m[i] = ((&self.m[i] * spec.beta1)? + (&g * (1.0 - spec.beta1))?)?;
+            self.v[i] = ((&self.v[i] * spec.beta2)? + (g.sqr()? * (1.0 - spec.beta2))?)?;
+            let m_hat = (&self.m[i] / bc1)?;
+            let v_hat = (&self.v[i] / bc2)?;
+            let update = (m_hat / (v_hat.sqrt()? + spec.eps)?)?;
+            let w = var.as_tensor().to_dtype(DType::F32)?;
+            let w = ((w * (1.0 - lr * spec.weight_decay))? - (update * lr)?)?;
+            var.set(&w.to_dtype(var.dtype())?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Exponential moving average of the trainable weights, updated after each optimizer step.
+pub struct Ema {
+    pub decay: f64,
+    pub shadow: Vec<Tensor>,
+}
+
+impl Ema {
+    pub fn new(decay: f64, vars: &[&Var]) -> Result<Self> {
+        let shadow = vars.iter().map(|v| v.as_tensor().to_dtype(DType::F32).and_then(|t| t.copy())).collect::<candle_core::Result<_>>()?;
+        Ok(Self { decay, shadow })
+    }
+
+    pub fn update(&mut self, vars: &[&Var]) -> Result<()> {
+        for (s, v) in self.shadow.iter_mut().zip(vars) {
+            let w = v.as_tensor().to_dtype(DType::F32)?;
+            *s = ((&*s * self.decay)? + (w * (1.0 - self.decay))?)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn spec() -> OptimSpec {
+        OptimSpec {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            grad_clip: Some(1.0),
+            warmup_steps: 0,
+            schedule: Schedule::Constant,
+            min_lr_ratio: 0.0,
+        }
+    }
+
+    #[test]
+    fn first_adamw_step_matches_hand_computation() {
+        let var = Var::new(&[1.0f32, -2.0], &Device::Cpu).unwrap();
+        let mut opt = AdamW::new(&[&var]).unwrap();
+        let g = Tensor::new(&[0.5f32, -0.25], &Device::Cpu).unwrap();
+        opt.step(&spec(), &[&var], &[g], 0.1).unwrap();
+        // Step 1: m_hat = g, v_hat = g^2, update = g/(|g| + eps) = sign(g).
+        let w: Vec<f32> = var.as_tensor().to_vec1().unwrap();
+        let e = [1.0 * (1.0 - 0.001) - 0.1, -2.0 * (1.0 - 0.001) + 0.1];
+        for (a, b) in w.iter().zip(e) {
+            assert!((a - b).abs() < 1e-6, "{w:?}");
+        }
+    }
+
+    #[test]
+    fn clipping_rescales_to_the_max_norm() {
+        let mut g = vec![Tensor::new(&[3.0f32], &Device::Cpu).unwrap(), Tensor::new(&[4.0f32], &Device::Cpu).unwrap()];
+        let norm = clip_global_norm(&mut g, 1.0).unwrap();
+        assert!((norm - 5.0).abs() < 1e-9);
+        assert!((global_norm(&g).unwrap() - 1.0).abs() < 1e-5);
+        let mut small = vec![Tensor::new(&[0.3f32], &Device::Cpu).unwrap()];
+        clip_global_norm(&mut small, 1.0).unwrap();
+        assert_eq!(small[0].to_vec1::<f32>().unwrap(), vec![0.3]);
+    }
+
+    #[test]
+    fn schedule_warms_up_then_decays() {
+        let s = OptimSpec { warmup_steps: 4, schedule: Schedule::Cosine, min_lr_ratio: 0.1, ..spec() };
+        assert!((lr_at(&s, 0, 104) - 0.025).abs() < 1e-12);
+        assert!((lr_at(&s, 3, 104) - 0.1).abs() < 1e-12);
+        assert!((lr_at(&s, 4, 104) - 0.1).abs() < 1e-12);
+        assert!((lr_at(&s, 54, 104) - 0.055).abs() < 1e-9);
+        assert!((lr_at(&s, 104, 104) - 0.01).abs() < 1e-12);
+        let c = OptimSpec { warmup_steps: 0, ..spec() };
+        assert_eq!(lr_at(&c, 1000, 10), 0.1);
+    }
+
+    #[test]
+    fn ema_moves_toward_the_weights() {
+        let var = Var::new(&[0.0f32], &Device::Cpu).unwrap();
+        let mut ema = Ema::new(0.9, &[&var]).unwrap();
+        var.set(&Tensor::new(&[1.0f32], &Device::Cpu).unwrap()).unwrap();
+        ema.update(&[&var]).unwrap();
+        assert!((ema.shadow[0].to_vec1::<f32>().unwrap()[0] - 0.1).abs() < 1e-7);
+    }
+}
