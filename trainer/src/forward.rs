@@ -62,7 +62,7 @@ pub fn forward_file(weights_path: &Path, inputs: &Path, dtype: DType, axes: Opti
         row_queries: None,
     };
     // No references: the LoRA is never applied, so an empty adapter set is exact.
-    let lora = Lora::new(&cfg, &LoraSpec { rank: 1, alpha: 1.0, init: LoraInit::Gaussian, targets: vec!["x_embedder".into()] }, 0, &device)?;
+    let lora = Lora::new(&cfg, &LoraSpec { rank: 1, alpha: 1.0, init: LoraInit::Gaussian, targets: vec!["x_embedder".into()] }, 0, DType::F32, &device)?;
     let out = model.forward(&inp, lora.view(false))?;
     Ok(out.pred.to_dtype(DType::F32)?)
 }

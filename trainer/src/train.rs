@@ -65,7 +65,8 @@ impl Run {
         let rows = RowBlocks { double: cfg.loss.double_blocks.clone(), single: cfg.loss.single_blocks.clone() };
         let model = Flux::new(fc.clone(), &weights, rows)?;
         let spec = LoraSpec { rank: cfg.lora.rank, alpha: cfg.lora.alpha, init: cfg.lora.init, targets: cfg.lora.targets.clone() };
-        let lora = Lora::new(&fc, &spec, cfg.run.seed, &device)?;
+        let lora_dtype = if cfg.model.dtype.dtype() == candle_core::DType::F64 { candle_core::DType::F64 } else { candle_core::DType::F32 };
+        let lora = Lora::new(&fc, &spec, cfg.run.seed, lora_dtype, &device)?;
         let d = &cfg.data;
         let synth_spec = SynthSpec {
             samples: d.samples,

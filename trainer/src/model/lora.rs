@@ -102,7 +102,8 @@ pub struct Lora {
 impl Lora {
     /// Creates the adapters named by `spec.targets`. A pattern that matches no adaptable
     /// module is an error naming it (a typo would otherwise silently train nothing there).
-    pub fn new(cfg: &FluxConfig, spec: &LoraSpec, seed: u64, device: &Device) -> Result<Self> {
+    /// Adapters are f32 for training; f64 exists for gradient checks against finite differences.
+    pub fn new(cfg: &FluxConfig, spec: &LoraSpec, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
         if spec.rank == 0 {
             return Err(TrainerError::config("lora.rank", "must be at least 1"));
         }
@@ -132,8 +133,8 @@ impl Lora {
                     (0..r * fan_in).map(|_| rng.random_range(-bound..bound)).collect()
                 }
             };
-            let a = Var::from_tensor(&Tensor::from_vec(a, (r, fan_in), device)?)?;
-            let b = Var::zeros((fan_out, r), DType::F32, device)?;
+            let a = Var::from_tensor(&Tensor::from_vec(a, (r, fan_in), device)?.to_dtype(dtype)?)?;
+            let b = Var::zeros((fan_out, r), dtype, device)?;
             adapters.insert(name, Adapter { a, b });
         }
         Ok(Self { adapters, rank: spec.rank, alpha: spec.alpha })
@@ -228,18 +229,18 @@ mod tests {
     #[test]
     fn unknown_or_text_only_target_is_refused() {
         let cfg = FluxConfig::tiny();
-        let err = Lora::new(&cfg, &spec(&["transformer_blocks.*.attn.add_q_proj"]), 0, &Device::Cpu).err().unwrap();
+        let err = Lora::new(&cfg, &spec(&["transformer_blocks.*.attn.add_q_proj"]), 0, DType::F32, &Device::Cpu).err().unwrap();
         assert!(err.to_string().contains("lora.targets"), "{err}");
         let mut s = spec(&["x_embedder"]);
         s.rank = 0;
-        assert!(Lora::new(&cfg, &s, 0, &Device::Cpu).err().unwrap().to_string().contains("lora.rank"));
+        assert!(Lora::new(&cfg, &s, 0, DType::F32, &Device::Cpu).err().unwrap().to_string().contains("lora.rank"));
     }
 
     #[test]
     fn b_starts_at_zero_and_a_is_gaussian_with_std_one_over_r() {
         let cfg = FluxConfig::tiny();
         let s = LoraSpec { rank: 8, ..spec(&["transformer_blocks.*.ff.net.2"]) };
-        let lora = Lora::new(&cfg, &s, 3, &Device::Cpu).unwrap();
+        let lora = Lora::new(&cfg, &s, 3, DType::F32, &Device::Cpu).unwrap();
         let ad = lora.get("transformer_blocks.0.ff.net.2").unwrap();
         assert_eq!(ad.a.dims(), &[8, cfg.mlp_hidden()]);
         assert_eq!(ad.b.as_tensor().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);

@@ -1,0 +1,109 @@
+//! Autograd against central finite differences for every LoRA tensor, and block-wise
+//! recomputation against the plain backward. A no-backward op anywhere in the graph, or a
+//! wrong recomputation, fails here.
+
+use trainer::model::lora::adaptable_modules;
+use trainer::objective::{self, Prepared};
+use trainer::synth::Sample;
+use trainer::train::Run;
+
+use crate::common::{max_abs, max_abs_diff, randn_like, randomize_lora_b, tiny_config};
+
+/// Every module of the reference branch adapted, two references per sample (so MDL is active),
+/// batch of two, both losses on, rows from a double and a single block.
+fn gradient_run(dtype: &str, dir: &std::path::Path) -> Run {
+    let fc = trainer::model::FluxConfig::tiny();
+    let all: Vec<String> = adaptable_modules(&fc).into_iter().map(|(m, _, _)| format!("{m:?}")).collect();
+    let targets = format!("lora.targets=[{}]", all.join(","));
+    let cfg = tiny_config(
+        dir,
+        &[
+            &format!("model.dtype=\"{dtype}\""),
+            &targets,
+            "data.min_refs=2",
+            "data.max_refs=2",
+            "data.samples=4",
+            "data.resolution=64",
+            "data.ref_resolution=64",
+            "loss.points_per_ref=8",
+            "loss.double_blocks=[1]",
+            "loss.single_blocks=[0]",
+            "loss.scal_weight=0.4",
+            "loss.mdl_weight=0.6",
+        ],
+    );
+    let run = Run::build(cfg).unwrap();
+    randomize_lora_b(&run.lora, 11);
+    run
+}
+
+fn prepared(run: &Run) -> Prepared {
+    let samples: Vec<&Sample> = vec![&run.data[0], &run.data[1]];
+    objective::prepare(&run.objective, &samples, 5, 3, 0, true, run.model.dtype(), &run.device).unwrap()
+}
+
+#[test]
+fn finite_differences_match_autograd_for_every_lora_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = gradient_run("f64", tmp.path());
+    let prep = prepared(&run);
+    let loss = |r: &Run| objective::loss_and_lora_grads(&r.model, &r.lora, &prep, &r.objective, 0, false).unwrap();
+    let (parts, grads) = loss(&run);
+    assert!(parts.scal > 0.0 && parts.mdl < 0.0, "both row losses must be active: {parts:?}");
+    let named = run.lora.named_vars();
+    assert_eq!(named.len(), 2 * adaptable_modules(&run.model.cfg).len());
+    // Reference outputs of the last block are discarded, so there the reference branch's query,
+    // MLP and output projection reach nothing (its keys and values still feed the target).
+    let last = format!("single_transformer_blocks.{}.", run.model.cfg.num_single - 1);
+    let structurally_zero = |name: &str| {
+        name.strip_prefix(&last).is_some_and(|rest| ["attn.to_q.", "proj_mlp.", "proj_out."].iter().any(|m| rest.starts_with(m)))
+    };
+    let eps = 1e-5;
+    let mut failures = Vec::new();
+    for (i, (name, var)) in named.iter().enumerate() {
+        let w = var.as_tensor().copy().unwrap();
+        // One random direction per tensor checks all of its elements at once.
+        let d = randn_like(&w, 1.0, 100 + i as u64);
+        var.set(&(&w + (&d * eps).unwrap()).unwrap()).unwrap();
+        let plus = loss(&run).0.total;
+        var.set(&(&w - (&d * eps).unwrap()).unwrap()).unwrap();
+        let minus = loss(&run).0.total;
+        var.set(&w).unwrap();
+        let fd = (plus - minus) / (2.0 * eps);
+        let analytic = (&grads[i].to_dtype(candle_core::DType::F64).unwrap() * &d.to_dtype(candle_core::DType::F64).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        let tol = 1e-6 * analytic.abs().max(1e-3);
+        if structurally_zero(name) {
+            if analytic != 0.0 || fd.abs() > 1e-9 {
+                failures.push(format!("{name}: expected no gradient, got autograd {analytic}, finite difference {fd}"));
+            }
+        } else if analytic.abs() <= 1e-9 {
+            failures.push(format!("{name}: gradient is zero, so no signal reaches it"));
+        } else if (fd - analytic).abs() > tol {
+            failures.push(format!("{name}: finite difference {fd} vs autograd {analytic} (rel {:.1e})", (fd - analytic).abs() / analytic.abs()));
+        }
+    }
+    assert!(failures.is_empty(), "{} of {} tensors fail:\n{}", failures.len(), named.len(), failures.join("\n"));
+}
+
+#[test]
+fn checkpointing_gives_equal_gradients() {
+    for dtype in ["f64", "f32"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = gradient_run(dtype, tmp.path());
+        let prep = prepared(&run);
+        let (plain_parts, plain) = objective::loss_and_lora_grads(&run.model, &run.lora, &prep, &run.objective, 0, false).unwrap();
+        let (ckpt_parts, ckpt) = objective::loss_and_lora_grads(&run.model, &run.lora, &prep, &run.objective, 0, true).unwrap();
+        assert_eq!(plain_parts, ckpt_parts, "{dtype}: the recomputed forward must give the same losses");
+        let tol = if dtype == "f64" { 1e-12 } else { 1e-5 };
+        for (i, (a, b)) in plain.iter().zip(&ckpt).enumerate() {
+            let scale = max_abs(a).max(1e-3);
+            let err = max_abs_diff(a, b);
+            assert!(err <= tol * scale, "{dtype}: tensor {} differs by {err} (scale {scale})", run.lora.named_vars()[i].0);
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! Integration tests of the trainer, one binary (DESIGN.md §10).
+
+mod common;
+mod gradients;
+mod parity;
+mod training;
+mod weights_errors;
