@@ -26,7 +26,10 @@ pub struct TokenGrid {
 impl TokenGrid {
     /// The grid of an image of `height` x `width` pixels (16 px per token).
     pub fn for_pixels(height: usize, width: usize) -> Self {
-        Self { rows: height / 16, cols: width / 16 }
+        Self {
+            rows: height / 16,
+            cols: width / 16,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -48,7 +51,11 @@ impl TokenGrid {
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum TokensError {
     #[error("correspondence point {index} has coordinate {value} outside [0, 1] (field {field})")]
-    OutOfRange { index: usize, field: &'static str, value: f32 },
+    OutOfRange {
+        index: usize,
+        field: &'static str,
+        value: f32,
+    },
     #[error("token grid {rows}x{cols} is empty")]
     EmptyGrid { rows: usize, cols: usize },
 }
@@ -64,7 +71,10 @@ pub fn map_points_to_tokens(
 ) -> Result<Vec<TokenPair>, TokensError> {
     for grid in [ref_grid, tgt_grid] {
         if grid.is_empty() {
-            return Err(TokensError::EmptyGrid { rows: grid.rows, cols: grid.cols });
+            return Err(TokensError::EmptyGrid {
+                rows: grid.rows,
+                cols: grid.cols,
+            });
         }
     }
     let mut seen = vec![false; ref_grid.len()];
@@ -72,12 +82,19 @@ pub fn map_points_to_tokens(
     for (index, p) in points.iter().enumerate() {
         for (field, &value) in FIELDS.iter().zip(p) {
             if !(0.0..=1.0).contains(&value) {
-                return Err(TokensError::OutOfRange { index, field, value });
+                return Err(TokensError::OutOfRange {
+                    index,
+                    field,
+                    value,
+                });
             }
         }
         let ref_token = ref_grid.index_of(p[0], p[1]);
         if !std::mem::replace(&mut seen[ref_token as usize], true) {
-            out.push(TokenPair { ref_token, tgt_token: tgt_grid.index_of(p[2], p[3]) });
+            out.push(TokenPair {
+                ref_token,
+                tgt_token: tgt_grid.index_of(p[2], p[3]),
+            });
         }
     }
     Ok(out)
@@ -91,23 +108,40 @@ mod tests {
     fn index_follows_the_design_rule() {
         let g = TokenGrid { rows: 4, cols: 8 };
         assert_eq!(g.index_of(0.0, 0.0), 0);
-        assert_eq!(g.index_of(1.0, 1.0), 31, "x = y = 1 clamps to the last token");
+        assert_eq!(
+            g.index_of(1.0, 1.0),
+            31,
+            "x = y = 1 clamps to the last token"
+        );
         assert_eq!(g.index_of(0.5, 0.25), 8 + 4);
         assert_eq!(g.index_of(0.124, 0.0), 0);
         assert_eq!(g.index_of(0.125, 0.0), 1);
-        assert_eq!(TokenGrid::for_pixels(512, 256), TokenGrid { rows: 32, cols: 16 });
+        assert_eq!(
+            TokenGrid::for_pixels(512, 256),
+            TokenGrid { rows: 32, cols: 16 }
+        );
     }
 
     #[test]
     fn first_point_per_reference_token_wins() {
         let g = TokenGrid { rows: 2, cols: 2 };
-        let pts = [[0.1, 0.1, 0.9, 0.9], [0.2, 0.2, 0.1, 0.1], [0.9, 0.1, 0.1, 0.9]];
+        let pts = [
+            [0.1, 0.1, 0.9, 0.9],
+            [0.2, 0.2, 0.1, 0.1],
+            [0.9, 0.1, 0.1, 0.9],
+        ];
         let pairs = map_points_to_tokens(&pts, g, g).unwrap();
         assert_eq!(
             pairs,
             vec![
-                TokenPair { ref_token: 0, tgt_token: 3 },
-                TokenPair { ref_token: 1, tgt_token: 2 }
+                TokenPair {
+                    ref_token: 0,
+                    tgt_token: 3
+                },
+                TokenPair {
+                    ref_token: 1,
+                    tgt_token: 2
+                }
             ]
         );
     }
@@ -116,7 +150,14 @@ mod tests {
     fn out_of_range_point_is_named() {
         let g = TokenGrid { rows: 2, cols: 2 };
         let err = map_points_to_tokens(&[[0.1, 0.1, 0.5, 0.5], [0.1, 1.5, 0.5, 0.5]], g, g);
-        assert_eq!(err, Err(TokensError::OutOfRange { index: 1, field: "ref_y", value: 1.5 }));
+        assert_eq!(
+            err,
+            Err(TokensError::OutOfRange {
+                index: 1,
+                field: "ref_y",
+                value: 1.5
+            })
+        );
         let err = map_points_to_tokens(&[[f32::NAN, 0.1, 0.5, 0.5]], g, g).unwrap_err();
         assert!(err.to_string().contains("ref_x"));
     }

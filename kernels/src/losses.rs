@@ -49,7 +49,11 @@ impl RefSegments {
     }
 }
 
-fn check_rows(op: &'static str, rows_pn: &Tensor, segments: &RefSegments) -> Result<(usize, usize)> {
+fn check_rows(
+    op: &'static str,
+    rows_pn: &Tensor,
+    segments: &RefSegments,
+) -> Result<(usize, usize)> {
     let (p, n) = rows_pn.dims2().map_err(|_| KernelError::Shape {
         op,
         arg: "rows",
@@ -210,7 +214,11 @@ mod tests {
         let ref0 = ((0.5f64 + eps).ln() + (0.8f64 + eps).ln()) / 2.0;
         let ref1 = (0.6f64 + eps).ln();
         let expected = -(ref0 + ref1) / 2.0;
-        assert!((scalar(&loss) - expected).abs() < 1e-12, "{} vs {expected}", scalar(&loss));
+        assert!(
+            (scalar(&loss) - expected).abs() < 1e-12,
+            "{} vs {expected}",
+            scalar(&loss)
+        );
     }
 
     #[test]
@@ -239,7 +247,10 @@ mod tests {
         let loss = mdl_kl_loss(&r, &RefSegments(vec![2, 1])).unwrap();
         let e = MDL_LOG_EPS;
         let kl = |p: [f64; 2], q: [f64; 2]| -> f64 {
-            p.iter().zip(q).map(|(pi, qi)| pi * ((pi + e).ln() - (qi + e).ln())).sum()
+            p.iter()
+                .zip(q)
+                .map(|(pi, qi)| pi * ((pi + e).ln() - (qi + e).ln()))
+                .sum()
         };
         let (a0, a1) = ([0.6, 0.4], [0.2, 0.8]);
         // Two ordered pairs, each contributing the symmetric KL.
@@ -254,7 +265,10 @@ mod tests {
         let loss = mdl_jsd_loss(&r, &RefSegments(vec![1, 1, 1])).unwrap();
         let e = MDL_LOG_EPS;
         let kl = |p: [f64; 2], q: [f64; 2]| -> f64 {
-            p.iter().zip(q).map(|(pi, qi)| pi * ((pi + e).ln() - (qi + e).ln())).sum()
+            p.iter()
+                .zip(q)
+                .map(|(pi, qi)| pi * ((pi + e).ln() - (qi + e).ln()))
+                .sum()
         };
         let jsd = |p: [f64; 2], q: [f64; 2]| {
             let m = [(p[0] + q[0]) / 2.0, (p[1] + q[1]) / 2.0];
@@ -286,7 +300,13 @@ mod tests {
         };
         let var = Var::from_tensor(&rows(&data, 3, 3)).unwrap();
         let grads = f(var.as_tensor()).backward().unwrap();
-        let g: Vec<f64> = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let g: Vec<f64> = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let h = 1e-6;
         for i in 0..data.len() {
             let mut plus = data;
@@ -294,7 +314,11 @@ mod tests {
             let mut minus = data;
             minus[i] -= h;
             let fd = (scalar(&f(&rows(&plus, 3, 3))) - scalar(&f(&rows(&minus, 3, 3)))) / (2.0 * h);
-            assert!((fd - g[i]).abs() < 1e-6, "element {i}: fd {fd} vs autograd {}", g[i]);
+            assert!(
+                (fd - g[i]).abs() < 1e-6,
+                "element {i}: fd {fd} vs autograd {}",
+                g[i]
+            );
         }
     }
 }

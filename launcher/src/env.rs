@@ -14,11 +14,18 @@ pub struct RankEnv {
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum EnvError {
     #[error("environment variable {name}={value:?} is not a valid {expected}")]
-    Invalid { name: &'static str, value: String, expected: &'static str },
+    Invalid {
+        name: &'static str,
+        value: String,
+        expected: &'static str,
+    },
     #[error("RANK={rank} is not below WORLD_SIZE={world_size}")]
     RankOutOfRange { rank: usize, world_size: usize },
     #[error("{set} is set but {missing} is not; set both or neither")]
-    Incomplete { set: &'static str, missing: &'static str },
+    Incomplete {
+        set: &'static str,
+        missing: &'static str,
+    },
 }
 
 impl RankEnv {
@@ -48,19 +55,29 @@ impl RankEnv {
         ) -> Result<Option<T>, EnvError> {
             match get(name) {
                 None => Ok(None),
-                Some(v) => v
-                    .trim()
-                    .parse()
-                    .map(Some)
-                    .map_err(|_| EnvError::Invalid { name, value: v, expected }),
+                Some(v) => v.trim().parse().map(Some).map_err(|_| EnvError::Invalid {
+                    name,
+                    value: v,
+                    expected,
+                }),
             }
         }
         let rank: Option<usize> = num(&get, "RANK", "rank (non-negative integer)")?;
         let world: Option<usize> = num(&get, "WORLD_SIZE", "world size (positive integer)")?;
         let (rank, world_size) = match (rank, world) {
             (None, None) => return Ok(Self::single()),
-            (Some(_), None) => return Err(EnvError::Incomplete { set: "RANK", missing: "WORLD_SIZE" }),
-            (None, Some(_)) => return Err(EnvError::Incomplete { set: "WORLD_SIZE", missing: "RANK" }),
+            (Some(_), None) => {
+                return Err(EnvError::Incomplete {
+                    set: "RANK",
+                    missing: "WORLD_SIZE",
+                })
+            }
+            (None, Some(_)) => {
+                return Err(EnvError::Incomplete {
+                    set: "WORLD_SIZE",
+                    missing: "RANK",
+                })
+            }
             (Some(r), Some(w)) => (r, w),
         };
         if world_size == 0 {
@@ -75,10 +92,15 @@ impl RankEnv {
         }
         Ok(Self {
             rank,
-            local_rank: num(&get, "LOCAL_RANK", "local rank (non-negative integer)")?.unwrap_or(rank),
+            local_rank: num(&get, "LOCAL_RANK", "local rank (non-negative integer)")?
+                .unwrap_or(rank),
             world_size,
-            local_world_size: num(&get, "LOCAL_WORLD_SIZE", "local world size (positive integer)")?
-                .unwrap_or(world_size),
+            local_world_size: num(
+                &get,
+                "LOCAL_WORLD_SIZE",
+                "local world size (positive integer)",
+            )?
+            .unwrap_or(world_size),
             master_addr: get("MASTER_ADDR"),
             master_port: num(&get, "MASTER_PORT", "port (0-65535)")?,
         })
@@ -91,8 +113,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn env(pairs: &[(&str, &str)]) -> Result<RankEnv, EnvError> {
-        let m: HashMap<String, String> =
-            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         RankEnv::from_lookup(|k| m.get(k).cloned())
     }
 
@@ -112,22 +136,37 @@ mod tests {
             ("MASTER_PORT", "29500"),
         ])
         .unwrap();
-        assert_eq!((e.rank, e.local_rank, e.world_size, e.local_world_size), (3, 1, 8, 2));
+        assert_eq!(
+            (e.rank, e.local_rank, e.world_size, e.local_world_size),
+            (3, 1, 8, 2)
+        );
         assert_eq!(e.master_addr.as_deref(), Some("node0"));
         assert_eq!(e.master_port, Some(29500));
     }
 
     #[test]
     fn bad_values_are_named() {
-        assert!(matches!(env(&[("RANK", "x"), ("WORLD_SIZE", "2")]), Err(EnvError::Invalid { name: "RANK", .. })));
+        assert!(matches!(
+            env(&[("RANK", "x"), ("WORLD_SIZE", "2")]),
+            Err(EnvError::Invalid { name: "RANK", .. })
+        ));
         assert_eq!(
             env(&[("RANK", "2"), ("WORLD_SIZE", "2")]),
-            Err(EnvError::RankOutOfRange { rank: 2, world_size: 2 })
+            Err(EnvError::RankOutOfRange {
+                rank: 2,
+                world_size: 2
+            })
         );
-        assert!(matches!(env(&[("RANK", "0")]), Err(EnvError::Incomplete { .. })));
+        assert!(matches!(
+            env(&[("RANK", "0")]),
+            Err(EnvError::Incomplete { .. })
+        ));
         assert!(matches!(
             env(&[("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_PORT", "99999")]),
-            Err(EnvError::Invalid { name: "MASTER_PORT", .. })
+            Err(EnvError::Invalid {
+                name: "MASTER_PORT",
+                ..
+            })
         ));
     }
 }

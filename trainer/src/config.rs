@@ -43,7 +43,11 @@ pub struct RunSection {
 
 impl Default for RunSection {
     fn default() -> Self {
-        Self { name: "run".into(), dir: String::new(), seed: 42 }
+        Self {
+            name: "run".into(),
+            dir: String::new(),
+            seed: 42,
+        }
     }
 }
 
@@ -108,7 +112,13 @@ pub struct ModelSection {
 
 impl Default for ModelSection {
     fn default() -> Self {
-        Self { preset: Preset::Tiny, weights: String::new(), dtype: DTypeName::F32, device: DeviceName::Cpu, axes_dims: None }
+        Self {
+            preset: Preset::Tiny,
+            weights: String::new(),
+            dtype: DTypeName::F32,
+            device: DeviceName::Cpu,
+            axes_dims: None,
+        }
     }
 }
 
@@ -123,7 +133,12 @@ pub struct LoraSection {
 
 impl Default for LoraSection {
     fn default() -> Self {
-        Self { rank: 16, alpha: 16.0, init: LoraInit::Gaussian, targets: DEFAULT_TARGETS.iter().map(|s| s.to_string()).collect() }
+        Self {
+            rank: 16,
+            alpha: 16.0,
+            init: LoraInit::Gaussian,
+            targets: DEFAULT_TARGETS.iter().map(|s| s.to_string()).collect(),
+        }
     }
 }
 
@@ -140,7 +155,11 @@ pub struct ConditioningSection {
 
 impl Default for ConditioningSection {
     fn default() -> Self {
-        Self { isolate_refs: true, guidance: 1.0, ref_guidance: 1.0 }
+        Self {
+            isolate_refs: true,
+            guidance: 1.0,
+            ref_guidance: 1.0,
+        }
     }
 }
 
@@ -246,7 +265,15 @@ pub struct TrainSection {
 
 impl Default for TrainSection {
     fn default() -> Self {
-        Self { max_steps: 100, batch_size: 1, grad_accum: 1, checkpointing: false, log_every: 10, on_nonfinite: OnNonFinite::Skip, progress: true }
+        Self {
+            max_steps: 100,
+            batch_size: 1,
+            grad_accum: 1,
+            checkpointing: false,
+            log_every: 10,
+            on_nonfinite: OnNonFinite::Skip,
+            progress: true,
+        }
     }
 }
 
@@ -273,8 +300,26 @@ pub struct DataSection {
 
 impl Default for DataSection {
     fn default() -> Self {
-        Self { source: DataSource::Synthetic, samples: 32, resolution: 128, ref_resolution: 128, min_refs: 1, max_refs: 2, text_tokens: 16 }
+        Self {
+            source: DataSource::Synthetic,
+            samples: 32,
+            resolution: 128,
+            ref_resolution: 128,
+            min_refs: 1,
+            max_refs: 2,
+            text_tokens: 16,
+        }
     }
+}
+
+/// v > 0; false for NaN, so a NaN in the config is refused.
+fn positive(v: f64) -> bool {
+    v > 0.0
+}
+
+/// v >= 0; false for NaN.
+fn non_negative(v: f64) -> bool {
+    v >= 0.0
 }
 
 /// The most references MOSAIC handles (DESIGN.md §4).
@@ -283,7 +328,9 @@ pub const MAX_REFS: usize = 6;
 /// Sets `path` (dotted) in `root` to `raw` parsed as a TOML value, or as a string if it is not one.
 fn apply_override(root: &mut toml::Table, path: &str, raw: &str) -> Result<()> {
     let value: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.to_string())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.to_string())),
         Err(_) => toml::Value::String(raw.to_string()),
     };
     let parts: Vec<&str> = path.split('.').collect();
@@ -292,10 +339,17 @@ fn apply_override(root: &mut toml::Table, path: &str, raw: &str) -> Result<()> {
     }
     let mut table = root;
     for part in &parts[..parts.len() - 1] {
-        let entry = table.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let entry = table
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
         table = match entry {
             toml::Value::Table(t) => t,
-            _ => return Err(TrainerError::config(path, format!("`{part}` is a value, not a section"))),
+            _ => {
+                return Err(TrainerError::config(
+                    path,
+                    format!("`{part}` is a value, not a section"),
+                ))
+            }
         };
     }
     table.insert(parts[parts.len() - 1].to_string(), value);
@@ -306,15 +360,23 @@ impl Config {
     /// Parses TOML text with overrides `KEY=VALUE`, then validates. `origin` names the file in
     /// errors.
     pub fn from_toml(text: &str, origin: &Path, overrides: &[String]) -> Result<Self> {
-        let mut table: toml::Table = toml::from_str(text).map_err(|e| TrainerError::Parse { file: origin.to_path_buf(), reason: e.to_string() })?;
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| TrainerError::Parse {
+            file: origin.to_path_buf(),
+            reason: e.to_string(),
+        })?;
         for o in overrides {
-            let (k, v) = o.split_once('=').ok_or_else(|| TrainerError::config(o, "--set expects KEY=VALUE"))?;
+            let (k, v) = o
+                .split_once('=')
+                .ok_or_else(|| TrainerError::config(o, "--set expects KEY=VALUE"))?;
             apply_override(&mut table, k.trim(), v.trim())?;
         }
         let de = toml::Value::Table(table);
         let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
-            TrainerError::Config { key, reason: format!("{} (in {})", e.inner(), origin.display()) }
+            TrainerError::Config {
+                key,
+                reason: format!("{} (in {})", e.inner(), origin.display()),
+            }
         })?;
         cfg.validate()?;
         Ok(cfg)
@@ -347,29 +409,38 @@ impl Config {
         if l.rank == 0 {
             return err("lora.rank", "must be at least 1".into());
         }
-        if !(l.alpha > 0.0) {
+        if !positive(l.alpha) {
             return err("lora.alpha", format!("{} must be positive", l.alpha));
         }
         if l.targets.is_empty() {
             return err("lora.targets", "must name at least one module".into());
         }
         let s = &self.loss;
-        for (k, v) in [("loss.scal_weight", s.scal_weight), ("loss.mdl_weight", s.mdl_weight)] {
-            if !(v >= 0.0) || !v.is_finite() {
+        for (k, v) in [
+            ("loss.scal_weight", s.scal_weight),
+            ("loss.mdl_weight", s.mdl_weight),
+        ] {
+            if !non_negative(v) || !v.is_finite() {
                 return err(k, format!("{v} must be a finite number >= 0"));
             }
         }
         if s.points_per_ref == 0 {
             return err("loss.points_per_ref", "must be at least 1".into());
         }
-        if !(s.logit_std > 0.0) {
-            return err("loss.logit_std", format!("{} must be positive", s.logit_std));
+        if !positive(s.logit_std) {
+            return err(
+                "loss.logit_std",
+                format!("{} must be positive", s.logit_std),
+            );
         }
-        if (s.scal_weight > 0.0 || s.mdl_weight > 0.0) && s.double_blocks.is_empty() && s.single_blocks.is_empty() {
+        if (s.scal_weight > 0.0 || s.mdl_weight > 0.0)
+            && s.double_blocks.is_empty()
+            && s.single_blocks.is_empty()
+        {
             return err("loss.double_blocks", "SCAL/MDL are on but no block is selected (set loss.double_blocks or loss.single_blocks, or the weights to 0)".into());
         }
         let o = &self.optim;
-        if !(o.lr >= 0.0) || !o.lr.is_finite() {
+        if !non_negative(o.lr) || !o.lr.is_finite() {
             return err("optim.lr", format!("{} must be a finite number >= 0", o.lr));
         }
         for (k, v) in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2)] {
@@ -377,20 +448,32 @@ impl Config {
                 return err(k, format!("{v} must be in [0, 1)"));
             }
         }
-        if !(o.eps > 0.0) {
+        if !positive(o.eps) {
             return err("optim.eps", format!("{} must be positive", o.eps));
         }
-        if !(o.weight_decay >= 0.0) {
-            return err("optim.weight_decay", format!("{} must be >= 0", o.weight_decay));
+        if !non_negative(o.weight_decay) {
+            return err(
+                "optim.weight_decay",
+                format!("{} must be >= 0", o.weight_decay),
+            );
         }
-        if !(o.grad_clip >= 0.0) {
-            return err("optim.grad_clip", format!("{} must be >= 0 (0 disables clipping)", o.grad_clip));
+        if !non_negative(o.grad_clip) {
+            return err(
+                "optim.grad_clip",
+                format!("{} must be >= 0 (0 disables clipping)", o.grad_clip),
+            );
         }
         if !(0.0..=1.0).contains(&o.min_lr_ratio) {
-            return err("optim.min_lr_ratio", format!("{} must be in [0, 1]", o.min_lr_ratio));
+            return err(
+                "optim.min_lr_ratio",
+                format!("{} must be in [0, 1]", o.min_lr_ratio),
+            );
         }
         if !(0.0..1.0).contains(&o.ema_decay) {
-            return err("optim.ema_decay", format!("{} must be in [0, 1) (0 disables the EMA)", o.ema_decay));
+            return err(
+                "optim.ema_decay",
+                format!("{} must be in [0, 1) (0 disables the EMA)", o.ema_decay),
+            );
         }
         let t = &self.train;
         if t.max_steps == 0 {
@@ -407,12 +490,24 @@ impl Config {
         }
         let d = &self.data;
         if d.max_refs == 0 || d.max_refs > MAX_REFS {
-            return err("data.max_refs", format!("{} must be between 1 and {MAX_REFS}", d.max_refs));
+            return err(
+                "data.max_refs",
+                format!("{} must be between 1 and {MAX_REFS}", d.max_refs),
+            );
         }
         if d.min_refs == 0 || d.min_refs > d.max_refs {
-            return err("data.min_refs", format!("{} must be between 1 and data.max_refs ({})", d.min_refs, d.max_refs));
+            return err(
+                "data.min_refs",
+                format!(
+                    "{} must be between 1 and data.max_refs ({})",
+                    d.min_refs, d.max_refs
+                ),
+            );
         }
-        for (k, v) in [("data.resolution", d.resolution), ("data.ref_resolution", d.ref_resolution)] {
+        for (k, v) in [
+            ("data.resolution", d.resolution),
+            ("data.ref_resolution", d.ref_resolution),
+        ] {
             if v < 32 || v % 16 != 0 {
                 return err(k, format!("{v} must be a multiple of 16 and at least 32"));
             }
@@ -441,7 +536,15 @@ mod tests {
 
     #[test]
     fn defaults_are_valid_and_overrides_apply() {
-        let c = parse("", &["train.max_steps=40", "run.name=abc", "loss.double_blocks=[0, 1]"]).unwrap();
+        let c = parse(
+            "",
+            &[
+                "train.max_steps=40",
+                "run.name=abc",
+                "loss.double_blocks=[0, 1]",
+            ],
+        )
+        .unwrap();
         assert_eq!(c.train.max_steps, 40);
         assert_eq!(c.run.name, "abc");
         assert_eq!(c.loss.double_blocks, vec![0, 1]);

@@ -26,7 +26,10 @@ pub enum TrainerError {
     Config { key: String, reason: String },
     /// Weights that do not fit the model: one line per offending tensor.
     #[error("weights {file}: {} problem(s):\n  {}", problems.len(), problems.join("\n  "))]
-    Weights { file: PathBuf, problems: Vec<String> },
+    Weights {
+        file: PathBuf,
+        problems: Vec<String>,
+    },
     /// A named input tensor of a command is missing or misshaped.
     #[error("input `{name}`: {reason}")]
     Input { name: String, reason: String },
@@ -36,11 +39,17 @@ pub enum TrainerError {
 
 impl TrainerError {
     pub fn io(path: &Path, source: std::io::Error) -> Self {
-        Self::Io { path: path.to_path_buf(), source }
+        Self::Io {
+            path: path.to_path_buf(),
+            source,
+        }
     }
 
     pub fn config(key: &str, reason: impl Into<String>) -> Self {
-        Self::Config { key: key.to_string(), reason: reason.into() }
+        Self::Config {
+            key: key.to_string(),
+            reason: reason.into(),
+        }
     }
 }
 

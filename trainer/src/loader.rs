@@ -25,7 +25,13 @@ pub struct Loader {
 
 impl Loader {
     pub fn new(ref_counts: Vec<usize>, batch_size: usize, seed: u64) -> Result<Self> {
-        let mut l = Self { ref_counts, batch_size, seed, cursor: Cursor::default(), batches: Vec::new() };
+        let mut l = Self {
+            ref_counts,
+            batch_size,
+            seed,
+            cursor: Cursor::default(),
+            batches: Vec::new(),
+        };
         l.batches = l.epoch_batches(0);
         if l.batches.is_empty() {
             return Err(TrainerError::config(
@@ -60,7 +66,10 @@ impl Loader {
     /// The next batch of sample indices.
     pub fn next_batch(&mut self) -> Vec<usize> {
         if self.cursor.batch >= self.batches.len() {
-            self.cursor = Cursor { epoch: self.cursor.epoch + 1, batch: 0 };
+            self.cursor = Cursor {
+                epoch: self.cursor.epoch + 1,
+                batch: 0,
+            };
             self.batches = self.epoch_batches(self.cursor.epoch);
         }
         let b = self.batches[self.cursor.batch].clone();

@@ -13,7 +13,11 @@ use trainer::config::{Config, DTypeName};
 static ALLOC: trainer::alloc::CountingAlloc = trainer::alloc::CountingAlloc;
 
 #[derive(Parser)]
-#[command(name = "trainer", version, about = "MOSAIC multi-subject personalization training on FLUX.1")]
+#[command(
+    name = "trainer",
+    version,
+    about = "MOSAIC multi-subject personalization training on FLUX.1"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -55,31 +59,52 @@ enum DtypeArg {
 }
 
 fn parse_axes(s: &str) -> Result<[usize; 3], String> {
-    let v: Vec<usize> = s.split(',').map(|x| x.trim().parse::<usize>().map_err(|e| format!("`{x}`: {e}"))).collect::<Result<_, _>>()?;
-    v.try_into().map_err(|_| "expected three comma-separated numbers".to_string())
+    let v: Vec<usize> = s
+        .split(',')
+        .map(|x| x.trim().parse::<usize>().map_err(|e| format!("`{x}`: {e}")))
+        .collect::<Result<_, _>>()?;
+    v.try_into()
+        .map_err(|_| "expected three comma-separated numbers".to_string())
 }
 
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Train { config, set } => {
-            let cfg = Config::load(&config, &set).with_context(|| format!("loading config {}", config.display()))?;
+            let cfg = Config::load(&config, &set)
+                .with_context(|| format!("loading config {}", config.display()))?;
             let outcome = trainer::train::train(cfg).context("training failed")?;
             let first = outcome.losses.first().map(|l| l.total).unwrap_or(f64::NAN);
             let last = outcome.losses.last().map(|l| l.total).unwrap_or(f64::NAN);
-            println!("trained {} steps (loss {first:.4} -> {last:.4}, {} skipped); LoRA written to {}", outcome.losses.len(), outcome.skipped, outcome.lora_path.display());
+            println!(
+                "trained {} steps (loss {first:.4} -> {last:.4}, {} skipped); LoRA written to {}",
+                outcome.losses.len(),
+                outcome.skipped,
+                outcome.lora_path.display()
+            );
         }
-        Command::Forward { weights, inputs, out, dtype, axes_dims } => {
+        Command::Forward {
+            weights,
+            inputs,
+            out,
+            dtype,
+            axes_dims,
+        } => {
             let dtype = match dtype {
                 DtypeArg::F32 => DTypeName::F32,
                 DtypeArg::Bf16 => DTypeName::Bf16,
                 DtypeArg::F64 => DTypeName::F64,
             };
-            trainer::forward::forward_cmd(&weights, &inputs, &out, dtype.dtype(), axes_dims).context("forward failed")?;
+            trainer::forward::forward_cmd(&weights, &inputs, &out, dtype.dtype(), axes_dims)
+                .context("forward failed")?;
             println!("wrote {}", out.display());
         }
     }

@@ -30,12 +30,20 @@ pub struct MetricsLog {
 impl MetricsLog {
     pub fn create(path: &Path) -> Result<Self> {
         let file = std::fs::File::create(path).map_err(|e| TrainerError::io(path, e))?;
-        Ok(Self { file, path: path.to_path_buf() })
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+        })
     }
 
     pub fn write(&mut self, m: &StepMetrics) -> Result<()> {
-        let line = serde_json::to_string(m).map_err(|e| TrainerError::Parse { file: self.path.clone(), reason: e.to_string() })?;
+        let line = serde_json::to_string(m).map_err(|e| TrainerError::Parse {
+            file: self.path.clone(),
+            reason: e.to_string(),
+        })?;
         writeln!(self.file, "{line}").map_err(|e| TrainerError::io(&self.path, e))?;
-        self.file.flush().map_err(|e| TrainerError::io(&self.path, e))
+        self.file
+            .flush()
+            .map_err(|e| TrainerError::io(&self.path, e))
     }
 }

@@ -84,16 +84,24 @@ pub fn shift_t(t: f64, mu: f64) -> f64 {
 
 /// t = sigmoid(n), n ~ N(mean, std^2), shifted for `seq_len` target tokens when asked.
 pub fn sample_t(spec: &ObjectiveSpec, seq_len: usize, rng: &mut impl Rng) -> Result<f64> {
-    let normal = Normal::new(spec.logit_mean, spec.logit_std).map_err(|e| TrainerError::config("loss.logit_std", e.to_string()))?;
+    let normal = Normal::new(spec.logit_mean, spec.logit_std)
+        .map_err(|e| TrainerError::config("loss.logit_std", e.to_string()))?;
     let n: f64 = normal.sample(rng);
     let t = 1.0 / (1.0 + (-n).exp());
-    Ok(if spec.resolution_shift { shift_t(t, shift_mu(seq_len)) } else { t })
+    Ok(if spec.resolution_shift {
+        shift_t(t, shift_mu(seq_len))
+    } else {
+        t
+    })
 }
 
 /// Draws up to `p` of a reference's pairs without replacement (all of them when fewer exist).
 pub fn sample_pairs(pairs: &[TokenPair], p: usize, rng: &mut impl Rng) -> Vec<TokenPair> {
     let n = pairs.len().min(p);
-    rand::seq::index::sample(rng, pairs.len(), n).into_iter().map(|i| pairs[i]).collect()
+    rand::seq::index::sample(rng, pairs.len(), n)
+        .into_iter()
+        .map(|i| pairs[i])
+        .collect()
 }
 
 /// A batch turned into model inputs plus what the loss needs.
@@ -117,13 +125,43 @@ pub fn loss_dtype(model_dtype: DType) -> DType {
     }
 }
 
-/// Builds the model inputs of `samples` (same shapes) at optimizer step `step`; `first_slot` is
-/// the position of the first sample in the step's global batch.
-pub fn prepare(spec: &ObjectiveSpec, samples: &[&Sample], seed: u64, step: u64, first_slot: u64, with_rows: bool, dtype: DType, device: &Device) -> Result<Prepared> {
-    let first = samples.first().ok_or_else(|| TrainerError::Input { name: "batch".into(), reason: "empty".into() })?;
+/// Where a micro-batch's random draws come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrawAt {
+    pub seed: u64,
+    /// Optimizer step.
+    pub step: u64,
+    /// Position of the micro-batch's first sample in the step's global batch.
+    pub first_slot: u64,
+}
+
+/// Builds the model inputs of `samples` (same shapes) for the draws at `at`.
+pub fn prepare(
+    spec: &ObjectiveSpec,
+    samples: &[&Sample],
+    at: DrawAt,
+    with_rows: bool,
+    dtype: DType,
+    device: &Device,
+) -> Result<Prepared> {
+    let DrawAt {
+        seed,
+        step,
+        first_slot,
+    } = at;
+    let first = samples.first().ok_or_else(|| TrainerError::Input {
+        name: "batch".into(),
+        reason: "empty".into(),
+    })?;
     let k = first.refs.len();
-    if samples.iter().any(|s| s.refs.len() != k || s.x0.dims() != first.x0.dims()) {
-        return Err(TrainerError::Input { name: "batch".into(), reason: "samples of one batch must share the reference count and shapes".into() });
+    if samples
+        .iter()
+        .any(|s| s.refs.len() != k || s.x0.dims() != first.x0.dims())
+    {
+        return Err(TrainerError::Input {
+            name: "batch".into(),
+            reason: "samples of one batch must share the reference count and shapes".into(),
+        });
     }
     let (n, c) = first.x0.dims2()?;
     let ldt = loss_dtype(dtype);
@@ -137,7 +175,9 @@ pub fn prepare(spec: &ObjectiveSpec, samples: &[&Sample], seed: u64, step: u64, 
         let slot = first_slot + b as u64;
         let t = sample_t(spec, n, &mut stream(seed, Purpose::Timestep, &[step, slot]))?;
         let mut rng = stream(seed, Purpose::Noise, &[step, slot]);
-        let noise: Vec<f32> = (0..n * c).map(|_| StandardNormal.sample(&mut rng)).collect();
+        let noise: Vec<f32> = (0..n * c)
+            .map(|_| StandardNormal.sample(&mut rng))
+            .collect();
         let noise = Tensor::from_vec(noise, (n, c), device)?.to_dtype(ldt)?;
         let x0 = s.x0.to_dtype(ldt)?;
         xt.push(((&x0 * (1.0 - t))? + (&noise * t)?)?.to_dtype(dtype)?);
@@ -169,7 +209,10 @@ pub fn prepare(spec: &ObjectiveSpec, samples: &[&Sample], seed: u64, step: u64, 
             ids.extend(reference_ids(r.grid.rows, r.grid.cols, i));
             lens.push(r.grid.len());
         }
-        let per_sample: Vec<Tensor> = samples.iter().map(|s| Tensor::cat(&s.refs.iter().map(|r| &r.latent).collect::<Vec<_>>(), 0)).collect::<candle_core::Result<_>>()?;
+        let per_sample: Vec<Tensor> = samples
+            .iter()
+            .map(|s| Tensor::cat(&s.refs.iter().map(|r| &r.latent).collect::<Vec<_>>(), 0))
+            .collect::<candle_core::Result<_>>()?;
         Some(RefInputs {
             latents: Tensor::stack(&per_sample, 0)?.to_dtype(dtype)?,
             ids,
@@ -183,16 +226,24 @@ pub fn prepare(spec: &ObjectiveSpec, samples: &[&Sample], seed: u64, step: u64, 
     let inputs = ModelInputs {
         img: Tensor::stack(&xt, 0)?,
         img_ids: grid_ids(first.grid.rows, first.grid.cols, 0),
-        txt: Tensor::stack(&samples.iter().map(|s| &s.txt).collect::<Vec<_>>(), 0)?.to_dtype(dtype)?,
+        txt: Tensor::stack(&samples.iter().map(|s| &s.txt).collect::<Vec<_>>(), 0)?
+            .to_dtype(dtype)?,
         txt_ids: text_ids(l),
-        pooled: Tensor::stack(&samples.iter().map(|s| &s.pooled).collect::<Vec<_>>(), 0)?.to_dtype(dtype)?,
+        pooled: Tensor::stack(&samples.iter().map(|s| &s.pooled).collect::<Vec<_>>(), 0)?
+            .to_dtype(dtype)?,
         timestep,
         guidance: vec![spec.guidance; b],
         refs,
         isolate_refs: spec.isolate_refs,
         row_queries: with_rows.then_some(ref_idx),
     };
-    Ok(Prepared { inputs, velocity: Tensor::stack(&velocity, 0)?, tgt_idx, segments, tokens })
+    Ok(Prepared {
+        inputs,
+        velocity: Tensor::stack(&velocity, 0)?,
+        tgt_idx,
+        segments,
+        tokens,
+    })
 }
 
 /// Loss values of one micro-batch.
@@ -209,12 +260,24 @@ fn value(t: &Tensor) -> Result<f64> {
 }
 
 /// L = L_diff + alpha L_SCA + beta L_MD and the LoRA gradients, for `prep` at step `step`.
-pub fn loss_and_lora_grads(model: &Flux, lora: &Lora, prep: &Prepared, spec: &ObjectiveSpec, step: u64, checkpointing: bool) -> Result<(LossParts, Vec<Tensor>)> {
+pub fn loss_and_lora_grads(
+    model: &Flux,
+    lora: &Lora,
+    prep: &Prepared,
+    spec: &ObjectiveSpec,
+    step: u64,
+    checkpointing: bool,
+) -> Result<(LossParts, Vec<Tensor>)> {
     let alpha = spec.scal_weight;
     let beta = spec.mdl_weight_at(step);
     let loss_fn = |pred: &Tensor, rows: Option<&[Tensor]>| -> Result<(Tensor, LossParts)> {
-        let diff = (pred.to_dtype(prep.velocity.dtype())? - &prep.velocity)?.sqr()?.mean_all()?;
-        let mut parts = LossParts { diff: value(&diff)?, ..Default::default() };
+        let diff = (pred.to_dtype(prep.velocity.dtype())? - &prep.velocity)?
+            .sqr()?
+            .mean_all()?;
+        let mut parts = LossParts {
+            diff: value(&diff)?,
+            ..Default::default()
+        };
         let mut total = diff;
         if let Some(rows) = rows {
             let b = rows.len() as f64;
@@ -246,7 +309,10 @@ mod tests {
         assert!((shift_mu(4096) - 1.15).abs() < 1e-12);
         assert!((shift_mu(1024) - 0.63).abs() < 1e-12);
         assert!((shift_t(0.5, 0.0) - 0.5).abs() < 1e-12);
-        assert!(shift_t(0.5, 0.63) > 0.5, "a positive mu moves t toward noise");
+        assert!(
+            shift_t(0.5, 0.63) > 0.5,
+            "a positive mu moves t toward noise"
+        );
     }
 
     #[test]
@@ -272,9 +338,17 @@ mod tests {
 
     #[test]
     fn pair_sampling_is_without_replacement_and_capped() {
-        let pairs: Vec<TokenPair> = (0..10).map(|i| TokenPair { ref_token: i, tgt_token: i }).collect();
+        let pairs: Vec<TokenPair> = (0..10)
+            .map(|i| TokenPair {
+                ref_token: i,
+                tgt_token: i,
+            })
+            .collect();
         let mut rng = stream(1, Purpose::Points, &[0]);
-        let mut got: Vec<u32> = sample_pairs(&pairs, 4, &mut rng).iter().map(|p| p.ref_token).collect();
+        let mut got: Vec<u32> = sample_pairs(&pairs, 4, &mut rng)
+            .iter()
+            .map(|p| p.ref_token)
+            .collect();
         assert_eq!(got.len(), 4);
         got.sort();
         got.dedup();

@@ -50,7 +50,11 @@ pub fn lr_at(spec: &OptimSpec, step: u64, max_steps: u64) -> f64 {
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
     let mut sq = 0f64;
     for g in grads {
-        sq += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+        sq += g
+            .to_dtype(DType::F64)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f64>()?;
     }
     Ok(sq.sqrt())
 }
@@ -78,7 +82,11 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(vars: &[&Var]) -> Result<Self> {
-        let zeros = |v: &&Var| v.as_tensor().zeros_like().and_then(|z| z.to_dtype(DType::F32));
+        let zeros = |v: &&Var| {
+            v.as_tensor()
+                .zeros_like()
+                .and_then(|z| z.to_dtype(DType::F32))
+        };
         Ok(Self {
             m: vars.iter().map(zeros).collect::<candle_core::Result<_>>()?,
             v: vars.iter().map(zeros).collect::<candle_core::Result<_>>()?,
@@ -87,7 +95,13 @@ impl AdamW {
     }
 
     /// One decoupled-weight-decay Adam update with learning rate `lr`.
-    pub fn step(&mut self, spec: &OptimSpec, vars: &[&Var], grads: &[Tensor], lr: f64) -> Result<()> {
+    pub fn step(
+        &mut self,
+        spec: &OptimSpec,
+        vars: &[&Var],
+        grads: &[Tensor],
+        lr: f64,
+    ) -> Result<()> {
         self.t += 1;
         let bc1 = 1.0 - spec.beta1.powi(self.t as i32);
         let bc2 = 1.0 - spec.beta2.powi(self.t as i32);
@@ -114,7 +128,10 @@ pub struct Ema {
 
 impl Ema {
     pub fn new(decay: f64, vars: &[&Var]) -> Result<Self> {
-        let shadow = vars.iter().map(|v| v.as_tensor().to_dtype(DType::F32).and_then(|t| t.copy())).collect::<candle_core::Result<_>>()?;
+        let shadow = vars
+            .iter()
+            .map(|v| v.as_tensor().to_dtype(DType::F32).and_then(|t| t.copy()))
+            .collect::<candle_core::Result<_>>()?;
         Ok(Self { decay, shadow })
     }
 
@@ -162,7 +179,10 @@ mod tests {
 
     #[test]
     fn clipping_rescales_to_the_max_norm() {
-        let mut g = vec![Tensor::new(&[3.0f32], &Device::Cpu).unwrap(), Tensor::new(&[4.0f32], &Device::Cpu).unwrap()];
+        let mut g = vec![
+            Tensor::new(&[3.0f32], &Device::Cpu).unwrap(),
+            Tensor::new(&[4.0f32], &Device::Cpu).unwrap(),
+        ];
         let norm = clip_global_norm(&mut g, 1.0).unwrap();
         assert!((norm - 5.0).abs() < 1e-9);
         assert!((global_norm(&g).unwrap() - 1.0).abs() < 1e-5);
@@ -173,13 +193,21 @@ mod tests {
 
     #[test]
     fn schedule_warms_up_then_decays() {
-        let s = OptimSpec { warmup_steps: 4, schedule: Schedule::Cosine, min_lr_ratio: 0.1, ..spec() };
+        let s = OptimSpec {
+            warmup_steps: 4,
+            schedule: Schedule::Cosine,
+            min_lr_ratio: 0.1,
+            ..spec()
+        };
         assert!((lr_at(&s, 0, 104) - 0.025).abs() < 1e-12);
         assert!((lr_at(&s, 3, 104) - 0.1).abs() < 1e-12);
         assert!((lr_at(&s, 4, 104) - 0.1).abs() < 1e-12);
         assert!((lr_at(&s, 54, 104) - 0.055).abs() < 1e-9);
         assert!((lr_at(&s, 104, 104) - 0.01).abs() < 1e-12);
-        let c = OptimSpec { warmup_steps: 0, ..spec() };
+        let c = OptimSpec {
+            warmup_steps: 0,
+            ..spec()
+        };
         assert_eq!(lr_at(&c, 1000, 10), 0.1);
     }
 
@@ -187,7 +215,8 @@ mod tests {
     fn ema_moves_toward_the_weights() {
         let var = Var::new(&[0.0f32], &Device::Cpu).unwrap();
         let mut ema = Ema::new(0.9, &[&var]).unwrap();
-        var.set(&Tensor::new(&[1.0f32], &Device::Cpu).unwrap()).unwrap();
+        var.set(&Tensor::new(&[1.0f32], &Device::Cpu).unwrap())
+            .unwrap();
         ema.update(&[&var]).unwrap();
         assert!((ema.shadow[0].to_vec1::<f32>().unwrap()[0] - 0.1).abs() < 1e-7);
     }

@@ -68,7 +68,12 @@ struct Kind {
 }
 
 fn normal_vec(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n).map(|_| { let z: f32 = StandardNormal.sample(rng); scale * z }).collect()
+    (0..n)
+        .map(|_| {
+            let z: f32 = StandardNormal.sample(rng);
+            scale * z
+        })
+        .collect()
 }
 
 fn arr(v: Vec<f32>) -> [f32; LATENT_CHANNELS] {
@@ -79,7 +84,9 @@ fn arr(v: Vec<f32>) -> [f32; LATENT_CHANNELS] {
 
 impl Kind {
     fn inside(&self, u: f32, v: f32) -> bool {
-        (0.0..1.0).contains(&u) && (0.0..1.0).contains(&v) && (!self.disc || (u - 0.5).powi(2) + (v - 0.5).powi(2) <= 0.25)
+        (0.0..1.0).contains(&u)
+            && (0.0..1.0).contains(&v)
+            && (!self.disc || (u - 0.5).powi(2) + (v - 0.5).powi(2) <= 0.25)
     }
 
     fn value(&self, u: f32, v: f32, ch: usize) -> f32 {
@@ -104,7 +111,14 @@ impl Placement {
 
 /// Renders subjects (later ones on top) over `background`; returns the latent [C, h, w] values
 /// and, per pixel, the index of the visible subject.
-fn render(kinds: &[Kind], placed: &[Placement], h: usize, w: usize, background: &[f32; LATENT_CHANNELS], noise: &mut impl FnMut() -> f32) -> (Vec<f32>, Vec<Option<usize>>) {
+fn render(
+    kinds: &[Kind],
+    placed: &[Placement],
+    h: usize,
+    w: usize,
+    background: &[f32; LATENT_CHANNELS],
+    noise: &mut impl FnMut() -> f32,
+) -> (Vec<f32>, Vec<Option<usize>>) {
     let mut data = vec![0f32; LATENT_CHANNELS * h * w];
     let mut label = vec![None; h * w];
     for py in 0..h {
@@ -172,15 +186,28 @@ pub fn generate(spec: &SynthSpec, seed: u64, device: &Device) -> Result<Vec<Samp
             .iter()
             .map(|&kind| {
                 let size = rng.random_range(0.3..0.6) * h as f32;
-                Placement { kind, x: rng.random_range(0.0..(w as f32 - size)), y: rng.random_range(0.0..(h as f32 - size)), size }
+                Placement {
+                    kind,
+                    x: rng.random_range(0.0..(w as f32 - size)),
+                    y: rng.random_range(0.0..(h as f32 - size)),
+                    size,
+                }
             })
             .collect();
-        let mut noise = || { let z: f32 = StandardNormal.sample(&mut rng); 0.05 * z };
+        let mut noise = || {
+            let z: f32 = StandardNormal.sample(&mut rng);
+            0.05 * z
+        };
         let (tgt_data, label) = render(&kinds, &placed, h, w, &target_bg, &mut noise);
         let mut refs = Vec::with_capacity(k);
         for (i, p) in placed.iter().enumerate() {
             let size = 0.9 * hr as f32;
-            let centred = Placement { kind: p.kind, x: (wr as f32 - size) / 2.0, y: (hr as f32 - size) / 2.0, size };
+            let centred = Placement {
+                kind: p.kind,
+                x: (wr as f32 - size) / 2.0,
+                y: (hr as f32 - size) / 2.0,
+                size,
+            };
             let (ref_data, ref_label) = render(&kinds, &[centred], hr, wr, &ref_bg, &mut noise);
             let mut points: Vec<Point4> = Vec::new();
             for ry in 0..hr {
@@ -192,11 +219,20 @@ pub fn generate(spec: &SynthSpec, seed: u64, device: &Device) -> Result<Vec<Samp
                     let (tx, ty) = (p.x + u * p.size, p.y + v * p.size);
                     let (txi, tyi) = (tx.floor() as usize, ty.floor() as usize);
                     if txi < w && tyi < h && label[tyi * w + txi] == Some(i) {
-                        points.push([(rx as f32 + 0.5) / wr as f32, (ry as f32 + 0.5) / hr as f32, tx / w as f32, ty / h as f32]);
+                        points.push([
+                            (rx as f32 + 0.5) / wr as f32,
+                            (ry as f32 + 0.5) / hr as f32,
+                            tx / w as f32,
+                            ty / h as f32,
+                        ]);
                     }
                 }
             }
-            refs.push(RefSample { latent: packed(ref_data, hr, wr, device)?, grid: ref_grid, pairs: map_points_to_tokens(&points, ref_grid, tgt_grid)? });
+            refs.push(RefSample {
+                latent: packed(ref_data, hr, wr, device)?,
+                grid: ref_grid,
+                pairs: map_points_to_tokens(&points, ref_grid, tgt_grid)?,
+            });
         }
         let mut txt = Vec::with_capacity(spec.text_tokens * spec.context_dim);
         for t in 0..spec.text_tokens {
@@ -227,7 +263,16 @@ mod tests {
     use super::*;
 
     fn spec() -> SynthSpec {
-        SynthSpec { samples: 6, resolution: 128, ref_resolution: 64, min_refs: 1, max_refs: 3, text_tokens: 4, context_dim: 8, pooled_dim: 4 }
+        SynthSpec {
+            samples: 6,
+            resolution: 128,
+            ref_resolution: 64,
+            min_refs: 1,
+            max_refs: 3,
+            text_tokens: 4,
+            context_dim: 8,
+            pooled_dim: 4,
+        }
     }
 
     #[test]
@@ -235,7 +280,10 @@ mod tests {
         let a = generate(&spec(), 7, &Device::Cpu).unwrap();
         let b = generate(&spec(), 7, &Device::Cpu).unwrap();
         for (x, y) in a.iter().zip(&b) {
-            assert_eq!(x.x0.to_vec2::<f32>().unwrap(), y.x0.to_vec2::<f32>().unwrap());
+            assert_eq!(
+                x.x0.to_vec2::<f32>().unwrap(),
+                y.x0.to_vec2::<f32>().unwrap()
+            );
             assert_eq!(x.refs.len(), y.refs.len());
         }
         let s = &a[0];

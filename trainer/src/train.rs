@@ -14,7 +14,7 @@ use crate::loader::Loader;
 use crate::metrics::{MetricsLog, StepMetrics};
 use crate::model::lora::LoraSpec;
 use crate::model::{Flux, Lora, RowBlocks, Weights};
-use crate::objective::{self, LossParts, ObjectiveSpec};
+use crate::objective::{self, DrawAt, LossParts, ObjectiveSpec};
 use crate::optim::{clip_global_norm, global_norm, lr_at, AdamW, Ema, OptimSpec};
 use crate::synth::{self, Sample, SynthSpec};
 
@@ -43,7 +43,12 @@ pub struct TrainOutcome {
 pub fn device_of(cfg: &Config) -> Result<Device> {
     Ok(match cfg.model.device {
         DeviceName::Cpu => Device::Cpu,
-        DeviceName::Cuda => Device::new_cuda(0).map_err(|e| TrainerError::config("model.device", format!("cannot open CUDA device 0: {e} (build with --features cuda)")))?,
+        DeviceName::Cuda => Device::new_cuda(0).map_err(|e| {
+            TrainerError::config(
+                "model.device",
+                format!("cannot open CUDA device 0: {e} (build with --features cuda)"),
+            )
+        })?,
     })
 }
 
@@ -52,9 +57,17 @@ pub fn base_weights(cfg: &Config, device: &Device) -> Result<(crate::model::Flux
     let dtype = cfg.model.dtype.dtype();
     if cfg.model.weights.is_empty() {
         let fc = cfg.model.preset.config();
-        Ok((fc.clone(), Weights::random(&fc, cfg.run.seed, dtype, device)?))
+        Ok((
+            fc.clone(),
+            Weights::random(&fc, cfg.run.seed, dtype, device)?,
+        ))
     } else {
-        crate::model::weights::load(Path::new(&cfg.model.weights), dtype, device, cfg.model.axes_dims)
+        crate::model::weights::load(
+            Path::new(&cfg.model.weights),
+            dtype,
+            device,
+            cfg.model.axes_dims,
+        )
     }
 }
 
@@ -62,10 +75,22 @@ impl Run {
     pub fn build(cfg: Config) -> Result<Self> {
         let device = device_of(&cfg)?;
         let (fc, weights) = base_weights(&cfg, &device)?;
-        let rows = RowBlocks { double: cfg.loss.double_blocks.clone(), single: cfg.loss.single_blocks.clone() };
+        let rows = RowBlocks {
+            double: cfg.loss.double_blocks.clone(),
+            single: cfg.loss.single_blocks.clone(),
+        };
         let model = Flux::new(fc.clone(), &weights, rows)?;
-        let spec = LoraSpec { rank: cfg.lora.rank, alpha: cfg.lora.alpha, init: cfg.lora.init, targets: cfg.lora.targets.clone() };
-        let lora_dtype = if cfg.model.dtype.dtype() == candle_core::DType::F64 { candle_core::DType::F64 } else { candle_core::DType::F32 };
+        let spec = LoraSpec {
+            rank: cfg.lora.rank,
+            alpha: cfg.lora.alpha,
+            init: cfg.lora.init,
+            targets: cfg.lora.targets.clone(),
+        };
+        let lora_dtype = if cfg.model.dtype.dtype() == candle_core::DType::F64 {
+            candle_core::DType::F64
+        } else {
+            candle_core::DType::F32
+        };
         let lora = Lora::new(&fc, &spec, cfg.run.seed, lora_dtype, &device)?;
         let d = &cfg.data;
         let synth_spec = SynthSpec {
@@ -79,10 +104,18 @@ impl Run {
             pooled_dim: fc.pooled_dim,
         };
         let data = synth::generate(&synth_spec, cfg.run.seed, &device)?;
-        let loader = Loader::new(data.iter().map(|s| s.refs.len()).collect(), cfg.train.batch_size, cfg.run.seed)?;
+        let loader = Loader::new(
+            data.iter().map(|s| s.refs.len()).collect(),
+            cfg.train.batch_size,
+            cfg.run.seed,
+        )?;
         let vars = lora_vars(&lora);
         let opt = AdamW::new(&vars)?;
-        let ema = if cfg.optim.ema_decay > 0.0 { Some(Ema::new(cfg.optim.ema_decay, &vars)?) } else { None };
+        let ema = if cfg.optim.ema_decay > 0.0 {
+            Some(Ema::new(cfg.optim.ema_decay, &vars)?)
+        } else {
+            None
+        };
         let o = &cfg.optim;
         let optim = OptimSpec {
             lr: o.lr,
@@ -95,7 +128,18 @@ impl Run {
             schedule: o.schedule,
             min_lr_ratio: o.min_lr_ratio,
         };
-        Ok(Self { objective: ObjectiveSpec::from_config(&cfg), optim, cfg, device, model, lora, data, loader, opt, ema })
+        Ok(Self {
+            objective: ObjectiveSpec::from_config(&cfg),
+            optim,
+            cfg,
+            device,
+            model,
+            lora,
+            data,
+            loader,
+            opt,
+            ema,
+        })
     }
 
     /// One optimizer step (over `train.grad_accum` micro-batches).
@@ -104,7 +148,8 @@ impl Run {
         let lr = lr_at(&self.optim, step, self.cfg.train.max_steps);
         let accum = self.cfg.train.grad_accum;
         let batch = self.cfg.train.batch_size;
-        let with_rows = self.objective.scal_weight > 0.0 || self.objective.mdl_weight_at(step) > 0.0;
+        let with_rows =
+            self.objective.scal_weight > 0.0 || self.objective.mdl_weight_at(step) > 0.0;
         let mut grads: Option<Vec<Tensor>> = None;
         let mut parts = LossParts::default();
         let mut tokens = 0usize;
@@ -112,18 +157,50 @@ impl Run {
             let idx = self.loader.next_batch();
             let samples: Vec<&Sample> = idx.iter().map(|&i| &self.data[i]).collect();
             let _span = tracing::debug_span!("forward_backward", step, micro).entered();
-            let prep = objective::prepare(&self.objective, &samples, self.cfg.run.seed, step, (micro * batch) as u64, with_rows, self.model.dtype(), &self.device)?;
-            let (p, g) = objective::loss_and_lora_grads(&self.model, &self.lora, &prep, &self.objective, step, self.cfg.train.checkpointing)?;
+            let at = DrawAt {
+                seed: self.cfg.run.seed,
+                step,
+                first_slot: (micro * batch) as u64,
+            };
+            let prep = objective::prepare(
+                &self.objective,
+                &samples,
+                at,
+                with_rows,
+                self.model.dtype(),
+                &self.device,
+            )?;
+            let (p, g) = objective::loss_and_lora_grads(
+                &self.model,
+                &self.lora,
+                &prep,
+                &self.objective,
+                step,
+                self.cfg.train.checkpointing,
+            )?;
             tokens += prep.tokens * samples.len();
-            for (a, b) in [(&mut parts.total, p.total), (&mut parts.diff, p.diff), (&mut parts.scal, p.scal), (&mut parts.mdl, p.mdl)] {
+            for (a, b) in [
+                (&mut parts.total, p.total),
+                (&mut parts.diff, p.diff),
+                (&mut parts.scal, p.scal),
+                (&mut parts.mdl, p.mdl),
+            ] {
                 *a += b / accum as f64;
             }
             grads = Some(match grads {
                 None => g,
-                Some(acc) => acc.iter().zip(&g).map(|(a, b)| a + b).collect::<candle_core::Result<_>>()?,
+                Some(acc) => acc
+                    .iter()
+                    .zip(&g)
+                    .map(|(a, b)| a + b)
+                    .collect::<candle_core::Result<_>>()?,
             });
         }
-        let mut grads: Vec<Tensor> = grads.unwrap_or_default().iter().map(|g| g / accum as f64).collect::<candle_core::Result<_>>()?;
+        let mut grads: Vec<Tensor> = grads
+            .unwrap_or_default()
+            .iter()
+            .map(|g| g / accum as f64)
+            .collect::<candle_core::Result<_>>()?;
         let norm = match self.optim.grad_clip {
             Some(max) if parts.total.is_finite() => clip_global_norm(&mut grads, max)?,
             _ => global_norm(&grads)?,
@@ -133,7 +210,9 @@ impl Run {
             let what = format!("loss {}, grad norm {norm}", parts.total);
             match self.cfg.train.on_nonfinite {
                 OnNonFinite::Stop => return Err(TrainerError::NonFinite { step, what }),
-                OnNonFinite::Skip => tracing::warn!(step, %what, "non-finite loss or gradient: update skipped, weights unchanged"),
+                OnNonFinite::Skip => {
+                    tracing::warn!(step, %what, "non-finite loss or gradient: update skipped, weights unchanged")
+                }
             }
         } else {
             let _span = tracing::debug_span!("optimizer", step).entered();
@@ -173,7 +252,10 @@ impl Run {
             };
             let (module, which) = name.rsplit_once('.').unwrap_or((name.as_str(), ""));
             let t = if which == "lora_B" { (t * scale)? } else { t };
-            out.insert(format!("transformer.{module}.{which}.weight"), t.contiguous()?);
+            out.insert(
+                format!("transformer.{module}.{which}.weight"),
+                t.contiguous()?,
+            );
         }
         candle_core::safetensors::save(&out, path)?;
         Ok(())
@@ -189,7 +271,9 @@ fn progress_bar(steps: u64, show: bool) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(steps);
-    if let Ok(style) = ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps {msg}") {
+    if let Ok(style) = ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps {msg}",
+    ) {
         bar.set_style(style);
     }
     bar
@@ -201,7 +285,8 @@ pub fn train(cfg: Config) -> Result<TrainOutcome> {
     let run_dir = cfg.run_dir();
     std::fs::create_dir_all(&run_dir).map_err(|e| TrainerError::io(&run_dir, e))?;
     let resolved = run_dir.join("config.toml");
-    std::fs::write(&resolved, toml::to_string(&cfg).unwrap_or_default()).map_err(|e| TrainerError::io(&resolved, e))?;
+    std::fs::write(&resolved, toml::to_string(&cfg).unwrap_or_default())
+        .map_err(|e| TrainerError::io(&resolved, e))?;
     let mut run = Run::build(cfg)?;
     tracing::info!(
         run_dir = %run_dir.display(),
@@ -220,7 +305,17 @@ pub fn train(cfg: Config) -> Result<TrainOutcome> {
         metrics.write(&m)?;
         skipped += m.skipped as u64;
         if (step + 1) % run.cfg.train.log_every == 0 || step + 1 == max_steps {
-            tracing::info!(step = m.step, loss = m.loss, diff = m.loss_diff, scal = m.loss_scal, mdl = m.loss_mdl, grad_norm = m.grad_norm, lr = m.lr, s_per_step = m.s_per_step, "step");
+            tracing::info!(
+                step = m.step,
+                loss = m.loss,
+                diff = m.loss_diff,
+                scal = m.loss_scal,
+                mdl = m.loss_mdl,
+                grad_norm = m.grad_norm,
+                lr = m.lr,
+                s_per_step = m.s_per_step,
+                "step"
+            );
         }
         bar.set_message(format!("loss {:.4}", m.loss));
         bar.inc(1);
@@ -233,5 +328,10 @@ pub fn train(cfg: Config) -> Result<TrainOutcome> {
         run.save_lora(&run_dir.join("lora_ema.safetensors"), true)?;
     }
     tracing::info!(lora = %lora_path.display(), skipped, "training finished");
-    Ok(TrainOutcome { losses, skipped, lora_path, run_dir })
+    Ok(TrainOutcome {
+        losses,
+        skipped,
+        lora_path,
+        run_dir,
+    })
 }

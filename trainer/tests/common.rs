@@ -13,12 +13,17 @@ pub fn repo_root() -> PathBuf {
 }
 
 pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("fixtures")
 }
 
 /// configs/tiny-cpu.toml with overrides, writing under `dir`.
 pub fn tiny_config(dir: &Path, sets: &[&str]) -> Config {
-    let mut all: Vec<String> = vec![format!("run.dir={:?}", dir.display().to_string()), "train.progress=false".into()];
+    let mut all: Vec<String> = vec![
+        format!("run.dir={:?}", dir.display().to_string()),
+        "train.progress=false".into(),
+    ];
     all.extend(sets.iter().map(|s| s.to_string()));
     Config::load(&repo_root().join("configs").join("tiny-cpu.toml"), &all).expect("tiny config")
 }
@@ -35,14 +40,29 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 }
 
 pub fn max_abs(a: &Tensor) -> f64 {
-    a.to_dtype(DType::F64).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap()
+    a.to_dtype(DType::F64)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
 }
 
 /// A seeded N(0, std^2) tensor shaped like `like`, in its dtype.
 pub fn randn_like(like: &Tensor, std: f64, seed: u64) -> Tensor {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let v: Vec<f64> = (0..like.elem_count()).map(|_| { let z: f64 = StandardNormal.sample(&mut rng); std * z }).collect();
-    Tensor::from_vec(v, like.shape(), like.device()).unwrap().to_dtype(like.dtype()).unwrap()
+    let v: Vec<f64> = (0..like.elem_count())
+        .map(|_| {
+            let z: f64 = StandardNormal.sample(&mut rng);
+            std * z
+        })
+        .collect();
+    Tensor::from_vec(v, like.shape(), like.device())
+        .unwrap()
+        .to_dtype(like.dtype())
+        .unwrap()
 }
 
 /// B starts at zero, which makes dL/dA zero: give every B a random value so every LoRA tensor
@@ -50,7 +70,8 @@ pub fn randn_like(like: &Tensor, std: f64, seed: u64) -> Tensor {
 pub fn randomize_lora_b(lora: &Lora, seed: u64) {
     for (i, (name, var)) in lora.named_vars().into_iter().enumerate() {
         if name.ends_with("lora_B") {
-            var.set(&randn_like(var.as_tensor(), 0.05, seed + i as u64)).unwrap();
+            var.set(&randn_like(var.as_tensor(), 0.05, seed + i as u64))
+                .unwrap();
         }
     }
 }

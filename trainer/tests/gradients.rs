@@ -3,7 +3,7 @@
 //! wrong recomputation, fails here.
 
 use trainer::model::lora::adaptable_modules;
-use trainer::objective::{self, Prepared};
+use trainer::objective::{self, DrawAt, Prepared};
 use trainer::synth::Sample;
 use trainer::train::Run;
 
@@ -13,7 +13,10 @@ use crate::common::{max_abs, max_abs_diff, randn_like, randomize_lora_b, tiny_co
 /// batch of two, both losses on, rows from a double and a single block.
 fn gradient_run(dtype: &str, dir: &std::path::Path) -> Run {
     let fc = trainer::model::FluxConfig::tiny();
-    let all: Vec<String> = adaptable_modules(&fc).into_iter().map(|(m, _, _)| format!("{m:?}")).collect();
+    let all: Vec<String> = adaptable_modules(&fc)
+        .into_iter()
+        .map(|(m, _, _)| format!("{m:?}"))
+        .collect();
     let targets = format!("lora.targets=[{}]", all.join(","));
     let cfg = tiny_config(
         dir,
@@ -39,7 +42,19 @@ fn gradient_run(dtype: &str, dir: &std::path::Path) -> Run {
 
 fn prepared(run: &Run) -> Prepared {
     let samples: Vec<&Sample> = vec![&run.data[0], &run.data[1]];
-    objective::prepare(&run.objective, &samples, 5, 3, 0, true, run.model.dtype(), &run.device).unwrap()
+    objective::prepare(
+        &run.objective,
+        &samples,
+        DrawAt {
+            seed: 5,
+            step: 3,
+            first_slot: 0,
+        },
+        true,
+        run.model.dtype(),
+        &run.device,
+    )
+    .unwrap()
 }
 
 #[test]
@@ -47,16 +62,28 @@ fn finite_differences_match_autograd_for_every_lora_tensor() {
     let tmp = tempfile::tempdir().unwrap();
     let run = gradient_run("f64", tmp.path());
     let prep = prepared(&run);
-    let loss = |r: &Run| objective::loss_and_lora_grads(&r.model, &r.lora, &prep, &r.objective, 0, false).unwrap();
+    let loss = |r: &Run| {
+        objective::loss_and_lora_grads(&r.model, &r.lora, &prep, &r.objective, 0, false).unwrap()
+    };
     let (parts, grads) = loss(&run);
-    assert!(parts.scal > 0.0 && parts.mdl < 0.0, "both row losses must be active: {parts:?}");
+    assert!(
+        parts.scal > 0.0 && parts.mdl < 0.0,
+        "both row losses must be active: {parts:?}"
+    );
     let named = run.lora.named_vars();
     assert_eq!(named.len(), 2 * adaptable_modules(&run.model.cfg).len());
     // Reference outputs of the last block are discarded, so there the reference branch's query,
     // MLP and output projection reach nothing (its keys and values still feed the target).
-    let last = format!("single_transformer_blocks.{}.", run.model.cfg.num_single - 1);
+    let last = format!(
+        "single_transformer_blocks.{}.",
+        run.model.cfg.num_single - 1
+    );
     let structurally_zero = |name: &str| {
-        name.strip_prefix(&last).is_some_and(|rest| ["attn.to_q.", "proj_mlp.", "proj_out."].iter().any(|m| rest.starts_with(m)))
+        name.strip_prefix(&last).is_some_and(|rest| {
+            ["attn.to_q.", "proj_mlp.", "proj_out."]
+                .iter()
+                .any(|m| rest.starts_with(m))
+        })
     };
     let eps = 1e-5;
     let mut failures = Vec::new();
@@ -70,7 +97,8 @@ fn finite_differences_match_autograd_for_every_lora_tensor() {
         let minus = loss(&run).0.total;
         var.set(&w).unwrap();
         let fd = (plus - minus) / (2.0 * eps);
-        let analytic = (&grads[i].to_dtype(candle_core::DType::F64).unwrap() * &d.to_dtype(candle_core::DType::F64).unwrap())
+        let analytic = (&grads[i].to_dtype(candle_core::DType::F64).unwrap()
+            * &d.to_dtype(candle_core::DType::F64).unwrap())
             .unwrap()
             .sum_all()
             .unwrap()
@@ -79,15 +107,26 @@ fn finite_differences_match_autograd_for_every_lora_tensor() {
         let tol = 1e-6 * analytic.abs().max(1e-3);
         if structurally_zero(name) {
             if analytic != 0.0 || fd.abs() > 1e-9 {
-                failures.push(format!("{name}: expected no gradient, got autograd {analytic}, finite difference {fd}"));
+                failures.push(format!(
+                    "{name}: expected no gradient, got autograd {analytic}, finite difference {fd}"
+                ));
             }
         } else if analytic.abs() <= 1e-9 {
             failures.push(format!("{name}: gradient is zero, so no signal reaches it"));
         } else if (fd - analytic).abs() > tol {
-            failures.push(format!("{name}: finite difference {fd} vs autograd {analytic} (rel {:.1e})", (fd - analytic).abs() / analytic.abs()));
+            failures.push(format!(
+                "{name}: finite difference {fd} vs autograd {analytic} (rel {:.1e})",
+                (fd - analytic).abs() / analytic.abs()
+            ));
         }
     }
-    assert!(failures.is_empty(), "{} of {} tensors fail:\n{}", failures.len(), named.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} tensors fail:\n{}",
+        failures.len(),
+        named.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -96,14 +135,25 @@ fn checkpointing_gives_equal_gradients() {
         let tmp = tempfile::tempdir().unwrap();
         let run = gradient_run(dtype, tmp.path());
         let prep = prepared(&run);
-        let (plain_parts, plain) = objective::loss_and_lora_grads(&run.model, &run.lora, &prep, &run.objective, 0, false).unwrap();
-        let (ckpt_parts, ckpt) = objective::loss_and_lora_grads(&run.model, &run.lora, &prep, &run.objective, 0, true).unwrap();
-        assert_eq!(plain_parts, ckpt_parts, "{dtype}: the recomputed forward must give the same losses");
+        let (plain_parts, plain) =
+            objective::loss_and_lora_grads(&run.model, &run.lora, &prep, &run.objective, 0, false)
+                .unwrap();
+        let (ckpt_parts, ckpt) =
+            objective::loss_and_lora_grads(&run.model, &run.lora, &prep, &run.objective, 0, true)
+                .unwrap();
+        assert_eq!(
+            plain_parts, ckpt_parts,
+            "{dtype}: the recomputed forward must give the same losses"
+        );
         let tol = if dtype == "f64" { 1e-12 } else { 1e-5 };
         for (i, (a, b)) in plain.iter().zip(&ckpt).enumerate() {
             let scale = max_abs(a).max(1e-3);
             let err = max_abs_diff(a, b);
-            assert!(err <= tol * scale, "{dtype}: tensor {} differs by {err} (scale {scale})", run.lora.named_vars()[i].0);
+            assert!(
+                err <= tol * scale,
+                "{dtype}: tensor {} differs by {err} (scale {scale})",
+                run.lora.named_vars()[i].0
+            );
         }
     }
 }

@@ -14,7 +14,10 @@ fn mean(v: &[f64]) -> f64 {
 #[test]
 fn tiny_run_lowers_its_loss_by_half_within_200_steps() {
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = tiny_config(tmp.path(), &["data.samples=8", "optim.lr=1e-2", "train.max_steps=200"]);
+    let cfg = tiny_config(
+        tmp.path(),
+        &["data.samples=8", "optim.lr=1e-2", "train.max_steps=200"],
+    );
     let out = train(cfg).unwrap();
     let total: Vec<f64> = out.losses.iter().map(|l| l.total).collect();
     let diff: Vec<f64> = out.losses.iter().map(|l| l.diff).collect();
@@ -23,12 +26,26 @@ fn tiny_run_lowers_its_loss_by_half_within_200_steps() {
     // The flow-matching part alone must fall too: a broken path to the target tokens would
     // leave it flat while the attention losses still move.
     let (first_d, last_d) = (mean(&diff[..20]), mean(&diff[180..]));
-    assert!(last_d <= 0.85 * first_d, "diffusion loss {first_d} -> {last_d}");
+    assert!(
+        last_d <= 0.85 * first_d,
+        "diffusion loss {first_d} -> {last_d}"
+    );
     assert_eq!(out.skipped, 0);
     let metrics = std::fs::read_to_string(out.run_dir.join("metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 200);
-    let first_line: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
-    for key in ["step", "loss", "loss_diff", "loss_scal", "loss_mdl", "grad_norm", "lr", "s_per_step", "tokens_per_s"] {
+    let first_line: serde_json::Value =
+        serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    for key in [
+        "step",
+        "loss",
+        "loss_diff",
+        "loss_scal",
+        "loss_mdl",
+        "grad_norm",
+        "lr",
+        "s_per_step",
+        "tokens_per_s",
+    ] {
         assert!(first_line.get(key).is_some(), "metrics miss {key}");
     }
     let lora = candle_core::safetensors::load(&out.lora_path, &candle_core::Device::Cpu).unwrap();
@@ -38,14 +55,28 @@ fn tiny_run_lowers_its_loss_by_half_within_200_steps() {
 }
 
 fn lora_values(run: &Run) -> Vec<Vec<f32>> {
-    run.lora.named_vars().iter().map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
+    run.lora
+        .named_vars()
+        .iter()
+        .map(|(_, v)| {
+            v.as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        })
+        .collect()
 }
 
 #[test]
 fn same_seed_gives_a_bit_identical_run() {
     let run_once = || {
         let tmp = tempfile::tempdir().unwrap();
-        let mut run = Run::build(tiny_config(tmp.path(), &["train.max_steps=5", "train.grad_accum=2"])).unwrap();
+        let mut run = Run::build(tiny_config(
+            tmp.path(),
+            &["train.max_steps=5", "train.grad_accum=2"],
+        ))
+        .unwrap();
         for step in 0..5 {
             run.train_step(step).unwrap();
         }
@@ -72,7 +103,10 @@ fn nonfinite_loss_skips_the_update_and_keeps_weights() {
     run.cfg.train.on_nonfinite = OnNonFinite::Stop;
     match run.train_step(2) {
         Err(TrainerError::NonFinite { step: 2, .. }) => {}
-        other => panic!("expected a NonFinite error, got {:?}", other.map(|(m, _)| m)),
+        other => panic!(
+            "expected a NonFinite error, got {:?}",
+            other.map(|(m, _)| m)
+        ),
     }
 }
 
@@ -80,7 +114,11 @@ fn nonfinite_loss_skips_the_update_and_keeps_weights() {
 fn gradient_checkpointing_run_matches_the_plain_run() {
     let values = |ckpt: &str| {
         let tmp = tempfile::tempdir().unwrap();
-        let mut run = Run::build(tiny_config(tmp.path(), &[&format!("train.checkpointing={ckpt}")])).unwrap();
+        let mut run = Run::build(tiny_config(
+            tmp.path(),
+            &[&format!("train.checkpointing={ckpt}")],
+        ))
+        .unwrap();
         let mut losses = Vec::new();
         for step in 0..3 {
             losses.push(run.train_step(step).unwrap().1.total);

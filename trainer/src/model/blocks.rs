@@ -12,7 +12,9 @@
 use candle_core::{DType, Tensor};
 
 use super::lora::LoraView;
-use super::ops::{apply_rope, attention, frozen_linear, layer_norm, modulate, rms_norm, softmax_last};
+use super::ops::{
+    apply_rope, attention, frozen_linear, layer_norm, modulate, rms_norm, softmax_last,
+};
 use super::weights::Weights;
 use crate::error::Result;
 
@@ -94,11 +96,26 @@ struct Branch<'a> {
 
 fn branches<'a>(s: &'a Streams, ctx: &'a BlockCtx, lora: LoraView<'a>) -> Vec<Branch<'a>> {
     let mut v = vec![
-        Branch { x: &s.txt, temb: &ctx.temb_act, lora: None, text: true },
-        Branch { x: &s.tgt, temb: &ctx.temb_act, lora: None, text: false },
+        Branch {
+            x: &s.txt,
+            temb: &ctx.temb_act,
+            lora: None,
+            text: true,
+        },
+        Branch {
+            x: &s.tgt,
+            temb: &ctx.temb_act,
+            lora: None,
+            text: false,
+        },
     ];
     if let (Some(r), Some(t)) = (&s.refs, &ctx.temb_ref_act) {
-        v.push(Branch { x: r, temb: t, lora: Some(lora), text: false });
+        v.push(Branch {
+            x: r,
+            temb: t,
+            lora: Some(lora),
+            text: false,
+        });
     }
     v
 }
@@ -120,14 +137,29 @@ struct Joint {
     rows: Option<Vec<Tensor>>,
 }
 
-fn joint_attention(qkv: Vec<(Tensor, Tensor, Tensor)>, ctx: &BlockCtx, emit_rows: bool) -> Result<Joint> {
-    let lens: Vec<usize> = qkv.iter().map(|(q, _, _)| q.dim(2)).collect::<candle_core::Result<_>>()?;
-    let (qs, (ks, vs)): (Vec<_>, (Vec<_>, Vec<_>)) = qkv.into_iter().map(|(q, k, v)| (q, (k, v))).unzip();
+fn joint_attention(
+    qkv: Vec<(Tensor, Tensor, Tensor)>,
+    ctx: &BlockCtx,
+    emit_rows: bool,
+) -> Result<Joint> {
+    let lens: Vec<usize> = qkv
+        .iter()
+        .map(|(q, _, _)| q.dim(2))
+        .collect::<candle_core::Result<_>>()?;
+    let (qs, (ks, vs)): (Vec<_>, (Vec<_>, Vec<_>)) =
+        qkv.into_iter().map(|(q, k, v)| (q, (k, v))).unzip();
     let q = apply_rope(&Tensor::cat(&qs, 2)?, &ctx.cos, &ctx.sin)?;
     let k = apply_rope(&Tensor::cat(&ks, 2)?, &ctx.cos, &ctx.sin)?;
     let v = Tensor::cat(&vs, 2)?;
     let rows = match (&ctx.row_queries, emit_rows, lens.len()) {
-        (Some(queries), true, 3) => Some(attention_rows(&q, &k, lens[0], lens[1], lens[0] + lens[1], queries)?),
+        (Some(queries), true, 3) => Some(attention_rows(
+            &q,
+            &k,
+            lens[0],
+            lens[1],
+            lens[0] + lens[1],
+            queries,
+        )?),
         _ => None,
     };
     let o = attention(&q, &k, &v, ctx.mask.as_ref())?;
@@ -156,7 +188,11 @@ pub fn attention_rows(
     let hd = q_bhsd.dim(3)?;
     let ref_len = q_bhsd.dim(2)? - ref_start;
     // Rows are probabilities fed to logarithms: at least f32, f64 when the model runs in f64.
-    let dt = if q_bhsd.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+    let dt = if q_bhsd.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
     let k_t = k_bhsd.narrow(2, tgt_start, tgt_len)?.to_dtype(dt)?;
     let q_r = q_bhsd.narrow(2, ref_start, ref_len)?.to_dtype(dt)?;
     let mut out = Vec::with_capacity(queries.len());
@@ -231,10 +267,20 @@ pub struct DoubleBlock {
 impl DoubleBlock {
     pub fn load(w: &Weights, index: usize, heads: usize) -> Result<Self> {
         let p = format!("transformer_blocks.{index}");
-        Ok(Self { text: DoubleBranchWeights::load(w, &p, true)?, image: DoubleBranchWeights::load(w, &p, false)?, heads })
+        Ok(Self {
+            text: DoubleBranchWeights::load(w, &p, true)?,
+            image: DoubleBranchWeights::load(w, &p, false)?,
+            heads,
+        })
     }
 
-    pub fn forward(&self, s: &Streams, ctx: &BlockCtx, lora: LoraView, emit_rows: bool) -> Result<(Streams, Option<Vec<Tensor>>)> {
+    pub fn forward(
+        &self,
+        s: &Streams,
+        ctx: &BlockCtx,
+        lora: LoraView,
+        emit_rows: bool,
+    ) -> Result<(Streams, Option<Vec<Tensor>>)> {
         let brs = branches(s, ctx, lora);
         let mut mods = Vec::with_capacity(brs.len());
         let mut qkv = Vec::with_capacity(brs.len());
@@ -292,7 +338,13 @@ impl SingleBlock {
         })
     }
 
-    pub fn forward(&self, s: &Streams, ctx: &BlockCtx, lora: LoraView, emit_rows: bool) -> Result<(Streams, Option<Vec<Tensor>>)> {
+    pub fn forward(
+        &self,
+        s: &Streams,
+        ctx: &BlockCtx,
+        lora: LoraView,
+        emit_rows: bool,
+    ) -> Result<(Streams, Option<Vec<Tensor>>)> {
         let brs = branches(s, ctx, lora);
         let mut pre = Vec::with_capacity(brs.len());
         let mut qkv = Vec::with_capacity(brs.len());
@@ -311,7 +363,11 @@ impl SingleBlock {
         let mut outs = Vec::with_capacity(brs.len());
         for ((br, (m, mlp)), a) in brs.iter().zip(&pre).zip(&joint.outputs) {
             let cat = Tensor::cat(&[a, mlp], 2)?;
-            outs.push(gated_add(br.x, &m[2], &self.proj_out.apply(&cat, br.lora)?)?);
+            outs.push(gated_add(
+                br.x,
+                &m[2],
+                &self.proj_out.apply(&cat, br.lora)?,
+            )?);
         }
         Ok((Streams::from_vec(outs), joint.rows))
     }

@@ -91,7 +91,7 @@ impl FluxConfig {
 
     /// The FLUX rule scaled to another head size: (hd/8, 7hd/16, 7hd/16), when those are even.
     pub fn default_axes(head_dim: usize) -> Option<[usize; 3]> {
-        if head_dim % 16 != 0 {
+        if !head_dim.is_multiple_of(16) {
             return None;
         }
         let a = [head_dim / 8, 7 * head_dim / 16, 7 * head_dim / 16];
@@ -100,7 +100,10 @@ impl FluxConfig {
 
     pub fn validate(&self) -> Result<()> {
         let bad = |field: &str, why: String| {
-            Err(TrainerError::ModelConfig { field: field.to_string(), reason: why })
+            Err(TrainerError::ModelConfig {
+                field: field.to_string(),
+                reason: why,
+            })
         };
         if self.num_heads == 0 || self.head_dim == 0 {
             return bad("num_heads/head_dim", "must be positive".into());
@@ -108,14 +111,23 @@ impl FluxConfig {
         if self.axes_dims.iter().sum::<usize>() != self.head_dim {
             return bad(
                 "axes_dims",
-                format!("{:?} must sum to head_dim {}", self.axes_dims, self.head_dim),
+                format!(
+                    "{:?} must sum to head_dim {}",
+                    self.axes_dims, self.head_dim
+                ),
             );
         }
         if self.axes_dims.iter().any(|d| d % 2 != 0) {
-            return bad("axes_dims", format!("{:?} must all be even", self.axes_dims));
+            return bad(
+                "axes_dims",
+                format!("{:?} must all be even", self.axes_dims),
+            );
         }
         if self.in_channels == 0 || self.context_dim == 0 || self.pooled_dim == 0 {
-            return bad("in_channels/context_dim/pooled_dim", "must be positive".into());
+            return bad(
+                "in_channels/context_dim/pooled_dim",
+                "must be positive".into(),
+            );
         }
         Ok(())
     }
@@ -148,8 +160,7 @@ impl FluxConfig {
         fn d_patch() -> usize {
             1
         }
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| TrainerError::io(path, e))?;
+        let text = std::fs::read_to_string(path).map_err(|e| TrainerError::io(path, e))?;
         let raw: Raw = serde_json::from_str(&text).map_err(|e| TrainerError::Parse {
             file: path.to_path_buf(),
             reason: e.to_string(),
@@ -157,7 +168,10 @@ impl FluxConfig {
         if raw.patch_size != 1 {
             return Err(TrainerError::ModelConfig {
                 field: "patch_size".into(),
-                reason: format!("{} is not supported (FLUX packs latents outside the model: 1)", raw.patch_size),
+                reason: format!(
+                    "{} is not supported (FLUX packs latents outside the model: 1)",
+                    raw.patch_size
+                ),
             });
         }
         let cfg = Self {
@@ -183,7 +197,11 @@ mod tests {
 
     #[test]
     fn presets_are_valid() {
-        for c in [FluxConfig::flux_dev(), FluxConfig::tiny(), FluxConfig::medium()] {
+        for c in [
+            FluxConfig::flux_dev(),
+            FluxConfig::tiny(),
+            FluxConfig::medium(),
+        ] {
             c.validate().unwrap();
         }
         assert_eq!(FluxConfig::flux_dev().hidden(), 3072);

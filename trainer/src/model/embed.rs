@@ -46,7 +46,12 @@ pub fn text_ids(len: usize) -> Vec<[f32; 3]> {
 
 /// cos/sin of the rotation angles of every token: per axis a with dim d_a, frequencies
 /// 1/theta^(2k/d_a) for k < d_a/2, angles in f64 like diffusers, stored as f32 [S, hd/2].
-pub fn rope_tables(ids_s3: &[[f32; 3]], axes_dims: [usize; 3], theta: f64, device: &Device) -> Result<(Tensor, Tensor)> {
+pub fn rope_tables(
+    ids_s3: &[[f32; 3]],
+    axes_dims: [usize; 3],
+    theta: f64,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
     let half: usize = axes_dims.iter().sum::<usize>() / 2;
     let mut cos = Vec::with_capacity(ids_s3.len() * half);
     let mut sin = Vec::with_capacity(ids_s3.len() * half);
@@ -123,26 +128,53 @@ mod tests {
 
     #[test]
     fn rope_tables_follow_axis_layout() {
-        let (cos, sin) = rope_tables(&[[0.0, 2.0, 3.0]], [2, 2, 4], 10_000.0, &Device::Cpu).unwrap();
+        let (cos, sin) =
+            rope_tables(&[[0.0, 2.0, 3.0]], [2, 2, 4], 10_000.0, &Device::Cpu).unwrap();
         let c: Vec<f32> = cos.flatten_all().unwrap().to_vec1().unwrap();
         let s: Vec<f32> = sin.flatten_all().unwrap().to_vec1().unwrap();
         // axis 0: pos 0; axis 1: pos 2 freq 1; axis 2: pos 3 freqs 1 and 1/100.
         let e = [0.0f64, 2.0, 3.0, 0.03];
         for i in 0..4 {
-            assert!((c[i] as f64 - e[i].cos()).abs() < 1e-6 && (s[i] as f64 - e[i].sin()).abs() < 1e-6);
+            assert!(
+                (c[i] as f64 - e[i].cos()).abs() < 1e-6 && (s[i] as f64 - e[i].sin()).abs() < 1e-6
+            );
         }
     }
 
     #[test]
     fn packing_round_trips_and_matches_the_index_rule() {
-        let z = Tensor::arange(0f32, 2.0 * 16.0 * 4.0 * 6.0, &Device::Cpu).unwrap().reshape((2, 16, 4, 6)).unwrap();
+        let z = Tensor::arange(0f32, 2.0 * 16.0 * 4.0 * 6.0, &Device::Cpu)
+            .unwrap()
+            .reshape((2, 16, 4, 6))
+            .unwrap();
         let p = pack_latents(&z).unwrap();
         assert_eq!(p.dims(), &[2, 6, 64]);
         // token (y/2, x/2) = (1, 2) -> n = 1*3 + 2 = 5; channel 3, dy 1, dx 0 -> k = 3*4 + 2 = 14.
-        let v: f32 = p.get(1).unwrap().get(5).unwrap().get(14).unwrap().to_scalar().unwrap();
-        let e: f32 = z.get(1).unwrap().get(3).unwrap().get(3).unwrap().get(4).unwrap().to_scalar().unwrap();
+        let v: f32 = p
+            .get(1)
+            .unwrap()
+            .get(5)
+            .unwrap()
+            .get(14)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        let e: f32 = z
+            .get(1)
+            .unwrap()
+            .get(3)
+            .unwrap()
+            .get(3)
+            .unwrap()
+            .get(4)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
         assert_eq!(v, e);
         let back = unpack_latents(&p, 4, 6).unwrap();
-        assert_eq!(back.flatten_all().unwrap().to_vec1::<f32>().unwrap(), z.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert_eq!(
+            back.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            z.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
     }
 }

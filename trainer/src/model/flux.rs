@@ -97,12 +97,24 @@ impl Flux {
         cfg.validate()?;
         for &i in &row_blocks.double {
             if i >= cfg.num_double {
-                return Err(TrainerError::config("loss.double_blocks", format!("block {i} does not exist (the model has {})", cfg.num_double)));
+                return Err(TrainerError::config(
+                    "loss.double_blocks",
+                    format!(
+                        "block {i} does not exist (the model has {})",
+                        cfg.num_double
+                    ),
+                ));
             }
         }
         for &i in &row_blocks.single {
             if i >= cfg.num_single {
-                return Err(TrainerError::config("loss.single_blocks", format!("block {i} does not exist (the model has {})", cfg.num_single)));
+                return Err(TrainerError::config(
+                    "loss.single_blocks",
+                    format!(
+                        "block {i} does not exist (the model has {})",
+                        cfg.num_single
+                    ),
+                ));
             }
         }
         let l = |n: &str| Linear::load(weights, n);
@@ -115,7 +127,10 @@ impl Flux {
             time_1: l("time_text_embed.timestep_embedder.linear_1")?,
             time_2: l("time_text_embed.timestep_embedder.linear_2")?,
             guidance: if cfg.guidance_embeds {
-                Some((l("time_text_embed.guidance_embedder.linear_1")?, l("time_text_embed.guidance_embedder.linear_2")?))
+                Some((
+                    l("time_text_embed.guidance_embedder.linear_1")?,
+                    l("time_text_embed.guidance_embedder.linear_2")?,
+                ))
             } else {
                 None
             },
@@ -123,8 +138,12 @@ impl Flux {
             text_2: l("time_text_embed.text_embedder.linear_2")?,
             norm_out: l("norm_out.linear")?,
             proj_out: l("proj_out")?,
-            double: (0..cfg.num_double).map(|i| DoubleBlock::load(weights, i, cfg.num_heads)).collect::<Result<_>>()?,
-            single: (0..cfg.num_single).map(|i| SingleBlock::load(weights, i, cfg.num_heads)).collect::<Result<_>>()?,
+            double: (0..cfg.num_double)
+                .map(|i| DoubleBlock::load(weights, i, cfg.num_heads))
+                .collect::<Result<_>>()?,
+            single: (0..cfg.num_single)
+                .map(|i| SingleBlock::load(weights, i, cfg.num_heads))
+                .collect::<Result<_>>()?,
             row_blocks,
             cfg,
         })
@@ -140,7 +159,10 @@ impl Flux {
 
     /// All blocks in execution order.
     pub fn block_ids(&self) -> Vec<BlockId> {
-        (0..self.double.len()).map(BlockId::Double).chain((0..self.single.len()).map(BlockId::Single)).collect()
+        (0..self.double.len())
+            .map(BlockId::Double)
+            .chain((0..self.single.len()).map(BlockId::Single))
+            .collect()
     }
 
     fn emits_rows(&self, id: BlockId) -> bool {
@@ -153,14 +175,20 @@ impl Flux {
     /// temb = TE(1000 t) + GE(1000 g) + TXT(pooled), [B, D] (spec/flux.md §4.1).
     fn conditioning(&self, timestep: &[f32], guidance: &[f32], pooled: &Tensor) -> Result<Tensor> {
         let scaled: Vec<f32> = timestep.iter().map(|t| t * 1000.0).collect();
-        let feats = timestep_features(&scaled, TIME_FEATURES, &self.device)?.to_dtype(self.dtype)?;
-        let mut temb = self.time_2.apply(&self.time_1.apply(&feats, None)?.silu()?, None)?;
+        let feats =
+            timestep_features(&scaled, TIME_FEATURES, &self.device)?.to_dtype(self.dtype)?;
+        let mut temb = self
+            .time_2
+            .apply(&self.time_1.apply(&feats, None)?.silu()?, None)?;
         if let Some((g1, g2)) = &self.guidance {
             let scaled: Vec<f32> = guidance.iter().map(|g| g * 1000.0).collect();
-            let feats = timestep_features(&scaled, TIME_FEATURES, &self.device)?.to_dtype(self.dtype)?;
+            let feats =
+                timestep_features(&scaled, TIME_FEATURES, &self.device)?.to_dtype(self.dtype)?;
             temb = (temb + g2.apply(&g1.apply(&feats, None)?.silu()?, None)?)?;
         }
-        let text = self.text_2.apply(&self.text_1.apply(pooled, None)?.silu()?, None)?;
+        let text = self
+            .text_2
+            .apply(&self.text_1.apply(pooled, None)?.silu()?, None)?;
         Ok((temb + text)?)
     }
 
@@ -191,9 +219,17 @@ impl Flux {
     /// Everything the blocks share that carries no trainable weight.
     pub fn prepare(&self, inp: &ModelInputs) -> Result<BlockCtx> {
         let b = inp.img.dim(0)?;
-        for (name, len) in [("timestep", inp.timestep.len()), ("guidance", inp.guidance.len()), ("pooled_projections", inp.pooled.dim(0)?), ("encoder_hidden_states", inp.txt.dim(0)?)] {
+        for (name, len) in [
+            ("timestep", inp.timestep.len()),
+            ("guidance", inp.guidance.len()),
+            ("pooled_projections", inp.pooled.dim(0)?),
+            ("encoder_hidden_states", inp.txt.dim(0)?),
+        ] {
             if len != b {
-                return Err(TrainerError::Input { name: name.into(), reason: format!("batch {len} does not match hidden_states batch {b}") });
+                return Err(TrainerError::Input {
+                    name: name.into(),
+                    reason: format!("batch {len} does not match hidden_states batch {b}"),
+                });
             }
         }
         let temb = self.conditioning(&inp.timestep, &inp.guidance, &inp.pooled)?;
@@ -220,7 +256,14 @@ impl Flux {
             ),
             _ => None,
         };
-        Ok(BlockCtx { temb_act: temb.silu()?, temb_ref_act, cos, sin, mask, row_queries })
+        Ok(BlockCtx {
+            temb_act: temb.silu()?,
+            temb_ref_act,
+            cos,
+            sin,
+            mask,
+            row_queries,
+        })
     }
 
     /// Token embeddings of the three streams; references go through the LoRA.
@@ -236,7 +279,13 @@ impl Flux {
     }
 
     /// One block; returns its rows when it is selected and rows were requested.
-    pub fn run_block(&self, id: BlockId, s: &Streams, ctx: &BlockCtx, lora: LoraView) -> Result<(Streams, Option<Vec<Tensor>>)> {
+    pub fn run_block(
+        &self,
+        id: BlockId,
+        s: &Streams,
+        ctx: &BlockCtx,
+        lora: LoraView,
+    ) -> Result<(Streams, Option<Vec<Tensor>>)> {
         let emit = self.emits_rows(id);
         match id {
             BlockId::Double(i) => self.double[i].forward(s, ctx, lora, emit),
@@ -261,7 +310,10 @@ impl Flux {
             acc.add(rows)?;
             s = next;
         }
-        Ok(ForwardOut { pred: self.head(&s.tgt, &ctx)?, rows: acc.mean()? })
+        Ok(ForwardOut {
+            pred: self.head(&s.tgt, &ctx)?,
+            rows: acc.mean()?,
+        })
     }
 }
 
@@ -278,7 +330,11 @@ impl RowAccumulator {
         self.count += 1;
         self.sum = Some(match self.sum.take() {
             None => rows,
-            Some(acc) => acc.iter().zip(&rows).map(|(a, r)| a + r).collect::<candle_core::Result<_>>()?,
+            Some(acc) => acc
+                .iter()
+                .zip(&rows)
+                .map(|(a, r)| a + r)
+                .collect::<candle_core::Result<_>>()?,
         });
         Ok(())
     }
@@ -291,7 +347,11 @@ impl RowAccumulator {
         let n = self.count as f64;
         match self.sum {
             None => Ok(None),
-            Some(s) => Ok(Some(s.iter().map(|t| t / n).collect::<candle_core::Result<_>>()?)),
+            Some(s) => Ok(Some(
+                s.iter()
+                    .map(|t| t / n)
+                    .collect::<candle_core::Result<_>>()?,
+            )),
         }
     }
 }

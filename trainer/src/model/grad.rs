@@ -35,10 +35,12 @@ fn accumulate(acc: &mut [Option<Tensor>], lora: &Lora, store: &GradStore) -> Res
 fn finish(acc: Vec<Option<Tensor>>, lora: &Lora) -> Result<Vec<Tensor>> {
     acc.into_iter()
         .zip(lora.named_vars())
-        .map(|(g, (_, v))| Ok(match g {
-            Some(g) => g,
-            None => v.as_tensor().zeros_like()?,
-        }))
+        .map(|(g, (_, v))| {
+            Ok(match g {
+                Some(g) => g,
+                None => v.as_tensor().zeros_like()?,
+            })
+        })
         .collect()
 }
 
@@ -86,8 +88,17 @@ pub fn loss_and_grads<T>(
 
     // 2. The loss head, differentiated with respect to the last target stream and the rows.
     let last = Var::from_tensor(&s.tgt)?;
-    let row_vars: Option<Vec<Var>> = rows_acc.mean()?.map(|r| r.iter().map(Var::from_tensor).collect::<candle_core::Result<_>>()).transpose()?;
-    let row_inputs: Option<Vec<Tensor>> = row_vars.as_ref().map(|v| v.iter().map(|x| x.as_tensor().clone()).collect());
+    let row_vars: Option<Vec<Var>> = rows_acc
+        .mean()?
+        .map(|r| {
+            r.iter()
+                .map(Var::from_tensor)
+                .collect::<candle_core::Result<_>>()
+        })
+        .transpose()?;
+    let row_inputs: Option<Vec<Tensor>> = row_vars
+        .as_ref()
+        .map(|v| v.iter().map(|x| x.as_tensor().clone()).collect());
     let pred = model.head(last.as_tensor(), &ctx)?;
     let (total, extra) = loss_fn(&pred, row_inputs.as_deref())?;
     let store = total.backward()?;
@@ -108,7 +119,11 @@ pub fn loss_and_grads<T>(
 
     // 3. Blocks from the last: recompute with a graph, backprop the cotangents.
     for (&id, input) in ids.iter().zip(inputs).rev() {
-        let in_vars: Vec<Var> = input.as_vec().into_iter().map(Var::from_tensor).collect::<candle_core::Result<_>>()?;
+        let in_vars: Vec<Var> = input
+            .as_vec()
+            .into_iter()
+            .map(Var::from_tensor)
+            .collect::<candle_core::Result<_>>()?;
         let s_in = Streams::from_vec(in_vars.iter().map(|v| v.as_tensor().clone()).collect());
         let (out, rows) = model.run_block(id, &s_in, &ctx, lora.view(true))?;
         let mut obj = None;
@@ -128,7 +143,10 @@ pub fn loss_and_grads<T>(
         };
         let store = obj.backward()?;
         accumulate(&mut acc, lora, &store)?;
-        cot = in_vars.iter().map(|v| store.get(v.as_tensor()).cloned()).collect();
+        cot = in_vars
+            .iter()
+            .map(|v| store.get(v.as_tensor()).cloned())
+            .collect();
     }
 
     // 4. The embeddings (x_embedder carries a LoRA on references).

@@ -103,7 +103,13 @@ impl Lora {
     /// Creates the adapters named by `spec.targets`. A pattern that matches no adaptable
     /// module is an error naming it (a typo would otherwise silently train nothing there).
     /// Adapters are f32 for training; f64 exists for gradient checks against finite differences.
-    pub fn new(cfg: &FluxConfig, spec: &LoraSpec, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn new(
+        cfg: &FluxConfig,
+        spec: &LoraSpec,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         if spec.rank == 0 {
             return Err(TrainerError::config("lora.rank", "must be at least 1"));
         }
@@ -125,19 +131,26 @@ impl Lora {
             let mut rng = stream(seed, Purpose::LoraInit, &[name_hash(&name)]);
             let a: Vec<f32> = match spec.init {
                 LoraInit::Gaussian => {
-                    let normal = Normal::new(0.0f32, 1.0 / r as f32).map_err(|e| TrainerError::config("lora.rank", e.to_string()))?;
+                    let normal = Normal::new(0.0f32, 1.0 / r as f32)
+                        .map_err(|e| TrainerError::config("lora.rank", e.to_string()))?;
                     (0..r * fan_in).map(|_| normal.sample(&mut rng)).collect()
                 }
                 LoraInit::Kaiming => {
                     let bound = 1.0 / (fan_in as f32).sqrt();
-                    (0..r * fan_in).map(|_| rng.random_range(-bound..bound)).collect()
+                    (0..r * fan_in)
+                        .map(|_| rng.random_range(-bound..bound))
+                        .collect()
                 }
             };
             let a = Var::from_tensor(&Tensor::from_vec(a, (r, fan_in), device)?.to_dtype(dtype)?)?;
             let b = Var::zeros((fan_out, r), dtype, device)?;
             adapters.insert(name, Adapter { a, b });
         }
-        Ok(Self { adapters, rank: spec.rank, alpha: spec.alpha })
+        Ok(Self {
+            adapters,
+            rank: spec.rank,
+            alpha: spec.alpha,
+        })
     }
 
     /// alpha / r, the factor on B A x.
@@ -171,7 +184,10 @@ impl Lora {
     /// A tracked view (adapters take part in the graph) or a detached one (no graph is built,
     /// for the first pass of gradient checkpointing).
     pub fn view(&self, tracked: bool) -> LoraView<'_> {
-        LoraView { lora: self, tracked }
+        LoraView {
+            lora: self,
+            tracked,
+        }
     }
 }
 
@@ -211,7 +227,12 @@ mod tests {
     use super::*;
 
     fn spec(targets: &[&str]) -> LoraSpec {
-        LoraSpec { rank: 4, alpha: 4.0, init: LoraInit::Gaussian, targets: targets.iter().map(|s| s.to_string()).collect() }
+        LoraSpec {
+            rank: 4,
+            alpha: 4.0,
+            init: LoraInit::Gaussian,
+            targets: targets.iter().map(|s| s.to_string()).collect(),
+        }
     }
 
     #[test]
@@ -229,21 +250,45 @@ mod tests {
     #[test]
     fn unknown_or_text_only_target_is_refused() {
         let cfg = FluxConfig::tiny();
-        let err = Lora::new(&cfg, &spec(&["transformer_blocks.*.attn.add_q_proj"]), 0, DType::F32, &Device::Cpu).err().unwrap();
+        let err = Lora::new(
+            &cfg,
+            &spec(&["transformer_blocks.*.attn.add_q_proj"]),
+            0,
+            DType::F32,
+            &Device::Cpu,
+        )
+        .err()
+        .unwrap();
         assert!(err.to_string().contains("lora.targets"), "{err}");
         let mut s = spec(&["x_embedder"]);
         s.rank = 0;
-        assert!(Lora::new(&cfg, &s, 0, DType::F32, &Device::Cpu).err().unwrap().to_string().contains("lora.rank"));
+        assert!(Lora::new(&cfg, &s, 0, DType::F32, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("lora.rank"));
     }
 
     #[test]
     fn b_starts_at_zero_and_a_is_gaussian_with_std_one_over_r() {
         let cfg = FluxConfig::tiny();
-        let s = LoraSpec { rank: 8, ..spec(&["transformer_blocks.*.ff.net.2"]) };
+        let s = LoraSpec {
+            rank: 8,
+            ..spec(&["transformer_blocks.*.ff.net.2"])
+        };
         let lora = Lora::new(&cfg, &s, 3, DType::F32, &Device::Cpu).unwrap();
         let ad = lora.get("transformer_blocks.0.ff.net.2").unwrap();
         assert_eq!(ad.a.dims(), &[8, cfg.mlp_hidden()]);
-        assert_eq!(ad.b.as_tensor().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        assert_eq!(
+            ad.b.as_tensor()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
         let a: Vec<f32> = ad.a.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
         let var = a.iter().map(|x| x * x).sum::<f32>() / a.len() as f32;
         assert!((var.sqrt() - 0.125).abs() < 0.01, "std {}", var.sqrt());

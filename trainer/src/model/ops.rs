@@ -15,11 +15,21 @@ use crate::error::Result;
 /// x W^T with W frozen: the backward returns a gradient for x only.
 struct FrozenMatmul;
 
+/// How the storage matmul sees x W^T: x as a 2-D [m, k] matrix, W^T as [k, n].
+struct MatmulPlan {
+    out_shape: Shape,
+    bmnk: (usize, usize, usize, usize),
+    lhs: Layout,
+    rhs: Layout,
+}
+
 impl FrozenMatmul {
-    /// (m, k, n), the lhs layout as a 2-D [m, k] matrix and the rhs layout of W^T [k, n].
-    fn plan(l1: &Layout, l2: &Layout) -> candle_core::Result<(Shape, (usize, usize, usize), Layout, Layout)> {
+    fn plan(l1: &Layout, l2: &Layout) -> candle_core::Result<MatmulPlan> {
         if !l1.is_contiguous() {
-            candle_core::bail!("frozen-linear: input must be contiguous, got strides {:?}", l1.stride());
+            candle_core::bail!(
+                "frozen-linear: input must be contiguous, got strides {:?}",
+                l1.stride()
+            );
         }
         let (n, k_w) = l2.shape().dims2()?;
         let k = *l1.dims().last().unwrap_or(&0);
@@ -34,9 +44,12 @@ impl FrozenMatmul {
         if let Some(last) = out_dims.last_mut() {
             *last = n;
         }
-        let lhs = Layout::contiguous_with_offset((m, k), l1.start_offset());
-        let rhs = l2.transpose(0, 1)?;
-        Ok((Shape::from(out_dims), (m, k, n), lhs, rhs))
+        Ok(MatmulPlan {
+            out_shape: Shape::from(out_dims),
+            bmnk: (1, m, n, k),
+            lhs: Layout::contiguous_with_offset((m, k), l1.start_offset()),
+            rhs: l2.transpose(0, 1)?,
+        })
     }
 }
 
@@ -52,8 +65,8 @@ impl CustomOp2 for FrozenMatmul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (shape, (m, k, n), lhs, rhs) = Self::plan(l1, l2)?;
-        Ok((s1.matmul(s2, (1, m, n, k), &lhs, &rhs)?, shape))
+        let p = Self::plan(l1, l2)?;
+        Ok((s1.matmul(s2, p.bmnk, &p.lhs, &p.rhs)?, p.out_shape))
     }
 
     #[cfg(feature = "cuda")]
@@ -64,8 +77,8 @@ impl CustomOp2 for FrozenMatmul {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (shape, (m, k, n), lhs, rhs) = Self::plan(l1, l2)?;
-        Ok((s1.matmul(s2, (1, m, n, k), &lhs, &rhs)?, shape))
+        let p = Self::plan(l1, l2)?;
+        Ok((s1.matmul(s2, p.bmnk, &p.lhs, &p.rhs)?, p.out_shape))
     }
 
     fn bwd(
@@ -128,7 +141,9 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
 /// x * (1 + scale) + shift, with `scale`/`shift` [B, D] broadcast over tokens of `x_bsd`.
 pub fn modulate(x_bsd: &Tensor, shift_bd: &Tensor, scale_bd: &Tensor) -> Result<Tensor> {
     let scale = (scale_bd.unsqueeze(1)? + 1.0)?;
-    Ok(x_bsd.broadcast_mul(&scale)?.broadcast_add(&shift_bd.unsqueeze(1)?)?)
+    Ok(x_bsd
+        .broadcast_mul(&scale)?
+        .broadcast_add(&shift_bd.unsqueeze(1)?)?)
 }
 
 /// Rotates consecutive pairs (x_2k, x_2k+1) of the last dim by angles with `cos_sk`/`sin_sk`
@@ -136,19 +151,28 @@ pub fn modulate(x_bsd: &Tensor, shift_bd: &Tensor, scale_bd: &Tensor) -> Result<
 pub fn apply_rope(q_bhsd: &Tensor, cos_sk: &Tensor, sin_sk: &Tensor) -> Result<Tensor> {
     let dtype = q_bhsd.dtype();
     let (b, h, s, d) = q_bhsd.dims4()?;
-    let x = q_bhsd.to_dtype(stats_dtype(dtype))?.reshape((b, h, s, d / 2, 2))?;
+    let x = q_bhsd
+        .to_dtype(stats_dtype(dtype))?
+        .reshape((b, h, s, d / 2, 2))?;
     let x0 = x.narrow(4, 0, 1)?;
     let x1 = x.narrow(4, 1, 1)?;
     let cos = cos_sk.to_dtype(x.dtype())?.reshape((s, d / 2, 1))?;
     let sin = sin_sk.to_dtype(x.dtype())?.reshape((s, d / 2, 1))?;
     let r0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
     let r1 = (x1.broadcast_mul(&cos)? + x0.broadcast_mul(&sin)?)?;
-    Ok(Tensor::cat(&[r0, r1], 4)?.reshape((b, h, s, d))?.to_dtype(dtype)?)
+    Ok(Tensor::cat(&[r0, r1], 4)?
+        .reshape((b, h, s, d))?
+        .to_dtype(dtype)?)
 }
 
 /// softmax(Q K^T / sqrt(d) + mask) V, scores and softmax in f32 for half inputs.
 /// `mask_ss` is additive (0 or -inf), broadcast over batch and heads.
-pub fn attention(q_bhsd: &Tensor, k_bhsd: &Tensor, v_bhsd: &Tensor, mask_ss: Option<&Tensor>) -> Result<Tensor> {
+pub fn attention(
+    q_bhsd: &Tensor,
+    k_bhsd: &Tensor,
+    v_bhsd: &Tensor,
+    mask_ss: Option<&Tensor>,
+) -> Result<Tensor> {
     let dtype = q_bhsd.dtype();
     let d = q_bhsd.dim(D::Minus1)?;
     let q = q_bhsd.to_dtype(stats_dtype(dtype))?;
@@ -180,15 +204,43 @@ mod tests {
         let w = Var::from_tensor(&randn(&[5, 4], 2)).unwrap();
         let b = randn(&[5], 3);
         let y = frozen_linear(x.as_tensor(), w.as_tensor(), Some(&b)).unwrap();
-        let reference = x.as_tensor().broadcast_matmul(&w.as_tensor().t().unwrap()).unwrap().broadcast_add(&b).unwrap();
-        let diff = (y.clone() - &reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        let reference = x
+            .as_tensor()
+            .broadcast_matmul(&w.as_tensor().t().unwrap())
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap();
+        let diff = (y.clone() - &reference)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         assert!(diff < 1e-12);
         let grads = (y.sqr().unwrap().sum_all().unwrap()).backward().unwrap();
-        assert!(grads.get(w.as_tensor()).is_none(), "a frozen weight must get no gradient");
+        assert!(
+            grads.get(w.as_tensor()).is_none(),
+            "a frozen weight must get no gradient"
+        );
         let gx = grads.get(x.as_tensor()).unwrap();
-        let ref_grads = reference.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let ref_grads = reference
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         let gx_ref = ref_grads.get(x.as_tensor()).unwrap();
-        let diff = (gx - gx_ref).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        let diff = (gx - gx_ref)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         assert!(diff < 1e-12);
     }
 
@@ -199,21 +251,38 @@ mod tests {
         let x = randn(&[2, 4], 5);
         let y = frozen_linear(&x, &w, None).unwrap();
         let reference = x.matmul(&w.t().unwrap()).unwrap();
-        let diff = (y - reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        let diff = (y - reference)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         assert!(diff < 1e-12);
     }
 
     #[test]
     fn norms_match_hand_computation() {
         let x = Tensor::new(&[[1.0f64, 2.0, 3.0, 6.0]], &Device::Cpu).unwrap();
-        let ln: Vec<f64> = layer_norm(&x, 0.0).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let ln: Vec<f64> = layer_norm(&x, 0.0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         // mean 3, var (4+1+0+9)/4 = 3.5
         let s = 3.5f64.sqrt();
         for (a, e) in ln.iter().zip([-2.0 / s, -1.0 / s, 0.0, 3.0 / s]) {
             assert!((a - e).abs() < 1e-12);
         }
         let w = Tensor::new(&[1.0f64, 2.0, 1.0, 1.0], &Device::Cpu).unwrap();
-        let rms: Vec<f64> = rms_norm(&x, &w, 0.0).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let rms: Vec<f64> = rms_norm(&x, &w, 0.0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let r = 12.5f64.sqrt(); // mean of squares (1+4+9+36)/4
         for (a, e) in rms.iter().zip([1.0 / r, 4.0 / r, 3.0 / r, 6.0 / r]) {
             assert!((a - e).abs() < 1e-12);
@@ -222,11 +291,19 @@ mod tests {
 
     #[test]
     fn rope_rotates_pairs() {
-        let x = Tensor::new(&[1.0f64, 0.0, 0.0, 1.0], &Device::Cpu).unwrap().reshape((1, 1, 1, 4)).unwrap();
+        let x = Tensor::new(&[1.0f64, 0.0, 0.0, 1.0], &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, 1, 4))
+            .unwrap();
         let a = 0.3f64;
         let cos = Tensor::new(&[[a.cos(), 1.0]], &Device::Cpu).unwrap();
         let sin = Tensor::new(&[[a.sin(), 0.0]], &Device::Cpu).unwrap();
-        let y: Vec<f64> = apply_rope(&x, &cos, &sin).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let y: Vec<f64> = apply_rope(&x, &cos, &sin)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let e = [a.cos(), a.sin(), 0.0, 1.0];
         for (p, q) in y.iter().zip(e) {
             assert!((p - q).abs() < 1e-12, "{y:?}");
@@ -237,9 +314,20 @@ mod tests {
     fn masked_attention_ignores_masked_keys() {
         let q = randn(&[1, 1, 2, 4], 6);
         let k = randn(&[1, 1, 2, 4], 7);
-        let v = Tensor::new(&[[10.0f64, 0.0, 0.0, 0.0], [0.0, 20.0, 0.0, 0.0]], &Device::Cpu).unwrap().reshape((1, 1, 2, 4)).unwrap();
+        let v = Tensor::new(
+            &[[10.0f64, 0.0, 0.0, 0.0], [0.0, 20.0, 0.0, 0.0]],
+            &Device::Cpu,
+        )
+        .unwrap()
+        .reshape((1, 1, 2, 4))
+        .unwrap();
         let mask = Tensor::new(&[[0.0f64, f64::NEG_INFINITY], [0.0, 0.0]], &Device::Cpu).unwrap();
-        let out: Vec<f64> = attention(&q, &k, &v, Some(&mask)).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let out: Vec<f64> = attention(&q, &k, &v, Some(&mask))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert!((out[0] - 10.0).abs() < 1e-12 && out[1].abs() < 1e-12);
     }
 }

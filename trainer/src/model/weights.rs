@@ -40,12 +40,24 @@ pub struct Expected {
 }
 
 fn linear(out: &mut Vec<Expected>, name: &str, o: usize, i: usize) {
-    out.push(Expected { name: format!("{name}.weight"), shape: vec![o, i], init: Init::Linear { fan_in: i } });
-    out.push(Expected { name: format!("{name}.bias"), shape: vec![o], init: Init::Linear { fan_in: i } });
+    out.push(Expected {
+        name: format!("{name}.weight"),
+        shape: vec![o, i],
+        init: Init::Linear { fan_in: i },
+    });
+    out.push(Expected {
+        name: format!("{name}.bias"),
+        shape: vec![o],
+        init: Init::Linear { fan_in: i },
+    });
 }
 
 fn norm(out: &mut Vec<Expected>, name: &str, d: usize) {
-    out.push(Expected { name: format!("{name}.weight"), shape: vec![d], init: Init::Ones });
+    out.push(Expected {
+        name: format!("{name}.weight"),
+        shape: vec![d],
+        init: Init::Ones,
+    });
 }
 
 /// Every tensor of a FLUX.1 transformer of this size, diffusers names (spec/flux.md §2).
@@ -54,19 +66,43 @@ pub fn expected_tensors(cfg: &FluxConfig) -> Vec<Expected> {
     let mut v = Vec::new();
     linear(&mut v, "x_embedder", d, cfg.in_channels);
     linear(&mut v, "context_embedder", d, cfg.context_dim);
-    linear(&mut v, "time_text_embed.timestep_embedder.linear_1", d, TIME_FEATURES);
+    linear(
+        &mut v,
+        "time_text_embed.timestep_embedder.linear_1",
+        d,
+        TIME_FEATURES,
+    );
     linear(&mut v, "time_text_embed.timestep_embedder.linear_2", d, d);
     if cfg.guidance_embeds {
-        linear(&mut v, "time_text_embed.guidance_embedder.linear_1", d, TIME_FEATURES);
+        linear(
+            &mut v,
+            "time_text_embed.guidance_embedder.linear_1",
+            d,
+            TIME_FEATURES,
+        );
         linear(&mut v, "time_text_embed.guidance_embedder.linear_2", d, d);
     }
-    linear(&mut v, "time_text_embed.text_embedder.linear_1", d, cfg.pooled_dim);
+    linear(
+        &mut v,
+        "time_text_embed.text_embedder.linear_1",
+        d,
+        cfg.pooled_dim,
+    );
     linear(&mut v, "time_text_embed.text_embedder.linear_2", d, d);
     for i in 0..cfg.num_double {
         let p = format!("transformer_blocks.{i}");
         linear(&mut v, &format!("{p}.norm1.linear"), 6 * d, d);
         linear(&mut v, &format!("{p}.norm1_context.linear"), 6 * d, d);
-        for m in ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out"] {
+        for m in [
+            "to_q",
+            "to_k",
+            "to_v",
+            "add_q_proj",
+            "add_k_proj",
+            "add_v_proj",
+            "to_out.0",
+            "to_add_out",
+        ] {
             linear(&mut v, &format!("{p}.attn.{m}"), d, d);
         }
         for n in ["norm_q", "norm_k", "norm_added_q", "norm_added_k"] {
@@ -138,7 +174,10 @@ impl Weights {
         let mut problems = Vec::new();
         for e in expected_tensors(cfg) {
             match map.get(&e.name) {
-                None => problems.push(format!("missing tensor `{}` (expected shape {:?})", e.name, e.shape)),
+                None => problems.push(format!(
+                    "missing tensor `{}` (expected shape {:?})",
+                    e.name, e.shape
+                )),
                 Some(t) if t.dims() != e.shape.as_slice() => problems.push(format!(
                     "tensor `{}`: expected shape {:?}, found {:?}",
                     e.name,
@@ -151,7 +190,10 @@ impl Weights {
         if problems.is_empty() {
             Ok(Self { map })
         } else {
-            Err(TrainerError::Weights { file: file.to_path_buf(), problems })
+            Err(TrainerError::Weights {
+                file: file.to_path_buf(),
+                problems,
+            })
         }
     }
 
@@ -165,7 +207,10 @@ impl Weights {
 /// Where weights come from, as decided by looking at the path.
 enum Source {
     /// A diffusers transformer folder: config.json + safetensors (+ index).
-    Diffusers { config: PathBuf, files: Vec<PathBuf> },
+    Diffusers {
+        config: PathBuf,
+        files: Vec<PathBuf>,
+    },
     /// A single safetensors file (BFL naming, or diffusers naming without a config).
     SingleFile(PathBuf),
 }
@@ -175,10 +220,17 @@ fn find_source(path: &Path) -> Result<Source> {
         return Ok(Source::SingleFile(path.to_path_buf()));
     }
     if !path.is_dir() {
-        return Err(TrainerError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder")));
+        return Err(TrainerError::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
+        ));
     }
     // Accept the pipeline root as well as its transformer/ folder.
-    let dir = if path.join("transformer").join("config.json").is_file() { path.join("transformer") } else { path.to_path_buf() };
+    let dir = if path.join("transformer").join("config.json").is_file() {
+        path.join("transformer")
+    } else {
+        path.to_path_buf()
+    };
     let config = dir.join("config.json");
     if !config.is_file() {
         return Err(TrainerError::Parse {
@@ -189,12 +241,18 @@ fn find_source(path: &Path) -> Result<Source> {
     let index = dir.join("diffusion_pytorch_model.safetensors.index.json");
     let files = if index.is_file() {
         let text = std::fs::read_to_string(&index).map_err(|e| TrainerError::io(&index, e))?;
-        let json: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| TrainerError::Parse { file: index.clone(), reason: e.to_string() })?;
-        let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| TrainerError::Parse {
-            file: index.clone(),
-            reason: "no `weight_map` object".into(),
-        })?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| TrainerError::Parse {
+                file: index.clone(),
+                reason: e.to_string(),
+            })?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| TrainerError::Parse {
+                file: index.clone(),
+                reason: "no `weight_map` object".into(),
+            })?;
         let names: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
         names.into_iter().map(|n| dir.join(n)).collect()
     } else {
@@ -202,14 +260,19 @@ fn find_source(path: &Path) -> Result<Source> {
         if !single.is_file() {
             return Err(TrainerError::Parse {
                 file: dir.clone(),
-                reason: "neither diffusion_pytorch_model.safetensors nor its .index.json is present".into(),
+                reason:
+                    "neither diffusion_pytorch_model.safetensors nor its .index.json is present"
+                        .into(),
             });
         }
         vec![single]
     };
     for f in &files {
         if !f.is_file() {
-            return Err(TrainerError::Parse { file: f.clone(), reason: "listed in the index but missing".into() });
+            return Err(TrainerError::Parse {
+                file: f.clone(),
+                reason: "listed in the index but missing".into(),
+            });
         }
     }
     Ok(Source::Diffusers { config, files })
@@ -249,7 +312,9 @@ fn bfl_to_diffusers(name: &str, hidden: usize) -> Option<Piece> {
         "guidance_in.in_layer" => return whole("time_text_embed.guidance_embedder.linear_1"),
         "guidance_in.out_layer" => return whole("time_text_embed.guidance_embedder.linear_2"),
         "final_layer.linear" => return whole("proj_out"),
-        "final_layer.adaLN_modulation.1" => return Some(Piece::SwapHalves(format!("norm_out.linear.{suffix}"))),
+        "final_layer.adaLN_modulation.1" => {
+            return Some(Piece::SwapHalves(format!("norm_out.linear.{suffix}")))
+        }
         _ => None,
     };
     if top.is_some() {
@@ -267,17 +332,30 @@ fn bfl_to_diffusers(name: &str, hidden: usize) -> Option<Piece> {
             let p = format!("transformer_blocks.{idx}");
             let qkv = |stream: &str, names: [&str; 3]| {
                 let _ = stream;
-                Some(Piece::Rows(names.iter().map(|n| (format!("{p}.attn.{n}.{suffix}"), hidden)).collect()))
+                Some(Piece::Rows(
+                    names
+                        .iter()
+                        .map(|n| (format!("{p}.attn.{n}.{suffix}"), hidden))
+                        .collect(),
+                ))
             };
             let mapped = match rest {
                 "img_mod.lin" => format!("{p}.norm1.linear"),
                 "txt_mod.lin" => format!("{p}.norm1_context.linear"),
                 "img_attn.qkv" => return qkv("img", ["to_q", "to_k", "to_v"]),
                 "txt_attn.qkv" => return qkv("txt", ["add_q_proj", "add_k_proj", "add_v_proj"]),
-                "img_attn.norm.query_norm" => return Some(Piece::Whole(format!("{p}.attn.norm_q.{norm_suffix}"))),
-                "img_attn.norm.key_norm" => return Some(Piece::Whole(format!("{p}.attn.norm_k.{norm_suffix}"))),
-                "txt_attn.norm.query_norm" => return Some(Piece::Whole(format!("{p}.attn.norm_added_q.{norm_suffix}"))),
-                "txt_attn.norm.key_norm" => return Some(Piece::Whole(format!("{p}.attn.norm_added_k.{norm_suffix}"))),
+                "img_attn.norm.query_norm" => {
+                    return Some(Piece::Whole(format!("{p}.attn.norm_q.{norm_suffix}")))
+                }
+                "img_attn.norm.key_norm" => {
+                    return Some(Piece::Whole(format!("{p}.attn.norm_k.{norm_suffix}")))
+                }
+                "txt_attn.norm.query_norm" => {
+                    return Some(Piece::Whole(format!("{p}.attn.norm_added_q.{norm_suffix}")))
+                }
+                "txt_attn.norm.key_norm" => {
+                    return Some(Piece::Whole(format!("{p}.attn.norm_added_k.{norm_suffix}")))
+                }
                 "img_attn.proj" => format!("{p}.attn.to_out.0"),
                 "txt_attn.proj" => format!("{p}.attn.to_add_out"),
                 "img_mlp.0" => format!("{p}.ff.net.0.proj"),
@@ -301,8 +379,12 @@ fn bfl_to_diffusers(name: &str, hidden: usize) -> Option<Piece> {
                         (format!("{p}.proj_mlp.{suffix}"), mlp),
                     ]));
                 }
-                "norm.query_norm" => return Some(Piece::Whole(format!("{p}.attn.norm_q.{norm_suffix}"))),
-                "norm.key_norm" => return Some(Piece::Whole(format!("{p}.attn.norm_k.{norm_suffix}"))),
+                "norm.query_norm" => {
+                    return Some(Piece::Whole(format!("{p}.attn.norm_q.{norm_suffix}")))
+                }
+                "norm.key_norm" => {
+                    return Some(Piece::Whole(format!("{p}.attn.norm_k.{norm_suffix}")))
+                }
                 "linear2" => format!("{p}.proj_out"),
                 _ => return None,
             };
@@ -326,12 +408,22 @@ fn count_blocks(names: &[String], prefix: &str) -> usize {
 }
 
 /// Infers the architecture of a BFL-named file from its tensor shapes.
-fn infer_bfl_config(st: &MmapedSafetensors, names: &[String], strip: &str, file: &Path, axes: Option<[usize; 3]>) -> Result<FluxConfig> {
+fn infer_bfl_config(
+    st: &MmapedSafetensors,
+    names: &[String],
+    strip: &str,
+    file: &Path,
+    axes: Option<[usize; 3]>,
+) -> Result<FluxConfig> {
     let shape = |n: &str| -> Result<Vec<usize>> {
-        st.get(&format!("{strip}{n}")).map(|v| v.shape().to_vec()).map_err(|_| TrainerError::Weights {
-            file: file.to_path_buf(),
-            problems: vec![format!("missing tensor `{strip}{n}`, needed to infer the model size")],
-        })
+        st.get(&format!("{strip}{n}"))
+            .map(|v| v.shape().to_vec())
+            .map_err(|_| TrainerError::Weights {
+                file: file.to_path_buf(),
+                problems: vec![format!(
+                    "missing tensor `{strip}{n}`, needed to infer the model size"
+                )],
+            })
     };
     let img_in = shape("img_in.weight")?;
     let head_dim = shape("double_blocks.0.img_attn.norm.query_norm.scale")?[0];
@@ -341,11 +433,16 @@ fn infer_bfl_config(st: &MmapedSafetensors, names: &[String], strip: &str, file:
         None => {
             return Err(TrainerError::ModelConfig {
                 field: "axes_dims".into(),
-                reason: format!("head dim {head_dim} has no default RoPE split; set model.axes_dims"),
+                reason: format!(
+                    "head dim {head_dim} has no default RoPE split; set model.axes_dims"
+                ),
             })
         }
     };
-    let stripped: Vec<String> = names.iter().map(|n| n.trim_start_matches(strip).to_string()).collect();
+    let stripped: Vec<String> = names
+        .iter()
+        .map(|n| n.trim_start_matches(strip).to_string())
+        .collect();
     let cfg = FluxConfig {
         in_channels: img_in[1],
         num_heads: hidden / head_dim,
@@ -356,26 +453,39 @@ fn infer_bfl_config(st: &MmapedSafetensors, names: &[String], strip: &str, file:
         pooled_dim: shape("vector_in.in_layer.weight")?[1],
         axes_dims: axes,
         theta: 10_000.0,
-        guidance_embeds: names.iter().any(|n| n.ends_with("guidance_in.in_layer.weight")),
+        guidance_embeds: names
+            .iter()
+            .any(|n| n.ends_with("guidance_in.in_layer.weight")),
     };
     cfg.validate()?;
     Ok(cfg)
 }
 
 /// Infers the architecture of a diffusers-named single file (no config.json) from its shapes.
-fn infer_diffusers_config(st: &MmapedSafetensors, names: &[String], file: &Path, axes: Option<[usize; 3]>) -> Result<FluxConfig> {
+fn infer_diffusers_config(
+    st: &MmapedSafetensors,
+    names: &[String],
+    file: &Path,
+    axes: Option<[usize; 3]>,
+) -> Result<FluxConfig> {
     let shape = |n: &str| -> Result<Vec<usize>> {
-        st.get(n).map(|v| v.shape().to_vec()).map_err(|_| TrainerError::Weights {
-            file: file.to_path_buf(),
-            problems: vec![format!("missing tensor `{n}`, needed to infer the model size")],
-        })
+        st.get(n)
+            .map(|v| v.shape().to_vec())
+            .map_err(|_| TrainerError::Weights {
+                file: file.to_path_buf(),
+                problems: vec![format!(
+                    "missing tensor `{n}`, needed to infer the model size"
+                )],
+            })
     };
     let x = shape("x_embedder.weight")?;
     let head_dim = shape("transformer_blocks.0.attn.norm_q.weight")?[0];
-    let axes = axes.or_else(|| FluxConfig::default_axes(head_dim)).ok_or_else(|| TrainerError::ModelConfig {
-        field: "axes_dims".into(),
-        reason: format!("head dim {head_dim} has no default RoPE split; set model.axes_dims"),
-    })?;
+    let axes = axes
+        .or_else(|| FluxConfig::default_axes(head_dim))
+        .ok_or_else(|| TrainerError::ModelConfig {
+            field: "axes_dims".into(),
+            reason: format!("head dim {head_dim} has no default RoPE split; set model.axes_dims"),
+        })?;
     let cfg = FluxConfig {
         in_channels: x[1],
         num_heads: x[0] / head_dim,
@@ -386,7 +496,9 @@ fn infer_diffusers_config(st: &MmapedSafetensors, names: &[String], file: &Path,
         pooled_dim: shape("time_text_embed.text_embedder.linear_1.weight")?[1],
         axes_dims: axes,
         theta: 10_000.0,
-        guidance_embeds: names.iter().any(|n| n.starts_with("time_text_embed.guidance_embedder")),
+        guidance_embeds: names
+            .iter()
+            .any(|n| n.starts_with("time_text_embed.guidance_embedder")),
     };
     cfg.validate()?;
     Ok(cfg)
@@ -395,7 +507,12 @@ fn infer_diffusers_config(st: &MmapedSafetensors, names: &[String], file: &Path,
 /// Loads base weights from a diffusers folder or a single safetensors file (BFL or diffusers
 /// naming), converted to `dtype` on `device`. `axes` overrides the RoPE split when the files
 /// do not say it (BFL files never do).
-pub fn load(path: &Path, dtype: DType, device: &Device, axes: Option<[usize; 3]>) -> Result<(FluxConfig, Weights)> {
+pub fn load(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+    axes: Option<[usize; 3]>,
+) -> Result<(FluxConfig, Weights)> {
     match find_source(path)? {
         Source::Diffusers { config, files } => {
             let mut cfg = FluxConfig::from_diffusers_json(&config)?;
@@ -410,9 +527,15 @@ pub fn load(path: &Path, dtype: DType, device: &Device, axes: Option<[usize; 3]>
         Source::SingleFile(file) => {
             let st = mmap(std::slice::from_ref(&file))?;
             let names: Vec<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
-            let is_bfl = names.iter().any(|n| n.contains("double_blocks.") || n.ends_with("img_in.weight"));
+            let is_bfl = names
+                .iter()
+                .any(|n| n.contains("double_blocks.") || n.ends_with("img_in.weight"));
             if is_bfl {
-                let strip = if names.iter().all(|n| n.starts_with(BFL_PREFIX)) { BFL_PREFIX } else { "" };
+                let strip = if names.iter().all(|n| n.starts_with(BFL_PREFIX)) {
+                    BFL_PREFIX
+                } else {
+                    ""
+                };
                 let cfg = infer_bfl_config(&st, &names, strip, &file, axes)?;
                 let map = load_bfl(&st, &names, strip, cfg.hidden(), dtype, device, &file)?;
                 Ok((cfg.clone(), Weights::validated(map, &cfg, &file)?))
@@ -425,7 +548,11 @@ pub fn load(path: &Path, dtype: DType, device: &Device, axes: Option<[usize; 3]>
     }
 }
 
-fn load_diffusers_names(st: &MmapedSafetensors, dtype: DType, device: &Device) -> Result<HashMap<String, Tensor>> {
+fn load_diffusers_names(
+    st: &MmapedSafetensors,
+    dtype: DType,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
     let mut map = HashMap::new();
     for (name, _) in st.tensors() {
         let t = st.load(&name, device)?.to_dtype(dtype)?;
@@ -459,7 +586,10 @@ fn load_bfl(
             Piece::Rows(parts) => {
                 let total: usize = parts.iter().map(|(_, r)| r).sum();
                 if t.dim(0)? != total {
-                    problems.push(format!("tensor `{name}`: expected {total} rows to split, found shape {:?}", t.dims()));
+                    problems.push(format!(
+                        "tensor `{name}`: expected {total} rows to split, found shape {:?}",
+                        t.dims()
+                    ));
                     continue;
                 }
                 let mut start = 0;
@@ -471,18 +601,27 @@ fn load_bfl(
             Piece::SwapHalves(n) => {
                 let rows = t.dim(0)?;
                 if rows % 2 != 0 {
-                    problems.push(format!("tensor `{name}`: expected an even number of rows, found shape {:?}", t.dims()));
+                    problems.push(format!(
+                        "tensor `{name}`: expected an even number of rows, found shape {:?}",
+                        t.dims()
+                    ));
                     continue;
                 }
                 let half = rows / 2;
-                map.insert(n, Tensor::cat(&[t.narrow(0, half, half)?, t.narrow(0, 0, half)?], 0)?);
+                map.insert(
+                    n,
+                    Tensor::cat(&[t.narrow(0, half, half)?, t.narrow(0, 0, half)?], 0)?,
+                );
             }
         }
     }
     if problems.is_empty() {
         Ok(map)
     } else {
-        Err(TrainerError::Weights { file: file.to_path_buf(), problems })
+        Err(TrainerError::Weights {
+            file: file.to_path_buf(),
+            problems,
+        })
     }
 }
 
@@ -493,8 +632,14 @@ mod tests {
     #[test]
     fn expected_count_matches_flux_dev() {
         let cfg = FluxConfig::flux_dev();
-        let total: usize = expected_tensors(&cfg).iter().map(|e| e.shape.iter().product::<usize>()).sum();
-        assert_eq!(total, 11_901_408_320, "spec/flux.md §1 derived parameter count");
+        let total: usize = expected_tensors(&cfg)
+            .iter()
+            .map(|e| e.shape.iter().product::<usize>())
+            .sum();
+        assert_eq!(
+            total, 11_901_408_320,
+            "spec/flux.md §1 derived parameter count"
+        );
     }
 
     #[test]
@@ -505,10 +650,19 @@ mod tests {
             _ => panic!("qkv must split"),
         }
         match bfl_to_diffusers("single_blocks.0.linear1.bias", h) {
-            Some(Piece::Rows(p)) => assert_eq!(p[3], ("single_transformer_blocks.0.proj_mlp.bias".to_string(), 4 * h)),
+            Some(Piece::Rows(p)) => assert_eq!(
+                p[3],
+                (
+                    "single_transformer_blocks.0.proj_mlp.bias".to_string(),
+                    4 * h
+                )
+            ),
             _ => panic!("linear1 must split"),
         }
-        assert!(matches!(bfl_to_diffusers("final_layer.adaLN_modulation.1.weight", h), Some(Piece::SwapHalves(_))));
+        assert!(matches!(
+            bfl_to_diffusers("final_layer.adaLN_modulation.1.weight", h),
+            Some(Piece::SwapHalves(_))
+        ));
         match bfl_to_diffusers("double_blocks.0.txt_attn.norm.key_norm.scale", h) {
             Some(Piece::Whole(n)) => assert_eq!(n, "transformer_blocks.0.attn.norm_added_k.weight"),
             _ => panic!(),
@@ -522,9 +676,18 @@ mod tests {
         let w = Weights::random(&cfg, 0, DType::F32, &Device::Cpu).unwrap();
         let mut map = w.map.clone();
         map.remove("proj_out.bias");
-        map.insert("x_embedder.weight".into(), Tensor::zeros((3, 3), DType::F32, &Device::Cpu).unwrap());
-        let err = Weights::validated(map, &cfg, Path::new("w.safetensors")).err().unwrap().to_string();
+        map.insert(
+            "x_embedder.weight".into(),
+            Tensor::zeros((3, 3), DType::F32, &Device::Cpu).unwrap(),
+        );
+        let err = Weights::validated(map, &cfg, Path::new("w.safetensors"))
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("missing tensor `proj_out.bias`"), "{err}");
-        assert!(err.contains("tensor `x_embedder.weight`: expected shape [64, 64], found [3, 3]"), "{err}");
+        assert!(
+            err.contains("tensor `x_embedder.weight`: expected shape [64, 64], found [3, 3]"),
+            "{err}"
+        );
     }
 }
