@@ -2,6 +2,7 @@
 //! flow-matching + SCAL/MDL objective, the optimizer, a synthetic data source and the loop.
 
 pub mod alloc;
+pub mod bench;
 pub mod config;
 pub mod error;
 pub mod forward;

@@ -49,6 +49,16 @@ enum Command {
         #[arg(long, value_parser = parse_axes)]
         axes_dims: Option<[usize; 3]>,
     },
+    /// Step time and peak memory on CPU (tiny, medium; recomputation off/on) and the computed
+    /// FLUX.1-dev memory budget, as markdown tables.
+    Bench {
+        /// The base config the measured cases override.
+        #[arg(long, default_value = "configs/tiny-cpu.toml")]
+        config: PathBuf,
+        /// Measured steps per case, after one warm-up step.
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -106,6 +116,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             trainer::forward::forward_cmd(&weights, &inputs, &out, dtype.dtype(), axes_dims)
                 .context("forward failed")?;
             println!("wrote {}", out.display());
+        }
+        Command::Bench { config, steps } => {
+            print!(
+                "{}",
+                trainer::bench::report(&config, steps.max(1)).context("benchmark failed")?
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
