@@ -407,6 +407,27 @@ fn count_blocks(names: &[String], prefix: &str) -> usize {
     idx.len()
 }
 
+/// The stored shape of tensor `name`, or an error saying it is needed to infer the model size.
+fn stored_shape(st: &MmapedSafetensors, name: &str, file: &Path) -> Result<Vec<usize>> {
+    st.get(name)
+        .map(|v| v.shape().to_vec())
+        .map_err(|_| TrainerError::Weights {
+            file: file.to_path_buf(),
+            problems: vec![format!(
+                "missing tensor `{name}`, needed to infer the model size"
+            )],
+        })
+}
+
+/// The RoPE split: the override, else the FLUX rule for this head size.
+fn resolve_axes(axes: Option<[usize; 3]>, head_dim: usize) -> Result<[usize; 3]> {
+    axes.or_else(|| FluxConfig::default_axes(head_dim))
+        .ok_or_else(|| TrainerError::ModelConfig {
+            field: "axes_dims".into(),
+            reason: format!("head dim {head_dim} has no default RoPE split; set model.axes_dims"),
+        })
+}
+
 /// Infers the architecture of a BFL-named file from its tensor shapes.
 fn infer_bfl_config(
     st: &MmapedSafetensors,
@@ -415,30 +436,10 @@ fn infer_bfl_config(
     file: &Path,
     axes: Option<[usize; 3]>,
 ) -> Result<FluxConfig> {
-    let shape = |n: &str| -> Result<Vec<usize>> {
-        st.get(&format!("{strip}{n}"))
-            .map(|v| v.shape().to_vec())
-            .map_err(|_| TrainerError::Weights {
-                file: file.to_path_buf(),
-                problems: vec![format!(
-                    "missing tensor `{strip}{n}`, needed to infer the model size"
-                )],
-            })
-    };
+    let shape = |n: &str| stored_shape(st, &format!("{strip}{n}"), file);
     let img_in = shape("img_in.weight")?;
     let head_dim = shape("double_blocks.0.img_attn.norm.query_norm.scale")?[0];
     let hidden = img_in[0];
-    let axes = match axes.or_else(|| FluxConfig::default_axes(head_dim)) {
-        Some(a) => a,
-        None => {
-            return Err(TrainerError::ModelConfig {
-                field: "axes_dims".into(),
-                reason: format!(
-                    "head dim {head_dim} has no default RoPE split; set model.axes_dims"
-                ),
-            })
-        }
-    };
     let stripped: Vec<String> = names
         .iter()
         .map(|n| n.trim_start_matches(strip).to_string())
@@ -451,7 +452,7 @@ fn infer_bfl_config(
         num_single: count_blocks(&stripped, "single_blocks."),
         context_dim: shape("txt_in.weight")?[1],
         pooled_dim: shape("vector_in.in_layer.weight")?[1],
-        axes_dims: axes,
+        axes_dims: resolve_axes(axes, head_dim)?,
         theta: 10_000.0,
         guidance_embeds: names
             .iter()
@@ -468,24 +469,9 @@ fn infer_diffusers_config(
     file: &Path,
     axes: Option<[usize; 3]>,
 ) -> Result<FluxConfig> {
-    let shape = |n: &str| -> Result<Vec<usize>> {
-        st.get(n)
-            .map(|v| v.shape().to_vec())
-            .map_err(|_| TrainerError::Weights {
-                file: file.to_path_buf(),
-                problems: vec![format!(
-                    "missing tensor `{n}`, needed to infer the model size"
-                )],
-            })
-    };
+    let shape = |n: &str| stored_shape(st, n, file);
     let x = shape("x_embedder.weight")?;
     let head_dim = shape("transformer_blocks.0.attn.norm_q.weight")?[0];
-    let axes = axes
-        .or_else(|| FluxConfig::default_axes(head_dim))
-        .ok_or_else(|| TrainerError::ModelConfig {
-            field: "axes_dims".into(),
-            reason: format!("head dim {head_dim} has no default RoPE split; set model.axes_dims"),
-        })?;
     let cfg = FluxConfig {
         in_channels: x[1],
         num_heads: x[0] / head_dim,
@@ -494,7 +480,7 @@ fn infer_diffusers_config(
         num_single: count_blocks(names, "single_transformer_blocks."),
         context_dim: shape("context_embedder.weight")?[1],
         pooled_dim: shape("time_text_embed.text_embedder.linear_1.weight")?[1],
-        axes_dims: axes,
+        axes_dims: resolve_axes(axes, head_dim)?,
         theta: 10_000.0,
         guidance_embeds: names
             .iter()
