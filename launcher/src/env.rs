@@ -1,4 +1,15 @@
-//! Reading RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT.
+//! Reading RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT (the
+//! torchrun names), plus what `launcher` adds: the job token, the store address, the run id and
+//! the restart generation.
+
+/// The job token every process presents to the rendezvous store.
+pub const TOKEN: &str = "MOSAIC_JOB_TOKEN";
+/// "host:port" of the store that `launcher` runs; absent under other launchers.
+pub const STORE: &str = "MOSAIC_STORE";
+/// The run id (names the job in logs and store keys).
+pub const RUN_ID: &str = "MOSAIC_RUN_ID";
+/// How many times the launcher restarted the group (0 at first); namespaces store keys.
+pub const RESTART: &str = "MOSAIC_RESTART";
 
 /// Where this process sits in the job. A process started by hand (no variables) is rank 0 of 1.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -9,6 +20,10 @@ pub struct RankEnv {
     pub local_world_size: usize,
     pub master_addr: Option<String>,
     pub master_port: Option<u16>,
+    pub token: Option<String>,
+    pub store: Option<String>,
+    pub run_id: Option<String>,
+    pub restart: u32,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -38,6 +53,10 @@ impl RankEnv {
             local_world_size: 1,
             master_addr: None,
             master_port: None,
+            token: None,
+            store: None,
+            run_id: None,
+            restart: 0,
         }
     }
 
@@ -103,6 +122,10 @@ impl RankEnv {
             .unwrap_or(world_size),
             master_addr: get("MASTER_ADDR"),
             master_port: num(&get, "MASTER_PORT", "port (0-65535)")?,
+            token: get(TOKEN),
+            store: get(STORE),
+            run_id: get(RUN_ID),
+            restart: num(&get, RESTART, "restart count (non-negative integer)")?.unwrap_or(0),
         })
     }
 }

@@ -30,6 +30,46 @@ pub struct Config {
     pub train: TrainSection,
     #[serde(default)]
     pub data: DataSection,
+    #[serde(default)]
+    pub distributed: DistributedSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistributedSection {
+    /// "auto" (NCCL on CUDA, TCP ring on CPU), "tcp" or "nccl".
+    pub backend: crate::ddp::init::Backend,
+    /// Gradient bucket size in MiB: each bucket is all-reduced as soon as it is complete.
+    pub bucket_mb: f64,
+    /// Bound on every collective, in seconds: a rank that waits longer fails with a message
+    /// naming the peer. Must cover the slowest rank-local work between collectives.
+    pub timeout_s: f64,
+    /// Bound on reaching the store and the other ranks at start, in seconds.
+    pub connect_timeout_s: f64,
+    /// Every this many steps, check that all ranks hold identical LoRA weights (0: never).
+    pub check_weights_every: u64,
+}
+
+impl Default for DistributedSection {
+    fn default() -> Self {
+        Self {
+            backend: crate::ddp::init::Backend::Auto,
+            bucket_mb: 25.0,
+            timeout_s: 600.0,
+            connect_timeout_s: 120.0,
+            check_weights_every: 100,
+        }
+    }
+}
+
+impl DistributedSection {
+    pub fn options(&self) -> crate::ddp::DistOptions {
+        crate::ddp::DistOptions {
+            backend: self.backend,
+            timeout: std::time::Duration::from_secs_f64(self.timeout_s),
+            connect_timeout: std::time::Duration::from_secs_f64(self.connect_timeout_s),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -261,6 +301,9 @@ pub struct TrainSection {
     pub log_every: u64,
     pub on_nonfinite: OnNonFinite,
     pub progress: bool,
+    /// Exit status after a stop requested by SIGTERM, SIGINT or SIGUSR1 (all ranks stop at the
+    /// same step). Set it to what your scheduler treats as "requeue".
+    pub signal_exit_code: u8,
 }
 
 impl Default for TrainSection {
@@ -273,6 +316,7 @@ impl Default for TrainSection {
             log_every: 10,
             on_nonfinite: OnNonFinite::Skip,
             progress: true,
+            signal_exit_code: 0,
         }
     }
 }
@@ -487,6 +531,16 @@ impl Config {
         }
         if t.log_every == 0 {
             return err("train.log_every", "must be at least 1".into());
+        }
+        let d = &self.distributed;
+        for (k, v) in [
+            ("distributed.bucket_mb", d.bucket_mb),
+            ("distributed.timeout_s", d.timeout_s),
+            ("distributed.connect_timeout_s", d.connect_timeout_s),
+        ] {
+            if !positive(v) || !v.is_finite() {
+                return err(k, format!("{v} must be a positive number"));
+            }
         }
         let d = &self.data;
         if d.max_refs == 0 || d.max_refs > MAX_REFS {

@@ -10,6 +10,8 @@ pub enum TrainerError {
     Kernel(#[from] kernels::KernelError),
     #[error(transparent)]
     Tokens(#[from] datasets::TokensError),
+    #[error("distributed: {0}")]
+    Dist(#[from] crate::ddp::DistError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

@@ -4,6 +4,7 @@
 pub mod alloc;
 pub mod bench;
 pub mod config;
+pub mod ddp;
 pub mod error;
 pub mod forward;
 pub mod loader;
@@ -12,6 +13,7 @@ pub mod model;
 pub mod objective;
 pub mod optim;
 pub mod rng;
+pub mod signals;
 pub mod synth;
 pub mod train;
 

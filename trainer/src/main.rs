@@ -91,15 +91,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Train { config, set } => {
             let cfg = Config::load(&config, &set)
                 .with_context(|| format!("loading config {}", config.display()))?;
-            let outcome = trainer::train::train(cfg).context("training failed")?;
+            let exit_on_signal = cfg.train.signal_exit_code;
+            let outcome = trainer::train::train_from_env(cfg).context("training failed")?;
             let first = outcome.losses.first().map(|l| l.total).unwrap_or(f64::NAN);
             let last = outcome.losses.last().map(|l| l.total).unwrap_or(f64::NAN);
-            println!(
-                "trained {} steps (loss {first:.4} -> {last:.4}, {} skipped); LoRA written to {}",
-                outcome.losses.len(),
-                outcome.skipped,
-                outcome.lora_path.display()
-            );
+            if outcome.rank == 0 {
+                println!(
+                    "trained {} steps (loss {first:.4} -> {last:.4}, {} skipped); LoRA written to {}",
+                    outcome.losses.len(),
+                    outcome.skipped,
+                    outcome.lora_path.display()
+                );
+            }
+            if outcome.stopped_by_signal {
+                return Ok(ExitCode::from(exit_on_signal));
+            }
         }
         Command::Forward {
             weights,

@@ -14,7 +14,7 @@ use rand_distr::{Distribution, Normal, StandardNormal};
 use crate::config::{Config, MdlVariantName};
 use crate::error::{Result, TrainerError};
 use crate::model::embed::{grid_ids, reference_ids, text_ids};
-use crate::model::grad::loss_and_grads;
+use crate::model::grad::{loss_and_grads_into, GradSink, NoSink};
 use crate::model::{Flux, Lora, ModelInputs, RefInputs};
 use crate::rng::{stream, Purpose};
 use crate::synth::Sample;
@@ -268,6 +268,19 @@ pub fn loss_and_lora_grads(
     step: u64,
     checkpointing: bool,
 ) -> Result<(LossParts, Vec<Tensor>)> {
+    loss_and_lora_grads_into(model, lora, prep, spec, step, checkpointing, &mut NoSink)
+}
+
+/// As [`loss_and_lora_grads`], handing each gradient to `sink` as soon as it is final.
+pub fn loss_and_lora_grads_into(
+    model: &Flux,
+    lora: &Lora,
+    prep: &Prepared,
+    spec: &ObjectiveSpec,
+    step: u64,
+    checkpointing: bool,
+    sink: &mut dyn GradSink,
+) -> Result<(LossParts, Vec<Tensor>)> {
     let alpha = spec.scal_weight;
     let beta = spec.mdl_weight_at(step);
     let loss_fn = |pred: &Tensor, rows: Option<&[Tensor]>| -> Result<(Tensor, LossParts)> {
@@ -296,7 +309,7 @@ pub fn loss_and_lora_grads(
         parts.total = value(&total)?;
         Ok((total, parts))
     };
-    loss_and_grads(model, &prep.inputs, lora, checkpointing, loss_fn)
+    loss_and_grads_into(model, &prep.inputs, lora, checkpointing, loss_fn, sink)
 }
 
 #[cfg(test)]

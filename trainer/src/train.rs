@@ -1,17 +1,24 @@
-//! The training loop, readable top to bottom: build the run, then per step gather micro-batches,
-//! compute loss and LoRA gradients, check finiteness, clip, AdamW, EMA, log.
+//! The training loop, readable top to bottom: connect the ranks and build the run, then per step
+//! gather this rank's share of the global batch, compute loss and LoRA gradients (all-reduced
+//! bucket by bucket during the backward pass), agree on finiteness and on stopping, clip, AdamW,
+//! EMA, log.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
+use sha2::{Digest, Sha256};
 
 use crate::config::{Config, DeviceName, OnNonFinite};
+use crate::ddp::{self, BucketPlan, Dist, DistError, GradReducer, ReduceOp};
 use crate::error::{Result, TrainerError};
 use crate::loader::Loader;
 use crate::metrics::{MetricsLog, StepMetrics};
+use crate::model::grad::{readiness_order, NoSink};
 use crate::model::lora::LoraSpec;
 use crate::model::{Flux, Lora, RowBlocks, Weights};
 use crate::objective::{self, DrawAt, LossParts, ObjectiveSpec};
@@ -30,6 +37,14 @@ pub struct Run {
     pub ema: Option<Ema>,
     pub objective: ObjectiveSpec,
     pub optim: OptimSpec,
+    /// The other ranks (a single rank needs none).
+    pub dist: Dist,
+    /// Gradient buckets for the all-reduce.
+    pub plan: BucketPlan,
+    /// Set by signal handlers on this rank.
+    pub stop_requested: Arc<AtomicBool>,
+    /// Set once the ranks agreed, at the end of a step, that some rank was asked to stop.
+    pub stop_agreed: bool,
 }
 
 /// What a finished run reports.
@@ -38,18 +53,102 @@ pub struct TrainOutcome {
     pub skipped: u64,
     pub lora_path: PathBuf,
     pub run_dir: PathBuf,
+    /// The run stopped before `train.max_steps` because a rank was signalled.
+    pub stopped_by_signal: bool,
+    /// This process's rank (only rank 0 writes files).
+    pub rank: usize,
 }
 
-pub fn device_of(cfg: &Config) -> Result<Device> {
+/// The device of this rank: CUDA device `ordinal` (LOCAL_RANK) or the CPU.
+pub fn device_of(cfg: &Config, ordinal: usize) -> Result<Device> {
     Ok(match cfg.model.device {
         DeviceName::Cpu => Device::Cpu,
-        DeviceName::Cuda => Device::new_cuda(0).map_err(|e| {
+        DeviceName::Cuda => Device::new_cuda(ordinal).map_err(|e| {
             TrainerError::config(
                 "model.device",
-                format!("cannot open CUDA device 0: {e} (build with --features cuda)"),
+                format!("cannot open CUDA device {ordinal}: {e} (build with --features cuda)"),
             )
         })?,
     })
+}
+
+/// sha256 of the LoRA weights' bytes, in variable order.
+pub fn lora_digest(lora: &Lora) -> Result<Vec<u8>> {
+    let mut h = Sha256::new();
+    for (name, v) in lora.named_vars() {
+        h.update(name.as_bytes());
+        let flat = v.as_tensor().flatten_all()?;
+        match flat.dtype() {
+            DType::F64 => flat
+                .to_vec1::<f64>()?
+                .iter()
+                .for_each(|x| h.update(x.to_le_bytes())),
+            _ => flat
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?
+                .iter()
+                .for_each(|x| h.update(x.to_le_bytes())),
+        }
+    }
+    Ok(h.finalize().to_vec())
+}
+
+/// Fails naming every rank whose `value` differs from rank 0's.
+fn check_same(dist: &Dist, what: &str, value: Vec<u8>, show: fn(&[u8]) -> String) -> Result<()> {
+    if dist.world_size() == 1 {
+        return Ok(());
+    }
+    let all = dist.call(move |c| c.all_gather_bytes(&value))?;
+    let differ: Vec<String> = all
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| *v != &all[0])
+        .map(|(r, v)| format!("rank {r} has {}", show(v)))
+        .collect();
+    if differ.is_empty() {
+        return Ok(());
+    }
+    Err(DistError::Mismatch(format!(
+        "{what}: rank 0 has {}, {}",
+        show(&all[0]),
+        differ.join(", ")
+    ))
+    .into())
+}
+
+fn hex_prefix(b: &[u8]) -> String {
+    b.iter().take(6).map(|x| format!("{x:02x}")).collect()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).chars().take(12).collect()
+}
+
+/// Rank 0's initial LoRA on every rank, then verified by hash. The initialization is seeded and
+/// so already identical; the broadcast makes that a guarantee rather than an assumption.
+fn sync_lora(dist: &Dist, lora: &Lora) -> Result<()> {
+    if dist.world_size() == 1 {
+        return Ok(());
+    }
+    let vars = lora_vars(lora);
+    let flat: Vec<Tensor> = vars
+        .iter()
+        .map(|v| v.as_tensor().flatten_all())
+        .collect::<candle_core::Result<_>>()?;
+    let flat = Tensor::cat(&flat, 0)?;
+    let got = dist.call(move |c| c.broadcast(&flat, 0))?;
+    let mut offset = 0;
+    for v in vars {
+        let n = v.as_tensor().elem_count();
+        v.set(&got.narrow(0, offset, n)?.reshape(v.as_tensor().shape())?)?;
+        offset += n;
+    }
+    check_same(
+        dist,
+        "initial LoRA weights after broadcast",
+        lora_digest(lora)?,
+        hex_prefix,
+    )
 }
 
 /// The frozen base: loaded from `model.weights`, or seeded random weights of `model.preset`.
@@ -72,8 +171,22 @@ pub fn base_weights(cfg: &Config, device: &Device) -> Result<(crate::model::Flux
 }
 
 impl Run {
+    /// A single-rank run on the configured device.
     pub fn build(cfg: Config) -> Result<Self> {
-        let device = device_of(&cfg)?;
+        let device = device_of(&cfg, 0)?;
+        Self::build_with(cfg, Dist::single(), device)
+    }
+
+    /// A run as one rank of `dist`: the configs must match (fingerprint), the LoRA starts from
+    /// rank 0's, and each micro-batch of `train.batch_size` samples per rank is this rank's
+    /// slice of a global micro-batch of `batch_size * world` samples.
+    pub fn build_with(cfg: Config, dist: Dist, device: Device) -> Result<Self> {
+        check_same(
+            &dist,
+            "config fingerprint (start every rank with the same config and --set overrides)",
+            cfg.fingerprint().into_bytes(),
+            text,
+        )?;
         let (fc, weights) = base_weights(&cfg, &device)?;
         let rows = RowBlocks {
             double: cfg.loss.double_blocks.clone(),
@@ -92,6 +205,7 @@ impl Run {
             candle_core::DType::F32
         };
         let lora = Lora::new(&fc, &spec, cfg.run.seed, lora_dtype, &device)?;
+        sync_lora(&dist, &lora)?;
         let d = &cfg.data;
         let synth_spec = SynthSpec {
             samples: d.samples,
@@ -104,11 +218,23 @@ impl Run {
             pooled_dim: fc.pooled_dim,
         };
         let data = synth::generate(&synth_spec, cfg.run.seed, &device)?;
+        let world = dist.world_size();
+        let global = cfg.train.batch_size * world;
         let loader = Loader::new(
             data.iter().map(|s| s.refs.len()).collect(),
-            cfg.train.batch_size,
+            global,
             cfg.run.seed,
-        )?;
+        )
+        .map_err(|e| match e {
+            TrainerError::Config { .. } if world > 1 => TrainerError::config(
+                "train.batch_size",
+                format!(
+                    "{} per rank x {world} ranks = {global} samples per micro-batch is larger than every group of samples with equal reference counts; lower it or raise data.samples",
+                    cfg.train.batch_size
+                ),
+            ),
+            other => other,
+        })?;
         let vars = lora_vars(&lora);
         let opt = AdamW::new(&vars)?;
         let ema = if cfg.optim.ema_decay > 0.0 {
@@ -128,9 +254,22 @@ impl Run {
             schedule: o.schedule,
             min_lr_ratio: o.min_lr_ratio,
         };
+        let bytes: Vec<usize> = vars
+            .iter()
+            .map(|v| v.as_tensor().elem_count() * v.as_tensor().dtype().size_in_bytes())
+            .collect();
+        let plan = BucketPlan::new(
+            &bytes,
+            &readiness_order(&model, &lora),
+            (cfg.distributed.bucket_mb * (1 << 20) as f64) as usize,
+        );
         Ok(Self {
             objective: ObjectiveSpec::from_config(&cfg),
             optim,
+            dist,
+            plan,
+            stop_requested: Arc::new(AtomicBool::new(false)),
+            stop_agreed: false,
             cfg,
             device,
             model,
@@ -142,25 +281,30 @@ impl Run {
         })
     }
 
-    /// One optimizer step (over `train.grad_accum` micro-batches).
+    /// One optimizer step (over `train.grad_accum` micro-batches on every rank).
     pub fn train_step(&mut self, step: u64) -> Result<(StepMetrics, LossParts)> {
         let started = Instant::now();
         let lr = lr_at(&self.optim, step, self.cfg.train.max_steps);
         let accum = self.cfg.train.grad_accum;
         let batch = self.cfg.train.batch_size;
+        let (rank, world) = (self.dist.rank(), self.dist.world_size());
         let with_rows =
             self.objective.scal_weight > 0.0 || self.objective.mdl_weight_at(step) > 0.0;
-        let mut grads: Option<Vec<Tensor>> = None;
+        let mut sum: Option<Vec<Tensor>> = None;
+        let mut grads: Vec<Tensor> = Vec::new();
         let mut parts = LossParts::default();
         let mut tokens = 0usize;
         for micro in 0..accum {
-            let idx = self.loader.next_batch();
-            let samples: Vec<&Sample> = idx.iter().map(|&i| &self.data[i]).collect();
+            let global = self.loader.next_batch();
+            let mine = &global[rank * batch..(rank + 1) * batch];
+            let samples: Vec<&Sample> = mine.iter().map(|&i| &self.data[i]).collect();
             let _span = tracing::debug_span!("forward_backward", step, micro).entered();
+            // Draws are keyed by the sample's slot in the step's global batch, so they do not
+            // depend on how the batch is split over ranks.
             let at = DrawAt {
                 seed: self.cfg.run.seed,
                 step,
-                first_slot: (micro * batch) as u64,
+                first_slot: ((micro * world + rank) * batch) as u64,
             };
             let prep = objective::prepare(
                 &self.objective,
@@ -170,15 +314,46 @@ impl Run {
                 self.model.dtype(),
                 &self.device,
             )?;
-            let (p, g) = objective::loss_and_lora_grads(
-                &self.model,
-                &self.lora,
-                &prep,
-                &self.objective,
-                step,
-                self.cfg.train.checkpointing,
-            )?;
-            tokens += prep.tokens * samples.len();
+            let args = (&self.model, &self.lora, &prep, &self.objective, step);
+            let checkpointing = self.cfg.train.checkpointing;
+            let p = if micro + 1 < accum {
+                // No communication on non-final micro-steps: accumulate locally.
+                let (p, g) = objective::loss_and_lora_grads_into(
+                    args.0,
+                    args.1,
+                    args.2,
+                    args.3,
+                    args.4,
+                    checkpointing,
+                    &mut NoSink,
+                )?;
+                sum = Some(match sum.take() {
+                    None => g,
+                    Some(acc) => acc
+                        .iter()
+                        .zip(&g)
+                        .map(|(a, b)| a + b)
+                        .collect::<candle_core::Result<_>>()?,
+                });
+                p
+            } else {
+                // The final micro-step: each bucket is averaged over micro-steps and ranks as
+                // soon as the backward pass has finished it.
+                let mut reducer =
+                    GradReducer::new(&self.plan, &self.dist, sum.take(), 1.0 / accum as f64);
+                let (p, g) = objective::loss_and_lora_grads_into(
+                    args.0,
+                    args.1,
+                    args.2,
+                    args.3,
+                    args.4,
+                    checkpointing,
+                    &mut reducer,
+                )?;
+                grads = reducer.finish(&g)?;
+                p
+            };
+            tokens += prep.tokens * samples.len() * world;
             for (a, b) in [
                 (&mut parts.total, p.total),
                 (&mut parts.diff, p.diff),
@@ -187,25 +362,39 @@ impl Run {
             ] {
                 *a += b / accum as f64;
             }
-            grads = Some(match grads {
-                None => g,
-                Some(acc) => acc
-                    .iter()
-                    .zip(&g)
-                    .map(|(a, b)| a + b)
-                    .collect::<candle_core::Result<_>>()?,
-            });
         }
-        let mut grads: Vec<Tensor> = grads
-            .unwrap_or_default()
-            .iter()
-            .map(|g| g / accum as f64)
-            .collect::<candle_core::Result<_>>()?;
+        // One small all-reduce per step: the mean losses, whether any rank saw a non-finite
+        // loss, and whether any rank was asked to stop. Every rank then decides the same.
+        let local_stop = self.stop_requested.load(Ordering::SeqCst);
+        let flags = Tensor::new(
+            &[
+                parts.total,
+                parts.diff,
+                parts.scal,
+                parts.mdl,
+                f64::from(u8::from(!parts.total.is_finite())),
+                f64::from(u8::from(local_stop)),
+            ],
+            &self.device,
+        )?;
+        let agreed = self
+            .dist
+            .call(move |c| c.all_reduce(&flags, ReduceOp::Sum))?
+            .to_vec1::<f64>()?;
+        let w = world as f64;
+        parts = LossParts {
+            total: agreed[0] / w,
+            diff: agreed[1] / w,
+            scal: agreed[2] / w,
+            mdl: agreed[3] / w,
+        };
+        let any_nonfinite_loss = agreed[4] > 0.0;
+        self.stop_agreed = agreed[5] > 0.0;
         let norm = match self.optim.grad_clip {
-            Some(max) if parts.total.is_finite() => clip_global_norm(&mut grads, max)?,
+            Some(max) if !any_nonfinite_loss => clip_global_norm(&mut grads, max)?,
             _ => global_norm(&grads)?,
         };
-        let skipped = !(parts.total.is_finite() && norm.is_finite());
+        let skipped = any_nonfinite_loss || !norm.is_finite();
         if skipped {
             let what = format!("loss {}, grad norm {norm}", parts.total);
             match self.cfg.train.on_nonfinite {
@@ -221,6 +410,15 @@ impl Run {
             if let Some(ema) = &mut self.ema {
                 ema.update(&vars)?;
             }
+        }
+        let every = self.cfg.distributed.check_weights_every;
+        if every > 0 && (step + 1).is_multiple_of(every) {
+            check_same(
+                &self.dist,
+                &format!("LoRA weights after step {}", step + 1),
+                lora_digest(&self.lora)?,
+                hex_prefix,
+            )?;
         }
         let secs = started.elapsed().as_secs_f64();
         let m = StepMetrics {
@@ -279,32 +477,78 @@ fn progress_bar(steps: u64, show: bool) -> ProgressBar {
     bar
 }
 
-/// Trains as configured and writes `metrics.jsonl`, `config.toml`, `lora.safetensors` (and
-/// `lora_ema.safetensors`) under the run directory.
+/// Trains as configured on one rank (no environment read, no signal handlers).
 pub fn train(cfg: Config) -> Result<TrainOutcome> {
+    let device = device_of(&cfg, 0)?;
+    train_with(
+        cfg,
+        Dist::single(),
+        device,
+        Arc::new(AtomicBool::new(false)),
+    )
+}
+
+/// Trains as the rank the environment describes (RANK, WORLD_SIZE, ... from `launcher` or
+/// another launcher; none means a single rank), stopping cleanly on SIGTERM, SIGINT or SIGUSR1.
+pub fn train_from_env(cfg: Config) -> Result<TrainOutcome> {
+    let env = launcher::RankEnv::from_env().map_err(DistError::from)?;
+    let device = device_of(&cfg, env.local_rank)?;
+    let stop = crate::signals::stop_flag()?;
+    let dist = ddp::connect(&env, &cfg.distributed.options(), &device)?;
+    tracing::info!(
+        rank = dist.rank(),
+        world_size = dist.world_size(),
+        backend = dist.backend(),
+        "ranks connected"
+    );
+    train_with(cfg, dist, device, stop)
+}
+
+/// Trains as one rank of `dist`. Rank 0 writes `metrics.jsonl`, `config.toml`,
+/// `lora.safetensors` (and `lora_ema.safetensors`) under the run directory; the weights are
+/// identical on every rank, so no other rank waits on those writes.
+pub fn train_with(
+    cfg: Config,
+    dist: Dist,
+    device: Device,
+    stop: Arc<AtomicBool>,
+) -> Result<TrainOutcome> {
     let run_dir = cfg.run_dir();
-    std::fs::create_dir_all(&run_dir).map_err(|e| TrainerError::io(&run_dir, e))?;
-    let resolved = run_dir.join("config.toml");
-    std::fs::write(&resolved, toml::to_string(&cfg).unwrap_or_default())
-        .map_err(|e| TrainerError::io(&resolved, e))?;
-    let mut run = Run::build(cfg)?;
+    let leader = dist.rank() == 0;
+    if leader {
+        std::fs::create_dir_all(&run_dir).map_err(|e| TrainerError::io(&run_dir, e))?;
+        let resolved = run_dir.join("config.toml");
+        std::fs::write(&resolved, toml::to_string(&cfg).unwrap_or_default())
+            .map_err(|e| TrainerError::io(&resolved, e))?;
+    }
+    let rank = dist.rank();
+    let mut run = Run::build_with(cfg, dist, device)?;
+    run.stop_requested = stop;
     tracing::info!(
         run_dir = %run_dir.display(),
         lora_params = run.lora.num_params(),
         samples = run.data.len(),
+        buckets = run.plan.buckets.len(),
         fingerprint = %run.cfg.fingerprint(),
         "run built"
     );
-    let mut metrics = MetricsLog::create(&run_dir.join("metrics.jsonl"))?;
+    let mut metrics = if leader {
+        Some(MetricsLog::create(&run_dir.join("metrics.jsonl"))?)
+    } else {
+        None
+    };
     let max_steps = run.cfg.train.max_steps;
-    let bar = progress_bar(max_steps, run.cfg.train.progress);
+    let bar = progress_bar(max_steps, run.cfg.train.progress && leader);
     let mut losses = Vec::with_capacity(max_steps as usize);
     let mut skipped = 0;
+    let mut stopped_by_signal = false;
     for step in 0..max_steps {
         let (m, parts) = run.train_step(step)?;
-        metrics.write(&m)?;
+        if let Some(log) = &mut metrics {
+            log.write(&m)?;
+        }
         skipped += m.skipped as u64;
-        if (step + 1) % run.cfg.train.log_every == 0 || step + 1 == max_steps {
+        if leader && ((step + 1) % run.cfg.train.log_every == 0 || step + 1 == max_steps) {
             tracing::info!(
                 step = m.step,
                 loss = m.loss,
@@ -320,18 +564,30 @@ pub fn train(cfg: Config) -> Result<TrainOutcome> {
         bar.set_message(format!("loss {:.4}", m.loss));
         bar.inc(1);
         losses.push(parts);
+        if run.stop_agreed && step + 1 < max_steps {
+            tracing::warn!(
+                step = step + 1,
+                "stop requested by a signal: every rank stops after this step"
+            );
+            stopped_by_signal = true;
+            break;
+        }
     }
     bar.finish_and_clear();
     let lora_path = run_dir.join("lora.safetensors");
-    run.save_lora(&lora_path, false)?;
-    if run.ema.is_some() {
-        run.save_lora(&run_dir.join("lora_ema.safetensors"), true)?;
+    if leader {
+        run.save_lora(&lora_path, false)?;
+        if run.ema.is_some() {
+            run.save_lora(&run_dir.join("lora_ema.safetensors"), true)?;
+        }
+        tracing::info!(lora = %lora_path.display(), skipped, "training finished");
     }
-    tracing::info!(lora = %lora_path.display(), skipped, "training finished");
     Ok(TrainOutcome {
         losses,
         skipped,
         lora_path,
         run_dir,
+        stopped_by_signal,
+        rank,
     })
 }

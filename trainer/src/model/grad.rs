@@ -14,7 +14,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
 use super::blocks::Streams;
-use super::flux::{Flux, ModelInputs, RowAccumulator};
+use super::flux::{BlockId, Flux, ModelInputs, RowAccumulator};
 use super::lora::Lora;
 use crate::error::Result;
 
@@ -53,6 +53,55 @@ fn add_dot(obj: Option<Tensor>, a: &Tensor, b: &Tensor) -> Result<Option<Tensor>
     }))
 }
 
+/// Receives each LoRA gradient (by index in `Lora::named_vars()` order) as soon as it is final,
+/// so data parallelism can reduce it while the backward pass goes on.
+pub trait GradSink {
+    fn ready(&mut self, index: usize, grad: &Tensor) -> Result<()>;
+}
+
+/// Ignores gradients.
+pub struct NoSink;
+
+impl GradSink for NoSink {
+    fn ready(&mut self, _index: usize, _grad: &Tensor) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The block a LoRA module lives in (None: the embeddings, outside every block).
+pub fn block_of_module(module: &str) -> Option<BlockId> {
+    let index = |rest: &str| rest.split('.').next().and_then(|i| i.parse::<usize>().ok());
+    if let Some(rest) = module.strip_prefix("single_transformer_blocks.") {
+        index(rest).map(BlockId::Single)
+    } else if let Some(rest) = module.strip_prefix("transformer_blocks.") {
+        index(rest).map(BlockId::Double)
+    } else {
+        None
+    }
+}
+
+/// The block owning each LoRA variable, in `named_vars()` order.
+fn owners(lora: &Lora) -> Vec<Option<BlockId>> {
+    lora.named_vars()
+        .iter()
+        .map(|(name, _)| block_of_module(name.rsplit_once('.').map_or(name.as_str(), |p| p.0)))
+        .collect()
+}
+
+/// LoRA variable indices in the order the block-wise backward finishes them: the last block's
+/// first, the embeddings' last.
+pub fn readiness_order(model: &Flux, lora: &Lora) -> Vec<usize> {
+    let ids = model.block_ids();
+    let pos = |o: &Option<BlockId>| match o {
+        Some(id) => ids.len() - 1 - ids.iter().position(|x| x == id).unwrap_or(0),
+        None => ids.len(),
+    };
+    let own = owners(lora);
+    let mut order: Vec<usize> = (0..own.len()).collect();
+    order.sort_by_key(|&i| pos(&own[i]));
+    order
+}
+
 /// Runs the model, evaluates `loss_fn(pred, rows)` and returns its extra output with the
 /// gradient of every LoRA variable, in `lora.named_vars()` order.
 pub fn loss_and_grads<T>(
@@ -62,14 +111,32 @@ pub fn loss_and_grads<T>(
     checkpointing: bool,
     loss_fn: impl Fn(&Tensor, Option<&[Tensor]>) -> Result<(Tensor, T)>,
 ) -> Result<(T, Vec<Tensor>)> {
+    loss_and_grads_into(model, inp, lora, checkpointing, loss_fn, &mut NoSink)
+}
+
+/// As [`loss_and_grads`], also handing each gradient to `sink` once it is final: with
+/// recomputation, right after its block's backward; without, all at the end.
+pub fn loss_and_grads_into<T>(
+    model: &Flux,
+    inp: &ModelInputs,
+    lora: &Lora,
+    checkpointing: bool,
+    loss_fn: impl Fn(&Tensor, Option<&[Tensor]>) -> Result<(Tensor, T)>,
+    sink: &mut dyn GradSink,
+) -> Result<(T, Vec<Tensor>)> {
     if !checkpointing {
         let out = model.forward(inp, lora.view(true))?;
         let (total, extra) = loss_fn(&out.pred, out.rows.as_deref())?;
         let store = total.backward()?;
         let mut acc = vec![None; lora.named_vars().len()];
         accumulate(&mut acc, lora, &store)?;
-        return Ok((extra, finish(acc, lora)?));
+        let grads = finish(acc, lora)?;
+        for (i, g) in grads.iter().enumerate() {
+            sink.ready(i, g)?;
+        }
+        return Ok((extra, grads));
     }
+    let own = owners(lora);
 
     // 1. Forward without a graph, keeping each block's input.
     let ctx = model.prepare(inp)?;
@@ -139,10 +206,24 @@ pub fn loss_and_grads<T>(
         }
         let Some(obj) = obj else {
             cot = vec![None; 3];
+            for (i, (_, var)) in lora.named_vars().into_iter().enumerate() {
+                if own[i] == Some(id) {
+                    sink.ready(i, &var.as_tensor().zeros_like()?)?;
+                }
+            }
             continue;
         };
         let store = obj.backward()?;
         accumulate(&mut acc, lora, &store)?;
+        // This block's adapters are used nowhere else: their gradients are final.
+        for (i, (_, var)) in lora.named_vars().into_iter().enumerate() {
+            if own[i] == Some(id) {
+                match &acc[i] {
+                    Some(g) => sink.ready(i, g)?,
+                    None => sink.ready(i, &var.as_tensor().zeros_like()?)?,
+                }
+            }
+        }
         cot = in_vars
             .iter()
             .map(|v| store.get(v.as_tensor()).cloned())
@@ -160,5 +241,11 @@ pub fn loss_and_grads<T>(
     if let Some(obj) = obj {
         accumulate(&mut acc, lora, &obj.backward()?)?;
     }
-    Ok((extra, finish(acc, lora)?))
+    let grads = finish(acc, lora)?;
+    for (i, g) in grads.iter().enumerate() {
+        if own[i].is_none() {
+            sink.ready(i, g)?;
+        }
+    }
+    Ok((extra, grads))
 }

@@ -1,0 +1,442 @@
+//! The per-node agent: start this node's ranks, watch them, forward signals, and when a rank
+//! dies anywhere, stop the whole group and start it again while restarts remain.
+//!
+//! Agents coordinate through the rendezvous store (node 0's agent hosts it):
+//! - `launcher/gen<g>/failed`: set by the first agent whose rank failed in generation g; every
+//!   agent polls it and stops its ranks.
+//! - `launcher/gen<g>/stopped`: a counter; once every node has stopped its ranks, all agents
+//!   start generation g+1 together (or all give up).
+//! - `launcher/done`: a counter of nodes whose ranks all finished; node 0 keeps the store up
+//!   until every node has counted itself (bounded).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::env as vars;
+use crate::logs::{pump, Stream, Tail};
+use crate::store::{StoreClient, StoreError, StoreServer};
+use crate::topology::Topology;
+
+/// How often the agent looks at its ranks and the store.
+const TICK: Duration = Duration::from_millis(100);
+/// Lines of each rank's output kept for a failure report.
+const TAIL_LINES: usize = 20;
+
+#[derive(Debug, Clone)]
+pub struct LaunchSpec {
+    /// The program each rank runs, and its arguments.
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub nproc_per_node: usize,
+    pub topology: Topology,
+    pub token: String,
+    pub run_id: String,
+    pub max_restarts: u32,
+    /// After asking ranks to stop (SIGTERM), how long to wait before SIGKILL.
+    pub stop_timeout: Duration,
+    /// How long to wait for the store (other nodes) and for the other nodes to stop.
+    pub connect_timeout: Duration,
+    /// Extra environment for the ranks.
+    pub env: Vec<(String, String)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot start rank {rank} ({program}): {source}")]
+    Spawn {
+        rank: usize,
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what}\n{tail}")]
+    Failed { what: String, tail: String },
+    #[error("waiting for rank {rank}: {source}")]
+    Wait {
+        rank: usize,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What the agent reports when the run ends without error: the exit status to pass on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Finished {
+    pub exit_code: i32,
+    pub restarts: u32,
+}
+
+fn describe(status: &ExitStatus) -> String {
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(sig) = status.signal() {
+            return format!("was killed by signal {sig}");
+        }
+    }
+    match status.code() {
+        Some(c) => format!("exited with status {c}"),
+        None => "exited".into(),
+    }
+}
+
+/// Sends `sig` to a child (no-op where signals do not exist).
+pub fn send_signal(child: &Child, sig: i32) {
+    #[cfg(unix)]
+    // Safety: kill(2) with a pid we spawned and have not reaped yet.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, sig);
+    }
+    #[cfg(not(unix))]
+    let _ = (child, sig);
+}
+
+struct RankProc {
+    rank: usize,
+    child: Child,
+    status: Option<ExitStatus>,
+    tail: Arc<Tail>,
+    pumps: Vec<JoinHandle<()>>,
+}
+
+impl RankProc {
+    fn join_pumps(&mut self) {
+        for p in self.pumps.drain(..) {
+            let _ = p.join();
+        }
+    }
+}
+
+/// The group of this node's ranks for one generation.
+struct Group {
+    procs: Vec<RankProc>,
+}
+
+impl Group {
+    fn spawn(spec: &LaunchSpec, store_addr: &str, generation: u32) -> Result<Self, LaunchError> {
+        let n = spec.nproc_per_node;
+        let world = n * spec.topology.nodes;
+        let port = store_addr.rsplit(':').next().unwrap_or("0").to_string();
+        let mut procs = Vec::with_capacity(n);
+        for local in 0..n {
+            let rank = spec.topology.node_rank * n + local;
+            let mut cmd = Command::new(&spec.program);
+            cmd.args(&spec.args)
+                .env("RANK", rank.to_string())
+                .env("LOCAL_RANK", local.to_string())
+                .env("WORLD_SIZE", world.to_string())
+                .env("LOCAL_WORLD_SIZE", n.to_string())
+                .env("MASTER_ADDR", &spec.topology.master_host)
+                .env("MASTER_PORT", &port)
+                .env(vars::STORE, store_addr)
+                .env(vars::TOKEN, &spec.token)
+                .env(vars::RUN_ID, &spec.run_id)
+                .env(vars::RESTART, generation.to_string())
+                .envs(spec.env.iter().map(|(k, v)| (k, v)))
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            detach(&mut cmd);
+            let mut child = cmd.spawn().map_err(|source| LaunchError::Spawn {
+                rank,
+                program: spec.program.display().to_string(),
+                source,
+            })?;
+            let tail = Tail::new(TAIL_LINES);
+            let prefix = format!("[rank {rank}]");
+            let mut pumps = Vec::new();
+            let spawn_err = |source| LaunchError::Spawn {
+                rank,
+                program: "log thread".into(),
+                source,
+            };
+            if let Some(out) = child.stdout.take() {
+                pumps.push(
+                    pump(out, prefix.clone(), Stream::Stdout, tail.clone()).map_err(spawn_err)?,
+                );
+            }
+            if let Some(err) = child.stderr.take() {
+                pumps.push(pump(err, prefix, Stream::Stderr, tail.clone()).map_err(spawn_err)?);
+            }
+            procs.push(RankProc {
+                rank,
+                child,
+                status: None,
+                tail,
+                pumps,
+            });
+        }
+        Ok(Self { procs })
+    }
+
+    /// Reaps exited ranks; returns the first newly failed one.
+    fn poll(&mut self) -> Result<Option<usize>, LaunchError> {
+        let mut failed = None;
+        for (i, p) in self.procs.iter_mut().enumerate() {
+            if p.status.is_some() {
+                continue;
+            }
+            let st = p.child.try_wait().map_err(|source| LaunchError::Wait {
+                rank: p.rank,
+                source,
+            })?;
+            if let Some(st) = st {
+                p.status = Some(st);
+                if !st.success() && failed.is_none() {
+                    failed = Some(i);
+                }
+            }
+        }
+        Ok(failed)
+    }
+
+    fn all_exited(&self) -> bool {
+        self.procs.iter().all(|p| p.status.is_some())
+    }
+
+    fn signal_live(&self, sig: i32) {
+        for p in self.procs.iter().filter(|p| p.status.is_none()) {
+            send_signal(&p.child, sig);
+        }
+    }
+
+    /// SIGTERM, then SIGKILL for any rank still alive after `grace`; waits for all.
+    fn stop(&mut self, grace: Duration) -> Result<(), LaunchError> {
+        #[cfg(unix)]
+        self.signal_live(libc::SIGTERM);
+        let deadline = Instant::now() + grace;
+        while !self.all_exited() && Instant::now() < deadline {
+            self.poll()?;
+            std::thread::sleep(TICK);
+        }
+        for p in self.procs.iter_mut().filter(|p| p.status.is_none()) {
+            let _ = p.child.kill();
+            p.status = p.child.wait().ok();
+        }
+        for p in &mut self.procs {
+            p.join_pumps();
+        }
+        Ok(())
+    }
+
+    /// The exit code to pass on once all ranks exited: 0, or the first non-zero code.
+    fn exit_code(&self) -> i32 {
+        self.procs
+            .iter()
+            .filter_map(|p| p.status.map(|s| s.code().unwrap_or(1)))
+            .find(|&c| c != 0)
+            .unwrap_or(0)
+    }
+}
+
+/// Children in their own process group (a terminal's Ctrl-C reaches only the launcher, which
+/// forwards it once) that die with the launcher.
+fn detach(cmd: &mut Command) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0);
+        #[cfg(target_os = "linux")]
+        // Safety: prctl is async-signal-safe and touches only the child's own state.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = cmd;
+}
+
+/// Runs the job on this node until it ends. `signals` delivers signals the launcher received
+/// (SIGTERM, SIGINT, SIGUSR1), which are forwarded to the ranks.
+pub fn run(spec: &LaunchSpec, signals: &Receiver<i32>) -> Result<Finished, LaunchError> {
+    let topo = &spec.topology;
+    let mut server = None;
+    let store_addr = if topo.node_rank == 0 {
+        let port = topo.master_port.unwrap_or(0);
+        let s = StoreServer::bind(&format!("0.0.0.0:{port}"), &spec.token)?;
+        let addr = format!("{}:{}", topo.master_host, s.local_addr().port());
+        server = Some(s);
+        addr
+    } else {
+        format!(
+            "{}:{}",
+            topo.master_host,
+            topo.master_port.unwrap_or(crate::topology::DEFAULT_PORT)
+        )
+    };
+    let mut store = StoreClient::connect(&store_addr, &spec.token, spec.connect_timeout)?;
+    eprintln!(
+        "launcher: node {}/{} ({}), {} ranks per node, world size {}, store {}",
+        topo.node_rank,
+        topo.nodes,
+        topo.source,
+        spec.nproc_per_node,
+        topo.nodes * spec.nproc_per_node,
+        store_addr
+    );
+    let mut generation = 0u32;
+    let result = loop {
+        let mut group = Group::spawn(spec, &store_addr, generation)?;
+        match watch(spec, &mut group, &mut store, generation, signals)? {
+            Outcome::Done(code) => {
+                store.add("launcher/done", 1)?;
+                break Ok(Finished {
+                    exit_code: code,
+                    restarts: generation,
+                });
+            }
+            Outcome::Failed { what, tail } => {
+                let stopped = format!("launcher/gen{generation}/stopped");
+                store.add(&stopped, 1)?;
+                wait_count(
+                    &mut store,
+                    &stopped,
+                    topo.nodes,
+                    spec.connect_timeout + spec.stop_timeout,
+                )?;
+                let interrupted = signals.try_recv().is_ok();
+                if generation < spec.max_restarts && !interrupted {
+                    generation += 1;
+                    eprintln!(
+                        "launcher: {what}; restarting the group (restart {generation} of {})",
+                        spec.max_restarts
+                    );
+                    continue;
+                }
+                break Err(LaunchError::Failed {
+                    what: format!(
+                        "launcher: {what}; no restarts left (--max-restarts {})",
+                        spec.max_restarts
+                    ),
+                    tail,
+                });
+            }
+        }
+    };
+    if server.is_some() {
+        // Other nodes still talk to the store until they are done: keep it up, bounded.
+        let _ = wait_count(
+            &mut store,
+            "launcher/done",
+            topo.nodes,
+            spec.connect_timeout,
+        );
+    }
+    drop(server);
+    result
+}
+
+enum Outcome {
+    Done(i32),
+    Failed { what: String, tail: String },
+}
+
+/// Watches one generation until every rank exits or the group fails somewhere.
+fn watch(
+    spec: &LaunchSpec,
+    group: &mut Group,
+    store: &mut StoreClient,
+    generation: u32,
+    signals: &Receiver<i32>,
+) -> Result<Outcome, LaunchError> {
+    let failed_key = format!("launcher/gen{generation}/failed");
+    let mut forwarded: HashMap<i32, u32> = HashMap::new();
+    let mut last_store_check = Instant::now();
+    loop {
+        while let Ok(sig) = signals.try_recv() {
+            let n = forwarded.entry(sig).or_default();
+            *n += 1;
+            #[cfg(unix)]
+            if sig == libc::SIGINT && *n > 1 {
+                eprintln!("launcher: second interrupt: killing all ranks");
+                group.signal_live(libc::SIGKILL);
+                continue;
+            }
+            eprintln!("launcher: forwarding signal {sig} to the ranks");
+            group.signal_live(sig);
+        }
+        if let Some(i) = group.poll()? {
+            let p = &mut group.procs[i];
+            if forwarded.is_empty() {
+                let what = format!(
+                    "rank {} on node {} {}",
+                    p.rank,
+                    spec.topology.node_rank,
+                    describe(&p.status.unwrap_or_default())
+                );
+                if store.try_get(&failed_key)?.is_none() {
+                    store.set(&failed_key, what.as_bytes())?;
+                }
+                let rank = p.rank;
+                group.stop(spec.stop_timeout)?;
+                let p = &group.procs[i];
+                let tail = p
+                    .tail
+                    .lines()
+                    .iter()
+                    .map(|l| format!("  [rank {rank}] {l}"))
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                return Ok(Outcome::Failed {
+                    what,
+                    tail: format!("last lines of rank {rank}:\n{tail}"),
+                });
+            }
+            // After a forwarded signal a non-zero status is the requested stop, not a crash.
+        }
+        if group.all_exited() {
+            for p in &mut group.procs {
+                p.join_pumps();
+            }
+            return Ok(Outcome::Done(group.exit_code()));
+        }
+        if last_store_check.elapsed() >= TICK * 5 {
+            last_store_check = Instant::now();
+            if let Some(what) = store.try_get(&failed_key)? {
+                let what = String::from_utf8_lossy(&what).into_owned();
+                group.stop(spec.stop_timeout)?;
+                return Ok(Outcome::Failed {
+                    what,
+                    tail: "(the failed rank ran on another node; its launcher shows its output)"
+                        .into(),
+                });
+            }
+        }
+        std::thread::sleep(TICK);
+    }
+}
+
+/// Waits until counter `key` reaches `n`.
+fn wait_count(
+    store: &mut StoreClient,
+    key: &str,
+    n: usize,
+    wait: Duration,
+) -> Result<(), LaunchError> {
+    let started = Instant::now();
+    loop {
+        let have = store.add(key, 0)?;
+        if have as usize >= n {
+            return Ok(());
+        }
+        if started.elapsed() > wait {
+            return Err(StoreError::Timeout {
+                key: key.to_string(),
+                waited: started.elapsed(),
+                hint: format!(" ({have} of {n} nodes reported)"),
+            }
+            .into());
+        }
+        std::thread::sleep(TICK);
+    }
+}

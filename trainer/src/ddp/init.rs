@@ -1,0 +1,134 @@
+//! Connecting the ranks: find the store (the launcher's, or one rank 0 hosts under another
+//! launcher), then build the backend on the communication thread.
+
+use std::time::Duration;
+
+use candle_core::Device;
+use launcher::{RankEnv, StoreClient, StoreServer};
+use serde::{Deserialize, Serialize};
+
+use super::tcp::TcpRing;
+use super::{Collective, Dist, DistError, DistResult};
+
+/// Which collective backend the ranks use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// NCCL on CUDA devices, the TCP ring on CPU.
+    Auto,
+    Tcp,
+    Nccl,
+}
+
+#[derive(Debug, Clone)]
+pub struct DistOptions {
+    pub backend: Backend,
+    /// Bound on every collective (long enough for a checkpoint save on another rank).
+    pub timeout: Duration,
+    /// Bound on reaching the store and the other ranks at start.
+    pub connect_timeout: Duration,
+}
+
+/// Connects this process to the others described by `env`; world size 1 needs nothing.
+///
+/// Under `launcher`, MOSAIC_STORE names its store. Under another launcher (torchrun, a SLURM
+/// script) rank 0 hosts a store at MASTER_ADDR:MASTER_PORT+1, since MASTER_PORT itself belongs
+/// to that launcher.
+pub fn connect(env: &RankEnv, opts: &DistOptions, device: &Device) -> DistResult<Dist> {
+    if env.world_size == 1 {
+        return Ok(Dist::single());
+    }
+    let token = env.token.clone().unwrap_or_default();
+    let mut hosted = None;
+    let store_addr = match &env.store {
+        Some(a) => a.clone(),
+        None => {
+            let missing = || {
+                DistError::Rendezvous(format!(
+                    "WORLD_SIZE={} but neither {} (set by `launcher`) nor MASTER_ADDR and MASTER_PORT (set by torchrun or your script) are set",
+                    env.world_size,
+                    launcher::env::STORE
+                ))
+            };
+            let host = env.master_addr.clone().ok_or_else(missing)?;
+            let port = env
+                .master_port
+                .ok_or_else(missing)?
+                .checked_add(1)
+                .ok_or_else(|| {
+                    DistError::Rendezvous(
+                        "MASTER_PORT=65535 leaves no port for the store (MASTER_PORT+1)".into(),
+                    )
+                })?;
+            if env.rank == 0 {
+                if token.is_empty() {
+                    tracing::warn!(
+                        "no {} set: the store accepts any process that reaches it",
+                        launcher::env::TOKEN
+                    );
+                }
+                hosted = Some(StoreServer::bind(&format!("0.0.0.0:{port}"), &token)?);
+            }
+            format!("{host}:{port}")
+        }
+    };
+    let prefix = format!(
+        "{}/gen{}",
+        env.run_id.as_deref().unwrap_or("run"),
+        env.restart
+    );
+    let use_nccl = match opts.backend {
+        Backend::Auto => device.is_cuda(),
+        Backend::Tcp => false,
+        Backend::Nccl => true,
+    };
+    let (rank, world) = (env.rank, env.world_size);
+    let (timeout, connect_timeout) = (opts.timeout, opts.connect_timeout);
+    let device = device.clone();
+    let mut dist = Dist::start(move || -> DistResult<Box<dyn Collective>> {
+        let mut store = StoreClient::connect(&store_addr, &token, connect_timeout)?;
+        if use_nccl {
+            return nccl_backend(store, &prefix, rank, world, &device, connect_timeout);
+        }
+        Ok(Box::new(TcpRing::connect(
+            &mut store,
+            &prefix,
+            rank,
+            world,
+            connect_timeout,
+            timeout,
+        )?))
+    })?;
+    if let Some(server) = hosted {
+        dist.keep(Box::new(server));
+    }
+    Ok(dist)
+}
+
+#[cfg(feature = "cuda")]
+fn nccl_backend(
+    store: StoreClient,
+    prefix: &str,
+    rank: usize,
+    world: usize,
+    device: &Device,
+    timeout: Duration,
+) -> DistResult<Box<dyn Collective>> {
+    Ok(Box::new(super::nccl::Nccl::connect(
+        store, prefix, rank, world, device, timeout,
+    )?))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn nccl_backend(
+    _store: StoreClient,
+    _prefix: &str,
+    _rank: usize,
+    _world: usize,
+    _device: &Device,
+    _timeout: Duration,
+) -> DistResult<Box<dyn Collective>> {
+    Err(DistError::Nccl(
+        "this trainer was built without CUDA support (build with --features cuda) or set distributed.backend = \"tcp\"".into(),
+    ))
+}

@@ -1,0 +1,379 @@
+//! The CPU backend: a ring over TCP. Rank r sends to r+1 and receives from r-1.
+//!
+//! All-reduce is the bandwidth-optimal ring: a reduce-scatter (w-1 steps, each rank adds the
+//! chunk it receives to its own), after which rank r holds the complete sum of chunk (r+1) mod w,
+//! then an all-gather of those chunks (w-1 steps). Each element is summed by one rank in one
+//! fixed order and then copied, so every rank ends with identical bits. Sending and receiving
+//! run at the same time (a scoped thread sends) so large messages cannot deadlock the ring on
+//! full socket buffers.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use half::bf16;
+use launcher::StoreClient;
+
+use super::{Collective, DistError, DistResult, ReduceOp};
+
+pub struct TcpRing {
+    rank: usize,
+    world: usize,
+    /// To rank + 1.
+    next: Option<TcpStream>,
+    /// From rank - 1.
+    prev: Option<TcpStream>,
+    timeout: Duration,
+}
+
+fn io_err(op: &'static str, peer: usize, timeout: Duration, e: std::io::Error) -> DistError {
+    match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => DistError::Timeout {
+            op,
+            peer,
+            waited: timeout,
+        },
+        _ => DistError::Peer {
+            op,
+            peer,
+            source: e,
+        },
+    }
+}
+
+impl TcpRing {
+    /// Connects rank `rank` of `world` into the ring, exchanging listening addresses through the
+    /// store under `prefix`. `timeout` bounds the setup, `op_timeout` every later operation.
+    pub fn connect(
+        store: &mut StoreClient,
+        prefix: &str,
+        rank: usize,
+        world: usize,
+        timeout: Duration,
+        op_timeout: Duration,
+    ) -> DistResult<Self> {
+        if world == 1 {
+            return Ok(Self {
+                rank,
+                world,
+                next: None,
+                prev: None,
+                timeout: op_timeout,
+            });
+        }
+        let rdv = |what: String| DistError::Rendezvous(what);
+        let listener = TcpListener::bind("0.0.0.0:0")
+            .map_err(|e| rdv(format!("cannot open a listening socket: {e}")))?;
+        let port = listener
+            .local_addr()
+            .map_err(|e| rdv(e.to_string()))?
+            .port();
+        let ip = store.local_ip()?;
+        store.set(
+            &format!("{prefix}/ring/{rank}"),
+            SocketAddr::new(ip, port).to_string().as_bytes(),
+        )?;
+        let next_rank = (rank + 1) % world;
+        let prev_rank = (rank + world - 1) % world;
+        let next_addr =
+            String::from_utf8_lossy(&store.get(&format!("{prefix}/ring/{next_rank}"), timeout)?)
+                .into_owned();
+        let next_addr: SocketAddr = next_addr.parse().map_err(|e| {
+            rdv(format!(
+                "rank {next_rank} published a bad address {next_addr:?}: {e}"
+            ))
+        })?;
+        let started = Instant::now();
+        let mut next = loop {
+            match TcpStream::connect_timeout(&next_addr, Duration::from_secs(5)) {
+                Ok(s) => break s,
+                Err(e) if started.elapsed() < timeout => {
+                    tracing::debug!(%e, %next_addr, "ring connect retry");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => {
+                    return Err(rdv(format!(
+                        "cannot connect to rank {next_rank} at {next_addr}: {e}"
+                    )))
+                }
+            }
+        };
+        next.write_all(&(rank as u64).to_le_bytes())
+            .map_err(|e| io_err("ring setup", next_rank, timeout, e))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| rdv(e.to_string()))?;
+        let mut prev = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if started.elapsed() > timeout {
+                        return Err(DistError::Timeout {
+                            op: "ring setup",
+                            peer: prev_rank,
+                            waited: timeout,
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(rdv(format!("accept failed: {e}"))),
+            }
+        };
+        prev.set_nonblocking(false)
+            .map_err(|e| rdv(e.to_string()))?;
+        prev.set_read_timeout(Some(timeout))
+            .map_err(|e| rdv(e.to_string()))?;
+        let mut hello = [0u8; 8];
+        prev.read_exact(&mut hello)
+            .map_err(|e| io_err("ring setup", prev_rank, timeout, e))?;
+        let from = u64::from_le_bytes(hello) as usize;
+        if from != prev_rank {
+            return Err(rdv(format!(
+                "expected rank {prev_rank} to connect, got rank {from}"
+            )));
+        }
+        for s in [&next, &prev] {
+            s.set_nodelay(true).map_err(|e| rdv(e.to_string()))?;
+            s.set_write_timeout(Some(op_timeout))
+                .map_err(|e| rdv(e.to_string()))?;
+            s.set_read_timeout(Some(op_timeout))
+                .map_err(|e| rdv(e.to_string()))?;
+        }
+        Ok(Self {
+            rank,
+            world,
+            next: Some(next),
+            prev: Some(prev),
+            timeout: op_timeout,
+        })
+    }
+
+    fn next_rank(&self) -> usize {
+        (self.rank + 1) % self.world
+    }
+
+    fn prev_rank(&self) -> usize {
+        (self.rank + self.world - 1) % self.world
+    }
+
+    /// Sends `out` to the next rank while reading `len` bytes from the previous one.
+    fn exchange(&mut self, op: &'static str, out: &[u8], len: usize) -> DistResult<Vec<u8>> {
+        let (next_rank, prev_rank, timeout) = (self.next_rank(), self.prev_rank(), self.timeout);
+        let (Some(next), Some(prev)) = (self.next.as_mut(), self.prev.as_mut()) else {
+            return Err(DistError::Rendezvous("ring is not connected".into()));
+        };
+        let mut buf = vec![0u8; len];
+        std::thread::scope(|s| {
+            let sender = s.spawn(move || next.write_all(out));
+            let got = prev.read_exact(&mut buf);
+            let sent = sender
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("sender thread panicked")));
+            got.map_err(|e| io_err(op, prev_rank, timeout, e))?;
+            sent.map_err(|e| io_err(op, next_rank, timeout, e))
+        })?;
+        Ok(buf)
+    }
+
+    /// Sends a length-prefixed message while receiving one.
+    fn exchange_framed(&mut self, op: &'static str, out: &[u8]) -> DistResult<Vec<u8>> {
+        let header = self.exchange(op, &(out.len() as u64).to_le_bytes(), 8)?;
+        let len = u64::from_le_bytes(header.try_into().unwrap_or([0; 8])) as usize;
+        self.exchange(op, out, len)
+    }
+
+    fn ring_all_reduce<E: Elem>(&mut self, data: &mut [E]) -> DistResult<()> {
+        let w = self.world;
+        let n = data.len();
+        let bounds = |c: usize| (c * n / w, (c + 1) * n / w);
+        let r = self.rank;
+        for s in 0..w - 1 {
+            let (send_c, recv_c) = ((r + w - s) % w, (r + 2 * w - s - 1) % w);
+            let (a, b) = bounds(send_c);
+            let out = E::encode(&data[a..b]);
+            let (c, d) = bounds(recv_c);
+            let got = self.exchange("all_reduce", &out, (d - c) * E::SIZE)?;
+            for (x, y) in data[c..d].iter_mut().zip(E::decode(&got)) {
+                *x = x.add(y);
+            }
+        }
+        for s in 0..w - 1 {
+            let (send_c, recv_c) = ((r + 1 + w - s) % w, (r + w - s) % w);
+            let (a, b) = bounds(send_c);
+            let out = E::encode(&data[a..b]);
+            let (c, d) = bounds(recv_c);
+            let got = self.exchange("all_reduce", &out, (d - c) * E::SIZE)?;
+            data[c..d].copy_from_slice(&E::decode(&got));
+        }
+        Ok(())
+    }
+}
+
+/// An element the ring can add and move as little-endian bytes.
+trait Elem: Copy + Send + Sync {
+    const SIZE: usize;
+    fn add(self, o: Self) -> Self;
+    fn encode(xs: &[Self]) -> Vec<u8>;
+    fn decode(b: &[u8]) -> Vec<Self>;
+}
+
+macro_rules! float_elem {
+    ($t:ty, $n:expr) => {
+        impl Elem for $t {
+            const SIZE: usize = $n;
+            fn add(self, o: Self) -> Self {
+                self + o
+            }
+            fn encode(xs: &[Self]) -> Vec<u8> {
+                xs.iter().flat_map(|x| x.to_le_bytes()).collect()
+            }
+            fn decode(b: &[u8]) -> Vec<Self> {
+                b.chunks_exact($n)
+                    .map(|c| <$t>::from_le_bytes(c.try_into().unwrap_or([0; $n])))
+                    .collect()
+            }
+        }
+    };
+}
+float_elem!(f32, 4);
+float_elem!(f64, 8);
+
+fn scale<E: Copy>(xs: &mut [E], f: impl Fn(E) -> E) {
+    for x in xs {
+        *x = f(*x);
+    }
+}
+
+impl Collective for TcpRing {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world
+    }
+    fn backend(&self) -> &'static str {
+        "tcp"
+    }
+
+    fn all_reduce(&mut self, t: &Tensor, op: ReduceOp) -> DistResult<Tensor> {
+        if self.world == 1 {
+            return Ok(t.clone());
+        }
+        let shape = t.shape().clone();
+        let device = t.device().clone();
+        let w = self.world as f64;
+        let mean = op == ReduceOp::Mean;
+        let out = match t.dtype() {
+            DType::F32 => {
+                let mut v = t.flatten_all()?.to_vec1::<f32>()?;
+                self.ring_all_reduce(&mut v)?;
+                if mean {
+                    scale(&mut v, |x| x / w as f32);
+                }
+                Tensor::from_vec(v, shape, &Device::Cpu)?
+            }
+            DType::F64 => {
+                let mut v = t.flatten_all()?.to_vec1::<f64>()?;
+                self.ring_all_reduce(&mut v)?;
+                if mean {
+                    scale(&mut v, |x| x / w);
+                }
+                Tensor::from_vec(v, shape, &Device::Cpu)?
+            }
+            // bf16 is summed in f32 and rounded once at the end.
+            DType::BF16 => {
+                let mut v: Vec<f32> = t
+                    .flatten_all()?
+                    .to_vec1::<bf16>()?
+                    .into_iter()
+                    .map(f32::from)
+                    .collect();
+                self.ring_all_reduce(&mut v)?;
+                if mean {
+                    scale(&mut v, |x| x / w as f32);
+                }
+                let v: Vec<bf16> = v.into_iter().map(bf16::from_f32).collect();
+                Tensor::from_vec(v, shape, &Device::Cpu)?
+            }
+            other => return Err(DistError::Dtype(other)),
+        };
+        Ok(out.to_device(&device)?)
+    }
+
+    fn broadcast(&mut self, t: &Tensor, root: usize) -> DistResult<Tensor> {
+        if self.world == 1 {
+            return Ok(t.clone());
+        }
+        // Passed along the ring: after hop k the rank k after the root has it. A leading flag
+        // byte tells "no data yet" from an empty tensor.
+        let mut have = (self.rank == root).then(|| tensor_bytes(t)).transpose()?;
+        for _ in 0..self.world - 1 {
+            let out = match &have {
+                Some(b) => [&[1u8][..], b].concat(),
+                None => vec![0u8],
+            };
+            let got = self.exchange_framed("broadcast", &out)?;
+            if have.is_none() && got.first() == Some(&1) {
+                have = Some(got[1..].to_vec());
+            }
+        }
+        let bytes = have.ok_or_else(|| {
+            DistError::Rendezvous(format!("broadcast from rank {root} never arrived"))
+        })?;
+        tensor_from_bytes(&bytes, t)
+    }
+
+    fn all_gather_bytes(&mut self, mine: &[u8]) -> DistResult<Vec<Vec<u8>>> {
+        let w = self.world;
+        let mut all = vec![Vec::new(); w];
+        all[self.rank] = mine.to_vec();
+        for s in 0..w.saturating_sub(1) {
+            let send_i = (self.rank + w - s) % w;
+            let recv_i = (self.rank + 2 * w - s - 1) % w;
+            let out = all[send_i].clone();
+            all[recv_i] = self.exchange_framed("all_gather", &out)?;
+        }
+        Ok(all)
+    }
+}
+
+/// The raw little-endian bytes of a tensor (f32, f64 or bf16).
+fn tensor_bytes(t: &Tensor) -> DistResult<Vec<u8>> {
+    let flat = t.flatten_all()?;
+    Ok(match t.dtype() {
+        DType::F32 => f32::encode(&flat.to_vec1::<f32>()?),
+        DType::F64 => f64::encode(&flat.to_vec1::<f64>()?),
+        DType::BF16 => flat
+            .to_vec1::<bf16>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+        other => return Err(DistError::Dtype(other)),
+    })
+}
+
+/// A tensor like `like` (shape, dtype, device) holding `bytes`.
+fn tensor_from_bytes(bytes: &[u8], like: &Tensor) -> DistResult<Tensor> {
+    let shape = like.shape().clone();
+    let want = shape.elem_count() * like.dtype().size_in_bytes();
+    if bytes.len() != want {
+        return Err(DistError::Mismatch(format!(
+            "broadcast of a {shape:?} tensor carried {} bytes, expected {want}",
+            bytes.len()
+        )));
+    }
+    let t = match like.dtype() {
+        DType::F32 => Tensor::from_vec(f32::decode(bytes), shape, &Device::Cpu)?,
+        DType::F64 => Tensor::from_vec(f64::decode(bytes), shape, &Device::Cpu)?,
+        DType::BF16 => {
+            let v: Vec<bf16> = bytes
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]))
+                .collect();
+            Tensor::from_vec(v, shape, &Device::Cpu)?
+        }
+        other => return Err(DistError::Dtype(other)),
+    };
+    Ok(t.to_device(like.device())?)
+}
