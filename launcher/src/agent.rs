@@ -6,8 +6,9 @@
 //!   agent polls it and stops its ranks.
 //! - `launcher/gen<g>/stopped`: a counter; once every node has stopped its ranks, all agents
 //!   start generation g+1 together (or all give up).
-//! - `launcher/done`: a counter of nodes whose ranks all finished; node 0 keeps the store up
-//!   until every node has counted itself (bounded).
+//! - `launcher/exit`: a counter of agents that are done with the store (their ranks finished,
+//!   or the job failed); node 0 keeps the store up until every node has counted itself
+//!   (bounded), so no agent loses the store in the middle of a request.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -289,7 +290,6 @@ pub fn run(spec: &LaunchSpec, signals: &Receiver<i32>) -> Result<Finished, Launc
         let mut group = Group::spawn(spec, &store_addr, generation)?;
         match watch(spec, &mut group, &mut store, generation, signals)? {
             Outcome::Done(code) => {
-                store.add("launcher/done", 1)?;
                 break Ok(Finished {
                     exit_code: code,
                     restarts: generation,
@@ -313,21 +313,24 @@ pub fn run(spec: &LaunchSpec, signals: &Receiver<i32>) -> Result<Finished, Launc
                     );
                     continue;
                 }
+                let why = if interrupted {
+                    "a signal asked the launcher to stop".to_string()
+                } else {
+                    format!("no restarts left (--max-restarts {})", spec.max_restarts)
+                };
                 break Err(LaunchError::Failed {
-                    what: format!(
-                        "launcher: {what}; no restarts left (--max-restarts {})",
-                        spec.max_restarts
-                    ),
+                    what: format!("launcher: {what}; {why}"),
                     tail,
                 });
             }
         }
     };
+    let _ = store.add("launcher/exit", 1);
     if server.is_some() {
         // Other nodes still talk to the store until they are done: keep it up, bounded.
         let _ = wait_count(
             &mut store,
-            "launcher/done",
+            "launcher/exit",
             topo.nodes,
             spec.connect_timeout,
         );

@@ -1,6 +1,7 @@
 //! Integration tests of the trainer, one binary (DESIGN.md §10).
 
 mod common;
+mod distributed;
 mod gradients;
 mod parity;
 mod training;

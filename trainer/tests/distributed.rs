@@ -1,0 +1,417 @@
+//! Data parallelism. Ranks as threads of this process talk over loopback TCP through a real
+//! store exactly as separate processes do; the launcher tests run real `trainer` processes
+//! under the launcher's agent, as two nodes and through a killed rank.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use launcher::agent::{self, LaunchSpec};
+use launcher::topology::Topology;
+use launcher::{RankEnv, StoreServer};
+use trainer::ddp::init::Backend;
+use trainer::ddp::{self, Dist, DistOptions, ReduceOp};
+use trainer::train::Run;
+
+use crate::common::{repo_root, tiny_config};
+
+fn rank_env(rank: usize, world: usize, store: &str, token: &str) -> RankEnv {
+    RankEnv {
+        rank,
+        local_rank: rank,
+        world_size: world,
+        local_world_size: world,
+        master_addr: None,
+        master_port: None,
+        token: Some(token.into()),
+        store: Some(store.into()),
+        run_id: Some("test".into()),
+        restart: 0,
+    }
+}
+
+fn options() -> DistOptions {
+    DistOptions {
+        backend: Backend::Tcp,
+        timeout: Duration::from_secs(60),
+        connect_timeout: Duration::from_secs(30),
+    }
+}
+
+/// Runs `f(rank, dist)` for every rank of a `world`-rank job, each on its own thread.
+fn with_ranks<R, F>(world: usize, f: F) -> Vec<R>
+where
+    R: Send + 'static,
+    F: Fn(usize, Dist) -> R + Send + Sync + Clone + 'static,
+{
+    let server = StoreServer::bind("127.0.0.1:0", "token").unwrap();
+    let addr = server.local_addr().to_string();
+    let handles: Vec<_> = (0..world)
+        .map(|rank| {
+            let (addr, f) = (addr.clone(), f.clone());
+            std::thread::spawn(move || {
+                let dist = ddp::connect(
+                    &rank_env(rank, world, &addr, "token"),
+                    &options(),
+                    &Device::Cpu,
+                )
+                .unwrap();
+                f(rank, dist)
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+#[test]
+fn ring_collectives_give_every_rank_the_same_exact_answer() {
+    // 3 ranks and 7 elements: uneven chunks, and a 2-element buffer leaves a chunk empty.
+    let results = with_ranks(3, |rank, dist| {
+        let r = rank as f32;
+        let v: Vec<f32> = (0..7).map(|i| i as f32 * 0.1 + r).collect();
+        let t = Tensor::new(v.as_slice(), &Device::Cpu).unwrap();
+        let sum = dist
+            .call(move |c| c.all_reduce(&t, ReduceOp::Sum))
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let t = Tensor::new(&[1.0f64 + rank as f64, 2.0], &Device::Cpu).unwrap();
+        let mean = dist
+            .call(move |c| c.all_reduce(&t, ReduceOp::Mean))
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let t = Tensor::new(&[0.5f32 * (rank + 1) as f32; 5], &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let bf = dist
+            .call(move |c| c.all_reduce(&t, ReduceOp::Sum))
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let t = Tensor::new(&[[rank as f32; 2]; 2], &Device::Cpu).unwrap();
+        let bc = dist
+            .call(move |c| c.broadcast(&t, 1))
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let mine = vec![rank as u8; rank + 1];
+        let gathered = dist.call(move |c| c.all_gather_bytes(&mine)).unwrap();
+        dist.call(|c| c.barrier()).unwrap();
+        (sum, mean, bf, bc, gathered)
+    });
+    let expect_sum: Vec<f32> = (0..7).map(|i| 3.0 * (i as f32 * 0.1) + 3.0).collect();
+    for (sum, mean, bf, bc, gathered) in &results {
+        for (a, b) in sum.iter().zip(&expect_sum) {
+            assert!((a - b).abs() < 1e-5, "{sum:?}");
+        }
+        assert_eq!(sum, &results[0].0, "every rank holds the same bits");
+        assert_eq!(mean, &vec![2.0, 2.0]);
+        assert_eq!(bf, &vec![3.0; 5]);
+        assert_eq!(bc, &vec![vec![1.0; 2]; 2]);
+        assert_eq!(gathered, &vec![vec![0], vec![1, 1], vec![2, 2, 2]]);
+    }
+}
+
+/// The LoRA weights and per-step losses of `steps` steps as rank `rank` of `dist`.
+fn train_rank(dir: &Path, sets: &[String], dist: Dist, steps: u64) -> (Vec<Vec<f64>>, Vec<f64>) {
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let cfg = tiny_config(dir, &sets);
+    let mut run = Run::build_with(cfg, dist, Device::Cpu).unwrap();
+    let losses = (0..steps)
+        .map(|s| run.train_step(s).unwrap().1.total)
+        .collect();
+    let weights = run
+        .lora
+        .named_vars()
+        .iter()
+        .map(|(_, v)| {
+            v.as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+        })
+        .collect();
+    (weights, losses)
+}
+
+fn assert_same_run(a: &(Vec<Vec<f64>>, Vec<f64>), b: &(Vec<Vec<f64>>, Vec<f64>), what: &str) {
+    for (x, y) in a.1.iter().zip(&b.1) {
+        assert!(
+            (x - y).abs() <= 1e-12 * x.abs().max(1.0),
+            "{what}: losses {:?} vs {:?}",
+            a.1,
+            b.1
+        );
+    }
+    let mut worst = 0f64;
+    for (wa, wb) in a.0.iter().zip(&b.0) {
+        for (x, y) in wa.iter().zip(wb) {
+            worst = worst.max((x - y).abs());
+        }
+    }
+    assert!(worst < 1e-10, "{what}: LoRA weights differ by {worst}");
+}
+
+/// Trains the same global batch on `world` ranks with `per_rank` samples each; returns rank 0's
+/// result after checking every rank ended with identical weights.
+fn data_parallel(world: usize, per_rank: usize, extra: &[&str]) -> (Vec<Vec<f64>>, Vec<f64>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let mut sets: Vec<String> = [
+        "model.dtype=\"f64\"",
+        "data.samples=16",
+        "train.max_steps=3",
+        "optim.warmup_steps=0",
+        "distributed.check_weights_every=1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    sets.push(format!("train.batch_size={per_rank}"));
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    let results = with_ranks(world, move |_, dist| train_rank(&dir, &sets, dist, 3));
+    for r in &results[1..] {
+        assert_eq!(r.0, results[0].0, "ranks must hold bit-identical weights");
+    }
+    results.into_iter().next().unwrap()
+}
+
+#[test]
+fn one_two_and_four_ranks_train_the_same_global_batch_identically() {
+    let one = data_parallel(1, 4, &[]);
+    // Recomputation with tiny buckets: many all-reduces overlap the block-wise backward.
+    let two = data_parallel(
+        2,
+        2,
+        &["train.checkpointing=true", "distributed.bucket_mb=0.01"],
+    );
+    let four = data_parallel(4, 1, &[]);
+    assert_same_run(&one, &two, "1 vs 2 ranks");
+    assert_same_run(&one, &four, "1 vs 4 ranks");
+    // Gradient accumulation: no communication on the first micro-step, same result.
+    let acc_one = data_parallel(1, 2, &["train.grad_accum=2"]);
+    let acc_two = data_parallel(2, 1, &["train.grad_accum=2"]);
+    assert_same_run(&acc_one, &acc_two, "accumulation, 1 vs 2 ranks");
+}
+
+#[test]
+fn ranks_with_different_configs_refuse_to_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let errors = with_ranks(2, move |rank, dist| {
+        let lr = format!("optim.lr={}", if rank == 0 { "1e-3" } else { "2e-3" });
+        let cfg = tiny_config(&dir, &[&lr]);
+        Run::build_with(cfg, dist, Device::Cpu)
+            .err()
+            .map(|e| e.to_string())
+    });
+    for e in errors {
+        let e = e.expect("a mismatched config must be refused");
+        assert!(e.contains("config fingerprint"), "{e}");
+        assert!(e.contains("rank 1 has"), "{e}");
+    }
+}
+
+#[test]
+fn a_rank_with_the_wrong_job_token_is_refused() {
+    let server = StoreServer::bind("127.0.0.1:0", "right").unwrap();
+    let env = rank_env(0, 2, &server.local_addr().to_string(), "wrong");
+    let e = ddp::connect(&env, &options(), &Device::Cpu).err().unwrap();
+    assert!(e.to_string().contains("wrong job token"), "{e}");
+}
+
+#[test]
+fn diverged_weights_are_caught_and_a_stop_request_reaches_every_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let results = with_ranks(2, move |rank, dist| {
+        let cfg = tiny_config(&dir, &["distributed.check_weights_every=2"]);
+        let mut run = Run::build_with(cfg, dist, Device::Cpu).unwrap();
+        if rank == 1 {
+            run.stop_requested
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        run.train_step(0).unwrap();
+        let stopped = run.stop_agreed;
+        if rank == 1 {
+            let (_, v) = &run.lora.named_vars()[0];
+            v.set(&(v.as_tensor() + 1e-3).unwrap()).unwrap();
+        }
+        let err = run.train_step(1).err().map(|e| e.to_string());
+        (stopped, err)
+    });
+    for (stopped, err) in results {
+        assert!(stopped, "the stop flag of rank 1 must reach rank 0 too");
+        let err = err.expect("diverged weights must be detected");
+        assert!(err.contains("LoRA weights after step 2"), "{err}");
+    }
+}
+
+fn trainer_spec(dir: &Path, nodes: usize, node_rank: usize, port: u16, steps: u64) -> LaunchSpec {
+    LaunchSpec {
+        program: env!("CARGO_BIN_EXE_trainer").into(),
+        args: [
+            "train",
+            "--config",
+            &repo_root()
+                .join("configs/tiny-cpu.toml")
+                .display()
+                .to_string(),
+            "--set",
+            &format!("run.dir={:?}", dir.display().to_string()),
+            "--set",
+            &format!("train.max_steps={steps}"),
+            "--set",
+            "train.progress=false",
+            "--set",
+            "data.samples=8",
+            "--set",
+            "train.batch_size=1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+        nproc_per_node: 2,
+        topology: Topology {
+            nodes,
+            node_rank,
+            master_host: "127.0.0.1".into(),
+            master_port: Some(port),
+            source: "test".into(),
+        },
+        token: "test-token".into(),
+        run_id: format!("t{port}"),
+        max_restarts: 0,
+        stop_timeout: Duration::from_secs(5),
+        connect_timeout: Duration::from_secs(60),
+        env: vec![("NO_COLOR".into(), "1".into())],
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn never() -> std::sync::mpsc::Receiver<i32> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::mem::forget(tx);
+    rx
+}
+
+#[test]
+fn two_launchers_on_loopback_run_as_two_nodes_of_two_ranks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let handles: Vec<_> = (0..2)
+        .map(|node| {
+            let spec = trainer_spec(tmp.path(), 2, node, port, 6);
+            std::thread::spawn(move || agent::run(&spec, &never()))
+        })
+        .collect();
+    for h in handles {
+        let done = h.join().unwrap().unwrap();
+        assert_eq!((done.exit_code, done.restarts), (0, 0));
+    }
+    let metrics = std::fs::read_to_string(tmp.path().join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 6);
+    assert!(tmp.path().join("lora.safetensors").exists());
+}
+
+/// Pid of the trainer process of `rank` in generation `generation` of run `run_id` (Linux).
+fn find_rank_pid(run_id: &str, rank: usize, generation: u32) -> Option<i32> {
+    let want = [
+        format!("MOSAIC_RUN_ID={run_id}"),
+        format!("RANK={rank}"),
+        format!("MOSAIC_RESTART={generation}"),
+    ];
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        let vars: Vec<String> = env
+            .split(|&b| b == 0)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .collect();
+        if want.iter().all(|w| vars.contains(w)) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+/// Starts a 2-rank run of `steps` steps, SIGKILLs rank 1 once 3 steps are logged, and returns
+/// the agent's result.
+fn kill_rank_mid_run(
+    dir: &Path,
+    max_restarts: u32,
+    steps: u64,
+) -> Result<agent::Finished, agent::LaunchError> {
+    let port = free_port();
+    let mut spec = trainer_spec(dir, 1, 0, port, steps);
+    spec.max_restarts = max_restarts;
+    let run_id = spec.run_id.clone();
+    let h = std::thread::spawn(move || agent::run(&spec, &never()));
+    let metrics = dir.join("metrics.jsonl");
+    let started = Instant::now();
+    loop {
+        let lines = std::fs::read_to_string(&metrics)
+            .map(|s| s.lines().count())
+            .unwrap_or(0);
+        if lines >= 3 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "run never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = find_rank_pid(&run_id, 1, 0).expect("rank 1 process");
+    // Safety: kill(2) on a pid we just found.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+    h.join().unwrap()
+}
+
+#[test]
+#[cfg(target_os = "linux")]
+fn a_killed_rank_stops_the_group_and_the_group_restarts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let done = kill_rank_mid_run(tmp.path(), 1, 60).unwrap();
+    assert_eq!((done.exit_code, done.restarts), (0, 1));
+    let metrics = std::fs::read_to_string(tmp.path().join("metrics.jsonl")).unwrap();
+    assert_eq!(
+        metrics.lines().count(),
+        60,
+        "the restarted group ran to the end"
+    );
+    assert!(tmp.path().join("lora.safetensors").exists());
+}
+
+#[test]
+#[cfg(target_os = "linux")]
+fn without_restarts_a_killed_rank_fails_the_job_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = kill_rank_mid_run(tmp.path(), 0, 60)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("rank 1 on node 0 was killed by signal 9"),
+        "{err}"
+    );
+    assert!(err.contains("no restarts left"), "{err}");
+    assert!(err.contains("last lines of rank 1"), "{err}");
+}
