@@ -25,6 +25,8 @@ use crate::topology::Topology;
 
 /// How often the agent looks at its ranks and the store.
 const TICK: Duration = Duration::from_millis(100);
+/// How long to let other ranks fail after the first failure, before naming a root cause.
+const SETTLE: Duration = Duration::from_millis(300);
 /// Lines of each rank's output kept for a failure report.
 const TAIL_LINES: usize = 20;
 
@@ -50,21 +52,16 @@ pub struct LaunchSpec {
 pub enum LaunchError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("cannot start rank {rank} ({program}): {source}")]
+    #[error("cannot start rank {rank} ({program}): {err}")]
     Spawn {
         rank: usize,
         program: String,
-        #[source]
-        source: std::io::Error,
+        err: std::io::Error,
     },
     #[error("{what}\n{tail}")]
     Failed { what: String, tail: String },
-    #[error("waiting for rank {rank}: {source}")]
-    Wait {
-        rank: usize,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("waiting for rank {rank}: {err}")]
+    Wait { rank: usize, err: std::io::Error },
 }
 
 /// What the agent reports when the run ends without error: the exit status to pass on.
@@ -88,12 +85,13 @@ fn describe(status: &ExitStatus) -> String {
     }
 }
 
-/// Sends `sig` to a child (no-op where signals do not exist).
+/// Sends `sig` to a rank and everything it started: each rank leads its own process group
+/// (see [`detach`]), so helpers it spawned are not left holding its output open.
 pub fn send_signal(child: &Child, sig: i32) {
     #[cfg(unix)]
-    // Safety: kill(2) with a pid we spawned and have not reaped yet.
+    // Safety: kill(2) on the process group of a child we spawned and have not reaped yet.
     unsafe {
-        libc::kill(child.id() as libc::pid_t, sig);
+        libc::kill(-(child.id() as libc::pid_t), sig);
     }
     #[cfg(not(unix))]
     let _ = (child, sig);
@@ -107,10 +105,21 @@ struct RankProc {
     pumps: Vec<JoinHandle<()>>,
 }
 
+/// How long to wait for a rank's output to drain after it exited.
+const DRAIN: Duration = Duration::from_secs(2);
+
 impl RankProc {
+    /// Waits for the log threads to copy the rest of the output, for at most [`DRAIN`]: a
+    /// process the rank left behind may hold its pipes open indefinitely.
     fn join_pumps(&mut self) {
+        let deadline = Instant::now() + DRAIN;
+        while self.pumps.iter().any(|p| !p.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         for p in self.pumps.drain(..) {
-            let _ = p.join();
+            if p.is_finished() {
+                let _ = p.join();
+            }
         }
     }
 }
@@ -148,7 +157,7 @@ impl Group {
             let mut child = cmd.spawn().map_err(|source| LaunchError::Spawn {
                 rank,
                 program: spec.program.display().to_string(),
-                source,
+                err: source,
             })?;
             let tail = Tail::new(TAIL_LINES);
             let prefix = format!("[rank {rank}]");
@@ -156,7 +165,7 @@ impl Group {
             let spawn_err = |source| LaunchError::Spawn {
                 rank,
                 program: "log thread".into(),
-                source,
+                err: source,
             };
             if let Some(out) = child.stdout.take() {
                 pumps.push(
@@ -186,7 +195,7 @@ impl Group {
             }
             let st = p.child.try_wait().map_err(|source| LaunchError::Wait {
                 rank: p.rank,
-                source,
+                err: source,
             })?;
             if let Some(st) = st {
                 p.status = Some(st);
@@ -196,6 +205,34 @@ impl Group {
             }
         }
         Ok(failed)
+    }
+
+    /// Among failed ranks, the likeliest cause: one killed by a signal, else one whose status
+    /// is not 1 (the status a rank exits with when a peer vanished), else the first seen.
+    fn root_cause(&self, first: usize) -> usize {
+        #[cfg(unix)]
+        {
+            use std::os::unix::process::ExitStatusExt;
+            let failed = |p: &&RankProc| p.status.is_some_and(|s| !s.success());
+            let idx = |p: &RankProc| self.procs.iter().position(|q| q.rank == p.rank);
+            if let Some(p) = self
+                .procs
+                .iter()
+                .filter(failed)
+                .find(|p| p.status.is_some_and(|s| s.signal().is_some()))
+            {
+                return idx(p).unwrap_or(first);
+            }
+            if let Some(p) = self
+                .procs
+                .iter()
+                .filter(failed)
+                .find(|p| p.status.and_then(|s| s.code()) != Some(1))
+            {
+                return idx(p).unwrap_or(first);
+            }
+        }
+        first
     }
 
     fn all_exited(&self) -> bool {
@@ -218,8 +255,15 @@ impl Group {
             std::thread::sleep(TICK);
         }
         for p in self.procs.iter_mut().filter(|p| p.status.is_none()) {
+            #[cfg(unix)]
+            send_signal(&p.child, libc::SIGKILL);
             let _ = p.child.kill();
             p.status = p.child.wait().ok();
+        }
+        // Ranks that exited on their own may have left helpers behind in their groups.
+        #[cfg(unix)]
+        for p in &self.procs {
+            send_signal(&p.child, libc::SIGKILL);
         }
         for p in &mut self.procs {
             p.join_pumps();
@@ -368,22 +412,24 @@ fn watch(
             eprintln!("launcher: forwarding signal {sig} to the ranks");
             group.signal_live(sig);
         }
-        if let Some(i) = group.poll()? {
-            let p = &mut group.procs[i];
+        if let Some(first) = group.poll()? {
             if forwarded.is_empty() {
+                // Peers of a dead rank fail right after it (their connections break): give
+                // them a moment, then blame the most likely root cause.
+                std::thread::sleep(SETTLE);
+                group.poll()?;
+                let i = group.root_cause(first);
+                let (rank, status) = (group.procs[i].rank, group.procs[i].status);
                 let what = format!(
-                    "rank {} on node {} {}",
-                    p.rank,
+                    "rank {rank} on node {} {}",
                     spec.topology.node_rank,
-                    describe(&p.status.unwrap_or_default())
+                    describe(&status.unwrap_or_default())
                 );
                 if store.try_get(&failed_key)?.is_none() {
                     store.set(&failed_key, what.as_bytes())?;
                 }
-                let rank = p.rank;
                 group.stop(spec.stop_timeout)?;
-                let p = &group.procs[i];
-                let tail = p
+                let tail = group.procs[i]
                     .tail
                     .lines()
                     .iter()

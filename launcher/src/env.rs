@@ -60,6 +60,21 @@ impl RankEnv {
         }
     }
 
+    /// Rank `rank` of `world` on one node, reaching the store at `store` with `token`: how
+    /// in-process ranks (tests, benchmarks) are described.
+    pub fn on_store(rank: usize, world: usize, store: &str, token: &str, run_id: &str) -> Self {
+        Self {
+            rank,
+            local_rank: rank,
+            world_size: world,
+            local_world_size: world,
+            token: Some(token.to_string()),
+            store: Some(store.to_string()),
+            run_id: Some(run_id.to_string()),
+            ..Self::single()
+        }
+    }
+
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, EnvError> {
         Self::from_lookup(|k| std::env::var(k).ok())

@@ -24,12 +24,11 @@ const POLL: Duration = Duration::from_millis(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot listen on {addr}: {source}{hint}")]
+    #[error("cannot listen on {addr}: {err}{hint}")]
     Bind {
         addr: String,
         hint: &'static str,
-        #[source]
-        source: std::io::Error,
+        err: std::io::Error,
     },
     #[error("could not reach the rendezvous store at {addr} within {waited:?} ({attempts} attempts; last error: {last}); check that node 0's launcher is running and that MASTER_ADDR/--master-addr names it")]
     Unreachable {
@@ -46,12 +45,8 @@ pub enum StoreError {
         waited: Duration,
         hint: String,
     },
-    #[error("rendezvous store connection to {addr} failed: {source}")]
-    Io {
-        addr: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("rendezvous store connection to {addr} failed: {err}")]
+    Io { addr: String, err: std::io::Error },
     #[error("malformed store message: {0}")]
     Protocol(String),
 }
@@ -184,17 +179,17 @@ impl StoreServer {
             } else {
                 ""
             },
-            source,
+            err: source,
         })?;
         let local = listener.local_addr().map_err(|source| StoreError::Io {
             addr: addr.to_string(),
-            source,
+            err: source,
         })?;
         listener
             .set_nonblocking(true)
             .map_err(|source| StoreError::Io {
                 addr: addr.to_string(),
-                source,
+                err: source,
             })?;
         let stop = Arc::new(AtomicBool::new(false));
         let state = Arc::new(State::default());
@@ -205,7 +200,7 @@ impl StoreServer {
             .spawn(move || accept_loop(listener, state, token, stop2))
             .map_err(|source| StoreError::Io {
                 addr: addr.to_string(),
-                source,
+                err: source,
             })?;
         Ok(Self {
             addr: local,
@@ -379,7 +374,7 @@ impl StoreClient {
         };
         let io = |source| StoreError::Io {
             addr: addr.to_string(),
-            source,
+            err: source,
         };
         stream.set_nodelay(true).map_err(io)?;
         let mut c = Self {
@@ -404,7 +399,7 @@ impl StoreClient {
             .map(|a| a.ip())
             .map_err(|source| StoreError::Io {
                 addr: self.addr.clone(),
-                source,
+                err: source,
             })
     }
 
@@ -418,7 +413,7 @@ impl StoreClient {
     ) -> Result<(u8, Vec<u8>, i64)> {
         let io = |addr: &str, source| StoreError::Io {
             addr: addr.to_string(),
-            source,
+            err: source,
         };
         // The server answers a Get after at most `wait`; allow for the network on top.
         let timeout = wait.unwrap_or_default() + Duration::from_secs(30);

@@ -10,14 +10,10 @@ pub enum TrainerError {
     Kernel(#[from] kernels::KernelError),
     #[error(transparent)]
     Tokens(#[from] datasets::TokensError),
-    #[error("distributed: {0}")]
+    #[error(transparent)]
     Dist(#[from] crate::ddp::DistError),
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("{file}: {reason}")]
     Parse { file: PathBuf, reason: String },
     /// A model architecture value is unusable.
@@ -43,7 +39,7 @@ impl TrainerError {
     pub fn io(path: &Path, source: std::io::Error) -> Self {
         Self::Io {
             path: path.to_path_buf(),
-            source,
+            err: source,
         }
     }
 

@@ -59,6 +59,22 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         steps: usize,
     },
+    /// Bandwidth of the CPU (TCP ring) all-reduce between ranks of this process on loopback.
+    BenchAllreduce {
+        /// Rank counts, comma-separated.
+        #[arg(long, default_value = "2,4", value_delimiter = ',')]
+        ranks: Vec<usize>,
+        /// Message sizes in bytes, comma-separated.
+        #[arg(
+            long,
+            default_value = "4096,262144,4194304,33554432",
+            value_delimiter = ','
+        )]
+        sizes: Vec<usize>,
+        /// Measured all-reduces per case (median reported), after one warm-up.
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -127,6 +143,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!(
                 "{}",
                 trainer::bench::report(&config, steps.max(1)).context("benchmark failed")?
+            );
+        }
+        Command::BenchAllreduce {
+            ranks,
+            sizes,
+            iters,
+        } => {
+            if ranks.iter().any(|&r| r < 2) {
+                anyhow::bail!("--ranks: every rank count must be at least 2");
+            }
+            print!(
+                "{}",
+                trainer::ddp::bench::report(&ranks, &sizes, iters)
+                    .context("all-reduce benchmark failed")?
             );
         }
     }

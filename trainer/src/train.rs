@@ -18,7 +18,7 @@ use crate::ddp::{self, BucketPlan, Dist, DistError, GradReducer, ReduceOp};
 use crate::error::{Result, TrainerError};
 use crate::loader::Loader;
 use crate::metrics::{MetricsLog, StepMetrics};
-use crate::model::grad::{readiness_order, NoSink};
+use crate::model::grad::{readiness_order, GradSink, NoSink};
 use crate::model::lora::LoraSpec;
 use crate::model::{Flux, Lora, RowBlocks, Weights};
 use crate::objective::{self, DrawAt, LossParts, ObjectiveSpec};
@@ -314,45 +314,37 @@ impl Run {
                 self.model.dtype(),
                 &self.device,
             )?;
-            let args = (&self.model, &self.lora, &prep, &self.objective, step);
-            let checkpointing = self.cfg.train.checkpointing;
-            let p = if micro + 1 < accum {
-                // No communication on non-final micro-steps: accumulate locally.
-                let (p, g) = objective::loss_and_lora_grads_into(
-                    args.0,
-                    args.1,
-                    args.2,
-                    args.3,
-                    args.4,
-                    checkpointing,
-                    &mut NoSink,
-                )?;
-                sum = Some(match sum.take() {
-                    None => g,
-                    Some(acc) => acc
-                        .iter()
-                        .zip(&g)
-                        .map(|(a, b)| a + b)
-                        .collect::<candle_core::Result<_>>()?,
-                });
-                p
-            } else {
-                // The final micro-step: each bucket is averaged over micro-steps and ranks as
-                // soon as the backward pass has finished it.
-                let mut reducer =
-                    GradReducer::new(&self.plan, &self.dist, sum.take(), 1.0 / accum as f64);
-                let (p, g) = objective::loss_and_lora_grads_into(
-                    args.0,
-                    args.1,
-                    args.2,
-                    args.3,
-                    args.4,
-                    checkpointing,
-                    &mut reducer,
-                )?;
-                grads = reducer.finish(&g)?;
-                p
-            };
+            // Non-final micro-steps accumulate locally with no communication; on the final one
+            // each bucket is averaged over micro-steps and ranks as soon as the backward pass
+            // has finished it.
+            let mut reducer = (micro + 1 == accum)
+                .then(|| GradReducer::new(&self.plan, &self.dist, sum.take(), 1.0 / accum as f64));
+            let mut local = NoSink;
+            let (p, g) = objective::loss_and_lora_grads_into(
+                &self.model,
+                &self.lora,
+                &prep,
+                &self.objective,
+                step,
+                self.cfg.train.checkpointing,
+                match reducer.as_mut() {
+                    Some(r) => r as &mut dyn GradSink,
+                    None => &mut local,
+                },
+            )?;
+            match reducer {
+                Some(r) => grads = r.finish(&g)?,
+                None => {
+                    sum = Some(match sum.take() {
+                        None => g,
+                        Some(acc) => acc
+                            .iter()
+                            .zip(&g)
+                            .map(|(a, b)| a + b)
+                            .collect::<candle_core::Result<_>>()?,
+                    })
+                }
+            }
             tokens += prep.tokens * samples.len() * world;
             for (a, b) in [
                 (&mut parts.total, p.total),

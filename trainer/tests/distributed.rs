@@ -15,21 +15,6 @@ use trainer::train::Run;
 
 use crate::common::{repo_root, tiny_config};
 
-fn rank_env(rank: usize, world: usize, store: &str, token: &str) -> RankEnv {
-    RankEnv {
-        rank,
-        local_rank: rank,
-        world_size: world,
-        local_world_size: world,
-        master_addr: None,
-        master_port: None,
-        token: Some(token.into()),
-        store: Some(store.into()),
-        run_id: Some("test".into()),
-        restart: 0,
-    }
-}
-
 fn options() -> DistOptions {
     DistOptions {
         backend: Backend::Tcp,
@@ -44,20 +29,13 @@ where
     R: Send + 'static,
     F: Fn(usize, Dist) -> R + Send + Sync + Clone + 'static,
 {
-    let server = StoreServer::bind("127.0.0.1:0", "token").unwrap();
-    let addr = server.local_addr().to_string();
-    let handles: Vec<_> = (0..world)
-        .map(|rank| {
-            let (addr, f) = (addr.clone(), f.clone());
-            std::thread::spawn(move || {
-                let dist = ddp::connect(
-                    &rank_env(rank, world, &addr, "token"),
-                    &options(),
-                    &Device::Cpu,
-                )
-                .unwrap();
-                f(rank, dist)
-            })
+    let dists = ddp::loopback(world, &options(), "token").unwrap();
+    let handles: Vec<_> = dists
+        .into_iter()
+        .enumerate()
+        .map(|(rank, dist)| {
+            let f = f.clone();
+            std::thread::spawn(move || f(rank, dist))
         })
         .collect();
     handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -220,7 +198,7 @@ fn ranks_with_different_configs_refuse_to_start() {
 #[test]
 fn a_rank_with_the_wrong_job_token_is_refused() {
     let server = StoreServer::bind("127.0.0.1:0", "right").unwrap();
-    let env = rank_env(0, 2, &server.local_addr().to_string(), "wrong");
+    let env = RankEnv::on_store(0, 2, &server.local_addr().to_string(), "wrong", "test");
     let e = ddp::connect(&env, &options(), &Device::Cpu).err().unwrap();
     assert!(e.to_string().contains("wrong job token"), "{e}");
 }
@@ -351,6 +329,49 @@ fn find_rank_pid(run_id: &str, rank: usize, generation: u32) -> Option<i32> {
     None
 }
 
+/// Waits until the run in `dir` has logged `n` steps.
+fn wait_for_steps(dir: &Path, n: usize) {
+    let metrics = dir.join("metrics.jsonl");
+    let started = Instant::now();
+    loop {
+        let lines = std::fs::read_to_string(&metrics)
+            .map(|s| s.lines().count())
+            .unwrap_or(0);
+        if lines >= n {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "run never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+#[cfg(unix)]
+fn sigterm_stops_every_rank_at_the_same_step_with_the_configured_status() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut spec = trainer_spec(tmp.path(), 1, 0, free_port(), 500);
+    spec.args
+        .extend(["--set".to_string(), "train.signal_exit_code=75".to_string()]);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = std::thread::spawn(move || agent::run(&spec, &rx));
+    wait_for_steps(tmp.path(), 3);
+    tx.send(libc::SIGTERM).unwrap();
+    let done = h.join().unwrap().unwrap();
+    assert_eq!(
+        done.exit_code, 75,
+        "both ranks exit with the requeue status"
+    );
+    let steps = std::fs::read_to_string(tmp.path().join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .count();
+    assert!((3..500).contains(&steps), "stopped after {steps} steps");
+    assert!(tmp.path().join("lora.safetensors").exists());
+}
+
 /// Starts a 2-rank run of `steps` steps, SIGKILLs rank 1 once 3 steps are logged, and returns
 /// the agent's result.
 fn kill_rank_mid_run(
@@ -414,4 +435,43 @@ fn without_restarts_a_killed_rank_fails_the_job_naming_it() {
     );
     assert!(err.contains("no restarts left"), "{err}");
     assert!(err.contains("last lines of rank 1"), "{err}");
+}
+
+#[test]
+fn ranks_started_by_another_launcher_rendezvous_on_master_port_plus_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    // torchrun would own MASTER_PORT; rank 0 hosts our store on MASTER_PORT + 1.
+    let port = loop {
+        let p = free_port();
+        if p < u16::MAX && std::net::TcpListener::bind(("0.0.0.0", p + 1)).is_ok() {
+            break p;
+        }
+    };
+    let spec = trainer_spec(tmp.path(), 1, 0, port, 4);
+    let children: Vec<_> = (0..2)
+        .map(|rank| {
+            std::process::Command::new(&spec.program)
+                .args(&spec.args)
+                .env("RANK", rank.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .env("MOSAIC_JOB_TOKEN", "external")
+                .env_remove("MOSAIC_STORE")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let metrics = std::fs::read_to_string(tmp.path().join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 4);
 }

@@ -2,9 +2,11 @@
 //! that owns them, gradient buckets that are reduced while the backward pass goes on, and the
 //! rendezvous that connects the ranks (DESIGN.md §7).
 
+pub mod bench;
 pub mod buckets;
 pub mod comm;
 pub mod init;
+pub mod loopback;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod tcp;
@@ -14,6 +16,7 @@ use candle_core::Tensor;
 pub use buckets::{BucketPlan, GradReducer};
 pub use comm::{Dist, Pending};
 pub use init::{connect, DistOptions};
+pub use loopback::loopback;
 
 /// How an all-reduce combines the ranks' buffers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,12 +34,11 @@ pub enum DistError {
         peer: usize,
         waited: std::time::Duration,
     },
-    #[error("{op}: the connection to rank {peer} failed: {source}")]
+    #[error("{op}: the connection to rank {peer} failed: {err}")]
     Peer {
         op: &'static str,
         peer: usize,
-        #[source]
-        source: std::io::Error,
+        err: std::io::Error,
     },
     #[error("rendezvous: {0}")]
     Rendezvous(String),

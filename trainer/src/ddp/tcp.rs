@@ -34,11 +34,7 @@ fn io_err(op: &'static str, peer: usize, timeout: Duration, e: std::io::Error) -
             peer,
             waited: timeout,
         },
-        _ => DistError::Peer {
-            op,
-            peer,
-            source: e,
-        },
+        _ => DistError::Peer { op, peer, err: e },
     }
 }
 
@@ -194,9 +190,7 @@ impl TcpRing {
             let out = E::encode(&data[a..b]);
             let (c, d) = bounds(recv_c);
             let got = self.exchange("all_reduce", &out, (d - c) * E::SIZE)?;
-            for (x, y) in data[c..d].iter_mut().zip(E::decode(&got)) {
-                *x = x.add(y);
-            }
+            E::add_from(&mut data[c..d], &got);
         }
         for s in 0..w - 1 {
             let (send_c, recv_c) = ((r + 1 + w - s) % w, (r + w - s) % w);
@@ -204,7 +198,7 @@ impl TcpRing {
             let out = E::encode(&data[a..b]);
             let (c, d) = bounds(recv_c);
             let got = self.exchange("all_reduce", &out, (d - c) * E::SIZE)?;
-            data[c..d].copy_from_slice(&E::decode(&got));
+            E::copy_from(&mut data[c..d], &got);
         }
         Ok(())
     }
@@ -213,25 +207,43 @@ impl TcpRing {
 /// An element the ring can add and move as little-endian bytes.
 trait Elem: Copy + Send + Sync {
     const SIZE: usize;
-    fn add(self, o: Self) -> Self;
     fn encode(xs: &[Self]) -> Vec<u8>;
     fn decode(b: &[u8]) -> Vec<Self>;
+    /// dst[i] += the i-th element of `b`.
+    fn add_from(dst: &mut [Self], b: &[u8]);
+    /// dst[i] = the i-th element of `b`.
+    fn copy_from(dst: &mut [Self], b: &[u8]);
 }
 
 macro_rules! float_elem {
     ($t:ty, $n:expr) => {
         impl Elem for $t {
             const SIZE: usize = $n;
-            fn add(self, o: Self) -> Self {
-                self + o
-            }
             fn encode(xs: &[Self]) -> Vec<u8> {
-                xs.iter().flat_map(|x| x.to_le_bytes()).collect()
+                let mut out = Vec::with_capacity(xs.len() * $n);
+                for x in xs {
+                    out.extend_from_slice(&x.to_le_bytes());
+                }
+                out
             }
             fn decode(b: &[u8]) -> Vec<Self> {
-                b.chunks_exact($n)
-                    .map(|c| <$t>::from_le_bytes(c.try_into().unwrap_or([0; $n])))
-                    .collect()
+                let mut out = vec![0.0; b.len() / $n];
+                Self::copy_from(&mut out, b);
+                out
+            }
+            fn add_from(dst: &mut [Self], b: &[u8]) {
+                for (x, c) in dst.iter_mut().zip(b.chunks_exact($n)) {
+                    let mut a = [0u8; $n];
+                    a.copy_from_slice(c);
+                    *x += <$t>::from_le_bytes(a);
+                }
+            }
+            fn copy_from(dst: &mut [Self], b: &[u8]) {
+                for (x, c) in dst.iter_mut().zip(b.chunks_exact($n)) {
+                    let mut a = [0u8; $n];
+                    a.copy_from_slice(c);
+                    *x = <$t>::from_le_bytes(a);
+                }
             }
         }
     };

@@ -226,6 +226,17 @@ impl LoraView<'_> {
 mod tests {
     use super::*;
 
+    /// The figure docs/distributed.md's scaling model starts from.
+    #[test]
+    fn flux_dev_default_targets_have_3_621_952_parameters_per_unit_of_rank() {
+        let per_rank: usize = adaptable_modules(&FluxConfig::flux_dev())
+            .iter()
+            .filter(|(name, _, _)| DEFAULT_TARGETS.iter().any(|g| glob_matches(g, name)))
+            .map(|(_, i, o)| i + o)
+            .sum();
+        assert_eq!(per_rank, 3_621_952);
+    }
+
     fn spec(targets: &[&str]) -> LoraSpec {
         LoraSpec {
             rank: 4,
