@@ -285,19 +285,59 @@ fn never() -> std::sync::mpsc::Receiver<i32> {
     rx
 }
 
+/// The `launcher` binary next to `trainer`: `cargo test --workspace` builds both.
+fn launcher_binary() -> Option<std::path::PathBuf> {
+    let p = Path::new(env!("CARGO_BIN_EXE_trainer")).with_file_name("launcher");
+    p.exists().then_some(p)
+}
+
 #[test]
 fn two_launchers_on_loopback_run_as_two_nodes_of_two_ranks() {
     let tmp = tempfile::tempdir().unwrap();
     let port = free_port();
-    let handles: Vec<_> = (0..2)
-        .map(|node| {
-            let spec = trainer_spec(tmp.path(), 2, node, port, 6);
-            std::thread::spawn(move || agent::run(&spec, &never()))
-        })
-        .collect();
-    for h in handles {
-        let done = h.join().unwrap().unwrap();
-        assert_eq!((done.exit_code, done.restarts), (0, 0));
+    if let Some(bin) = launcher_binary() {
+        // Two launcher processes, exactly as on two machines.
+        let spec = trainer_spec(tmp.path(), 2, 0, port, 6);
+        let children: Vec<_> = (0..2)
+            .map(|node| {
+                std::process::Command::new(&bin)
+                    .env("MOSAIC_JOB_TOKEN", "two-nodes")
+                    .env_remove("SLURM_JOB_ID")
+                    .args(["--nodes", "2", "--node-rank", &node.to_string()])
+                    .args(["--master-addr", &format!("127.0.0.1:{port}")])
+                    .args([
+                        "--nproc-per-node",
+                        "2",
+                        "--trainer",
+                        env!("CARGO_BIN_EXE_trainer"),
+                    ])
+                    .args(["--config", &spec.args[2], "--"])
+                    .args(&spec.args[3..])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for c in children {
+            let out = c.wait_with_output().unwrap();
+            let log = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "{log}");
+            assert!(log.contains("world size 4"), "{log}");
+        }
+    } else {
+        // `cargo test -p trainer` does not build the launcher: run its agent in this process.
+        eprintln!("launcher binary not built; running the two node agents in-process");
+        let handles: Vec<_> = (0..2)
+            .map(|node| {
+                let spec = trainer_spec(tmp.path(), 2, node, port, 6);
+                std::thread::spawn(move || agent::run(&spec, &never()))
+            })
+            .collect();
+        for h in handles {
+            let done = h.join().unwrap().unwrap();
+            assert_eq!((done.exit_code, done.restarts), (0, 0));
+        }
     }
     let metrics = std::fs::read_to_string(tmp.path().join("metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 6);
