@@ -32,6 +32,35 @@ pub struct Config {
     pub data: DataSection,
     #[serde(default)]
     pub distributed: DistributedSection,
+    #[serde(default)]
+    pub checkpoint: CheckpointSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointSection {
+    /// Save every this many optimizer steps (0: only when stopping and at the end).
+    pub every: u64,
+    /// Keep the newest this many checkpoints.
+    pub keep: usize,
+    /// Folder; empty means `<run dir>/checkpoints`.
+    pub dir: String,
+    /// Continue from the newest valid checkpoint when the folder holds one.
+    pub resume: bool,
+    /// Resume from this checkpoint folder (`.../step-00000120`) instead of the newest.
+    pub resume_from: String,
+}
+
+impl Default for CheckpointSection {
+    fn default() -> Self {
+        Self {
+            every: 100,
+            keep: 3,
+            dir: String::new(),
+            resume: true,
+            resume_from: String::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -439,6 +468,15 @@ impl Config {
         }
     }
 
+    /// Where checkpoints go.
+    pub fn checkpoint_dir(&self) -> PathBuf {
+        if self.checkpoint.dir.is_empty() {
+            self.run_dir().join("checkpoints")
+        } else {
+            PathBuf::from(&self.checkpoint.dir)
+        }
+    }
+
     /// sha256 of the canonical TOML of the config: runs and checkpoints compare it.
     pub fn fingerprint(&self) -> String {
         let text = toml::to_string(self).unwrap_or_default();
@@ -531,6 +569,9 @@ impl Config {
         }
         if t.log_every == 0 {
             return err("train.log_every", "must be at least 1".into());
+        }
+        if self.checkpoint.keep == 0 {
+            return err("checkpoint.keep", "must be at least 1".into());
         }
         let d = &self.distributed;
         for (k, v) in [

@@ -16,6 +16,9 @@ pub enum TrainerError {
     Io { path: PathBuf, err: std::io::Error },
     #[error("{file}: {reason}")]
     Parse { file: PathBuf, reason: String },
+    /// A checkpoint that cannot be written, read or used, naming the file and what is wrong.
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint { path: PathBuf, reason: String },
     /// A model architecture value is unusable.
     #[error("model config field `{field}`: {reason}")]
     ModelConfig { field: String, reason: String },

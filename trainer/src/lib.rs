@@ -3,6 +3,7 @@
 
 pub mod alloc;
 pub mod bench;
+pub mod checkpoint;
 pub mod config;
 pub mod ddp;
 pub mod error;

@@ -63,6 +63,17 @@ impl Loader {
         self.cursor
     }
 
+    /// Continues from `cursor` (saved by a run with the same global batch size).
+    pub fn restore(&mut self, cursor: Cursor) {
+        self.batches = self.epoch_batches(cursor.epoch);
+        self.cursor = cursor;
+    }
+
+    /// Batches per epoch at the current global batch size.
+    pub fn batches_per_epoch(&self) -> usize {
+        self.batches.len()
+    }
+
     /// The next batch of sample indices.
     pub fn next_batch(&mut self) -> Vec<usize> {
         if self.cursor.batch >= self.batches.len() {
@@ -96,6 +107,20 @@ mod tests {
         assert_eq!(seen, (0..8).collect::<Vec<_>>());
         assert_eq!(l.next_batch().len(), 2);
         assert_eq!(l.cursor().epoch, 1);
+    }
+
+    #[test]
+    fn a_restored_loader_continues_with_the_same_batches() {
+        let counts = vec![1, 2, 1, 2, 1, 2, 1, 2, 1, 1];
+        let mut a = Loader::new(counts.clone(), 2, 9).unwrap();
+        for _ in 0..7 {
+            a.next_batch();
+        }
+        let mut b = Loader::new(counts, 2, 9).unwrap();
+        b.restore(a.cursor());
+        for _ in 0..10 {
+            assert_eq!(a.next_batch(), b.next_batch());
+        }
     }
 
     #[test]

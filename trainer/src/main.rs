@@ -33,6 +33,12 @@ enum Command {
         /// Override a config key by its dotted path, e.g. --set train.max_steps=40.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
+        /// Continue from this checkpoint folder (default: the newest valid one of the run).
+        #[arg(long, value_name = "DIR", conflicts_with = "no_resume")]
+        resume: Option<PathBuf>,
+        /// Start from scratch even if the run has checkpoints.
+        #[arg(long)]
+        no_resume: bool,
     },
     /// Plain FLUX forward (no references) on diffusers-named inputs; writes tensor `output`.
     Forward {
@@ -104,7 +110,21 @@ fn init_tracing() {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Train { config, set } => {
+        Command::Train {
+            config,
+            mut set,
+            resume,
+            no_resume,
+        } => {
+            if let Some(dir) = resume {
+                set.push(format!(
+                    "checkpoint.resume_from={:?}",
+                    dir.display().to_string()
+                ));
+            }
+            if no_resume {
+                set.push("checkpoint.resume=false".into());
+            }
             let cfg = Config::load(&config, &set)
                 .with_context(|| format!("loading config {}", config.display()))?;
             let exit_on_signal = cfg.train.signal_exit_code;

@@ -36,6 +36,35 @@ impl MetricsLog {
         })
     }
 
+    /// Continues the log of a run resumed after `step` steps: lines of later steps (written
+    /// after that checkpoint by the interrupted run) are dropped, the rest kept.
+    pub fn resume(path: &Path, step: u64) -> Result<Self> {
+        let old = match std::fs::read_to_string(path) {
+            Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(TrainerError::io(path, e)),
+        };
+        let kept: String = old
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                    .is_some_and(|s| s <= step)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(path, kept).map_err(|e| TrainerError::io(path, e))?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map_err(|e| TrainerError::io(path, e))?;
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
     pub fn write(&mut self, m: &StepMetrics) -> Result<()> {
         let line = serde_json::to_string(m).map_err(|e| TrainerError::Parse {
             file: self.path.clone(),

@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 
+use crate::checkpoint::{self, Snapshot};
 use crate::config::{Config, DeviceName, OnNonFinite};
 use crate::ddp::{self, BucketPlan, Dist, DistError, GradReducer, ReduceOp};
 use crate::error::{Result, TrainerError};
@@ -45,6 +46,10 @@ pub struct Run {
     pub stop_requested: Arc<AtomicBool>,
     /// Set once the ranks agreed, at the end of a step, that some rank was asked to stop.
     pub stop_agreed: bool,
+    /// The first step to run (after a resume, the checkpoint's step).
+    pub start_step: u64,
+    /// Updates skipped for non-finite losses, over the whole run.
+    pub skipped: u64,
 }
 
 /// What a finished run reports.
@@ -124,31 +129,46 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).chars().take(12).collect()
 }
 
-/// Rank 0's initial LoRA on every rank, then verified by hash. The initialization is seeded and
-/// so already identical; the broadcast makes that a guarantee rather than an assumption.
-fn sync_lora(dist: &Dist, lora: &Lora) -> Result<()> {
-    if dist.world_size() == 1 {
-        return Ok(());
+/// Rank 0's values of `tensors` (all of one dtype) on every rank, in one broadcast.
+fn broadcast_from_rank0(dist: &Dist, tensors: &[Tensor]) -> Result<Vec<Tensor>> {
+    if dist.world_size() == 1 || tensors.is_empty() {
+        return Ok(tensors.to_vec());
     }
-    let vars = lora_vars(lora);
-    let flat: Vec<Tensor> = vars
+    let flat: Vec<Tensor> = tensors
         .iter()
-        .map(|v| v.as_tensor().flatten_all())
+        .map(|t| t.flatten_all())
         .collect::<candle_core::Result<_>>()?;
     let flat = Tensor::cat(&flat, 0)?;
     let got = dist.call(move |c| c.broadcast(&flat, 0))?;
     let mut offset = 0;
-    for v in vars {
-        let n = v.as_tensor().elem_count();
-        v.set(&got.narrow(0, offset, n)?.reshape(v.as_tensor().shape())?)?;
-        offset += n;
+    tensors
+        .iter()
+        .map(|t| {
+            let n = t.elem_count();
+            let out = got.narrow(0, offset, n)?.reshape(t.shape())?;
+            offset += n;
+            Ok(out)
+        })
+        .collect()
+}
+
+/// Sets every LoRA variable to rank 0's value, then verifies by hash.
+fn sync_lora(dist: &Dist, lora: &Lora, what: &str) -> Result<()> {
+    if dist.world_size() == 1 {
+        return Ok(());
     }
-    check_same(
-        dist,
-        "initial LoRA weights after broadcast",
-        lora_digest(lora)?,
-        hex_prefix,
-    )
+    let vars = lora_vars(lora);
+    let now: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    for (v, t) in vars.iter().zip(broadcast_from_rank0(dist, &now)?) {
+        v.set(&t)?;
+    }
+    check_same(dist, what, lora_digest(lora)?, hex_prefix)
+}
+
+/// Where a resumed run comes from.
+struct ResumeHeader {
+    state: checkpoint::State,
+    dir: String,
 }
 
 /// The frozen base: loaded from `model.weights`, or seeded random weights of `model.preset`.
@@ -205,7 +225,9 @@ impl Run {
             candle_core::DType::F32
         };
         let lora = Lora::new(&fc, &spec, cfg.run.seed, lora_dtype, &device)?;
-        sync_lora(&dist, &lora)?;
+        // The initialization is seeded and so already identical; the broadcast makes that a
+        // guarantee rather than an assumption.
+        sync_lora(&dist, &lora, "initial LoRA weights after broadcast")?;
         let d = &cfg.data;
         let synth_spec = SynthSpec {
             samples: d.samples,
@@ -270,6 +292,8 @@ impl Run {
             plan,
             stop_requested: Arc::new(AtomicBool::new(false)),
             stop_agreed: false,
+            start_step: 0,
+            skipped: 0,
             cfg,
             device,
             model,
@@ -428,6 +452,155 @@ impl Run {
         Ok((m, parts))
     }
 
+    /// Everything a checkpoint after `steps` completed steps holds, copied off the live state.
+    pub fn snapshot(&self, steps: u64) -> Result<Snapshot> {
+        let named = self.lora.named_vars();
+        let names: Vec<String> = named.iter().map(|(n, _)| n.clone()).collect();
+        let lora = checkpoint::detached(named.iter().map(|(n, v)| (n.clone(), v.as_tensor())))?;
+        let mut moments = checkpoint::detached(
+            names
+                .iter()
+                .zip(&self.opt.m)
+                .map(|(n, t)| (format!("{n}.exp_avg"), t)),
+        )?;
+        moments.extend(checkpoint::detached(
+            names
+                .iter()
+                .zip(&self.opt.v)
+                .map(|(n, t)| (format!("{n}.exp_avg_sq"), t)),
+        )?);
+        let mut files = vec![
+            (checkpoint::LORA_FILE, lora),
+            (checkpoint::OPTIMIZER_FILE, moments),
+        ];
+        if let Some(ema) = &self.ema {
+            files.push((
+                checkpoint::EMA_FILE,
+                checkpoint::detached(names.iter().cloned().zip(&ema.shadow))?,
+            ));
+        }
+        Ok(Snapshot {
+            state: checkpoint::State {
+                format: checkpoint::FORMAT,
+                step: steps,
+                cursor: self.loader.cursor(),
+                world_size: self.dist.world_size(),
+                global_batch: self.cfg.train.batch_size * self.dist.world_size(),
+                fingerprint: self.cfg.fingerprint(),
+                seed: self.cfg.run.seed,
+                rng: checkpoint::RNG_SCHEME.into(),
+                adam_t: self.opt.t,
+                skipped: self.skipped,
+                files: Default::default(),
+            },
+            config_toml: toml::to_string(&self.cfg).unwrap_or_default(),
+            files,
+        })
+    }
+
+    /// Continues from a checkpoint, as configured (`checkpoint.resume`, `resume_from`): rank 0
+    /// finds and verifies it, every rank gets rank 0's state. Returns the folder resumed from.
+    pub fn resume(&mut self) -> Result<Option<String>> {
+        let c = &self.cfg.checkpoint;
+        let loaded = if self.dist.rank() != 0 || (!c.resume && c.resume_from.is_empty()) {
+            None
+        } else if !c.resume_from.is_empty() {
+            Some(checkpoint::load(Path::new(&c.resume_from))?)
+        } else {
+            checkpoint::latest_valid(&self.cfg.checkpoint_dir())?
+        };
+        if let Some(l) = &loaded {
+            let current = toml::to_string(&self.cfg).unwrap_or_default();
+            let diff = checkpoint::config_differences(&l.config_toml, &current);
+            if !diff.is_empty() {
+                return Err(TrainerError::Checkpoint {
+                    path: l.dir.clone(),
+                    reason: format!(
+                        "was written with another config; these fields differ:\n  {}\n(use the same config, start a new run with another run.dir, or checkpoint.resume = false)",
+                        diff.join("\n  ")
+                    ),
+                });
+            }
+        }
+        // Every rank learns whether and from what rank 0 resumes (this also stops a rank that
+        // could not load from racing ahead alone).
+        let header = loaded
+            .as_ref()
+            .map(|l| {
+                serde_json::to_vec(&(l.dir.display().to_string(), &l.state)).unwrap_or_default()
+            })
+            .unwrap_or_default();
+        let all = self.dist.call(move |c| c.all_gather_bytes(&header))?;
+        if all[0].is_empty() {
+            return Ok(None);
+        }
+        let (dir, state): (String, checkpoint::State) = serde_json::from_slice(&all[0])
+            .map_err(|e| DistError::Mismatch(format!("resume header from rank 0: {e}")))?;
+        let header = ResumeHeader { state, dir };
+        self.apply(&header, loaded.as_ref())?;
+        Ok(Some(header.dir))
+    }
+
+    /// Sets LoRA, optimizer, EMA, step and data position from rank 0's checkpoint.
+    fn apply(&mut self, h: &ResumeHeader, loaded: Option<&checkpoint::Loaded>) -> Result<()> {
+        let named = self.lora.named_vars();
+        let vars: Vec<&Var> = named.iter().map(|(_, v)| *v).collect();
+        let pick = |file: &str, suffix: &str, live: &[Tensor]| -> Result<Vec<Tensor>> {
+            let local = match loaded {
+                Some(l) => named
+                    .iter()
+                    .zip(live)
+                    .map(|((n, _), like)| l.tensor(file, &format!("{n}{suffix}"), like))
+                    .collect::<Result<Vec<_>>>()?,
+                None => live.to_vec(),
+            };
+            broadcast_from_rank0(&self.dist, &local)
+        };
+        let live: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        for (v, t) in vars.iter().zip(pick(checkpoint::LORA_FILE, "", &live)?) {
+            v.set(&t)?;
+        }
+        let m = pick(checkpoint::OPTIMIZER_FILE, ".exp_avg", &self.opt.m)?;
+        let v = pick(checkpoint::OPTIMIZER_FILE, ".exp_avg_sq", &self.opt.v)?;
+        let ema = match &self.ema {
+            Some(e) => Some(pick(checkpoint::EMA_FILE, "", &e.shadow)?),
+            None => None,
+        };
+        self.opt.m = m;
+        self.opt.v = v;
+        self.opt.t = h.state.adam_t;
+        if let (Some(e), Some(shadow)) = (&mut self.ema, ema) {
+            e.shadow = shadow;
+        }
+        let world = self.dist.world_size();
+        let global = self.cfg.train.batch_size * world;
+        let mut cursor = h.state.cursor;
+        if h.state.global_batch != global {
+            // Another world size (or batch size): keep the epoch and about the number of its
+            // samples already consumed; not bit-identical to any uninterrupted run.
+            let consumed = cursor.batch * h.state.global_batch;
+            cursor.batch = consumed.div_ceil(global);
+            tracing::warn!(
+                was = h.state.world_size,
+                now = world,
+                epoch = cursor.epoch,
+                "resuming with another global batch ({} -> {global} samples): the data order continues approximately",
+                h.state.global_batch
+            );
+        }
+        self.loader.restore(cursor);
+        self.start_step = h.state.step;
+        self.skipped = h.state.skipped;
+        check_same(
+            &self.dist,
+            "LoRA weights after resuming",
+            lora_digest(&self.lora)?,
+            hex_prefix,
+        )?;
+        tracing::info!(from = %h.dir, step = h.state.step, "resumed");
+        Ok(())
+    }
+
     /// Writes the LoRA (or its EMA) with diffusers Flux keys: `transformer.<module>.lora_A.weight`
     /// [r, in] and `lora_B.weight` [out, r]. alpha/r is folded into B so loaders that assume
     /// alpha = r (diffusers, PEFT without a config) apply the trained delta exactly.
@@ -516,6 +689,7 @@ pub fn train_with(
     let rank = dist.rank();
     let mut run = Run::build_with(cfg, dist, device)?;
     run.stop_requested = stop;
+    let resumed = run.resume()?;
     tracing::info!(
         run_dir = %run_dir.display(),
         lora_params = run.lora.num_params(),
@@ -524,22 +698,32 @@ pub fn train_with(
         fingerprint = %run.cfg.fingerprint(),
         "run built"
     );
-    let mut metrics = if leader {
-        Some(MetricsLog::create(&run_dir.join("metrics.jsonl"))?)
-    } else {
-        None
+    let metrics_path = run_dir.join("metrics.jsonl");
+    let mut metrics = match (leader, resumed.is_some()) {
+        (false, _) => None,
+        (true, false) => Some(MetricsLog::create(&metrics_path)?),
+        (true, true) => Some(MetricsLog::resume(&metrics_path, run.start_step)?),
     };
     let max_steps = run.cfg.train.max_steps;
+    let ckpt_root = run.cfg.checkpoint_dir();
+    let (every, keep) = (run.cfg.checkpoint.every, run.cfg.checkpoint.keep);
+    let mut writer = checkpoint::Writer::default();
     let bar = progress_bar(max_steps, run.cfg.train.progress && leader);
+    bar.set_position(run.start_step.min(max_steps));
     let mut losses = Vec::with_capacity(max_steps as usize);
-    let mut skipped = 0;
     let mut stopped_by_signal = false;
-    for step in 0..max_steps {
+    let mut saved_at = run.start_step;
+    for step in run.start_step..max_steps {
         let (m, parts) = run.train_step(step)?;
         if let Some(log) = &mut metrics {
             log.write(&m)?;
         }
-        skipped += m.skipped as u64;
+        run.skipped += m.skipped as u64;
+        if leader && every > 0 && (step + 1).is_multiple_of(every) && step + 1 < max_steps {
+            // The loop waits only for the copy; the files are written in the background.
+            writer.save(ckpt_root.clone(), run.snapshot(step + 1)?, keep)?;
+            saved_at = step + 1;
+        }
         if leader && ((step + 1) % run.cfg.train.log_every == 0 || step + 1 == max_steps) {
             tracing::info!(
                 step = m.step,
@@ -559,15 +743,21 @@ pub fn train_with(
         if run.stop_agreed && step + 1 < max_steps {
             tracing::warn!(
                 step = step + 1,
-                "stop requested by a signal: every rank stops after this step"
+                "stop requested by a signal: every rank stops after this step and rank 0 saves"
             );
             stopped_by_signal = true;
             break;
         }
     }
     bar.finish_and_clear();
+    let done = run.start_step + losses.len() as u64;
     let lora_path = run_dir.join("lora.safetensors");
+    let skipped = run.skipped;
     if leader {
+        if done > saved_at {
+            writer.save(ckpt_root.clone(), run.snapshot(done)?, keep)?;
+        }
+        writer.wait()?;
         run.save_lora(&lora_path, false)?;
         if run.ema.is_some() {
             run.save_lora(&run_dir.join("lora_ema.safetensors"), true)?;

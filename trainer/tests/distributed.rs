@@ -230,7 +230,13 @@ fn diverged_weights_are_caught_and_a_stop_request_reaches_every_rank() {
     }
 }
 
-fn trainer_spec(dir: &Path, nodes: usize, node_rank: usize, port: u16, steps: u64) -> LaunchSpec {
+pub fn trainer_spec(
+    dir: &Path,
+    nodes: usize,
+    node_rank: usize,
+    port: u16,
+    steps: u64,
+) -> LaunchSpec {
     LaunchSpec {
         program: env!("CARGO_BIN_EXE_trainer").into(),
         args: [
@@ -271,7 +277,7 @@ fn trainer_spec(dir: &Path, nodes: usize, node_rank: usize, port: u16, steps: u6
     }
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -279,7 +285,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn never() -> std::sync::mpsc::Receiver<i32> {
+pub fn never() -> std::sync::mpsc::Receiver<i32> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::mem::forget(tx);
     rx
@@ -370,7 +376,7 @@ fn find_rank_pid(run_id: &str, rank: usize, generation: u32) -> Option<i32> {
 }
 
 /// Waits until the run in `dir` has logged `n` steps.
-fn wait_for_steps(dir: &Path, n: usize) {
+pub fn wait_for_steps(dir: &Path, n: usize) {
     let metrics = dir.join("metrics.jsonl");
     let started = Instant::now();
     loop {
@@ -418,41 +424,32 @@ fn kill_rank_mid_run(
     dir: &Path,
     max_restarts: u32,
     steps: u64,
-) -> Result<agent::Finished, agent::LaunchError> {
-    let port = free_port();
-    let mut spec = trainer_spec(dir, 1, 0, port, steps);
+) -> (Result<agent::Finished, agent::LaunchError>, Vec<String>) {
+    let mut spec = trainer_spec(dir, 1, 0, free_port(), steps);
     spec.max_restarts = max_restarts;
+    spec.args
+        .extend(["--set".to_string(), "checkpoint.every=2".to_string()]);
     let run_id = spec.run_id.clone();
     let h = std::thread::spawn(move || agent::run(&spec, &never()));
-    let metrics = dir.join("metrics.jsonl");
-    let started = Instant::now();
-    loop {
-        let lines = std::fs::read_to_string(&metrics)
-            .map(|s| s.lines().count())
-            .unwrap_or(0);
-        if lines >= 3 {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "run never started"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_steps(dir, 5);
+    let kept = crate::resume::lines_to_keep(dir);
     let pid = find_rank_pid(&run_id, 1, 0).expect("rank 1 process");
     // Safety: kill(2) on a pid we just found.
     unsafe {
         libc::kill(pid, libc::SIGKILL);
     }
-    h.join().unwrap()
+    (h.join().unwrap(), kept)
 }
 
 #[test]
 #[cfg(target_os = "linux")]
 fn a_killed_rank_stops_the_group_and_the_group_restarts() {
     let tmp = tempfile::tempdir().unwrap();
-    let done = kill_rank_mid_run(tmp.path(), 1, 60).unwrap();
+    let (done, kept) = kill_rank_mid_run(tmp.path(), 1, 60);
+    let done = done.unwrap();
     assert_eq!((done.exit_code, done.restarts), (0, 1));
+    // The restarted group continued from the last checkpoint instead of starting over.
+    crate::resume::assert_resumed(tmp.path(), &kept);
     let metrics = std::fs::read_to_string(tmp.path().join("metrics.jsonl")).unwrap();
     assert_eq!(
         metrics.lines().count(),
@@ -467,6 +464,7 @@ fn a_killed_rank_stops_the_group_and_the_group_restarts() {
 fn without_restarts_a_killed_rank_fails_the_job_naming_it() {
     let tmp = tempfile::tempdir().unwrap();
     let err = kill_rank_mid_run(tmp.path(), 0, 60)
+        .0
         .unwrap_err()
         .to_string();
     assert!(

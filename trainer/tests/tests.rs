@@ -4,5 +4,6 @@ mod common;
 mod distributed;
 mod gradients;
 mod parity;
+mod resume;
 mod training;
 mod weights_errors;
