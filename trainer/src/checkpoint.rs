@@ -134,15 +134,36 @@ pub fn list(root: &Path) -> Vec<(u64, PathBuf)> {
     v
 }
 
-/// Writes `snap` under `root` atomically, points LATEST at it and keeps the newest `keep`.
+/// Writes `snap` under `root` atomically, points LATEST at it and keeps the newest `keep`. On
+/// failure (a full disk, say) the partial folder is removed and the previous checkpoint and
+/// LATEST are untouched.
 pub fn write(root: &Path, snap: &Snapshot, keep: usize) -> Result<PathBuf> {
     std::fs::create_dir_all(root).map_err(|e| TrainerError::io(root, e))?;
     let name = step_dir_name(snap.state.step);
     let tmp = root.join(format!(".tmp-{name}-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| TrainerError::io(&tmp, e))?;
+    let written = write_into(root, &tmp, &name, snap);
+    if written.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return written.map_err(|e| TrainerError::Checkpoint {
+            path: root.join(&name),
+            reason: format!(
+                "could not be written ({e}); the previous checkpoint and LATEST are unchanged"
+            ),
+        });
     }
-    std::fs::create_dir_all(&tmp).map_err(|e| TrainerError::io(&tmp, e))?;
+    for (_, old) in list(root).into_iter().skip(keep.max(1)) {
+        if let Err(e) = std::fs::remove_dir_all(&old) {
+            tracing::warn!(path = %old.display(), %e, "could not remove an old checkpoint");
+        }
+    }
+    written
+}
+
+fn write_into(root: &Path, tmp: &Path, name: &str, snap: &Snapshot) -> Result<PathBuf> {
+    if tmp.exists() {
+        std::fs::remove_dir_all(tmp).map_err(|e| TrainerError::io(tmp, e))?;
+    }
+    std::fs::create_dir_all(tmp).map_err(|e| TrainerError::io(tmp, e))?;
     let mut state = snap.state.clone();
     for (file, tensors) in &snap.files {
         let bytes =
@@ -169,11 +190,6 @@ pub fn write(root: &Path, snap: &Snapshot, keep: usize) -> Result<PathBuf> {
     std::fs::rename(&latest_tmp, root.join(LATEST))
         .map_err(|e| TrainerError::io(&root.join(LATEST), e))?;
     sync_dir(root)?;
-    for (_, old) in list(root).into_iter().skip(keep.max(1)) {
-        if let Err(e) = std::fs::remove_dir_all(&old) {
-            tracing::warn!(path = %old.display(), %e, "could not remove an old checkpoint");
-        }
-    }
     Ok(dest)
 }
 
@@ -485,6 +501,22 @@ mod tests {
         // And a folder renamed but never completed (state.json missing) is skipped too.
         std::fs::create_dir_all(tmp.path().join("step-00000007")).unwrap();
         assert_eq!(latest_valid(tmp.path()).unwrap().unwrap().state.step, 5);
+    }
+
+    #[test]
+    fn a_failed_write_leaves_the_previous_checkpoint_and_latest_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        write(tmp.path(), &snap(1), 3).unwrap();
+        // Something in the way of the temporary folder stands in for a full disk.
+        let blocker = tmp
+            .path()
+            .join(format!(".tmp-step-00000002-{}", std::process::id()));
+        std::fs::write(&blocker, b"x").unwrap();
+        let e = write(tmp.path(), &snap(2), 3).err().unwrap().to_string();
+        assert!(e.contains("step-00000002") && e.contains("unchanged"), "{e}");
+        let latest = std::fs::read_to_string(tmp.path().join(LATEST)).unwrap();
+        assert_eq!(latest.trim(), "step-00000001");
+        assert_eq!(latest_valid(tmp.path()).unwrap().unwrap().state.step, 1);
     }
 
     #[test]

@@ -333,6 +333,9 @@ pub struct TrainSection {
     /// Exit status after a stop requested by SIGTERM, SIGINT or SIGUSR1 (all ranks stop at the
     /// same step). Set it to what your scheduler treats as "requeue".
     pub signal_exit_code: u8,
+    /// Seconds a stop request may take (finish the step, write the checkpoint) before the
+    /// process exits anyway; 0 waits as long as it takes.
+    pub stop_grace_s: f64,
 }
 
 impl Default for TrainSection {
@@ -346,6 +349,7 @@ impl Default for TrainSection {
             on_nonfinite: OnNonFinite::Skip,
             progress: true,
             signal_exit_code: 0,
+            stop_grace_s: 120.0,
         }
     }
 }
@@ -569,6 +573,12 @@ impl Config {
         }
         if t.log_every == 0 {
             return err("train.log_every", "must be at least 1".into());
+        }
+        if !non_negative(t.stop_grace_s) || !t.stop_grace_s.is_finite() {
+            return err(
+                "train.stop_grace_s",
+                format!("{} must be a non-negative number", t.stop_grace_s),
+            );
         }
         if self.checkpoint.keep == 0 {
             return err("checkpoint.keep", "must be at least 1".into());

@@ -2,8 +2,9 @@
 //! `--signal`) set a flag that the loop all-reduces at each step boundary, so every rank stops
 //! at the same step. A second SIGTERM or SIGINT exits at once with status 1.
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::error::{Result, TrainerError};
 
@@ -34,4 +35,26 @@ fn install(flag: &Arc<AtomicBool>) -> std::io::Result<()> {
 #[cfg(not(unix))]
 fn install(_flag: &Arc<AtomicBool>) -> std::io::Result<()> {
     Ok(())
+}
+
+/// Once `flag` is set, gives the run `grace` to finish its step and write its checkpoint, then
+/// exits with `code` regardless (a scheduler's SIGKILL would follow anyway). Checkpoints are
+/// written atomically, so exiting mid-write leaves the previous one in charge.
+pub fn arm_grace(flag: Arc<AtomicBool>, grace: Duration, code: u8) {
+    let spawned = std::thread::Builder::new()
+        .name("stop-grace".into())
+        .spawn(move || {
+            while !flag.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            std::thread::sleep(grace);
+            tracing::error!(
+                grace_s = grace.as_secs_f64(),
+                "stop requested but the step and checkpoint did not finish within train.stop_grace_s: exiting now; the previous checkpoint stays valid"
+            );
+            std::process::exit(i32::from(code));
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(%e, "could not start the stop-grace watchdog");
+    }
 }

@@ -659,6 +659,13 @@ pub fn train_from_env(cfg: Config) -> Result<TrainOutcome> {
     let env = launcher::RankEnv::from_env().map_err(DistError::from)?;
     let device = device_of(&cfg, env.local_rank)?;
     let stop = crate::signals::stop_flag()?;
+    if cfg.train.stop_grace_s > 0.0 {
+        crate::signals::arm_grace(
+            stop.clone(),
+            std::time::Duration::from_secs_f64(cfg.train.stop_grace_s),
+            cfg.train.signal_exit_code,
+        );
+    }
     let dist = ddp::connect(&env, &cfg.distributed.options(), &device)?;
     tracing::info!(
         rank = dist.rank(),
