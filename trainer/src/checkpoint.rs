@@ -176,14 +176,14 @@ fn write_into(root: &Path, tmp: &Path, name: &str, snap: &Snapshot) -> Result<Pa
     state
         .files
         .insert(CONFIG.to_string(), hex(snap.config_toml.as_bytes()));
-    let json = serde_json::to_vec_pretty(&state).map_err(|e| ckpt_err(&tmp, e.to_string()))?;
+    let json = serde_json::to_vec_pretty(&state).map_err(|e| ckpt_err(tmp, e.to_string()))?;
     write_synced(&tmp.join(STATE), &json)?;
-    sync_dir(&tmp)?;
-    let dest = root.join(&name);
+    sync_dir(tmp)?;
+    let dest = root.join(name);
     if dest.exists() {
         std::fs::remove_dir_all(&dest).map_err(|e| TrainerError::io(&dest, e))?;
     }
-    std::fs::rename(&tmp, &dest).map_err(|e| TrainerError::io(&dest, e))?;
+    std::fs::rename(tmp, &dest).map_err(|e| TrainerError::io(&dest, e))?;
     sync_dir(root)?;
     let latest_tmp = root.join(format!(".{LATEST}.tmp"));
     write_synced(&latest_tmp, format!("{name}\n").as_bytes())?;
@@ -513,7 +513,10 @@ mod tests {
             .join(format!(".tmp-step-00000002-{}", std::process::id()));
         std::fs::write(&blocker, b"x").unwrap();
         let e = write(tmp.path(), &snap(2), 3).err().unwrap().to_string();
-        assert!(e.contains("step-00000002") && e.contains("unchanged"), "{e}");
+        assert!(
+            e.contains("step-00000002") && e.contains("unchanged"),
+            "{e}"
+        );
         let latest = std::fs::read_to_string(tmp.path().join(LATEST)).unwrap();
         assert_eq!(latest.trim(), "step-00000001");
         assert_eq!(latest_valid(tmp.path()).unwrap().unwrap().state.step, 1);

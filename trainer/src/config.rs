@@ -198,6 +198,9 @@ pub struct LoraSection {
     pub alpha: f64,
     pub init: LoraInit,
     pub targets: Vec<String>,
+    /// Start from this LoRA file (diffusers, PEFT or kohya keys, e.g. the released MOSAIC
+    /// weights or an export of ours) instead of `init`.
+    pub init_from: String,
 }
 
 impl Default for LoraSection {
@@ -207,6 +210,7 @@ impl Default for LoraSection {
             alpha: 16.0,
             init: LoraInit::Gaussian,
             targets: DEFAULT_TARGETS.iter().map(|s| s.to_string()).collect(),
+            init_from: String::new(),
         }
     }
 }

@@ -65,6 +65,33 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         steps: usize,
     },
+    /// Export a checkpoint as a Hugging Face model folder (diffusers/PEFT/kohya + model card).
+    Export {
+        /// A checkpoint folder (step-NNNNNNNN), a checkpoints folder or a run folder.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value = "diffusers")]
+        format: trainer::export::Format,
+        /// Export the EMA weights.
+        #[arg(long)]
+        ema: bool,
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: ExportDtype,
+        /// Hub id of the base model for the card, e.g. black-forest-labs/FLUX.1-dev.
+        #[arg(long, default_value = "")]
+        base_model: String,
+        /// License identifier in the card's metadata.
+        #[arg(long, default_value = "other")]
+        license: String,
+        /// Upload the folder to this Hugging Face model repo (token from HF_TOKEN).
+        #[arg(long, value_name = "REPO_ID")]
+        push_to_hub: Option<String>,
+        /// Create the Hub repo as private.
+        #[arg(long)]
+        private: bool,
+    },
     /// Bandwidth of the CPU (TCP ring) all-reduce between ranks of this process on loopback.
     BenchAllreduce {
         /// Rank counts, comma-separated.
@@ -81,6 +108,12 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         iters: usize,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ExportDtype {
+    F32,
+    Bf16,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -164,6 +197,38 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "{}",
                 trainer::bench::report(&config, steps.max(1)).context("benchmark failed")?
             );
+        }
+        Command::Export {
+            checkpoint,
+            out,
+            format,
+            ema,
+            dtype,
+            base_model,
+            license,
+            push_to_hub,
+            private,
+        } => {
+            let opts = trainer::export::ExportOptions {
+                format,
+                ema,
+                dtype: match dtype {
+                    ExportDtype::F32 => candle_core::DType::F32,
+                    ExportDtype::Bf16 => candle_core::DType::BF16,
+                },
+                base_model,
+                license,
+            };
+            let files = trainer::export::export(&checkpoint, &out, &opts)
+                .with_context(|| format!("exporting {}", checkpoint.display()))?;
+            for f in &files {
+                println!("wrote {}", f.display());
+            }
+            if let Some(repo) = push_to_hub {
+                let url = trainer::hub::push_folder(&repo, &out, private)
+                    .with_context(|| format!("pushing {} to the Hub as {repo}", out.display()))?;
+                println!("pushed to {url}");
+            }
         }
         Command::BenchAllreduce {
             ranks,

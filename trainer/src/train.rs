@@ -225,6 +225,10 @@ impl Run {
             candle_core::DType::F32
         };
         let lora = Lora::new(&fc, &spec, cfg.run.seed, lora_dtype, &device)?;
+        if !cfg.lora.init_from.is_empty() {
+            let path = Path::new(&cfg.lora.init_from);
+            crate::lora_format::apply_to(&lora, &crate::lora_format::load(path)?, path)?;
+        }
         // The initialization is seeded and so already identical; the broadcast makes that a
         // guarantee rather than an assumption.
         sync_lora(&dist, &lora, "initial LoRA weights after broadcast")?;
@@ -605,23 +609,14 @@ impl Run {
     /// [r, in] and `lora_B.weight` [out, r]. alpha/r is folded into B so loaders that assume
     /// alpha = r (diffusers, PEFT without a config) apply the trained delta exactly.
     pub fn save_lora(&self, path: &Path, use_ema: bool) -> Result<()> {
-        let scale = self.lora.scale();
-        let mut out: HashMap<String, Tensor> = HashMap::new();
-        let named = self.lora.named_vars();
-        for (i, (name, var)) in named.iter().enumerate() {
-            let t = match (&self.ema, use_ema) {
-                (Some(e), true) => e.shadow[i].clone(),
-                _ => var.as_tensor().clone(),
-            };
-            let (module, which) = name.rsplit_once('.').unwrap_or((name.as_str(), ""));
-            let t = if which == "lora_B" { (t * scale)? } else { t };
-            out.insert(
-                format!("transformer.{module}.{which}.weight"),
-                t.contiguous()?,
-            );
-        }
-        candle_core::safetensors::save(&out, path)?;
-        Ok(())
+        let shadow = match (&self.ema, use_ema) {
+            (Some(e), true) => Some(e.shadow.as_slice()),
+            _ => None,
+        };
+        let adapters = crate::lora_format::from_live(&self.lora, shadow);
+        let tensors = crate::lora_format::to_prefixed(&adapters, "transformer.", DType::F32)?;
+        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+        crate::lora_format::write_safetensors(path, &tensors, meta)
     }
 }
 

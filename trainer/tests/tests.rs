@@ -2,6 +2,7 @@
 
 mod common;
 mod distributed;
+mod export;
 mod gradients;
 mod parity;
 mod resume;

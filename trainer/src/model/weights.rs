@@ -394,6 +394,57 @@ fn bfl_to_diffusers(name: &str, hidden: usize) -> Option<Piece> {
     }
 }
 
+/// Every BFL linear module of a model of `cfg` with the diffusers module(s) it holds: one for a
+/// plain module, several (with their output rows, in order) for a fused one (qkv, linear1).
+pub fn bfl_linear_modules(cfg: &FluxConfig) -> Vec<(String, Vec<(String, usize)>)> {
+    let mut stems: Vec<String> = [
+        "img_in",
+        "txt_in",
+        "time_in.in_layer",
+        "time_in.out_layer",
+        "vector_in.in_layer",
+        "vector_in.out_layer",
+        "guidance_in.in_layer",
+        "guidance_in.out_layer",
+        "final_layer.linear",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for i in 0..cfg.num_double {
+        for m in [
+            "img_mod.lin",
+            "txt_mod.lin",
+            "img_attn.qkv",
+            "txt_attn.qkv",
+            "img_attn.proj",
+            "txt_attn.proj",
+            "img_mlp.0",
+            "img_mlp.2",
+            "txt_mlp.0",
+            "txt_mlp.2",
+        ] {
+            stems.push(format!("double_blocks.{i}.{m}"));
+        }
+    }
+    for i in 0..cfg.num_single {
+        for m in ["modulation.lin", "linear1", "linear2"] {
+            stems.push(format!("single_blocks.{i}.{m}"));
+        }
+    }
+    let strip = |n: &str| n.strip_suffix(".weight").unwrap_or(n).to_string();
+    stems
+        .into_iter()
+        .filter_map(|stem| {
+            let parts = match bfl_to_diffusers(&format!("{stem}.weight"), cfg.hidden())? {
+                Piece::Whole(n) | Piece::SwapHalves(n) => vec![(strip(&n), 0)],
+                Piece::Rows(v) => v.into_iter().map(|(n, r)| (strip(&n), r)).collect(),
+            };
+            Some((stem, parts))
+        })
+        .collect()
+}
+
 /// Counts distinct block indices of names `<prefix>.<i>.`.
 fn count_blocks(names: &[String], prefix: &str) -> usize {
     let mut idx = BTreeSet::new();

@@ -1,0 +1,306 @@
+//! `trainer export`: a checkpoint to a Hugging Face model folder (DESIGN.md §8).
+//!
+//! Writes, as asked by `--format`:
+//! - diffusers: `pytorch_lora_weights.safetensors` (`transformer.<module>.lora_A/B.weight`);
+//! - peft: `adapter_model.safetensors` (`base_model.model.<module>...`);
+//! - kohya: `<run name>-kohya.safetensors` (BFL names for kohya scripts and ComfyUI);
+//! - always `adapter_config.json` (PEFT's LoraConfig) and a `README.md` model card.
+//!
+//! The scale alpha / r is folded into B and the files say alpha = r, so every loader applies
+//! the trained delta exactly.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::DType;
+
+use crate::checkpoint::{self, Loaded};
+use crate::config::Config;
+use crate::error::{Result, TrainerError};
+use crate::lora_format::{self, LoraTensors, ModuleLora};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Diffusers,
+    Peft,
+    Kohya,
+    All,
+}
+
+#[derive(Debug, Clone)]
+pub struct ExportOptions {
+    pub format: Format,
+    /// Export the EMA weights instead of the raw ones.
+    pub ema: bool,
+    pub dtype: DType,
+    /// The Hub id of the base model for the card (empty: described from the config).
+    pub base_model: String,
+    /// License identifier for the card's metadata.
+    pub license: String,
+}
+
+pub const DIFFUSERS_FILE: &str = "pytorch_lora_weights.safetensors";
+pub const PEFT_FILE: &str = "adapter_model.safetensors";
+pub const PEFT_CONFIG: &str = "adapter_config.json";
+pub const CARD: &str = "README.md";
+
+/// A checkpoint folder, a folder of checkpoints (its LATEST or newest valid), or a run folder.
+pub fn resolve_checkpoint(path: &Path) -> Result<Loaded> {
+    if path.join("state.json").exists() {
+        return checkpoint::load(path);
+    }
+    for root in [path.to_path_buf(), path.join("checkpoints")] {
+        if let Some(l) = checkpoint::latest_valid(&root)? {
+            return Ok(l);
+        }
+    }
+    Err(TrainerError::Checkpoint {
+        path: path.to_path_buf(),
+        reason: "holds no checkpoint (expected a step-NNNNNNNN folder, a checkpoints folder or a run folder)".into(),
+    })
+}
+
+/// The adapters of a checkpoint (raw or EMA) with the run's scale.
+pub fn adapters(loaded: &Loaded, cfg: &Config, ema: bool) -> Result<LoraTensors> {
+    let file = if ema {
+        checkpoint::EMA_FILE
+    } else {
+        checkpoint::LORA_FILE
+    };
+    let tensors = loaded
+        .tensors
+        .get(file)
+        .ok_or_else(|| TrainerError::Checkpoint {
+            path: loaded.dir.join(file),
+            reason: if ema {
+                "has no EMA weights (the run had optim.ema_decay = 0)".into()
+            } else {
+                "is missing".into()
+            },
+        })?;
+    let scale = cfg.lora.alpha / cfg.lora.rank as f64;
+    let mut out = LoraTensors::new();
+    for (name, a) in tensors {
+        let Some(module) = name.strip_suffix(".lora_A") else {
+            continue;
+        };
+        let b =
+            tensors
+                .get(&format!("{module}.lora_B"))
+                .ok_or_else(|| TrainerError::Checkpoint {
+                    path: loaded.dir.join(file),
+                    reason: format!("`{module}.lora_B` is missing"),
+                })?;
+        out.insert(
+            module.to_string(),
+            ModuleLora {
+                a: a.clone(),
+                b: b.clone(),
+                scale,
+            },
+        );
+    }
+    Ok(out)
+}
+
+fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        DType::F64 => "f64",
+        _ => "f32",
+    }
+}
+
+/// What the card and the metadata say about the base model.
+fn base_model(cfg: &Config, opts: &ExportOptions) -> String {
+    if !opts.base_model.is_empty() {
+        opts.base_model.clone()
+    } else if !cfg.model.weights.is_empty() {
+        cfg.model.weights.clone()
+    } else {
+        format!(
+            "randomly initialised FLUX ({:?} preset, seed {})",
+            cfg.model.preset, cfg.run.seed
+        )
+    }
+}
+
+/// Writes the export of the checkpoint at `ckpt` into `out`; returns the files written.
+pub fn export(ckpt: &Path, out: &Path, opts: &ExportOptions) -> Result<Vec<PathBuf>> {
+    let loaded = resolve_checkpoint(ckpt)?;
+    let cfg = Config::from_toml(&loaded.config_toml, &loaded.dir.join("config.toml"), &[])?;
+    let adapters = adapters(&loaded, &cfg, opts.ema)?;
+    std::fs::create_dir_all(out).map_err(|e| TrainerError::io(out, e))?;
+    let r = cfg.lora.rank;
+    let base = base_model(&cfg, opts);
+    let metadata: HashMap<String, String> = [
+        ("format", "pt".to_string()),
+        ("mosaic.base_model", base.clone()),
+        ("mosaic.step", loaded.state.step.to_string()),
+        ("mosaic.rank", r.to_string()),
+        ("mosaic.trained_alpha", cfg.lora.alpha.to_string()),
+        (
+            "mosaic.note",
+            "alpha/r is folded into lora_B; load with alpha = r (scale 1)".to_string(),
+        ),
+        ("mosaic.ema", opts.ema.to_string()),
+        (
+            "mosaic.config_fingerprint",
+            loaded.state.fingerprint.clone(),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let mut written = Vec::new();
+    let want = |f: Format| opts.format == f || opts.format == Format::All;
+    if want(Format::Diffusers) {
+        let p = out.join(DIFFUSERS_FILE);
+        let t = lora_format::to_prefixed(&adapters, "transformer.", opts.dtype)?;
+        lora_format::write_safetensors(&p, &t, metadata.clone())?;
+        written.push(p);
+    }
+    if want(Format::Peft) {
+        let p = out.join(PEFT_FILE);
+        let t = lora_format::to_prefixed(&adapters, "base_model.model.", opts.dtype)?;
+        lora_format::write_safetensors(&p, &t, metadata.clone())?;
+        written.push(p);
+    }
+    if want(Format::Kohya) {
+        let p = out.join(format!("{}-kohya.safetensors", cfg.run.name));
+        let fc = lora_format::config_from_adapters(&adapters, &loaded.dir)?;
+        let t = lora_format::to_kohya(&adapters, &fc, opts.dtype)?;
+        lora_format::write_safetensors(&p, &t, metadata)?;
+        written.push(p);
+    }
+    let modules: Vec<&String> = adapters.keys().collect();
+    let peft = serde_json::json!({
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": r,
+        "target_modules": modules,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "init_lora_weights": "gaussian",
+        "use_rslora": false,
+        "use_dora": false,
+        "base_model_name_or_path": base,
+        "task_type": null,
+    });
+    let p = out.join(PEFT_CONFIG);
+    let text = serde_json::to_string_pretty(&peft).map_err(|e| TrainerError::Parse {
+        file: p.clone(),
+        reason: e.to_string(),
+    })?;
+    std::fs::write(&p, text).map_err(|e| TrainerError::io(&p, e))?;
+    written.push(p);
+    let p = out.join(CARD);
+    std::fs::write(&p, model_card(&cfg, &loaded, opts, &base, &written))
+        .map_err(|e| TrainerError::io(&p, e))?;
+    written.push(p);
+    Ok(written)
+}
+
+fn model_card(
+    cfg: &Config,
+    loaded: &Loaded,
+    opts: &ExportOptions,
+    base: &str,
+    files: &[PathBuf],
+) -> String {
+    let l = &cfg.loss;
+    let t = &cfg.train;
+    let names: Vec<String> = files
+        .iter()
+        .filter_map(|p| {
+            p.file_name()
+                .map(|n| format!("- `{}`", n.to_string_lossy()))
+        })
+        .collect();
+    let base_line = if opts.base_model.is_empty() {
+        String::new()
+    } else {
+        format!("base_model: {}\n", opts.base_model)
+    };
+    format!(
+        r#"---
+{base_line}library_name: diffusers
+license: {license}
+tags:
+- flux
+- lora
+- mosaic
+- multi-subject
+- text-to-image
+---
+
+# {name}
+
+A MOSAIC multi-subject personalization LoRA for FLUX.1, trained with mosaic-rs
+(https://arxiv.org/abs/2509.01977). MOSAIC applies this LoRA to the reference-image tokens only;
+generic loaders apply it to every token, so use a MOSAIC pipeline for its intended behaviour.
+
+## Training
+
+| | |
+|---|---|
+| base model | {base} |
+| steps | {steps} |
+| weights | {which} |
+| LoRA rank / alpha | {rank} / {alpha} (alpha/r folded into lora_B; files say alpha = r) |
+| target modules | {targets} |
+| loss | L_diff + {scal} L_SCA + {mdl} L_MD ({variant:?}), {points} points per reference |
+| optimizer | AdamW, lr {lr}, {schedule:?}, warmup {warmup}, weight decay {wd}, clip {clip} |
+| batch | {batch} per rank x {world} ranks x {accum} accumulation |
+| data | {source:?}, {res} px targets, {min_refs} to {max_refs} references |
+| seed | {seed} |
+| config fingerprint | `{fp}` |
+| export dtype | {dtype} |
+
+## Files
+
+{files}
+
+## Usage (diffusers)
+
+```python
+import torch
+from diffusers import FluxPipeline
+
+pipe = FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", torch_dtype=torch.bfloat16)
+pipe.load_lora_weights("path/or/repo-id", weight_name="pytorch_lora_weights.safetensors")
+```
+
+The `*-kohya.safetensors` file, when present, loads in ComfyUI's LoRA loader and kohya scripts.
+"#,
+        license = opts.license,
+        name = cfg.run.name,
+        steps = loaded.state.step,
+        which = if opts.ema { "EMA" } else { "raw (not EMA)" },
+        rank = cfg.lora.rank,
+        alpha = cfg.lora.alpha,
+        targets = cfg.lora.targets.join(", "),
+        scal = l.scal_weight,
+        mdl = l.mdl_weight,
+        variant = l.mdl_variant,
+        points = l.points_per_ref,
+        lr = cfg.optim.lr,
+        schedule = cfg.optim.schedule,
+        warmup = cfg.optim.warmup_steps,
+        wd = cfg.optim.weight_decay,
+        clip = cfg.optim.grad_clip,
+        batch = t.batch_size,
+        world = loaded.state.world_size,
+        accum = t.grad_accum,
+        source = cfg.data.source,
+        res = cfg.data.resolution,
+        min_refs = cfg.data.min_refs,
+        max_refs = cfg.data.max_refs,
+        seed = cfg.run.seed,
+        fp = loaded.state.fingerprint,
+        dtype = dtype_name(opts.dtype),
+        files = names.join("\n"),
+    )
+}
