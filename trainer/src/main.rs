@@ -164,7 +164,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let outcome = trainer::train::train_from_env(cfg).context("training failed")?;
             let first = outcome.losses.first().map(|l| l.total).unwrap_or(f64::NAN);
             let last = outcome.losses.last().map(|l| l.total).unwrap_or(f64::NAN);
-            if outcome.rank == 0 {
+            if outcome.rank == 0 && outcome.losses.is_empty() {
+                println!(
+                    "nothing to train: the run is already at step {} (pass --no-resume or another run.dir to train again); LoRA written to {}",
+                    outcome.start_step,
+                    outcome.lora_path.display()
+                );
+            } else if outcome.rank == 0 {
                 println!(
                     "trained {} steps (loss {first:.4} -> {last:.4}, {} skipped); LoRA written to {}",
                     outcome.losses.len(),

@@ -62,6 +62,8 @@ pub struct TrainOutcome {
     pub stopped_by_signal: bool,
     /// This process's rank (only rank 0 writes files).
     pub rank: usize,
+    /// The step the run started from (a resumed run: its checkpoint's step).
+    pub start_step: u64,
 }
 
 /// The device of this rank: CUDA device `ordinal` (LOCAL_RANK) or the CPU.
@@ -773,5 +775,6 @@ pub fn train_with(
         run_dir,
         stopped_by_signal,
         rank,
+        start_step: run.start_step,
     })
 }
