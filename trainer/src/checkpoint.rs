@@ -30,6 +30,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Result, TrainerError};
 use crate::loader::Cursor;
+use crate::storage::{Location, Remote};
 
 pub const FORMAT: u32 = 1;
 pub const LATEST: &str = "LATEST";
@@ -119,42 +120,95 @@ fn step_of(name: &str) -> Option<u64> {
     name.strip_prefix("step-")?.parse().ok()
 }
 
-/// Checkpoint folders under `root`, newest first.
-pub fn list(root: &Path) -> Vec<(u64, PathBuf)> {
-    let mut v: Vec<(u64, PathBuf)> = std::fs::read_dir(root)
+/// Checkpoint folder names under `root`, newest first.
+pub fn list(root: &Location) -> Result<Vec<(u64, String)>> {
+    let names: Vec<String> = match root {
+        Location::Local(p) => std::fs::read_dir(p)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect(),
+        Location::Remote(r) => r.list_dirs()?,
+    };
+    let mut v: Vec<(u64, String)> = names
         .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            step_of(&name).map(|s| (s, e.path()))
-        })
+        .filter_map(|n| step_of(&n).map(|s| (s, n)))
         .collect();
     v.sort_by_key(|e| std::cmp::Reverse(e.0));
-    v
+    Ok(v)
 }
 
-/// Writes `snap` under `root` atomically, points LATEST at it and keeps the newest `keep`. On
-/// failure (a full disk, say) the partial folder is removed and the previous checkpoint and
-/// LATEST are untouched.
-pub fn write(root: &Path, snap: &Snapshot, keep: usize) -> Result<PathBuf> {
-    std::fs::create_dir_all(root).map_err(|e| TrainerError::io(root, e))?;
+/// File name and bytes.
+type FileBytes = (String, Vec<u8>);
+
+/// Serialized files of a snapshot and the state.json that lists their sha256.
+fn serialize(snap: &Snapshot, at: &Path) -> Result<(Vec<FileBytes>, Vec<u8>)> {
+    let mut state = snap.state.clone();
+    let mut files = Vec::new();
+    for (file, tensors) in &snap.files {
+        let bytes =
+            safetensors::tensor::serialize(tensors.iter().map(|(n, t)| (n.clone(), t)), None)
+                .map_err(|e| ckpt_err(&at.join(file), e.to_string()))?;
+        state.files.insert(file.to_string(), hex(&bytes));
+        files.push((file.to_string(), bytes));
+    }
+    let config = snap.config_toml.as_bytes().to_vec();
+    state.files.insert(CONFIG.to_string(), hex(&config));
+    files.push((CONFIG.to_string(), config));
+    let json = serde_json::to_vec_pretty(&state).map_err(|e| ckpt_err(at, e.to_string()))?;
+    Ok((files, json))
+}
+
+/// Writes `snap` under `root`, points LATEST at it and keeps the newest `keep`. Returns where
+/// it went. A failure (a full disk, an unreachable store) leaves the previous checkpoint and
+/// LATEST in charge.
+pub fn write(root: &Location, snap: &Snapshot, keep: usize) -> Result<PathBuf> {
     let name = step_dir_name(snap.state.step);
+    let written = match root {
+        Location::Local(dir) => write_local(dir, &name, snap),
+        Location::Remote(r) => write_remote(r, &name, snap),
+    };
+    let written = written.map_err(|e| TrainerError::Checkpoint {
+        path: root.child(&name),
+        reason: format!(
+            "could not be written ({e}); the previous checkpoint and LATEST are unchanged"
+        ),
+    })?;
+    for (_, old) in list(root)?.into_iter().skip(keep.max(1)) {
+        let removed = match root {
+            Location::Local(dir) => std::fs::remove_dir_all(dir.join(&old))
+                .map_err(|e| TrainerError::io(&dir.join(&old), e)),
+            Location::Remote(r) => r.delete_dir(&old),
+        };
+        if let Err(e) = removed {
+            tracing::warn!(%e, "could not remove an old checkpoint");
+        }
+    }
+    Ok(written)
+}
+
+/// On an object store each put is atomic but there is no rename: the files go first, then
+/// state.json (a folder without it, or whose files do not match it, is never loaded), then
+/// LATEST.
+fn write_remote(r: &Remote, name: &str, snap: &Snapshot) -> Result<PathBuf> {
+    let at = PathBuf::from(format!("{}/{name}", r.url()));
+    let (files, state) = serialize(snap, &at)?;
+    for (file, bytes) in files {
+        r.put(&format!("{name}/{file}"), bytes)?;
+    }
+    r.put(&format!("{name}/{STATE}"), state)?;
+    r.put(LATEST, format!("{name}\n").into_bytes())?;
+    Ok(at)
+}
+
+/// In a folder: a temporary folder, every file fsynced, renamed, then LATEST replaced.
+fn write_local(root: &Path, name: &str, snap: &Snapshot) -> Result<PathBuf> {
+    std::fs::create_dir_all(root).map_err(|e| TrainerError::io(root, e))?;
     let tmp = root.join(format!(".tmp-{name}-{}", std::process::id()));
-    let written = write_into(root, &tmp, &name, snap);
+    let written = write_into(root, &tmp, name, snap);
     if written.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
-        return written.map_err(|e| TrainerError::Checkpoint {
-            path: root.join(&name),
-            reason: format!(
-                "could not be written ({e}); the previous checkpoint and LATEST are unchanged"
-            ),
-        });
-    }
-    for (_, old) in list(root).into_iter().skip(keep.max(1)) {
-        if let Err(e) = std::fs::remove_dir_all(&old) {
-            tracing::warn!(path = %old.display(), %e, "could not remove an old checkpoint");
-        }
     }
     written
 }
@@ -164,20 +218,11 @@ fn write_into(root: &Path, tmp: &Path, name: &str, snap: &Snapshot) -> Result<Pa
         std::fs::remove_dir_all(tmp).map_err(|e| TrainerError::io(tmp, e))?;
     }
     std::fs::create_dir_all(tmp).map_err(|e| TrainerError::io(tmp, e))?;
-    let mut state = snap.state.clone();
-    for (file, tensors) in &snap.files {
-        let bytes =
-            safetensors::tensor::serialize(tensors.iter().map(|(n, t)| (n.clone(), t)), None)
-                .map_err(|e| ckpt_err(&tmp.join(file), e.to_string()))?;
+    let (files, state) = serialize(snap, tmp)?;
+    for (file, bytes) in files {
         write_synced(&tmp.join(file), &bytes)?;
-        state.files.insert(file.to_string(), hex(&bytes));
     }
-    write_synced(&tmp.join(CONFIG), snap.config_toml.as_bytes())?;
-    state
-        .files
-        .insert(CONFIG.to_string(), hex(snap.config_toml.as_bytes()));
-    let json = serde_json::to_vec_pretty(&state).map_err(|e| ckpt_err(tmp, e.to_string()))?;
-    write_synced(&tmp.join(STATE), &json)?;
+    write_synced(&tmp.join(STATE), &state)?;
     sync_dir(tmp)?;
     let dest = root.join(name);
     if dest.exists() {
@@ -201,7 +246,7 @@ pub struct Writer {
 
 impl Writer {
     /// Waits for the previous save, then starts writing `snap`.
-    pub fn save(&mut self, root: PathBuf, snap: Snapshot, keep: usize) -> Result<()> {
+    pub fn save(&mut self, root: Location, snap: Snapshot, keep: usize) -> Result<()> {
         self.wait()?;
         let handle = std::thread::Builder::new()
             .name("checkpoint".into())
@@ -235,10 +280,23 @@ pub struct Loaded {
     pub tensors: HashMap<String, HashMap<String, Tensor>>,
 }
 
-/// Reads and verifies one checkpoint folder.
-pub fn load(dir: &Path) -> Result<Loaded> {
+/// Reads and verifies checkpoint `name` under `root`.
+pub fn load(root: &Location, name: &str) -> Result<Loaded> {
+    let dir = root.child(name);
+    let read = |file: &str| -> Result<Vec<u8>> {
+        let path = dir.join(file);
+        match root {
+            Location::Local(p) => {
+                let full = p.join(name).join(file);
+                std::fs::read(&full).map_err(|e| TrainerError::io(&full, e))
+            }
+            Location::Remote(r) => r
+                .get(&format!("{name}/{file}"))?
+                .ok_or_else(|| ckpt_err(&path, "does not exist")),
+        }
+    };
     let state_path = dir.join(STATE);
-    let text = std::fs::read(&state_path).map_err(|e| TrainerError::io(&state_path, e))?;
+    let text = read(STATE)?;
     let state: State = serde_json::from_slice(&text)
         .map_err(|e| ckpt_err(&state_path, format!("not a valid state.json: {e}")))?;
     if state.format != FORMAT {
@@ -254,7 +312,7 @@ pub fn load(dir: &Path) -> Result<Loaded> {
     let mut config_toml = String::new();
     for (file, want) in &state.files {
         let path = dir.join(file);
-        let bytes = std::fs::read(&path).map_err(|e| TrainerError::io(&path, e))?;
+        let bytes = read(file)?;
         let got = hex(&bytes);
         if &got != want {
             return Err(ckpt_err(
@@ -272,28 +330,38 @@ pub fn load(dir: &Path) -> Result<Loaded> {
     }
     for needed in [LORA_FILE, OPTIMIZER_FILE, CONFIG] {
         if !state.files.contains_key(needed) {
-            return Err(ckpt_err(dir, format!("state.json lists no {needed}")));
+            return Err(ckpt_err(&dir, format!("state.json lists no {needed}")));
         }
     }
     Ok(Loaded {
-        dir: dir.to_path_buf(),
+        dir,
         state,
         config_toml,
         tensors,
     })
 }
 
+/// A checkpoint folder given by its own path or URL (`.../step-00000120`).
+pub fn load_folder(location: &str) -> Result<Loaded> {
+    let trimmed = location.trim_end_matches('/');
+    let (parent, name) = trimmed
+        .rsplit_once('/')
+        .ok_or_else(|| ckpt_err(Path::new(location), "expected .../step-NNNNNNNN"))?;
+    load(&Location::parse(parent)?, name)
+}
+
 /// The checkpoint to resume from under `root`: the one LATEST names if it verifies, else the
 /// newest one that does (each rejected one is reported with the reason). None when `root`
 /// holds no checkpoint at all.
-pub fn latest_valid(root: &Path) -> Result<Option<Loaded>> {
-    let mut candidates = list(root);
-    if let Ok(name) = std::fs::read_to_string(root.join(LATEST)) {
-        let name = name.trim();
-        if let Some(pos) = candidates
-            .iter()
-            .position(|(_, p)| p.file_name().is_some_and(|n| n == name))
-        {
+pub fn latest_valid(root: &Location) -> Result<Option<Loaded>> {
+    let mut candidates = list(root)?;
+    let latest = match root {
+        Location::Local(p) => std::fs::read(p.join(LATEST)).ok(),
+        Location::Remote(r) => r.get(LATEST)?,
+    };
+    if let Some(name) = latest {
+        let name = String::from_utf8_lossy(&name).trim().to_string();
+        if let Some(pos) = candidates.iter().position(|(_, n)| *n == name) {
             let first = candidates.remove(pos);
             candidates.insert(0, first);
         }
@@ -302,12 +370,12 @@ pub fn latest_valid(root: &Path) -> Result<Option<Loaded>> {
         return Ok(None);
     }
     let mut problems = Vec::new();
-    for (_, dir) in &candidates {
-        match load(dir) {
+    for (_, name) in &candidates {
+        match load(root, name) {
             Ok(l) => {
                 if !problems.is_empty() {
                     tracing::warn!(
-                        using = %dir.display(),
+                        using = %l.dir.display(),
                         skipped = %problems.join("; "),
                         "newer checkpoint(s) are damaged; resuming from an older one"
                     );
@@ -317,10 +385,10 @@ pub fn latest_valid(root: &Path) -> Result<Option<Loaded>> {
             Err(e) => problems.push(e.to_string()),
         }
     }
-    Err(ckpt_err(
-        root,
-        format!("no checkpoint verifies:\n  {}", problems.join("\n  ")),
-    ))
+    Err(TrainerError::Checkpoint {
+        path: PathBuf::from(root.describe()),
+        reason: format!("no checkpoint verifies:\n  {}", problems.join("\n  ")),
+    })
 }
 
 impl Loaded {
@@ -452,87 +520,135 @@ mod tests {
         }
     }
 
+    /// A fresh local folder, and a fresh prefix on the S3 test server when MOSAIC_TEST_S3_URL
+    /// names one (ci/s3.sh starts it and sets the AWS_* variables).
+    fn roots(test: &str) -> Vec<(Location, Option<tempfile::TempDir>)> {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut v = vec![(Location::local(tmp.path()), Some(tmp))];
+        match std::env::var("MOSAIC_TEST_S3_URL") {
+            Ok(url) => {
+                let unique = format!(
+                    "{}/{test}-{}-{}",
+                    url.trim_end_matches('/'),
+                    std::process::id(),
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap()
+                        .as_nanos()
+                );
+                v.push((Location::parse(&unique).unwrap(), None));
+            }
+            Err(_) => eprintln!(
+                "{test}: object-store part not run (MOSAIC_TEST_S3_URL unset; ci/s3.sh sets it)"
+            ),
+        }
+        v
+    }
+
+    fn read(root: &Location, rel: &str) -> Vec<u8> {
+        match root {
+            Location::Local(p) => std::fs::read(p.join(rel)).unwrap(),
+            Location::Remote(r) => r.get(rel).unwrap().unwrap(),
+        }
+    }
+
+    fn put(root: &Location, rel: &str, bytes: &[u8]) {
+        match root {
+            Location::Local(p) => {
+                let f = p.join(rel);
+                std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+                std::fs::write(f, bytes).unwrap()
+            }
+            Location::Remote(r) => r.put(rel, bytes.to_vec()).unwrap(),
+        }
+    }
+
     #[test]
     fn written_checkpoints_load_back_and_only_the_newest_are_kept() {
-        let tmp = tempfile::tempdir().unwrap();
-        for step in [10, 20, 30] {
-            write(tmp.path(), &snap(step), 2).unwrap();
+        for (root, _keep) in roots("kept") {
+            for step in [10, 20, 30] {
+                write(&root, &snap(step), 2).unwrap();
+            }
+            let steps: Vec<u64> = list(&root).unwrap().iter().map(|(s, _)| *s).collect();
+            assert_eq!(steps, vec![30, 20], "{root:?}");
+            let l = latest_valid(&root).unwrap().unwrap();
+            assert_eq!(l.state.step, 30);
+            assert_eq!(l.state.cursor, Cursor { epoch: 0, batch: 3 });
+            let like = Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap();
+            let t = l.tensor(LORA_FILE, "m.lora_A", &like).unwrap();
+            assert_eq!(t.to_vec1::<f32>().unwrap(), vec![30.0, 2.0]);
         }
-        let steps: Vec<u64> = list(tmp.path()).iter().map(|(s, _)| *s).collect();
-        assert_eq!(steps, vec![30, 20]);
-        let l = latest_valid(tmp.path()).unwrap().unwrap();
-        assert_eq!(l.state.step, 30);
-        assert_eq!(l.state.cursor, Cursor { epoch: 0, batch: 3 });
-        let like = Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap();
-        let t = l.tensor(LORA_FILE, "m.lora_A", &like).unwrap();
-        assert_eq!(t.to_vec1::<f32>().unwrap(), vec![30.0, 2.0]);
     }
 
     #[test]
     fn a_damaged_newest_checkpoint_falls_back_to_the_previous_one() {
-        let tmp = tempfile::tempdir().unwrap();
-        write(tmp.path(), &snap(1), 3).unwrap();
-        let newest = write(tmp.path(), &snap(2), 3).unwrap();
-        let f = newest.join(LORA_FILE);
-        let mut bytes = std::fs::read(&f).unwrap();
-        let last = bytes.len() - 1;
-        bytes[last] ^= 0xff;
-        std::fs::write(&f, &bytes).unwrap();
-        let err = load(&newest).err().unwrap().to_string();
-        assert!(
-            err.contains("sha256") && err.contains("lora.safetensors"),
-            "{err}"
-        );
-        assert_eq!(latest_valid(tmp.path()).unwrap().unwrap().state.step, 1);
-        // Truncation too.
-        std::fs::write(&f, &bytes[..10]).unwrap();
-        assert_eq!(latest_valid(tmp.path()).unwrap().unwrap().state.step, 1);
+        for (root, _keep) in roots("damaged") {
+            write(&root, &snap(1), 3).unwrap();
+            write(&root, &snap(2), 3).unwrap();
+            let rel = format!("step-00000002/{LORA_FILE}");
+            let mut bytes = read(&root, &rel);
+            let last = bytes.len() - 1;
+            bytes[last] ^= 0xff;
+            put(&root, &rel, &bytes);
+            let err = load(&root, "step-00000002").err().unwrap().to_string();
+            assert!(
+                err.contains("sha256") && err.contains("lora.safetensors"),
+                "{err}"
+            );
+            assert_eq!(latest_valid(&root).unwrap().unwrap().state.step, 1);
+            // Truncation too.
+            put(&root, &rel, &bytes[..10]);
+            assert_eq!(latest_valid(&root).unwrap().unwrap().state.step, 1);
+        }
     }
 
     #[test]
     fn a_writer_killed_midway_leaves_the_previous_checkpoint_in_charge() {
-        let tmp = tempfile::tempdir().unwrap();
-        write(tmp.path(), &snap(5), 3).unwrap();
-        // What a process killed while writing step 6 leaves: a partial temporary folder.
-        let partial = tmp.path().join(".tmp-step-00000006-999");
-        std::fs::create_dir_all(&partial).unwrap();
-        std::fs::write(partial.join(LORA_FILE), b"partial").unwrap();
-        assert_eq!(latest_valid(tmp.path()).unwrap().unwrap().state.step, 5);
-        // And a folder renamed but never completed (state.json missing) is skipped too.
-        std::fs::create_dir_all(tmp.path().join("step-00000007")).unwrap();
-        assert_eq!(latest_valid(tmp.path()).unwrap().unwrap().state.step, 5);
+        for (root, _keep) in roots("killed") {
+            write(&root, &snap(5), 3).unwrap();
+            // What a writer killed while writing step 7 leaves: some files and no state.json
+            // (on an object store), or a folder renamed but never completed.
+            put(&root, &format!("step-00000007/{LORA_FILE}"), b"partial");
+            assert_eq!(latest_valid(&root).unwrap().unwrap().state.step, 5);
+            if let Location::Local(p) = &root {
+                // The temporary folder of a local write.
+                let partial = p.join(".tmp-step-00000006-999");
+                std::fs::create_dir_all(&partial).unwrap();
+                std::fs::write(partial.join(LORA_FILE), b"partial").unwrap();
+                assert_eq!(latest_valid(&root).unwrap().unwrap().state.step, 5);
+            }
+        }
     }
 
     #[test]
     fn a_failed_write_leaves_the_previous_checkpoint_and_latest_alone() {
         let tmp = tempfile::tempdir().unwrap();
-        write(tmp.path(), &snap(1), 3).unwrap();
+        let root = Location::local(tmp.path());
+        write(&root, &snap(1), 3).unwrap();
         // Something in the way of the temporary folder stands in for a full disk.
         let blocker = tmp
             .path()
             .join(format!(".tmp-step-00000002-{}", std::process::id()));
         std::fs::write(&blocker, b"x").unwrap();
-        let e = write(tmp.path(), &snap(2), 3).err().unwrap().to_string();
+        let e = write(&root, &snap(2), 3).err().unwrap().to_string();
         assert!(
             e.contains("step-00000002") && e.contains("unchanged"),
             "{e}"
         );
         let latest = std::fs::read_to_string(tmp.path().join(LATEST)).unwrap();
         assert_eq!(latest.trim(), "step-00000001");
-        assert_eq!(latest_valid(tmp.path()).unwrap().unwrap().state.step, 1);
+        assert_eq!(latest_valid(&root).unwrap().unwrap().state.step, 1);
     }
 
     #[test]
     fn shape_and_dtype_mismatches_name_the_tensor_and_file() {
         let tmp = tempfile::tempdir().unwrap();
-        write(tmp.path(), &snap(1), 1).unwrap();
-        let l = latest_valid(tmp.path()).unwrap().unwrap();
+        let root = Location::local(tmp.path());
+        write(&root, &snap(1), 1).unwrap();
+        let l = latest_valid(&root).unwrap().unwrap();
+        let zeros = |n: usize, d: DType| Tensor::zeros(n, d, &Device::Cpu).unwrap();
         let e = l
-            .tensor(
-                LORA_FILE,
-                "m.lora_A",
-                &Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
-            )
+            .tensor(LORA_FILE, "m.lora_A", &zeros(3, DType::F32))
             .err()
             .unwrap()
             .to_string();
@@ -541,21 +657,13 @@ mod tests {
             "{e}"
         );
         let e = l
-            .tensor(
-                LORA_FILE,
-                "m.lora_A",
-                &Tensor::zeros(2, DType::F64, &Device::Cpu).unwrap(),
-            )
+            .tensor(LORA_FILE, "m.lora_A", &zeros(2, DType::F64))
             .err()
             .unwrap()
             .to_string();
         assert!(e.contains("F32"), "{e}");
         let e = l
-            .tensor(
-                LORA_FILE,
-                "nope",
-                &Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap(),
-            )
+            .tensor(LORA_FILE, "nope", &zeros(2, DType::F32))
             .err()
             .unwrap()
             .to_string();

@@ -43,7 +43,8 @@ pub struct CheckpointSection {
     pub every: u64,
     /// Keep the newest this many checkpoints.
     pub keep: usize,
-    /// Folder; empty means `<run dir>/checkpoints`.
+    /// Folder or object-store URL (s3://, gs://, az://, http(s)://, file://); empty means
+    /// `<run dir>/checkpoints`.
     pub dir: String,
     /// Continue from the newest valid checkpoint when the folder holds one.
     pub resume: bool,
@@ -476,12 +477,15 @@ impl Config {
         }
     }
 
-    /// Where checkpoints go.
-    pub fn checkpoint_dir(&self) -> PathBuf {
+    /// Where checkpoints go: `checkpoint.dir` (a folder or an object-store URL), by default
+    /// `<run dir>/checkpoints`.
+    pub fn checkpoint_location(&self) -> Result<crate::storage::Location> {
         if self.checkpoint.dir.is_empty() {
-            self.run_dir().join("checkpoints")
+            Ok(crate::storage::Location::Local(
+                self.run_dir().join("checkpoints"),
+            ))
         } else {
-            PathBuf::from(&self.checkpoint.dir)
+            crate::storage::Location::parse(&self.checkpoint.dir)
         }
     }
 

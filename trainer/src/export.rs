@@ -18,6 +18,7 @@ use crate::checkpoint::{self, Loaded};
 use crate::config::Config;
 use crate::error::{Result, TrainerError};
 use crate::lora_format::{self, LoraTensors, ModuleLora};
+use crate::storage::Location;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -44,13 +45,19 @@ pub const PEFT_FILE: &str = "adapter_model.safetensors";
 pub const PEFT_CONFIG: &str = "adapter_config.json";
 pub const CARD: &str = "README.md";
 
-/// A checkpoint folder, a folder of checkpoints (its LATEST or newest valid), or a run folder.
+/// A checkpoint folder (`.../step-NNNNNNNN`), a folder of checkpoints (its LATEST or newest
+/// valid one), or a run folder; each may be a local path or an object-store URL.
 pub fn resolve_checkpoint(path: &Path) -> Result<Loaded> {
-    if path.join("state.json").exists() {
-        return checkpoint::load(path);
+    let location = path.to_string_lossy().trim_end_matches('/').to_string();
+    if location
+        .rsplit('/')
+        .next()
+        .is_some_and(|l| l.starts_with("step-"))
+    {
+        return checkpoint::load_folder(&location);
     }
-    for root in [path.to_path_buf(), path.join("checkpoints")] {
-        if let Some(l) = checkpoint::latest_valid(&root)? {
+    for root in [location.clone(), format!("{location}/checkpoints")] {
+        if let Some(l) = checkpoint::latest_valid(&Location::parse(&root)?)? {
             return Ok(l);
         }
     }

@@ -18,6 +18,7 @@ pub mod objective;
 pub mod optim;
 pub mod rng;
 pub mod signals;
+pub mod storage;
 pub mod synth;
 pub mod train;
 

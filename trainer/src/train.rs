@@ -511,9 +511,9 @@ impl Run {
         let loaded = if self.dist.rank() != 0 || (!c.resume && c.resume_from.is_empty()) {
             None
         } else if !c.resume_from.is_empty() {
-            Some(checkpoint::load(Path::new(&c.resume_from))?)
+            Some(checkpoint::load_folder(&c.resume_from)?)
         } else {
-            checkpoint::latest_valid(&self.cfg.checkpoint_dir())?
+            checkpoint::latest_valid(&self.cfg.checkpoint_location()?)?
         };
         if let Some(l) = &loaded {
             let current = toml::to_string(&self.cfg).unwrap_or_default();
@@ -709,7 +709,7 @@ pub fn train_with(
         (true, true) => Some(MetricsLog::resume(&metrics_path, run.start_step)?),
     };
     let max_steps = run.cfg.train.max_steps;
-    let ckpt_root = run.cfg.checkpoint_dir();
+    let ckpt_root = run.cfg.checkpoint_location()?;
     let (every, keep) = (run.cfg.checkpoint.every, run.cfg.checkpoint.keep);
     let mut writer = checkpoint::Writer::default();
     let bar = progress_bar(max_steps, run.cfg.train.progress && leader);

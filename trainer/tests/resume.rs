@@ -6,14 +6,36 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use launcher::agent;
+use trainer::storage::Location;
 
 use crate::common::repo_root;
 use crate::distributed::{free_port, never, trainer_spec, wait_for_steps};
 
 const STEPS: u64 = 40;
 
+/// The checkpoint location of a test run: `<run dir>/checkpoints`, or the URL written next to
+/// the run folder (`<run dir>.ckpt-url`) for a run whose checkpoints go to an object store.
+fn ckpt_root(dir: &Path) -> Location {
+    match std::fs::read_to_string(dir.with_extension("ckpt-url")) {
+        Ok(url) => Location::parse(url.trim()).unwrap(),
+        Err(_) => Location::local(&dir.join("checkpoints")),
+    }
+}
+
+fn read(root: &Location, rel: &str) -> Vec<u8> {
+    match root {
+        Location::Local(p) => std::fs::read(p.join(rel)).unwrap(),
+        Location::Remote(r) => r.get(rel).unwrap().unwrap(),
+    }
+}
+
 fn sets(dir: &Path, every: u64) -> Vec<String> {
+    let ckpt = match ckpt_root(dir) {
+        Location::Remote(r) => format!("checkpoint.dir={:?}", r.url()),
+        Location::Local(_) => "checkpoint.dir=\"\"".into(),
+    };
     [
+        ckpt,
         format!("run.dir={:?}", dir.display().to_string()),
         format!("train.max_steps={STEPS}"),
         "train.progress=false".into(),
@@ -113,7 +135,7 @@ fn two_ranks(dir: &Path, every: u64, stop_at: Option<usize>) {
 
 /// The metrics lines up to the step of the checkpoint a restart will resume from.
 pub fn lines_to_keep(dir: &Path) -> Vec<String> {
-    let latest = std::fs::read_to_string(dir.join("checkpoints/LATEST")).unwrap();
+    let latest = String::from_utf8(read(&ckpt_root(dir), "LATEST")).unwrap();
     let step: usize = latest.trim().trim_start_matches("step-").parse().unwrap();
     assert!(step > 0, "a checkpoint was written before the interruption");
     let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
@@ -153,11 +175,10 @@ fn metrics_without_timing(dir: &Path) -> Vec<serde_json::Value> {
 }
 
 fn assert_identical(a: &Path, b: &Path) {
-    let last = |d: &Path| d.join("checkpoints").join(format!("step-{STEPS:08}"));
+    let last = |d: &Path, f: &str| read(&ckpt_root(d), &format!("step-{STEPS:08}/{f}"));
     // The runs differ only in run.dir, which enters the fingerprint and config.toml.
     let state = |d: &Path| {
-        let mut v: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(last(d).join("state.json")).unwrap()).unwrap();
+        let mut v: serde_json::Value = serde_json::from_slice(&last(d, "state.json")).unwrap();
         let o = v.as_object_mut().unwrap();
         o.remove("fingerprint");
         o["files"].as_object_mut().unwrap().remove("config.toml");
@@ -169,8 +190,7 @@ fn assert_identical(a: &Path, b: &Path) {
         "optimizer.safetensors",
         "ema.safetensors",
     ] {
-        let (x, y) = (last(a).join(f), last(b).join(f));
-        let (x, y) = (std::fs::read(&x).unwrap(), std::fs::read(&y).unwrap());
+        let (x, y) = (last(a, f), last(b, f));
         assert!(
             x == y,
             "{f} differs between the uninterrupted and the resumed run"
@@ -241,4 +261,40 @@ fn a_checkpoint_of_another_config_is_refused_naming_the_fields() {
     let out = trainer::train::train(cfg).unwrap();
     assert_eq!(out.losses.len(), 2, "steps 3 and 4 only");
     assert_eq!(steps_logged(dir), 4);
+}
+
+#[test]
+#[cfg(unix)]
+fn checkpoints_on_an_object_store_resume_bit_identically() {
+    let Ok(url) = std::env::var("MOSAIC_TEST_S3_URL") else {
+        eprintln!("object-store resume not run: MOSAIC_TEST_S3_URL unset (ci/s3.sh sets it)");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (full, cut) = (tmp.path().join("full"), tmp.path().join("cut"));
+    let unique = format!(
+        "{}/resume-{}-{}",
+        url.trim_end_matches('/'),
+        std::process::id(),
+        tmp.path().file_name().unwrap().to_string_lossy()
+    );
+    std::fs::write(cut.with_extension("ckpt-url"), &unique).unwrap();
+    one_rank(&full, 10, None);
+    one_rank(&cut, 10, Some((7, libc::SIGTERM)));
+    assert_identical(&full, &cut);
+    assert!(
+        !cut.join("checkpoints").exists(),
+        "nothing went to the local folder"
+    );
+    // Export reads the checkpoints straight from the store.
+    let out = tmp.path().join("export");
+    let opts = trainer::export::ExportOptions {
+        format: trainer::export::Format::Diffusers,
+        ema: true,
+        dtype: candle_core::DType::F32,
+        base_model: String::new(),
+        license: "other".into(),
+    };
+    trainer::export::export(Path::new(&unique), &out, &opts).unwrap();
+    assert!(out.join("pytorch_lora_weights.safetensors").exists());
 }
