@@ -1,12 +1,16 @@
-//! Attention-row losses of MOSAIC (SCAL and MDL) on the sampled reference-to-target softmax
-//! rows, as compositions of candle ops with a backward.
+//! The sampled attention rows of MOSAIC and the losses on them (DESIGN.md §6).
 //!
-//! The rows tensor holds, for each sampled reference point, its head-averaged softmax over the
-//! target tokens (DESIGN.md §6). How the rows are produced (plain candle in the trainer, or a
-//! fused kernel later) does not matter here: this crate only turns rows into losses.
+//! `rows::attention_rows` computes, for sampled reference points, their head-averaged softmax
+//! over the target tokens without any full attention map (a candle op with a CPU and an NVRTC
+//! CUDA forward and a backward); `losses` turns rows into SCAL and MDL (candle ops with a
+//! backward on the small rows tensor).
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
 pub mod losses;
+pub mod rows;
 
 pub use error::KernelError;
 pub use losses::{mdl_jsd_loss, mdl_kl_loss, mdl_loss, scal_loss, MdlVariant, RefSegments};
+pub use rows::{attention_rows, attention_rows_plain};

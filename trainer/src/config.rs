@@ -258,6 +258,9 @@ pub struct LossSection {
     /// Double blocks whose attention rows feed SCAL/MDL.
     pub double_blocks: Vec<usize>,
     pub single_blocks: Vec<usize>,
+    /// How the attention rows are computed: "fused" (the kernels crate's op, no attention map)
+    /// or "plain" (candle ops materializing [heads, P, N_tgt], the reference).
+    pub rows: RowsImpl,
     /// t = sigmoid(n), n ~ N(logit_mean, logit_std^2).
     pub logit_mean: f64,
     pub logit_std: f64,
@@ -276,11 +279,19 @@ impl Default for LossSection {
             points_per_ref: 150,
             double_blocks: vec![0],
             single_blocks: vec![],
+            rows: RowsImpl::Fused,
             logit_mean: 0.0,
             logit_std: 1.0,
             resolution_shift: true,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RowsImpl {
+    Fused,
+    Plain,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -3,6 +3,7 @@
 
 pub mod alloc;
 pub mod bench;
+pub mod bench_rows;
 pub mod checkpoint;
 pub mod config;
 pub mod ddp;

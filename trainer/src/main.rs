@@ -92,6 +92,13 @@ enum Command {
         #[arg(long)]
         private: bool,
     },
+    /// Attention rows at FLUX.1-dev sizes: the official full maps vs the fused op, forward and
+    /// backward time and peak heap, as a markdown table.
+    BenchRows {
+        /// Repetitions per case (the fastest is reported).
+        #[arg(long, default_value_t = 1)]
+        reps: usize,
+    },
     /// Bandwidth of the CPU (TCP ring) all-reduce between ranks of this process on loopback.
     BenchAllreduce {
         /// Rank counts, comma-separated.
@@ -235,6 +242,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .with_context(|| format!("pushing {} to the Hub as {repo}", out.display()))?;
                 println!("pushed to {url}");
             }
+        }
+        Command::BenchRows { reps } => {
+            print!(
+                "{}",
+                trainer::bench_rows::report(reps.max(1)).context("rows benchmark failed")?
+            );
         }
         Command::BenchAllreduce {
             ranks,

@@ -213,6 +213,7 @@ impl Run {
         let rows = RowBlocks {
             double: cfg.loss.double_blocks.clone(),
             single: cfg.loss.single_blocks.clone(),
+            plain: cfg.loss.rows == crate::config::RowsImpl::Plain,
         };
         let model = Flux::new(fc.clone(), &weights, rows)?;
         let spec = LoraSpec {

@@ -157,3 +157,31 @@ fn checkpointing_gives_equal_gradients() {
         }
     }
 }
+
+#[test]
+fn fused_rows_give_the_plain_composition_s_losses_and_gradients() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fused = gradient_run("f64", &tmp.path().join("fused"));
+    let plain = {
+        let mut cfg = fused.cfg.clone();
+        cfg.loss.rows = trainer::config::RowsImpl::Plain;
+        cfg.run.dir = tmp.path().join("plain").display().to_string();
+        let run = Run::build(cfg).unwrap();
+        randomize_lora_b(&run.lora, 11);
+        run
+    };
+    let prep = prepared(&fused);
+    let go = |r: &Run| {
+        objective::loss_and_lora_grads(&r.model, &r.lora, &prep, &r.objective, 0, false).unwrap()
+    };
+    let ((pf, gf), (pp, gp)) = (go(&fused), go(&plain));
+    for (a, b) in [(pf.scal, pp.scal), (pf.mdl, pp.mdl), (pf.total, pp.total)] {
+        assert!((a - b).abs() < 1e-12 * a.abs().max(1.0), "{pf:?} vs {pp:?}");
+    }
+    let worst = gf
+        .iter()
+        .zip(&gp)
+        .map(|(a, b)| max_abs_diff(a, b) / max_abs(b).max(1e-12))
+        .fold(0f64, f64::max);
+    assert!(worst < 1e-9, "gradients differ by {worst} (relative)");
+}

@@ -84,6 +84,8 @@ pub struct BlockCtx {
     /// Per batch element, the sampled reference tokens (indices into the reference stream)
     /// whose attention rows the losses need.
     pub row_queries: Option<Vec<Tensor>>,
+    /// Rows from composed candle ops instead of the fused op.
+    pub plain_rows: bool,
 }
 
 /// One branch entering a block: its tokens, conditioning and whether LoRA applies.
@@ -159,6 +161,7 @@ fn joint_attention(
             lens[1],
             lens[0] + lens[1],
             queries,
+            ctx.plain_rows,
         )?),
         _ => None,
     };
@@ -177,6 +180,7 @@ fn joint_attention(
 /// For each batch element, the head-averaged softmax over target tokens of the sampled
 /// reference queries: softmax_v(Q_u K_v^T / sqrt(d)) with Q, K after QK norm and RoPE
 /// (spec/flux.md §7.8). The softmax runs over target keys only, not the real attention row.
+/// The fused op computes only those rows; `plain` composes candle ops (the reference).
 pub fn attention_rows(
     q_bhsd: &Tensor,
     k_bhsd: &Tensor,
@@ -184,9 +188,26 @@ pub fn attention_rows(
     tgt_len: usize,
     ref_start: usize,
     queries: &[Tensor],
+    plain: bool,
 ) -> Result<Vec<Tensor>> {
     let hd = q_bhsd.dim(3)?;
     let ref_len = q_bhsd.dim(2)? - ref_start;
+    if !plain {
+        let k_t = k_bhsd.narrow(2, tgt_start, tgt_len)?;
+        let q_r = q_bhsd.narrow(2, ref_start, ref_len)?;
+        return queries
+            .iter()
+            .enumerate()
+            .map(|(b, idx)| {
+                Ok(kernels::attention_rows(
+                    &q_r.get(b)?,
+                    &k_t.get(b)?,
+                    idx,
+                    1.0 / (hd as f64).sqrt(),
+                )?)
+            })
+            .collect();
+    }
     // Rows are probabilities fed to logarithms: at least f32, f64 when the model runs in f64.
     let dt = if q_bhsd.dtype() == DType::F64 {
         DType::F64

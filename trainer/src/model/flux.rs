@@ -51,6 +51,8 @@ pub struct ModelInputs {
 pub struct RowBlocks {
     pub double: Vec<usize>,
     pub single: Vec<usize>,
+    /// Compose candle ops (the reference) instead of the fused `kernels::attention_rows`.
+    pub plain: bool,
 }
 
 impl RowBlocks {
@@ -263,6 +265,7 @@ impl Flux {
             sin,
             mask,
             row_queries,
+            plain_rows: self.row_blocks.plain,
         })
     }
 
