@@ -242,10 +242,12 @@ impl CustomOp3 for RowsOp {
         } else {
             DType::F32
         };
-        let (qa, ka) = (q.to_dtype(acc)?, k.to_dtype(acc)?);
+        // Detached: q and k are tracked Vars, and a graph built here would keep every per-head
+        // temporary alive as long as the gradients.
+        let (qa, ka) = (q.detach().to_dtype(acc)?, k.detach().to_dtype(acc)?);
         // rows = mean_h s_h, so d rows / d z_h = (1/H) s_h * (g - <g, s_h>). One head at a
         // time, so the temporaries are [P, N_tgt], not [H, P, N_tgt].
-        let g = (grad.to_dtype(acc)? / self.h as f64)?;
+        let g = (grad.detach().to_dtype(acc)? / self.h as f64)?;
         let mut dqs = Vec::with_capacity(self.h);
         let mut dks = Vec::with_capacity(self.h);
         for head in 0..self.h {
