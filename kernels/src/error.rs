@@ -29,6 +29,15 @@ pub enum KernelError {
         expected: usize,
         expected_from: &'static str,
     },
+    /// A correspondence names a reference token the reference does not have.
+    #[error("{op}: pair {position} of reference {reference} names reference token {token}, but the reference has {tokens} tokens")]
+    PointOutOfRange {
+        op: &'static str,
+        reference: usize,
+        position: usize,
+        token: usize,
+        tokens: usize,
+    },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

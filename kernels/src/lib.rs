@@ -10,7 +10,9 @@ pub mod cuda;
 pub mod error;
 pub mod losses;
 pub mod rows;
+pub mod sampling;
 
 pub use error::KernelError;
 pub use losses::{mdl_jsd_loss, mdl_kl_loss, mdl_loss, scal_loss, MdlVariant, RefSegments};
 pub use rows::{attention_rows, attention_rows_plain};
+pub use sampling::{sample_points, RefPoints, Sampled};

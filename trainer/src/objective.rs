@@ -6,8 +6,7 @@
 //! noise, t and points do not depend on how samples are grouped into batches or ranks.
 
 use candle_core::{DType, Device, Tensor};
-use datasets::TokenPair;
-use kernels::{mdl_loss, scal_loss, MdlVariant, RefSegments};
+use kernels::{mdl_loss, sample_points, scal_loss, MdlVariant, RefPoints, RefSegments};
 use rand::Rng;
 use rand_distr::{Distribution, Normal, StandardNormal};
 
@@ -95,15 +94,6 @@ pub fn sample_t(spec: &ObjectiveSpec, seq_len: usize, rng: &mut impl Rng) -> Res
     })
 }
 
-/// Draws up to `p` of a reference's pairs without replacement (all of them when fewer exist).
-pub fn sample_pairs(pairs: &[TokenPair], p: usize, rng: &mut impl Rng) -> Vec<TokenPair> {
-    let n = pairs.len().min(p);
-    rand::seq::index::sample(rng, pairs.len(), n)
-        .into_iter()
-        .map(|i| pairs[i])
-        .collect()
-}
-
 /// A batch turned into model inputs plus what the loss needs.
 pub struct Prepared {
     pub inputs: ModelInputs,
@@ -185,18 +175,25 @@ pub fn prepare(
         timestep.push(t as f32);
         if with_rows {
             let mut rng = stream(seed, Purpose::Points, &[step, slot]);
-            let (mut r_idx, mut t_idx, mut seg) = (Vec::new(), Vec::new(), Vec::new());
-            let mut offset = 0u32;
-            for r in &s.refs {
-                let picked = sample_pairs(&r.pairs, spec.points_per_ref, &mut rng);
-                seg.push(picked.len());
-                r_idx.extend(picked.iter().map(|p| offset + p.ref_token));
-                t_idx.extend(picked.iter().map(|p| p.tgt_token));
-                offset += r.grid.len() as u32;
-            }
-            ref_idx.push(r_idx);
-            tgt_idx.push(t_idx);
-            segments.push(RefSegments(seg));
+            let pairs: Vec<Vec<(u32, u32)>> = s
+                .refs
+                .iter()
+                .map(|r| r.pairs.iter().map(|p| (p.ref_token, p.tgt_token)).collect())
+                .collect();
+            let refs: Vec<RefPoints> = s
+                .refs
+                .iter()
+                .zip(&pairs)
+                .map(|(r, pairs)| RefPoints {
+                    pairs,
+                    ref_tokens: r.grid.len(),
+                    mask: None,
+                })
+                .collect();
+            let picked = sample_points(&refs, spec.points_per_ref, &mut rng)?;
+            segments.push(picked.ref_segments());
+            ref_idx.push(picked.ref_idx);
+            tgt_idx.push(picked.tgt_idx);
         }
     }
     let b = samples.len();
@@ -347,26 +344,5 @@ mod tests {
         assert_eq!(spec.mdl_weight_at(9_999), 0.0);
         assert_eq!(spec.mdl_weight_at(10_500), 0.5);
         assert_eq!(spec.mdl_weight_at(20_000), 1.0);
-    }
-
-    #[test]
-    fn pair_sampling_is_without_replacement_and_capped() {
-        let pairs: Vec<TokenPair> = (0..10)
-            .map(|i| TokenPair {
-                ref_token: i,
-                tgt_token: i,
-            })
-            .collect();
-        let mut rng = stream(1, Purpose::Points, &[0]);
-        let mut got: Vec<u32> = sample_pairs(&pairs, 4, &mut rng)
-            .iter()
-            .map(|p| p.ref_token)
-            .collect();
-        assert_eq!(got.len(), 4);
-        got.sort();
-        got.dedup();
-        assert_eq!(got.len(), 4);
-        assert_eq!(sample_pairs(&pairs, 50, &mut rng).len(), 10);
-        assert!(sample_pairs(&[], 5, &mut rng).is_empty());
     }
 }
