@@ -101,10 +101,18 @@ pub fn lora_digest(lora: &Lora) -> Result<Vec<u8>> {
 }
 
 /// Fails naming every rank whose `value` differs from rank 0's.
-fn check_same(dist: &Dist, what: &str, value: Vec<u8>, show: fn(&[u8]) -> String) -> Result<()> {
+/// `value` is only computed when there are other ranks to compare with (a LoRA digest of a
+/// FLUX-sized adapter is seconds of hashing).
+fn check_same(
+    dist: &Dist,
+    what: &str,
+    value: impl FnOnce() -> Result<Vec<u8>>,
+    show: fn(&[u8]) -> String,
+) -> Result<()> {
     if dist.world_size() == 1 {
         return Ok(());
     }
+    let value = value()?;
     let all = dist.call(move |c| c.all_gather_bytes(&value))?;
     let differ: Vec<String> = all
         .iter()
@@ -164,7 +172,7 @@ fn sync_lora(dist: &Dist, lora: &Lora, what: &str) -> Result<()> {
     for (v, t) in vars.iter().zip(broadcast_from_rank0(dist, &now)?) {
         v.set(&t)?;
     }
-    check_same(dist, what, lora_digest(lora)?, hex_prefix)
+    check_same(dist, what, || lora_digest(lora), hex_prefix)
 }
 
 /// Where a resumed run comes from.
@@ -206,7 +214,7 @@ impl Run {
         check_same(
             &dist,
             "config fingerprint (start every rank with the same config and --set overrides)",
-            cfg.fingerprint().into_bytes(),
+            || Ok(cfg.fingerprint().into_bytes()),
             text,
         )?;
         let (fc, weights) = base_weights(&cfg, &device)?;
@@ -439,7 +447,7 @@ impl Run {
             check_same(
                 &self.dist,
                 &format!("LoRA weights after step {}", step + 1),
-                lora_digest(&self.lora)?,
+                || lora_digest(&self.lora),
                 hex_prefix,
             )?;
         }
@@ -601,7 +609,7 @@ impl Run {
         check_same(
             &self.dist,
             "LoRA weights after resuming",
-            lora_digest(&self.lora)?,
+            || lora_digest(&self.lora),
             hex_prefix,
         )?;
         tracing::info!(from = %h.dir, step = h.state.step, "resumed");
