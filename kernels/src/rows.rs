@@ -279,13 +279,16 @@ fn candle_nn_free_softmax(z: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// The same rows composed from candle ops (materializing [H, P, N_tgt]): the reference the
-/// op is tested against, and what the trainer used before the op.
+/// op is tested against, and the trainer's `loss.rows = "plain"`.
 pub fn attention_rows_plain(q: &Tensor, k: &Tensor, idx: &Tensor, scale: f64) -> Result<Tensor> {
     let acc = if q.dtype() == DType::F64 {
         DType::F64
     } else {
         DType::F32
     };
+    if idx.dim(0)? == 0 {
+        return Ok(Tensor::zeros((0, k.dim(1)?), acc, q.device())?);
+    }
     let q_sel = q.to_dtype(acc)?.index_select(idx, 1)?;
     let z = (q_sel.matmul(&k.to_dtype(acc)?.t()?)? * scale)?;
     let max = z.max_keepdim(D::Minus1)?.detach();

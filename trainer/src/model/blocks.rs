@@ -9,12 +9,10 @@
 //! Shape legend: `x_bsd` batch, tokens, hidden; `q_bhsd` batch, heads, tokens, head dim;
 //! `temb_bd` batch, hidden; `rows_pn` sampled reference points, target tokens.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
 use super::lora::LoraView;
-use super::ops::{
-    apply_rope, attention, frozen_linear, layer_norm, modulate, rms_norm, softmax_last,
-};
+use super::ops::{apply_rope, attention, frozen_linear, layer_norm, modulate, rms_norm};
 use super::weights::Weights;
 use crate::error::Result;
 
@@ -190,43 +188,20 @@ pub fn attention_rows(
     queries: &[Tensor],
     plain: bool,
 ) -> Result<Vec<Tensor>> {
-    let hd = q_bhsd.dim(3)?;
+    let scale = 1.0 / (q_bhsd.dim(3)? as f64).sqrt();
     let ref_len = q_bhsd.dim(2)? - ref_start;
-    if !plain {
-        let k_t = k_bhsd.narrow(2, tgt_start, tgt_len)?;
-        let q_r = q_bhsd.narrow(2, ref_start, ref_len)?;
-        return queries
-            .iter()
-            .enumerate()
-            .map(|(b, idx)| {
-                Ok(kernels::attention_rows(
-                    &q_r.get(b)?,
-                    &k_t.get(b)?,
-                    idx,
-                    1.0 / (hd as f64).sqrt(),
-                )?)
-            })
-            .collect();
-    }
-    // Rows are probabilities fed to logarithms: at least f32, f64 when the model runs in f64.
-    let dt = if q_bhsd.dtype() == DType::F64 {
-        DType::F64
+    let k_t = k_bhsd.narrow(2, tgt_start, tgt_len)?;
+    let q_r = q_bhsd.narrow(2, ref_start, ref_len)?;
+    let rows = if plain {
+        kernels::attention_rows_plain
     } else {
-        DType::F32
+        kernels::attention_rows
     };
-    let k_t = k_bhsd.narrow(2, tgt_start, tgt_len)?.to_dtype(dt)?;
-    let q_r = q_bhsd.narrow(2, ref_start, ref_len)?.to_dtype(dt)?;
-    let mut out = Vec::with_capacity(queries.len());
-    for (b, idx) in queries.iter().enumerate() {
-        if idx.dim(0)? == 0 {
-            out.push(Tensor::zeros((0, tgt_len), dt, q_bhsd.device())?);
-            continue;
-        }
-        let q_b = q_r.get(b)?.index_select(idx, 1)?; // [H, P, hd]
-        let scores = (q_b.matmul(&k_t.get(b)?.t()?)? / (hd as f64).sqrt())?; // [H, P, N]
-        out.push(softmax_last(&scores)?.mean(0)?);
-    }
-    Ok(out)
+    queries
+        .iter()
+        .enumerate()
+        .map(|(b, idx)| Ok(rows(&q_r.get(b)?, &k_t.get(b)?, idx, scale)?))
+        .collect()
 }
 
 fn gated_add(x: &Tensor, gate_bd: &Tensor, y: &Tensor) -> Result<Tensor> {
