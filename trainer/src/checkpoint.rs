@@ -87,7 +87,8 @@ fn ckpt_err(path: &Path, reason: impl Into<String>) -> TrainerError {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// sha256 of `bytes` as lowercase hex (file hashes, config fingerprints).
+pub fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -150,11 +151,11 @@ fn serialize(snap: &Snapshot, at: &Path) -> Result<(Vec<FileBytes>, Vec<u8>)> {
         let bytes =
             safetensors::tensor::serialize(tensors.iter().map(|(n, t)| (n.clone(), t)), None)
                 .map_err(|e| ckpt_err(&at.join(file), e.to_string()))?;
-        state.files.insert(file.to_string(), hex(&bytes));
+        state.files.insert(file.to_string(), sha256_hex(&bytes));
         files.push((file.to_string(), bytes));
     }
     let config = snap.config_toml.as_bytes().to_vec();
-    state.files.insert(CONFIG.to_string(), hex(&config));
+    state.files.insert(CONFIG.to_string(), sha256_hex(&config));
     files.push((CONFIG.to_string(), config));
     let json = serde_json::to_vec_pretty(&state).map_err(|e| ckpt_err(at, e.to_string()))?;
     Ok((files, json))
@@ -313,7 +314,7 @@ pub fn load(root: &Location, name: &str) -> Result<Loaded> {
     for (file, want) in &state.files {
         let path = dir.join(file);
         let bytes = read(file)?;
-        let got = hex(&bytes);
+        let got = sha256_hex(&bytes);
         if &got != want {
             return Err(ckpt_err(
                 &path,

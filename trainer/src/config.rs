@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::error::{Result, TrainerError};
 use crate::model::lora::{LoraInit, DEFAULT_TARGETS};
@@ -503,8 +502,7 @@ impl Config {
     /// sha256 of the canonical TOML of the config: runs and checkpoints compare it.
     pub fn fingerprint(&self) -> String {
         let text = toml::to_string(self).unwrap_or_default();
-        let digest = Sha256::digest(text.as_bytes());
-        digest.iter().map(|b| format!("{b:02x}")).collect()
+        crate::checkpoint::sha256_hex(text.as_bytes())
     }
 
     /// Every range check, naming the key.

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use base64::Engine;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 use crate::error::{Result, TrainerError};
 
@@ -97,10 +96,7 @@ fn files_of(folder: &Path) -> Result<Vec<Upload>> {
         out.push(Upload {
             path: e.file_name().to_string_lossy().into_owned(),
             size: bytes.len() as u64,
-            sha256: Sha256::digest(&bytes)
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect(),
+            sha256: crate::checkpoint::sha256_hex(&bytes),
             local,
         });
     }
