@@ -28,6 +28,13 @@ pub fn tiny_config(dir: &Path, sets: &[&str]) -> Config {
     Config::load(&repo_root().join("configs").join("tiny-cpu.toml"), &all).expect("tiny config")
 }
 
+/// Lines in the run's metrics.jsonl so far (0 before it exists).
+pub fn steps_logged(dir: &Path) -> usize {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+}
+
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
         .unwrap()

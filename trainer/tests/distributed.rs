@@ -13,7 +13,7 @@ use trainer::ddp::init::Backend;
 use trainer::ddp::{self, Dist, DistOptions, ReduceOp};
 use trainer::train::Run;
 
-use crate::common::{repo_root, tiny_config};
+use crate::common::{repo_root, steps_logged, tiny_config};
 
 fn options() -> DistOptions {
     DistOptions {
@@ -377,13 +377,9 @@ fn find_rank_pid(run_id: &str, rank: usize, generation: u32) -> Option<i32> {
 
 /// Waits until the run in `dir` has logged `n` steps.
 pub fn wait_for_steps(dir: &Path, n: usize) {
-    let metrics = dir.join("metrics.jsonl");
     let started = Instant::now();
     loop {
-        let lines = std::fs::read_to_string(&metrics)
-            .map(|s| s.lines().count())
-            .unwrap_or(0);
-        if lines >= n {
+        if steps_logged(dir) >= n {
             return;
         }
         assert!(

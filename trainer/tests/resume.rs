@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use launcher::agent;
 use trainer::storage::Location;
 
-use crate::common::repo_root;
+use crate::common::{repo_root, steps_logged};
 use crate::distributed::{free_port, never, trainer_spec, wait_for_steps};
 
 const STEPS: u64 = 40;
@@ -151,12 +151,6 @@ pub fn assert_resumed(dir: &Path, kept: &[String]) {
         now, kept,
         "the restarted run did not resume from its checkpoint"
     );
-}
-
-fn steps_logged(dir: &Path) -> usize {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .map(|s| s.lines().count())
-        .unwrap_or(0)
 }
 
 /// The metrics log without its wall-clock fields.
