@@ -1,7 +1,8 @@
 # Sourced by .ci/run: starts an S3-compatible test server (moto) on 127.0.0.1 and a free port,
 # creates a bucket, and exports what the object-store tests read:
 #   AWS_ENDPOINT_URL, AWS_ALLOW_HTTP, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION,
-#   MOSAIC_TEST_S3_URL (s3://mosaic-test/ci).
+#   MOSAIC_TEST_S3_URL (s3://mosaic-test/ci), and MOSAIC_TEST_MOTO_SERVER (the moto_server
+#   binary, for tests that run and restart a server of their own).
 # `s3_stop` stops the server. moto comes from a venv cached under
 # ${MOSAIC_CI_CACHE:-~/.cache/mosaic-ci}; with no package registry reachable the object-store
 # tests are skipped with a loud message (they then only run against local folders).
@@ -38,6 +39,7 @@ s3_start() {
   export AWS_ENDPOINT_URL="http://127.0.0.1:$port" AWS_ALLOW_HTTP=true
   export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1
   export MOSAIC_TEST_S3_URL="s3://mosaic-test/ci"
+  export MOSAIC_TEST_MOTO_SERVER="$venv/bin/moto_server"
   echo "S3 test server (moto) on $AWS_ENDPOINT_URL, bucket mosaic-test"
 }
 

@@ -1,6 +1,31 @@
-//! SemAlign-MS data: the correspondence model and the mapping of normalised points to token
-//! indices (DESIGN.md §4). The shard format, object-store reader and importers build on this.
+//! SemAlign-MS data on object storage (DESIGN.md §3-4): the row schema, a shard writer with a
+//! manifest, a streaming reader over object_store with a deterministic distributed order and a
+//! resumable cursor, image and correspondence transforms, a synthetic scene generator, and the
+//! mapping of normalised correspondence points to token indices.
 
+pub mod bench;
+pub mod error;
+pub mod inspect;
+pub mod listing;
+pub mod loader;
+pub mod manifest;
+pub mod plan;
+pub mod report;
+pub mod schema;
+pub mod shard;
+pub mod store;
+pub mod synth;
 pub mod tokens;
+pub mod transform;
+pub mod writer;
 
+pub use error::{DataError, Result, SampleProblem};
+pub use loader::{Batch, Loader, LoaderOptions};
+pub use manifest::Manifest;
+pub use plan::{Cursor, PlanSpec};
+pub use report::DataReport;
+pub use schema::RawSample;
+pub use store::Location;
 pub use tokens::{map_points_to_tokens, Point4, TokenGrid, TokenPair, TokensError};
+pub use transform::{Decoded, Pixels, TransformSpec};
+pub use writer::{ShardWriter, WriterOptions};

@@ -180,7 +180,7 @@ pub fn write(root: &Location, snap: &Snapshot, keep: usize) -> Result<PathBuf> {
         let removed = match root {
             Location::Local(dir) => std::fs::remove_dir_all(dir.join(&old))
                 .map_err(|e| TrainerError::io(&dir.join(&old), e)),
-            Location::Remote(r) => r.delete_dir(&old),
+            Location::Remote(r) => r.delete_dir(&old).map_err(TrainerError::from),
         };
         if let Err(e) = removed {
             tracing::warn!(%e, "could not remove an old checkpoint");

@@ -495,7 +495,7 @@ impl Config {
                 self.run_dir().join("checkpoints"),
             ))
         } else {
-            crate::storage::Location::parse(&self.checkpoint.dir)
+            Ok(crate::storage::Location::parse(&self.checkpoint.dir)?)
         }
     }
 

@@ -10,6 +10,9 @@ pub enum TrainerError {
     Kernel(#[from] kernels::KernelError),
     #[error(transparent)]
     Tokens(#[from] datasets::TokensError),
+    /// Data or storage: names the dataset, shard, row or object at fault.
+    #[error(transparent)]
+    Data(#[from] datasets::DataError),
     #[error(transparent)]
     Dist(#[from] crate::ddp::DistError),
     #[error("{path}: {err}")]

@@ -1,0 +1,654 @@
+//! The streaming reader a training rank pulls batches from.
+//!
+//! Three stages, bounded at each step so memory does not grow with the dataset:
+//! - a fetch thread walks this rank's plan ([`crate::plan`]) from the cursor and reads the row
+//!   groups the next batches need, `io_threads` range reads at a time (on the object-store I/O
+//!   runtime), keeping only rows a later batch still needs;
+//! - `decode_threads` workers decode images and apply the transforms, one batch each;
+//! - [`Loader::next_batch`] hands batches out in plan order; at most `prefetch_batches` wait.
+//!
+//! A sample that cannot be used (bad row, bad image, bad correspondence, a row group whose
+//! bytes do not match the manifest or do not decode) makes its batch skipped: the sample is
+//! recorded with its id in the [`DataReport`] and the next batch of the plan is used, or, in
+//! strict mode, the first one is an error. Store errors that outlast the retries are errors.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use crate::error::{DataError, Result, SampleProblem};
+use crate::manifest::Manifest;
+use crate::plan::{plan_epoch, Cursor, PlanSpec, RowRef};
+use crate::report::DataReport;
+use crate::schema::{decode_row, sample_ids, RawSample};
+use crate::shard::{
+    decode_row_group, decode_sample_ids, fetch_row_group, read_footer, ShardFooter,
+};
+use crate::store::Location;
+use crate::transform::{decode_sample, Decoded, TransformSpec};
+
+/// Consecutive skipped batches after which the loader gives up (the data is unusable).
+const MAX_CONSECUTIVE_SKIPS: usize = 1000;
+
+#[derive(Debug, Clone)]
+pub struct LoaderOptions {
+    pub plan: PlanSpec,
+    pub transform: TransformSpec,
+    /// Row groups fetched concurrently.
+    pub io_threads: usize,
+    /// Batches decoded concurrently.
+    pub decode_threads: usize,
+    /// Decoded batches kept ready.
+    pub prefetch_batches: usize,
+    /// Fail at the first unusable sample instead of skipping it.
+    pub strict: bool,
+}
+
+/// A batch of decoded samples and the cursor after it.
+#[derive(Debug)]
+pub struct Batch {
+    pub samples: Vec<Decoded>,
+    pub epoch: u64,
+    pub index: usize,
+    pub cursor: Cursor,
+}
+
+/// A row as the fetch stage hands it on.
+type Row = std::result::Result<RawSample, Skip>;
+
+#[derive(Debug, Clone)]
+struct Skip {
+    sample_id: String,
+    at: String,
+    problem: SampleProblem,
+}
+
+struct Job {
+    seq: u64,
+    epoch: u64,
+    index: usize,
+    cursor: Cursor,
+    rows: Vec<(String, Row)>,
+}
+
+enum Done {
+    Batch(Batch),
+    Skipped {
+        skips: Vec<Skip>,
+        epoch: u64,
+        cursor: Cursor,
+        rows: usize,
+    },
+    Failed(DataError),
+}
+
+#[derive(Default)]
+struct Reorder {
+    ready: BTreeMap<u64, Done>,
+}
+
+pub struct Loader {
+    manifest: Arc<Manifest>,
+    opts: LoaderOptions,
+    cursor: Cursor,
+    next_seq: u64,
+    /// (epoch, batches handed out in it): an epoch without any usable batch is an error.
+    delivered: (u64, usize),
+    done: Arc<(Mutex<Reorder>, Condvar)>,
+    report: Arc<Mutex<DataReport>>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Loader {
+    /// Opens the dataset at `url` (folder or object-store URL) and starts reading at `cursor`.
+    pub fn open(url: &str, opts: LoaderOptions, cursor: Cursor) -> Result<Self> {
+        let loc = Location::parse(url)?;
+        let manifest = Arc::new(Manifest::load(&loc)?);
+        Self::start(loc, manifest, opts, cursor)
+    }
+
+    /// Starts reading `manifest` below `loc` at `cursor`.
+    pub fn start(
+        loc: Location,
+        manifest: Arc<Manifest>,
+        opts: LoaderOptions,
+        cursor: Cursor,
+    ) -> Result<Self> {
+        if opts.plan.world == 0 || opts.plan.rank >= opts.plan.world {
+            return Err(DataError::input(
+                "loader",
+                format!("rank {} of a world of {}", opts.plan.rank, opts.plan.world),
+            ));
+        }
+        if plan_epoch(&manifest, &opts.plan, cursor.epoch)
+            .batches
+            .is_empty()
+        {
+            return Err(DataError::input(
+                loc.name(crate::manifest::MANIFEST),
+                format!(
+                    "rank {} of {} gets no full batch of {} samples with equal reference counts \
+                     from {} rows; lower the batch size or add data",
+                    opts.plan.rank, opts.plan.world, opts.plan.batch_size, manifest.total_rows
+                ),
+            ));
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let done: Arc<(Mutex<Reorder>, Condvar)> = Default::default();
+        let report: Arc<Mutex<DataReport>> = Default::default();
+        let (job_tx, job_rx) = sync_channel::<Job>(opts.prefetch_batches.max(1));
+        let job_rx = Arc::new(Mutex::new(job_rx));
+        let mut threads = Vec::new();
+        {
+            let fetch = Fetcher {
+                loc,
+                manifest: manifest.clone(),
+                opts: opts.clone(),
+                footers: HashMap::new(),
+                units: HashMap::new(),
+                stop: stop.clone(),
+                report: report.clone(),
+                done: done.clone(),
+            };
+            threads.push(
+                std::thread::Builder::new()
+                    .name("data-fetch".into())
+                    .spawn(move || fetch.run(cursor, job_tx))
+                    .map_err(|e| {
+                        DataError::input("loader", format!("cannot start a thread: {e}"))
+                    })?,
+            );
+        }
+        for i in 0..opts.decode_threads.max(1) {
+            let (rx, done, stop, spec) =
+                (job_rx.clone(), done.clone(), stop.clone(), opts.transform);
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("data-decode-{i}"))
+                    .spawn(move || decode_worker(rx, done, stop, spec))
+                    .map_err(|e| {
+                        DataError::input("loader", format!("cannot start a thread: {e}"))
+                    })?,
+            );
+        }
+        Ok(Self {
+            manifest,
+            opts,
+            cursor,
+            next_seq: 0,
+            delivered: (cursor.epoch, cursor.batch),
+            done,
+            report,
+            stop,
+            threads,
+        })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The position after the last batch handed out.
+    pub fn cursor(&self) -> Cursor {
+        self.cursor
+    }
+
+    /// A copy of the report so far.
+    pub fn report(&self) -> DataReport {
+        self.report.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// Batches this rank has in `epoch`.
+    pub fn batches_in_epoch(&self, epoch: u64) -> usize {
+        plan_epoch(&self.manifest, &self.opts.plan, epoch)
+            .batches
+            .len()
+    }
+
+    /// The next usable batch in plan order.
+    pub fn next_batch(&mut self) -> Result<Batch> {
+        let mut skipped_in_a_row = 0;
+        loop {
+            let item = {
+                let (lock, cv) = &*self.done;
+                let mut guard = lock
+                    .lock()
+                    .map_err(|_| DataError::input("loader", "a data thread panicked"))?;
+                loop {
+                    if let Some(d) = guard.ready.remove(&self.next_seq) {
+                        break d;
+                    }
+                    guard = cv
+                        .wait(guard)
+                        .map_err(|_| DataError::input("loader", "a data thread panicked"))?;
+                }
+            };
+            self.next_seq += 1;
+            match item {
+                Done::Batch(b) => {
+                    self.cursor = b.cursor;
+                    if self.delivered.0 != b.epoch {
+                        self.delivered = (b.epoch, 0);
+                    }
+                    self.delivered.1 += 1;
+                    if let Ok(mut r) = self.report.lock() {
+                        r.samples_read += b.samples.len();
+                    }
+                    return Ok(b);
+                }
+                Done::Skipped {
+                    skips,
+                    epoch,
+                    cursor,
+                    rows,
+                } => {
+                    self.cursor = cursor;
+                    if self.delivered.0 != epoch {
+                        self.delivered = (epoch, 0);
+                    }
+                    if self.opts.strict {
+                        let s = skips.into_iter().next();
+                        return Err(match s {
+                            Some(s) => DataError::Sample {
+                                sample_id: s.sample_id,
+                                at: s.at,
+                                problem: s.problem,
+                            },
+                            None => DataError::input("loader", "a batch was skipped"),
+                        });
+                    }
+                    if let Ok(mut r) = self.report.lock() {
+                        r.batches_dropped += 1;
+                        r.samples_read += rows;
+                        for s in &skips {
+                            tracing::warn!(
+                                "skipping sample `{}` ({}): {}",
+                                s.sample_id,
+                                s.at,
+                                s.problem
+                            );
+                            r.skip(
+                                &s.sample_id,
+                                &s.at,
+                                s.problem.kind(),
+                                &s.problem.to_string(),
+                            );
+                        }
+                    }
+                    skipped_in_a_row += 1;
+                    if cursor.epoch > epoch && self.delivered.1 == 0 {
+                        return Err(DataError::input(
+                            "loader",
+                            format!(
+                                "epoch {epoch} had no usable batch for this rank: {}",
+                                self.report().summary()
+                            ),
+                        ));
+                    }
+                    if skipped_in_a_row >= MAX_CONSECUTIVE_SKIPS {
+                        return Err(DataError::input(
+                            "loader",
+                            format!(
+                                "{MAX_CONSECUTIVE_SKIPS} batches in a row had unusable samples: {}",
+                                self.report().summary()
+                            ),
+                        ));
+                    }
+                }
+                Done::Failed(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl Drop for Loader {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Threads notice the flag after their current job; a fetch blocked on the network is
+        // not waited for.
+        for t in self.threads.drain(..) {
+            drop(t);
+        }
+    }
+}
+
+fn publish(done: &(Mutex<Reorder>, Condvar), seq: u64, d: Done) {
+    if let Ok(mut g) = done.0.lock() {
+        g.ready.insert(seq, d);
+    }
+    done.1.notify_all();
+}
+
+fn decode_worker(
+    rx: Arc<Mutex<Receiver<Job>>>,
+    done: Arc<(Mutex<Reorder>, Condvar)>,
+    stop: Arc<AtomicBool>,
+    spec: TransformSpec,
+) {
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let job = match rx.lock() {
+            Ok(rx) => match rx.recv() {
+                Ok(j) => j,
+                Err(_) => return,
+            },
+            Err(_) => return,
+        };
+        let n = job.rows.len();
+        let mut samples = Vec::with_capacity(n);
+        let mut skips = Vec::new();
+        for (at, row) in job.rows {
+            let decoded = row.and_then(|raw| {
+                let skip = |problem| Skip {
+                    sample_id: raw.sample_id.clone(),
+                    at: at.clone(),
+                    problem,
+                };
+                raw.check().map_err(skip)?;
+                decode_sample(&raw, &spec).map_err(skip)
+            });
+            match decoded {
+                Ok(d) => samples.push(d),
+                Err(s) => skips.push(s),
+            }
+        }
+        let d = if skips.is_empty() {
+            Done::Batch(Batch {
+                samples,
+                epoch: job.epoch,
+                index: job.index,
+                cursor: job.cursor,
+            })
+        } else {
+            Done::Skipped {
+                skips,
+                epoch: job.epoch,
+                cursor: job.cursor,
+                rows: n,
+            }
+        };
+        publish(&done, job.seq, d);
+    }
+}
+
+/// A row group: (shard, group).
+type UnitKey = (u32, u32);
+
+/// Rows of a fetched row group that later batches still need.
+struct Unit {
+    rows: Vec<Option<Row>>,
+    uses: usize,
+}
+
+struct Fetcher {
+    loc: Location,
+    manifest: Arc<Manifest>,
+    opts: LoaderOptions,
+    footers: HashMap<u32, std::result::Result<ShardFooter, String>>,
+    units: HashMap<(u32, u32), Unit>,
+    stop: Arc<AtomicBool>,
+    report: Arc<Mutex<DataReport>>,
+    done: Arc<(Mutex<Reorder>, Condvar)>,
+}
+
+impl Fetcher {
+    fn run(mut self, cursor: Cursor, tx: SyncSender<Job>) {
+        let mut seq = 0u64;
+        let mut epoch = cursor.epoch;
+        let mut start = cursor.batch;
+        loop {
+            let plan = plan_epoch(&self.manifest, &self.opts.plan, epoch);
+            if let Ok(mut r) = self.report.lock() {
+                r.tail_rows_dropped.insert(epoch, plan.dropped.len());
+            }
+            if plan.batches.is_empty() {
+                publish(
+                    &self.done,
+                    seq,
+                    Done::Failed(DataError::input(
+                        "loader",
+                        format!("epoch {epoch} has no full batch for this rank"),
+                    )),
+                );
+                return;
+            }
+            let batches = &plan.batches[start.min(plan.batches.len())..];
+            self.units.clear();
+            let mut uses: HashMap<(u32, u32), usize> = HashMap::new();
+            for r in batches.iter().flatten() {
+                *uses.entry(r.unit()).or_default() += 1;
+            }
+            for (j, batch) in batches.iter().enumerate() {
+                if self.stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let index = start + j;
+                if let Err(e) = self.ensure_loaded(&batches[j..], &mut uses) {
+                    publish(&self.done, seq, Done::Failed(e));
+                    return;
+                }
+                let rows = batch.iter().map(|r| self.take(r)).collect();
+                let next = if index + 1 == plan.batches.len() {
+                    Cursor {
+                        epoch: epoch + 1,
+                        batch: 0,
+                    }
+                } else {
+                    Cursor {
+                        epoch,
+                        batch: index + 1,
+                    }
+                };
+                let job = Job {
+                    seq,
+                    epoch,
+                    index,
+                    cursor: next,
+                    rows,
+                };
+                if tx.send(job).is_err() {
+                    return;
+                }
+                seq += 1;
+            }
+            epoch += 1;
+            start = 0;
+        }
+    }
+
+    fn row_name(&self, r: &RowRef) -> String {
+        let file = &self.manifest.shards[r.shard as usize].file;
+        format!("{file} row group {} row {}", r.group, r.row)
+    }
+
+    /// Takes a loaded row out of its unit, dropping the unit once no batch needs it.
+    fn take(&mut self, r: &RowRef) -> (String, Row) {
+        let at = self.row_name(r);
+        let key = r.unit();
+        let row = match self.units.get_mut(&key) {
+            Some(u) => {
+                u.uses = u.uses.saturating_sub(1);
+                let row = u.rows.get_mut(r.row as usize).and_then(Option::take);
+                if u.uses == 0 {
+                    self.units.remove(&key);
+                }
+                row
+            }
+            None => None,
+        };
+        let row = row.unwrap_or_else(|| {
+            Err(Skip {
+                sample_id: "?".into(),
+                at: at.clone(),
+                problem: SampleProblem::Invalid {
+                    what: "row".into(),
+                    reason: "not loaded (internal: planned twice)".into(),
+                },
+            })
+        });
+        (at, row)
+    }
+
+    /// Loads the units of `upcoming[0]` plus, to keep `io_threads` reads busy, those of the
+    /// batches after it.
+    fn ensure_loaded(
+        &mut self,
+        upcoming: &[Vec<RowRef>],
+        uses: &mut HashMap<(u32, u32), usize>,
+    ) -> Result<()> {
+        let missing = |units: &HashMap<(u32, u32), Unit>, b: &Vec<RowRef>| -> Vec<(u32, u32)> {
+            let mut m: Vec<(u32, u32)> = b
+                .iter()
+                .map(RowRef::unit)
+                .filter(|u| !units.contains_key(u))
+                .collect();
+            m.sort();
+            m.dedup();
+            m
+        };
+        let first = missing(&self.units, &upcoming[0]);
+        if first.is_empty() {
+            return Ok(());
+        }
+        let mut wanted = first;
+        let io = self.opts.io_threads.max(1);
+        for b in upcoming.iter().skip(1) {
+            if wanted.len() >= io {
+                break;
+            }
+            for u in missing(&self.units, b) {
+                if !wanted.contains(&u) && wanted.len() < io {
+                    wanted.push(u);
+                }
+            }
+        }
+        for &(s, _) in &wanted {
+            if let std::collections::hash_map::Entry::Vacant(e) = self.footers.entry(s) {
+                let shard = &self.manifest.shards[s as usize];
+                e.insert(match read_footer(&self.loc, shard) {
+                    Ok(f) => Ok(f),
+                    Err(DataError::Store { at, reason }) => {
+                        return Err(DataError::Store { at, reason })
+                    }
+                    Err(other) => Err(other.to_string()),
+                });
+            }
+        }
+        let loaded: Vec<(UnitKey, Result<Vec<Row>>)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = wanted
+                .iter()
+                .map(|&unit| {
+                    let this = &*self;
+                    scope.spawn(move || (unit, this.load_unit(unit)))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        (
+                            (u32::MAX, u32::MAX),
+                            Err(DataError::input("loader", "a fetch thread panicked")),
+                        )
+                    })
+                })
+                .collect()
+        });
+        for (unit, rows) in loaded {
+            let rows = rows?;
+            let n = uses.remove(&unit).unwrap_or(0);
+            self.units.insert(
+                unit,
+                Unit {
+                    rows: rows.into_iter().map(Some).collect(),
+                    uses: n,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Fetches and decodes one row group into rows; data problems become per-row skips, store
+    /// failures are errors.
+    fn load_unit(&self, (s, g): (u32, u32)) -> Result<Vec<Row>> {
+        let shard = &self.manifest.shards[s as usize];
+        let n = shard.row_groups[g as usize].rows;
+        let at = self.loc.name(&shard.file);
+        let name = |row: usize| format!("{} row group {g} row {row}", shard.file);
+        let all_bad = |ids: Vec<Option<String>>, problem: SampleProblem| -> Vec<Row> {
+            (0..n)
+                .map(|row| {
+                    Err(Skip {
+                        sample_id: ids
+                            .get(row)
+                            .cloned()
+                            .flatten()
+                            .unwrap_or_else(|| "?".into()),
+                        at: name(row),
+                        problem: problem.clone(),
+                    })
+                })
+                .collect()
+        };
+        let footer = match self.footers.get(&s) {
+            Some(Ok(f)) => f,
+            Some(Err(reason)) => {
+                return Ok(all_bad(
+                    vec![],
+                    SampleProblem::Shard {
+                        reason: reason.clone(),
+                    },
+                ))
+            }
+            None => return Err(DataError::input("loader", "footer not loaded")),
+        };
+        let (bytes, mismatch) = match fetch_row_group(&self.loc, shard, g as usize) {
+            Ok(b) => b,
+            Err(DataError::Store { at, reason }) => return Err(DataError::Store { at, reason }),
+            Err(e) => {
+                return Ok(all_bad(
+                    vec![],
+                    SampleProblem::Shard {
+                        reason: e.to_string(),
+                    },
+                ))
+            }
+        };
+        let bytes = bytes::Bytes::from(bytes);
+        let ids_only =
+            || decode_sample_ids(&at, shard, footer, g as usize, bytes.clone()).unwrap_or_default();
+        if let Some(reason) = mismatch {
+            return Ok(all_bad(ids_only(), SampleProblem::Shard { reason }));
+        }
+        let batch = match decode_row_group(&at, shard, footer, g as usize, bytes.clone()) {
+            Ok(b) => b,
+            Err(e) => {
+                return Ok(all_bad(
+                    ids_only(),
+                    SampleProblem::Shard {
+                        reason: e.to_string(),
+                    },
+                ))
+            }
+        };
+        let ids = sample_ids(&batch);
+        Ok((0..n)
+            .map(|row| {
+                decode_row(&batch, row).map_err(|problem| Skip {
+                    sample_id: ids
+                        .get(row)
+                        .cloned()
+                        .flatten()
+                        .unwrap_or_else(|| "?".into()),
+                    at: name(row),
+                    problem,
+                })
+            })
+            .collect())
+    }
+}

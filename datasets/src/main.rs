@@ -1,0 +1,351 @@
+//! `datasets`: make, check and measure SemAlign-MS shards.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use datasets::synth::{self, SynthOptions};
+use datasets::{DataError, Location, ShardWriter, TransformSpec, WriterOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "datasets",
+    about = "SemAlign-MS shards: write, generate, inspect, measure"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+struct ShardArgs {
+    /// Rows per Parquet row group (the unit readers fetch).
+    #[arg(long, default_value_t = 64)]
+    row_group_rows: usize,
+    /// Rows per shard file.
+    #[arg(long, default_value_t = 4096)]
+    rows_per_shard: usize,
+}
+
+impl ShardArgs {
+    fn options(&self, created_by: String) -> WriterOptions {
+        WriterOptions {
+            row_group_rows: self.row_group_rows,
+            rows_per_shard: self.rows_per_shard,
+            created_by,
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate multi-subject scenes with exact correspondences and masks.
+    Synth {
+        /// Folder or s3:// gs:// az:// URL.
+        #[arg(long)]
+        out: String,
+        #[arg(long, default_value_t = 256)]
+        samples: usize,
+        #[arg(long, default_value_t = 1)]
+        min_refs: usize,
+        #[arg(long, default_value_t = 3)]
+        max_refs: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Target side in pixels.
+        #[arg(long, default_value_t = 256)]
+        size: u32,
+        /// Reference side in pixels.
+        #[arg(long, default_value_t = 192)]
+        ref_size: u32,
+        #[command(flatten)]
+        shards: ShardArgs,
+    },
+    /// Write shards from your own images: a JSONL listing or a folder of sample folders
+    /// (format in the README).
+    Write {
+        #[arg(long)]
+        from: PathBuf,
+        #[arg(long)]
+        out: String,
+        /// Stop at the first bad entry instead of skipping it.
+        #[arg(long)]
+        strict: bool,
+        #[command(flatten)]
+        shards: ShardArgs,
+    },
+    /// Counts, reference histogram, correspondence statistics and a picture of a few samples.
+    Inspect {
+        url: String,
+        /// Samples decoded for the statistics.
+        #[arg(long, default_value_t = 64)]
+        samples: usize,
+        #[arg(long, default_value_t = 256)]
+        resolution: usize,
+        /// Samples drawn in the grid.
+        #[arg(long, default_value_t = 6)]
+        grid: usize,
+        /// Correspondences drawn per reference.
+        #[arg(long, default_value_t = 12)]
+        lines: usize,
+        /// Where the grid PNG goes.
+        #[arg(long, default_value = "inspect.png")]
+        png: PathBuf,
+        /// Print the statistics as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every shard's sha256 against the manifest (reads everything once).
+    Verify { url: String },
+    /// Decoded samples/s at a training resolution, from local files and optionally S3.
+    Bench {
+        /// Also read from this object-store prefix (data are written there first).
+        #[arg(long)]
+        remote: Option<String>,
+        #[arg(long, default_value_t = 96)]
+        samples: usize,
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+        threads: Vec<usize>,
+        #[arg(long, default_value_t = 512)]
+        resolution: usize,
+        #[arg(long, default_value_t = 3)]
+        refs: usize,
+    },
+}
+
+fn synth_to(out: &str, opts: &SynthOptions, shards: &ShardArgs) -> Result<datasets::Manifest> {
+    let loc = Location::parse(out)?;
+    let created_by = format!(
+        "datasets synth --samples {} --min-refs {} --max-refs {} --seed {} --size {} --ref-size {}",
+        opts.samples, opts.min_refs, opts.max_refs, opts.seed, opts.size, opts.ref_size
+    );
+    let mut w = ShardWriter::new(loc, shards.options(created_by))?;
+    for i in 0..opts.samples {
+        w.add(synth::sample(opts, i))?;
+    }
+    Ok(w.finish()?)
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().cmd {
+        Cmd::Synth {
+            out,
+            samples,
+            min_refs,
+            max_refs,
+            seed,
+            size,
+            ref_size,
+            shards,
+        } => {
+            if !(1..=6).contains(&min_refs) || !(min_refs..=6).contains(&max_refs) {
+                bail!("--min-refs and --max-refs must satisfy 1 <= min <= max <= 6");
+            }
+            if size < 16 || ref_size < 16 {
+                bail!("--size and --ref-size must be at least 16 pixels");
+            }
+            let opts = SynthOptions {
+                samples,
+                min_refs,
+                max_refs,
+                seed,
+                size,
+                ref_size,
+                ..Default::default()
+            };
+            let m = synth_to(&out, &opts, &shards)?;
+            println!(
+                "wrote {} samples in {} shard(s) to {out}; references 1-6: {:?}",
+                m.total_rows,
+                m.shards.len(),
+                m.ref_histogram()
+            );
+        }
+        Cmd::Write {
+            from,
+            out,
+            strict,
+            shards,
+        } => {
+            let loc = Location::parse(&out)?;
+            let mut w = ShardWriter::new(
+                loc,
+                shards.options(format!("datasets write --from {}", from.display())),
+            )?;
+            let mut skipped = Vec::new();
+            let mut failure = None;
+            let read = datasets::listing::read_listing(&from, |entry| {
+                let added = entry.and_then(|s| w.add(s));
+                match added {
+                    Ok(()) => Ok(()),
+                    Err(e) if strict => Err(e),
+                    Err(e) => {
+                        eprintln!("skipped: {e}");
+                        skipped.push(e.to_string());
+                        Ok(())
+                    }
+                }
+            });
+            if let Err(e) = read {
+                failure = Some(e);
+            }
+            // What was read before a failure is kept: the shards so far get their manifest.
+            let m = w.finish()?;
+            println!(
+                "wrote {} samples in {} shard(s) to {out}; skipped {}",
+                m.total_rows,
+                m.shards.len(),
+                skipped.len()
+            );
+            if let Some(e) = failure {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "stopped; the {} samples before this one are in {out}",
+                    m.total_rows
+                )));
+            }
+        }
+        Cmd::Inspect {
+            url,
+            samples,
+            resolution,
+            grid,
+            lines,
+            png,
+            json,
+        } => {
+            if resolution % 16 != 0 || resolution == 0 {
+                bail!("--resolution must be a positive multiple of 16");
+            }
+            let opts = datasets::inspect::InspectOptions {
+                samples,
+                resolution,
+                grid,
+                lines_per_ref: lines,
+                seed: 0,
+            };
+            let (st, kept) = datasets::inspect::inspect(&url, &opts)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                println!(
+                    "{url}: {} rows in {} shard(s), {:.1} MiB",
+                    st.rows,
+                    st.shards,
+                    st.bytes as f64 / (1 << 20) as f64
+                );
+                println!("references per sample (1..6): {:?}", st.ref_histogram);
+                println!(
+                    "over {} decoded samples ({} references, {} without points) at {resolution} px:",
+                    st.decoded, st.refs, st.refs_without_points
+                );
+                println!(
+                    "  points per reference min/mean/max {}/{:.1}/{}",
+                    st.points_min, st.points_mean, st.points_max
+                );
+                println!(
+                    "  token pairs per reference min/mean/max {}/{:.1}/{}",
+                    st.pairs_min, st.pairs_mean, st.pairs_max
+                );
+                println!("  data report: {}", st.report);
+            }
+            if grid > 0 && !kept.is_empty() {
+                datasets::inspect::grid(&kept, lines)
+                    .save(&png)
+                    .with_context(|| format!("writing {}", png.display()))?;
+                eprintln!("grid of {} samples: {}", kept.len(), png.display());
+            }
+        }
+        Cmd::Verify { url } => {
+            let loc = Location::parse(&url)?;
+            let m = datasets::Manifest::load(&loc)?;
+            let mut bad = 0;
+            for s in &m.shards {
+                let got = match loc.get(&s.file)? {
+                    Some(bytes) => datasets::writer::sha256_hex(&bytes),
+                    None => "missing".into(),
+                };
+                if got == s.sha256 {
+                    println!("ok   {}", s.file);
+                } else {
+                    bad += 1;
+                    println!("BAD  {}: sha256 {got}, manifest {}", s.file, s.sha256);
+                }
+            }
+            if bad > 0 {
+                bail!(
+                    "{bad} of {} shards differ from {url}/manifest.json",
+                    m.shards.len()
+                );
+            }
+        }
+        Cmd::Bench {
+            remote,
+            samples,
+            threads,
+            resolution,
+            refs,
+        } => {
+            if !(1..=6).contains(&refs) {
+                bail!("--refs must be 1 to 6");
+            }
+            let opts = SynthOptions {
+                samples: samples + 16,
+                min_refs: refs,
+                max_refs: refs,
+                seed: 1,
+                size: (resolution * 3 / 2) as u32,
+                ref_size: resolution as u32,
+                ..Default::default()
+            };
+            let shards = ShardArgs {
+                row_group_rows: 16,
+                rows_per_shard: 64,
+            };
+            let dir = tempfile_dir()?;
+            let local = dir.to_string_lossy().to_string();
+            eprintln!(
+                "writing {} samples ({refs} references, {}px targets) to {local}",
+                opts.samples, opts.size
+            );
+            let m = synth_to(&local, &opts, &shards)?;
+            let mb = m.shards.iter().map(|s| s.bytes).sum::<u64>() as f64 / (1 << 20) as f64;
+            let spec = TransformSpec {
+                resolution,
+                ref_resolution: resolution,
+            };
+            let mut rows = datasets::bench::run("local files", &local, &threads, samples, spec)?;
+            if let Some(url) = remote {
+                synth_to(&url, &opts, &shards)?;
+                rows.extend(datasets::bench::run(
+                    "object store",
+                    &url,
+                    &threads,
+                    samples,
+                    spec,
+                )?);
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+            println!(
+                "{} samples at {resolution} px with {refs} references ({:.2} MiB/sample stored), {} cores:\n",
+                samples,
+                mb / m.total_rows as f64,
+                std::thread::available_parallelism().map_or(0, |n| n.get())
+            );
+            print!("{}", datasets::bench::table(&rows));
+        }
+    }
+    Ok(())
+}
+
+fn tempfile_dir() -> Result<PathBuf, DataError> {
+    let dir = std::env::temp_dir().join(format!("datasets-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| DataError::input(dir.display().to_string(), e))?;
+    Ok(dir)
+}
