@@ -84,9 +84,13 @@ enum Done {
     Failed(DataError),
 }
 
-#[derive(Default)]
+/// Decoded batches waiting for the consumer. A worker may add batch `seq` only when
+/// `seq < next + cap`: memory stays bounded, and the batch the consumer waits for can always
+/// be added.
 struct Reorder {
     ready: BTreeMap<u64, Done>,
+    next: u64,
+    cap: u64,
 }
 
 pub struct Loader {
@@ -137,7 +141,14 @@ impl Loader {
             ));
         }
         let stop = Arc::new(AtomicBool::new(false));
-        let done: Arc<(Mutex<Reorder>, Condvar)> = Default::default();
+        let done = Arc::new((
+            Mutex::new(Reorder {
+                ready: BTreeMap::new(),
+                next: 0,
+                cap: opts.prefetch_batches.max(1) as u64,
+            }),
+            Condvar::new(),
+        ));
         let report: Arc<Mutex<DataReport>> = Default::default();
         let (job_tx, job_rx) = sync_channel::<Job>(opts.prefetch_batches.max(1));
         let job_rx = Arc::new(Mutex::new(job_rx));
@@ -219,6 +230,8 @@ impl Loader {
                     .map_err(|_| DataError::input("loader", "a data thread panicked"))?;
                 loop {
                     if let Some(d) = guard.ready.remove(&self.next_seq) {
+                        guard.next = self.next_seq + 1;
+                        cv.notify_all();
                         break d;
                     }
                     guard = cv
@@ -315,11 +328,21 @@ impl Drop for Loader {
     }
 }
 
-fn publish(done: &(Mutex<Reorder>, Condvar), seq: u64, d: Done) {
-    if let Ok(mut g) = done.0.lock() {
-        g.ready.insert(seq, d);
+/// Hands batch `seq` to the consumer, waiting while it is too far ahead (see [`Reorder`]).
+fn publish(done: &(Mutex<Reorder>, Condvar), seq: u64, d: Done, stop: &AtomicBool) {
+    let (lock, cv) = done;
+    let Ok(mut g) = lock.lock() else { return };
+    while seq >= g.next + g.cap {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        g = match cv.wait_timeout(g, std::time::Duration::from_millis(200)) {
+            Ok((g, _)) => g,
+            Err(_) => return,
+        };
     }
-    done.1.notify_all();
+    g.ready.insert(seq, d);
+    cv.notify_all();
 }
 
 fn decode_worker(
@@ -372,7 +395,7 @@ fn decode_worker(
                 rows: n,
             }
         };
-        publish(&done, job.seq, d);
+        publish(&done, job.seq, d, &stop);
     }
 }
 
@@ -414,6 +437,7 @@ impl Fetcher {
                         "loader",
                         format!("epoch {epoch} has no full batch for this rank"),
                     )),
+                    &self.stop,
                 );
                 return;
             }
@@ -429,7 +453,7 @@ impl Fetcher {
                 }
                 let index = start + j;
                 if let Err(e) = self.ensure_loaded(&batches[j..], &mut uses) {
-                    publish(&self.done, seq, Done::Failed(e));
+                    publish(&self.done, seq, Done::Failed(e), &self.stop);
                     return;
                 }
                 let rows = batch.iter().map(|r| self.take(r)).collect();

@@ -46,8 +46,11 @@ pub struct State {
     pub format: u32,
     /// Optimizer steps completed; training continues with step index `step`.
     pub step: u64,
-    /// The loader position after `step` steps.
+    /// The loader position after `step` steps (synthetic source).
     pub cursor: Cursor,
+    /// Every rank's shard position after `step` steps, by rank (shards source).
+    #[serde(default)]
+    pub data_cursors: Vec<datasets::Cursor>,
     pub world_size: usize,
     /// Samples per global micro-batch (batch_size x world) when written.
     pub global_batch: usize,
@@ -426,7 +429,7 @@ impl Loaded {
 }
 
 /// Config keys that may change between a checkpoint and the run resuming from it.
-const MAY_CHANGE: [&str; 9] = [
+const MAY_CHANGE: [&str; 13] = [
     "run.dir",
     "run.name",
     "train.max_steps",
@@ -436,6 +439,11 @@ const MAY_CHANGE: [&str; 9] = [
     "train.on_nonfinite",
     "distributed.",
     "checkpoint.",
+    // How shards are read, not which samples in which order.
+    "data.io_threads",
+    "data.decode_threads",
+    "data.prefetch_batches",
+    "data.strict",
 ];
 
 fn flatten(prefix: &str, v: &toml::Value, out: &mut BTreeMap<String, String>) {
@@ -504,6 +512,7 @@ mod tests {
                 format: FORMAT,
                 step,
                 cursor: Cursor { epoch: 0, batch: 3 },
+                data_cursors: vec![],
                 world_size: 1,
                 global_batch: 2,
                 fingerprint: "f".into(),

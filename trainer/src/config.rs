@@ -374,12 +374,27 @@ impl Default for TrainSection {
 pub enum DataSource {
     /// Generated in memory with exact correspondences (no files).
     Synthetic,
+    /// SemAlign-MS shards at `data.url`, read through the datasets crate.
+    Shards,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataSection {
     pub source: DataSource,
+    /// Shards: folder or s3:// gs:// az:// http(s):// URL of the dataset (its manifest.json).
+    pub url: String,
+    /// Shards: rows shuffled together (per rank) beyond the shuffle of row groups.
+    pub shuffle_rows: usize,
+    /// Shards: row groups fetched concurrently.
+    pub io_threads: usize,
+    /// Shards: batches decoded concurrently.
+    pub decode_threads: usize,
+    /// Shards: decoded batches kept ready.
+    pub prefetch_batches: usize,
+    /// Shards: stop at the first unusable sample instead of skipping and reporting it.
+    pub strict: bool,
+    /// Synthetic: dataset size.
     pub samples: usize,
     /// Target size in pixels (16 px per token).
     pub resolution: usize,
@@ -394,6 +409,12 @@ impl Default for DataSection {
     fn default() -> Self {
         Self {
             source: DataSource::Synthetic,
+            url: String::new(),
+            shuffle_rows: 256,
+            io_threads: 4,
+            decode_threads: 2,
+            prefetch_batches: 4,
+            strict: false,
             samples: 32,
             resolution: 128,
             ref_resolution: 128,
@@ -639,6 +660,22 @@ impl Config {
         }
         if d.text_tokens == 0 {
             return err("data.text_tokens", "must be at least 1".into());
+        }
+        for (k, v) in [
+            ("data.shuffle_rows", d.shuffle_rows),
+            ("data.io_threads", d.io_threads),
+            ("data.decode_threads", d.decode_threads),
+            ("data.prefetch_batches", d.prefetch_batches),
+        ] {
+            if v == 0 {
+                return err(k, "must be at least 1".into());
+            }
+        }
+        if d.source == DataSource::Shards && d.url.is_empty() {
+            return err(
+                "data.url",
+                "is empty; set the folder or URL of the shards (`datasets synth --out DIR` makes some)".into(),
+            );
         }
         if !self.conditioning.guidance.is_finite() || !self.conditioning.ref_guidance.is_finite() {
             return err("conditioning.guidance", "must be finite".into());

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod bench_rows;
 pub mod checkpoint;
 pub mod config;
+pub mod data;
 pub mod ddp;
 pub mod error;
 pub mod export;

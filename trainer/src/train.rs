@@ -15,16 +15,16 @@ use sha2::{Digest, Sha256};
 
 use crate::checkpoint::{self, Snapshot};
 use crate::config::{Config, DeviceName, OnNonFinite};
+use crate::data::DataFeed;
 use crate::ddp::{self, BucketPlan, Dist, DistError, GradReducer, ReduceOp};
 use crate::error::{Result, TrainerError};
-use crate::loader::Loader;
 use crate::metrics::{MetricsLog, StepMetrics};
 use crate::model::grad::{readiness_order, GradSink, NoSink};
 use crate::model::lora::LoraSpec;
 use crate::model::{Flux, Lora, RowBlocks, Weights};
 use crate::objective::{self, DrawAt, LossParts, ObjectiveSpec};
 use crate::optim::{clip_global_norm, global_norm, lr_at, AdamW, Ema, OptimSpec};
-use crate::synth::{self, Sample, SynthSpec};
+use crate::synth::Sample;
 
 /// Everything a run holds between steps.
 pub struct Run {
@@ -32,8 +32,9 @@ pub struct Run {
     pub device: Device,
     pub model: Flux,
     pub lora: Lora,
-    pub data: Vec<Sample>,
-    pub loader: Loader,
+    pub data: DataFeed,
+    /// Every rank's shard position after the last step (agreed with the step's all-reduce).
+    pub data_cursors: Vec<datasets::Cursor>,
     pub opt: AdamW,
     pub ema: Option<Ema>,
     pub objective: ObjectiveSpec,
@@ -243,35 +244,7 @@ impl Run {
         // The initialization is seeded and so already identical; the broadcast makes that a
         // guarantee rather than an assumption.
         sync_lora(&dist, &lora, "initial LoRA weights after broadcast")?;
-        let d = &cfg.data;
-        let synth_spec = SynthSpec {
-            samples: d.samples,
-            resolution: d.resolution,
-            ref_resolution: d.ref_resolution,
-            min_refs: d.min_refs,
-            max_refs: d.max_refs,
-            text_tokens: d.text_tokens,
-            context_dim: fc.context_dim,
-            pooled_dim: fc.pooled_dim,
-        };
-        let data = synth::generate(&synth_spec, cfg.run.seed, &device)?;
-        let world = dist.world_size();
-        let global = cfg.train.batch_size * world;
-        let loader = Loader::new(
-            data.iter().map(|s| s.refs.len()).collect(),
-            global,
-            cfg.run.seed,
-        )
-        .map_err(|e| match e {
-            TrainerError::Config { .. } if world > 1 => TrainerError::config(
-                "train.batch_size",
-                format!(
-                    "{} per rank x {world} ranks = {global} samples per micro-batch is larger than every group of samples with equal reference counts; lower it or raise data.samples",
-                    cfg.train.batch_size
-                ),
-            ),
-            other => other,
-        })?;
+        let data = DataFeed::build(&cfg, &fc, dist.rank(), dist.world_size(), &device)?;
         let vars = lora_vars(&lora);
         let opt = AdamW::new(&vars)?;
         let ema = if cfg.optim.ema_decay > 0.0 {
@@ -314,7 +287,7 @@ impl Run {
             model,
             lora,
             data,
-            loader,
+            data_cursors: Vec::new(),
             opt,
             ema,
         })
@@ -334,9 +307,8 @@ impl Run {
         let mut parts = LossParts::default();
         let mut tokens = 0usize;
         for micro in 0..accum {
-            let global = self.loader.next_batch();
-            let mine = &global[rank * batch..(rank + 1) * batch];
-            let samples: Vec<&Sample> = mine.iter().map(|&i| &self.data[i]).collect();
+            let owned = self.data.next_micro_batch(rank, batch)?;
+            let samples: Vec<&Sample> = owned.iter().collect();
             let _span = tracing::debug_span!("forward_backward", step, micro).entered();
             // Draws are keyed by the sample's slot in the step's global batch, so they do not
             // depend on how the batch is split over ranks.
@@ -396,18 +368,25 @@ impl Run {
         }
         // One small all-reduce per step: the mean losses, whether any rank saw a non-finite
         // loss, and whether any rank was asked to stop. Every rank then decides the same.
+        // With shards each rank also puts its data cursor in its own slots, so every rank
+        // learns all of them (a checkpoint keeps them) at no extra round trip.
         let local_stop = self.stop_requested.load(Ordering::SeqCst);
-        let flags = Tensor::new(
-            &[
-                parts.total,
-                parts.diff,
-                parts.scal,
-                parts.mdl,
-                f64::from(u8::from(!parts.total.is_finite())),
-                f64::from(u8::from(local_stop)),
-            ],
-            &self.device,
-        )?;
+        let mut values = vec![
+            parts.total,
+            parts.diff,
+            parts.scal,
+            parts.mdl,
+            f64::from(u8::from(!parts.total.is_finite())),
+            f64::from(u8::from(local_stop)),
+        ];
+        let shard_cursor = self.data.shard_cursor();
+        if let Some(c) = shard_cursor {
+            let mut slots = vec![0f64; 2 * world];
+            slots[2 * rank] = c.epoch as f64;
+            slots[2 * rank + 1] = c.batch as f64;
+            values.extend(slots);
+        }
+        let flags = Tensor::new(values.as_slice(), &self.device)?;
         let agreed = self
             .dist
             .call(move |c| c.all_reduce(&flags, ReduceOp::Sum))?
@@ -421,6 +400,15 @@ impl Run {
         };
         let any_nonfinite_loss = agreed[4] > 0.0;
         self.stop_agreed = agreed[5] > 0.0;
+        if shard_cursor.is_some() {
+            self.data_cursors = agreed[6..]
+                .chunks(2)
+                .map(|c| datasets::Cursor {
+                    epoch: c[0] as u64,
+                    batch: c[1] as usize,
+                })
+                .collect();
+        }
         let norm = match self.optim.grad_clip {
             Some(max) if !any_nonfinite_loss => clip_global_norm(&mut grads, max)?,
             _ => global_norm(&grads)?,
@@ -498,7 +486,8 @@ impl Run {
             state: checkpoint::State {
                 format: checkpoint::FORMAT,
                 step: steps,
-                cursor: self.loader.cursor(),
+                cursor: self.data.global_cursor(),
+                data_cursors: self.data_cursors.clone(),
                 world_size: self.dist.world_size(),
                 global_batch: self.cfg.train.batch_size * self.dist.world_size(),
                 fingerprint: self.cfg.fingerprint(),
@@ -603,7 +592,10 @@ impl Run {
                 h.state.global_batch
             );
         }
-        self.loader.restore(cursor);
+        self.data.restore_global(cursor);
+        self.data
+            .restore_shards(&h.state.data_cursors, h.state.world_size)?;
+        self.data_cursors = h.state.data_cursors.clone();
         self.start_step = h.state.step;
         self.skipped = h.state.skipped;
         check_same(
@@ -706,7 +698,7 @@ pub fn train_with(
     tracing::info!(
         run_dir = %run_dir.display(),
         lora_params = run.lora.num_params(),
-        samples = run.data.len(),
+        data = %run.data.describe(),
         buckets = run.plan.buckets.len(),
         fingerprint = %run.cfg.fingerprint(),
         "run built"
@@ -763,6 +755,12 @@ pub fn train_with(
         }
     }
     bar.finish_and_clear();
+    if let Some(report) = run.data.report() {
+        std::fs::create_dir_all(&run_dir).map_err(|e| TrainerError::io(&run_dir, e))?;
+        if let Some(path) = run.data.write_report(&run_dir, rank)? {
+            tracing::info!(report = %path.display(), "data: {}", report.summary());
+        }
+    }
     let done = run.start_step + losses.len() as u64;
     let lora_path = run_dir.join("lora.safetensors");
     let skipped = run.skipped;

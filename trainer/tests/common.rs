@@ -18,11 +18,14 @@ pub fn fixtures() -> PathBuf {
         .join("fixtures")
 }
 
-/// configs/tiny-cpu.toml with overrides, writing under `dir`.
+/// configs/tiny-cpu.toml with overrides, writing under `dir`, on the in-memory synthetic
+/// source (whose global batches do not depend on the number of ranks) unless `sets` says
+/// otherwise.
 pub fn tiny_config(dir: &Path, sets: &[&str]) -> Config {
     let mut all: Vec<String> = vec![
         format!("run.dir={:?}", dir.display().to_string()),
         "train.progress=false".into(),
+        "data.source=\"synthetic\"".into(),
     ];
     all.extend(sets.iter().map(|s| s.to_string()));
     Config::load(&repo_root().join("configs").join("tiny-cpu.toml"), &all).expect("tiny config")

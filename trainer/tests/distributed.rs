@@ -253,6 +253,8 @@ pub fn trainer_spec(
             "--set",
             "train.progress=false",
             "--set",
+            "data.source=\"synthetic\"",
+            "--set",
             "data.samples=8",
             "--set",
             "train.batch_size=1",

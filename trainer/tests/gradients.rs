@@ -41,7 +41,8 @@ fn gradient_run(dtype: &str, dir: &std::path::Path) -> Run {
 }
 
 fn prepared(run: &Run) -> Prepared {
-    let samples: Vec<&Sample> = vec![&run.data[0], &run.data[1]];
+    let data = run.data.in_memory().unwrap();
+    let samples: Vec<&Sample> = vec![&data[0], &data[1]];
     objective::prepare(
         &run.objective,
         &samples,

@@ -29,12 +29,27 @@ fn read(root: &Location, rel: &str) -> Vec<u8> {
     }
 }
 
+/// The data of a test run: the in-memory synthetic source, or the shards whose URL is written
+/// next to the run folder (`<run dir>.data-url`), read at 32 px to keep the encoders cheap.
+fn data_sets(dir: &Path) -> Vec<String> {
+    match std::fs::read_to_string(dir.with_extension("data-url")) {
+        Ok(url) => vec![
+            "data.source=\"shards\"".into(),
+            format!("data.url={:?}", url.trim()),
+            "data.resolution=32".into(),
+            "data.ref_resolution=32".into(),
+        ],
+        Err(_) => vec!["data.source=\"synthetic\"".into()],
+    }
+}
+
 fn sets(dir: &Path, every: u64) -> Vec<String> {
     let ckpt = match ckpt_root(dir) {
         Location::Remote(r) => format!("checkpoint.dir={:?}", r.url()),
         Location::Local(_) => "checkpoint.dir=\"\"".into(),
     };
-    [
+    let mut all = data_sets(dir);
+    all.extend([
         ckpt,
         format!("run.dir={:?}", dir.display().to_string()),
         format!("train.max_steps={STEPS}"),
@@ -43,8 +58,8 @@ fn sets(dir: &Path, every: u64) -> Vec<String> {
         "train.batch_size=1".into(),
         format!("checkpoint.every={every}"),
         "train.signal_exit_code=75".into(),
-    ]
-    .to_vec()
+    ]);
+    all
 }
 
 /// One `trainer train` process (a single rank, no launcher).
@@ -232,6 +247,71 @@ fn two_ranks_stopped_at_two_points_resume_bit_identically() {
         let cut = tmp.path().join(format!("cut{at}"));
         two_ranks(&cut, 10, Some(at));
         assert_identical(&full, &cut);
+    }
+}
+
+/// Synthetic shards for a test run: on the S3 test server when there is one, else in `at`.
+fn shards_for_test(at: &Path) -> String {
+    let url = match std::env::var("MOSAIC_TEST_S3_URL") {
+        Ok(base) => format!(
+            "{}/shards-{}-{}",
+            base.trim_end_matches('/'),
+            std::process::id(),
+            at.file_name().unwrap().to_string_lossy()
+        ),
+        Err(_) => at.display().to_string(),
+    };
+    let opts = datasets::synth::SynthOptions {
+        samples: 24,
+        max_refs: 2,
+        size: 48,
+        ref_size: 40,
+        seed: 3,
+        ..Default::default()
+    };
+    let wopts = datasets::WriterOptions {
+        row_group_rows: 4,
+        ..Default::default()
+    };
+    let mut w = datasets::ShardWriter::new(Location::parse(&url).unwrap(), wopts).unwrap();
+    for i in 0..opts.samples {
+        w.add(datasets::synth::sample(&opts, i)).unwrap();
+    }
+    w.finish().unwrap();
+    url
+}
+
+/// On shards each rank has its own data cursor; the checkpoint keeps both and each rank
+/// continues exactly where it was.
+#[test]
+#[cfg(unix)]
+fn two_ranks_on_shards_stopped_resume_bit_identically() {
+    let tmp = tempfile::tempdir().unwrap();
+    let url = shards_for_test(&tmp.path().join("data"));
+    let (full, cut) = (tmp.path().join("full"), tmp.path().join("cut"));
+    for d in [&full, &cut] {
+        std::fs::write(d.with_extension("data-url"), &url).unwrap();
+    }
+    two_ranks(&full, 10, None);
+    two_ranks(&cut, 10, Some(14));
+    assert_identical(&full, &cut);
+    let state: serde_json::Value = serde_json::from_slice(&read(
+        &ckpt_root(&cut),
+        &format!("step-{STEPS:08}/state.json"),
+    ))
+    .unwrap();
+    assert_eq!(
+        state["data_cursors"].as_array().unwrap().len(),
+        2,
+        "{state}"
+    );
+    for rank in 0..2 {
+        let r: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(cut.join(format!("data_report.rank{rank}.json"))).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(r["skipped_total"], 0);
+        assert!(r["samples_read"].as_u64().unwrap() > 0);
     }
 }
 

@@ -90,7 +90,7 @@ fn nonfinite_loss_skips_the_update_and_keeps_weights() {
     let tmp = tempfile::tempdir().unwrap();
     let mut run = Run::build(tiny_config(tmp.path(), &[])).unwrap();
     run.train_step(0).unwrap();
-    for s in run.data.iter_mut() {
+    for s in run.data.in_memory_mut().unwrap().iter_mut() {
         s.x0 = (&s.x0 * f64::NAN).unwrap();
     }
     let before = lora_values(&run);
