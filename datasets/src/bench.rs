@@ -55,6 +55,7 @@ pub fn run(
             decode_threads: t,
             prefetch_batches: 2 * t,
             strict: true,
+            cached: false,
         };
         let measurable = reset_peak_rss();
         let mut loader = Loader::open(url, opts, Cursor::default())?;

@@ -57,6 +57,7 @@ pub fn inspect(url: &str, opts: &InspectOptions) -> Result<(Stats, Vec<Decoded>)
         decode_threads: 2,
         prefetch_batches: 4,
         strict: false,
+        cached: false,
     };
     let mut loader = Loader::open(url, loader_opts, Cursor::default())?;
     let m = loader.manifest().clone();

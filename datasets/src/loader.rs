@@ -18,6 +18,7 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
+use crate::cache::CachedSample;
 use crate::error::{DataError, Result, SampleProblem};
 use crate::manifest::Manifest;
 use crate::plan::{plan_epoch, Cursor, PlanSpec, RowRef};
@@ -44,19 +45,30 @@ pub struct LoaderOptions {
     pub prefetch_batches: usize,
     /// Fail at the first unusable sample instead of skipping it.
     pub strict: bool,
+    /// The location read is a latent cache (`datasets precompute`), not a dataset: batches
+    /// carry [`CachedSample`]s instead of decoded images.
+    pub cached: bool,
 }
 
 /// A batch of decoded samples and the cursor after it.
 #[derive(Debug)]
 pub struct Batch {
+    /// Decoded samples (reading a dataset).
     pub samples: Vec<Decoded>,
+    /// Cached latents and embeddings (reading a cache).
+    pub cached: Vec<CachedSample>,
     pub epoch: u64,
     pub index: usize,
     pub cursor: Cursor,
 }
 
 /// A row as the fetch stage hands it on.
-type Row = std::result::Result<RawSample, Skip>;
+enum RowData {
+    Raw(RawSample),
+    Cached(CachedSample),
+}
+
+type Row = std::result::Result<RowData, Skip>;
 
 #[derive(Debug, Clone)]
 struct Skip {
@@ -364,25 +376,33 @@ fn decode_worker(
         };
         let n = job.rows.len();
         let mut samples = Vec::with_capacity(n);
+        let mut cached = Vec::new();
         let mut skips = Vec::new();
         for (at, row) in job.rows {
-            let decoded = row.and_then(|raw| {
-                let skip = |problem| Skip {
-                    sample_id: raw.sample_id.clone(),
-                    at: at.clone(),
-                    problem,
-                };
-                raw.check().map_err(skip)?;
-                decode_sample(&raw, &spec).map_err(skip)
-            });
-            match decoded {
-                Ok(d) => samples.push(d),
+            match row {
+                Ok(RowData::Raw(raw)) => {
+                    let skip = |problem| Skip {
+                        sample_id: raw.sample_id.clone(),
+                        at: at.clone(),
+                        problem,
+                    };
+                    match raw
+                        .check()
+                        .and_then(|()| decode_sample(&raw, &spec))
+                        .map_err(skip)
+                    {
+                        Ok(d) => samples.push(d),
+                        Err(s) => skips.push(s),
+                    }
+                }
+                Ok(RowData::Cached(c)) => cached.push(c),
                 Err(s) => skips.push(s),
             }
         }
         let d = if skips.is_empty() {
             Done::Batch(Batch {
                 samples,
+                cached,
                 epoch: job.epoch,
                 index: job.index,
                 cursor: job.cursor,
@@ -660,18 +680,33 @@ impl Fetcher {
                 ))
             }
         };
+        if self.opts.cached {
+            return Ok((0..n)
+                .map(|row| {
+                    crate::cache::decode_row(&batch, row)
+                        .map(RowData::Cached)
+                        .map_err(|(sample_id, problem)| Skip {
+                            sample_id,
+                            at: name(row),
+                            problem,
+                        })
+                })
+                .collect());
+        }
         let ids = sample_ids(&batch);
         Ok((0..n)
             .map(|row| {
-                decode_row(&batch, row).map_err(|problem| Skip {
-                    sample_id: ids
-                        .get(row)
-                        .cloned()
-                        .flatten()
-                        .unwrap_or_else(|| "?".into()),
-                    at: name(row),
-                    problem,
-                })
+                decode_row(&batch, row)
+                    .map(RowData::Raw)
+                    .map_err(|problem| Skip {
+                        sample_id: ids
+                            .get(row)
+                            .cloned()
+                            .flatten()
+                            .unwrap_or_else(|| "?".into()),
+                        at: name(row),
+                        problem,
+                    })
             })
             .collect())
     }

@@ -96,6 +96,33 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Cache VAE latents and caption embeddings of every sample (the trainer's `data.cache`).
+    Precompute {
+        /// The dataset.
+        #[arg(long)]
+        data: String,
+        /// Where the cache goes (folder or URL).
+        #[arg(long)]
+        out: String,
+        /// The run's data.resolution.
+        #[arg(long)]
+        resolution: usize,
+        /// The run's data.ref_resolution.
+        #[arg(long)]
+        ref_resolution: usize,
+        /// The run's data.text_tokens.
+        #[arg(long)]
+        text_tokens: usize,
+        /// The model's caption token width (tiny: 32).
+        #[arg(long)]
+        context_dim: usize,
+        /// The model's pooled caption width (tiny: 16).
+        #[arg(long)]
+        pooled_dim: usize,
+        /// The run's run.seed (the tiny encoders' weights derive from it).
+        #[arg(long)]
+        seed: u64,
+    },
     /// Check every shard's sha256 against the manifest (reads everything once).
     Verify { url: String },
     /// Decoded samples/s at a training resolution, from local files and optionally S3.
@@ -261,6 +288,46 @@ fn main() -> Result<()> {
                     .with_context(|| format!("writing {}", png.display()))?;
                 eprintln!("grid of {} samples: {}", kept.len(), png.display());
             }
+        }
+        Cmd::Precompute {
+            data,
+            out,
+            resolution,
+            ref_resolution,
+            text_tokens,
+            context_dim,
+            pooled_dim,
+            seed,
+        } => {
+            for (name, v) in [
+                ("--resolution", resolution),
+                ("--ref-resolution", ref_resolution),
+            ] {
+                if v < 16 || v % 16 != 0 {
+                    bail!("{name} must be a positive multiple of 16");
+                }
+            }
+            let opts = datasets::cache::PrecomputeOptions {
+                encoders: datasets::encode::EncoderSpec {
+                    text_tokens,
+                    context_dim,
+                    pooled_dim,
+                    seed,
+                },
+                transform: TransformSpec {
+                    resolution,
+                    ref_resolution,
+                },
+                created_by: format!(
+                    "datasets precompute --data {data} --resolution {resolution} --ref-resolution {ref_resolution} --text-tokens {text_tokens} --context-dim {context_dim} --pooled-dim {pooled_dim} --seed {seed}"
+                ),
+            };
+            let (good, bad) = datasets::cache::precompute(
+                &Location::parse(&data)?,
+                &Location::parse(&out)?,
+                &opts,
+            )?;
+            println!("cached {good} samples to {out} ({bad} kept with their problem)");
         }
         Cmd::Verify { url } => {
             let loc = Location::parse(&url)?;

@@ -77,6 +77,7 @@ pub fn loader_opts(world: usize, rank: usize, batch_size: usize) -> LoaderOption
         decode_threads: 2,
         prefetch_batches: 3,
         strict: false,
+        cached: false,
     }
 }
 

@@ -384,6 +384,8 @@ pub struct DataSection {
     pub source: DataSource,
     /// Shards: folder or s3:// gs:// az:// http(s):// URL of the dataset (its manifest.json).
     pub url: String,
+    /// Shards: latent cache made by `datasets precompute` (empty: encode while training).
+    pub cache: String,
     /// Shards: rows shuffled together (per rank) beyond the shuffle of row groups.
     pub shuffle_rows: usize,
     /// Shards: row groups fetched concurrently.
@@ -410,6 +412,7 @@ impl Default for DataSection {
         Self {
             source: DataSource::Synthetic,
             url: String::new(),
+            cache: String::new(),
             shuffle_rows: 256,
             io_threads: 4,
             decode_threads: 2,

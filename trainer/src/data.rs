@@ -99,9 +99,8 @@ impl DataFeed {
                         "is empty; set the folder or s3:// gs:// az:// URL of the shards (`datasets synth --out URL` makes some)",
                     ));
                 }
-                let loc = Location::parse(&d.url)?;
-                let manifest = Arc::new(datasets::Manifest::load(&loc)?);
-                let opts = LoaderOptions {
+                let data_loc = Location::parse(&d.url)?;
+                let mut opts = LoaderOptions {
                     plan: datasets::PlanSpec {
                         seed: cfg.run.seed,
                         world,
@@ -117,7 +116,35 @@ impl DataFeed {
                     decode_threads: d.decode_threads,
                     prefetch_batches: d.prefetch_batches,
                     strict: d.strict,
+                    cached: !d.cache.is_empty(),
                 };
+                let spec = EncoderSpec {
+                    text_tokens: d.text_tokens,
+                    context_dim: fc.context_dim,
+                    pooled_dim: fc.pooled_dim,
+                    seed: cfg.run.seed,
+                };
+                // With a cache, rows are read from it (its layout mirrors the dataset's, so the
+                // plan is the same) and no image is decoded or encoded.
+                let (loc, manifest) = if d.cache.is_empty() {
+                    let m = datasets::Manifest::load(&data_loc)?;
+                    (data_loc, m)
+                } else {
+                    let cache_loc = Location::parse(&d.cache)?;
+                    let fp = datasets::cache::fingerprint(&spec, &opts.transform);
+                    let m = datasets::cache::open(&cache_loc, &data_loc, &fp).map_err(|e| {
+                        TrainerError::config(
+                            "data.cache",
+                            format!(
+                                "{e}\n(datasets precompute --data {} --out {} --resolution {} --ref-resolution {} --text-tokens {} --context-dim {} --pooled-dim {} --seed {} makes a matching one)",
+                                d.url, d.cache, d.resolution, d.ref_resolution, d.text_tokens, fc.context_dim, fc.pooled_dim, cfg.run.seed
+                            ),
+                        )
+                    })?;
+                    (cache_loc, m)
+                };
+                opts.decode_threads = if opts.cached { 1 } else { opts.decode_threads };
+                let manifest = Arc::new(manifest);
                 if plan_epoch(&manifest, &opts.plan, 0).batches.is_empty() {
                     return Err(TrainerError::config(
                         "train.batch_size",
@@ -127,12 +154,6 @@ impl DataFeed {
                         ),
                     ));
                 }
-                let spec = EncoderSpec {
-                    text_tokens: d.text_tokens,
-                    context_dim: fc.context_dim,
-                    pooled_dim: fc.pooled_dim,
-                    seed: cfg.run.seed,
-                };
                 let dtype = if device.is_cpu() {
                     DType::F32
                 } else {
@@ -161,10 +182,15 @@ impl DataFeed {
                 format!("{} synthetic samples in memory", samples.len())
             }
             Self::Shards(f) => format!(
-                "{} rows in {} shard(s) at {}, encoders {}",
+                "{} rows in {} shard(s) at {}, {} {}",
                 f.manifest.total_rows,
                 f.manifest.shards.len(),
                 f.url,
+                if f.opts.cached {
+                    "latent cache"
+                } else {
+                    "encoders"
+                },
                 f.encoders.spec().fingerprint()
             ),
         }
@@ -315,7 +341,58 @@ impl ShardFeed {
         };
         let b = loader.next_batch()?;
         self.cursor = b.cursor;
-        self.encode(&b.samples)
+        if self.opts.cached {
+            self.cached_samples(&b.cached)
+        } else {
+            self.encode(&b.samples)
+        }
+    }
+
+    /// Model inputs from cached latents and embeddings.
+    fn cached_samples(&self, cached: &[datasets::cache::CachedSample]) -> Result<Vec<Sample>> {
+        let tensor = |s: &datasets::cache::Stored| -> Result<Tensor> {
+            Ok(Tensor::from_vec(
+                s.values.clone(),
+                s.shape.as_slice(),
+                &self.device,
+            )?)
+        };
+        let packed = |s: &datasets::cache::Stored| -> Result<Tensor> {
+            Ok(pack_latents(&tensor(s)?.unsqueeze(0)?)?.squeeze(0)?)
+        };
+        let grid = |(rows, cols): (u32, u32)| datasets::TokenGrid {
+            rows: rows as usize,
+            cols: cols as usize,
+        };
+        cached
+            .iter()
+            .map(|c| {
+                Ok(Sample {
+                    x0: packed(&c.target)?,
+                    grid: grid(c.grid),
+                    txt: tensor(&c.txt)?,
+                    pooled: tensor(&c.pooled)?,
+                    refs: c
+                        .refs
+                        .iter()
+                        .zip(&c.pairs)
+                        .map(|(r, pairs)| {
+                            Ok(RefSample {
+                                latent: packed(r)?,
+                                grid: grid(c.ref_grid),
+                                pairs: pairs
+                                    .iter()
+                                    .map(|&(ref_token, tgt_token)| datasets::TokenPair {
+                                        ref_token,
+                                        tgt_token,
+                                    })
+                                    .collect(),
+                            })
+                        })
+                        .collect::<Result<_>>()?,
+                })
+            })
+            .collect()
     }
 
     /// VAE latents and caption embeddings of decoded samples of equal reference count.

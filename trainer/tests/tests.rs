@@ -6,5 +6,6 @@ mod export;
 mod gradients;
 mod parity;
 mod resume;
+mod shards;
 mod training;
 mod weights_errors;

@@ -1,0 +1,110 @@
+//! `datasets precompute`: the cache mirrors its dataset, reads back in the same plan order with
+//! latents equal to on-the-fly encoding (to bf16), keeps bad rows' problems, and is refused
+//! for other encoders or another version of the dataset.
+
+use datasets::cache::{self, PrecomputeOptions};
+use datasets::encode::{EncoderSpec, Encoders};
+use datasets::{Cursor, Location, Manifest};
+
+use crate::common::*;
+
+fn options() -> PrecomputeOptions {
+    PrecomputeOptions {
+        encoders: EncoderSpec {
+            text_tokens: 8,
+            context_dim: 32,
+            pooled_dim: 16,
+            seed: 9,
+        },
+        transform: loader_opts(1, 0, 1).transform,
+        created_by: "test".into(),
+    }
+}
+
+#[test]
+fn cache_reads_back_in_plan_order_with_the_encoders_values() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = Location::local(&tmp.path().join("data"));
+    let out = Location::local(&tmp.path().join("cache"));
+    let mut rows: Vec<_> = (0..10)
+        .map(|i| datasets::synth::sample(&synth_opts(10, 2), i))
+        .collect();
+    rows[3].target.truncate(10);
+    let bad_id = rows[3].sample_id.clone();
+    write_unchecked(&data, &rows);
+    let opts = options();
+    let (good, bad) = cache::precompute(&data, &out, &opts).unwrap();
+    assert_eq!((good, bad), (9, 1));
+    let fp = cache::fingerprint(&opts.encoders, &opts.transform);
+    let m = cache::open(&out, &data, &fp).unwrap();
+
+    let mut raw = open(&data, loader_opts(1, 0, 1), Cursor::default());
+    let mut lo = loader_opts(1, 0, 1);
+    lo.cached = true;
+    let mut cached =
+        datasets::Loader::start(out.clone(), std::sync::Arc::new(m), lo, Cursor::default())
+            .unwrap();
+    let mut enc = Encoders::tiny_random(
+        &opts.encoders,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let n = raw.batches_in_epoch(0);
+    for _ in 0..n {
+        let (a, b) = (raw.next_batch().unwrap(), cached.next_batch().unwrap());
+        assert_eq!((a.epoch, a.index), (b.epoch, b.index));
+        assert_eq!(a.samples.len(), b.cached.len());
+        for (d, c) in a.samples.iter().zip(&b.cached) {
+            assert_eq!(d.sample_id, c.sample_id);
+            let want = cache::encode_one(&mut enc, d).unwrap();
+            assert_eq!(want.target.shape, c.target.shape);
+            for (x, y) in want.target.values.iter().zip(&c.target.values) {
+                assert!((x - y).abs() <= 1e-2 * x.abs().max(1.0), "{x} vs {y}");
+            }
+            assert_eq!(want.pairs, c.pairs);
+        }
+    }
+    // The bad row is reported by both readers alike.
+    let (ra, rb) = (raw.report(), cached.report());
+    assert_eq!(ra.skipped_total, rb.skipped_total);
+    assert!(rb.skipped_total >= 1, "{rb:?}");
+    assert!(rb.skipped.iter().all(|s| s.sample_id == bad_id), "{rb:?}");
+    assert!(
+        rb.skipped[0]
+            .reason
+            .contains("at precompute time (bad-image)"),
+        "{:?}",
+        rb.skipped[0]
+    );
+}
+
+#[test]
+fn a_cache_for_other_encoders_or_another_dataset_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = Location::local(&tmp.path().join("data"));
+    let out = Location::local(&tmp.path().join("cache"));
+    write_synth(&data, 6, 2);
+    let opts = options();
+    cache::precompute(&data, &out, &opts).unwrap();
+    let mut other = opts.encoders.clone();
+    other.seed = 10;
+    let err = cache::open(&out, &data, &cache::fingerprint(&other, &opts.transform))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("other encoders or transforms") && err.contains("seed10"),
+        "{err}"
+    );
+    // The dataset changes (one more sample): its manifest no longer matches the cache's pin.
+    write_synth(&data, 7, 2);
+    let err = cache::open(
+        &out,
+        &data,
+        &cache::fingerprint(&opts.encoders, &opts.transform),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("another version of the dataset"), "{err}");
+    assert!(Manifest::load(&out).is_ok());
+}

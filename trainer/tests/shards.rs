@@ -1,0 +1,99 @@
+//! Training on SemAlign-MS shards: on-the-fly encoding and the latent cache agree, and a cache
+//! made for other settings is refused with the command that makes a matching one.
+
+use std::path::Path;
+
+use datasets::Location;
+use trainer::train::Run;
+
+use crate::common::tiny_config;
+
+fn shards(dir: &Path) -> String {
+    let opts = datasets::synth::SynthOptions {
+        samples: 16,
+        max_refs: 2,
+        size: 48,
+        ref_size: 40,
+        seed: 5,
+        ..Default::default()
+    };
+    let wopts = datasets::WriterOptions {
+        row_group_rows: 4,
+        ..Default::default()
+    };
+    let mut w = datasets::ShardWriter::new(Location::local(dir), wopts).unwrap();
+    for i in 0..opts.samples {
+        w.add(datasets::synth::sample(&opts, i)).unwrap();
+    }
+    w.finish().unwrap();
+    dir.display().to_string()
+}
+
+fn sets(url: &str, cache: &str) -> Vec<String> {
+    vec![
+        "data.source=\"shards\"".into(),
+        format!("data.url={url:?}"),
+        format!("data.cache={cache:?}"),
+        "data.resolution=32".into(),
+        "data.ref_resolution=32".into(),
+        "data.text_tokens=8".into(),
+        "train.batch_size=1".into(),
+    ]
+}
+
+fn losses(dir: &Path, sets: &[String]) -> Vec<f64> {
+    let s: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let mut run = Run::build(tiny_config(dir, &s)).unwrap();
+    (0..4)
+        .map(|step| run.train_step(step).unwrap().0.loss)
+        .collect()
+}
+
+#[test]
+fn a_latent_cache_trains_like_encoding_on_the_fly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let url = shards(&tmp.path().join("data"));
+    let live = losses(&tmp.path().join("a"), &sets(&url, ""));
+
+    let cache = tmp.path().join("cache").display().to_string();
+    let opts = datasets::cache::PrecomputeOptions {
+        encoders: datasets::encode::EncoderSpec {
+            text_tokens: 8,
+            context_dim: 32,
+            pooled_dim: 16,
+            seed: 42,
+        },
+        transform: datasets::TransformSpec {
+            resolution: 32,
+            ref_resolution: 32,
+        },
+        created_by: "test".into(),
+    };
+    datasets::cache::precompute(
+        &Location::parse(&url).unwrap(),
+        &Location::parse(&cache).unwrap(),
+        &opts,
+    )
+    .unwrap();
+    let cached = losses(&tmp.path().join("b"), &sets(&url, &cache));
+    for (a, b) in live.iter().zip(&cached) {
+        // The cache stores bf16: the same samples in the same order, to about 1%.
+        assert!(
+            (a - b).abs() <= 2e-2 * a.abs().max(1.0),
+            "{live:?} vs {cached:?}"
+        );
+    }
+
+    let mut other = sets(&url, &cache);
+    other.push("run.seed=7".into());
+    let s: Vec<&str> = other.iter().map(String::as_str).collect();
+    let err = Run::build(tiny_config(&tmp.path().join("c"), &s))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("data.cache"), "{err}");
+    assert!(
+        err.contains("datasets precompute --data") && err.contains("--seed 7"),
+        "{err}"
+    );
+}
