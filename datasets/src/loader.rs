@@ -419,6 +419,14 @@ fn decode_worker(
     }
 }
 
+/// The sample id of `row` where it could be read, else "?".
+fn id_at(ids: &[Option<String>], row: usize) -> String {
+    ids.get(row)
+        .cloned()
+        .flatten()
+        .unwrap_or_else(|| "?".into())
+}
+
 /// A row group: (shard, group).
 type UnitKey = (u32, u32);
 
@@ -628,11 +636,7 @@ impl Fetcher {
             (0..n)
                 .map(|row| {
                     Err(Skip {
-                        sample_id: ids
-                            .get(row)
-                            .cloned()
-                            .flatten()
-                            .unwrap_or_else(|| "?".into()),
+                        sample_id: id_at(&ids, row),
                         at: name(row),
                         problem: problem.clone(),
                     })
@@ -699,11 +703,7 @@ impl Fetcher {
                 decode_row(&batch, row)
                     .map(RowData::Raw)
                     .map_err(|problem| Skip {
-                        sample_id: ids
-                            .get(row)
-                            .cloned()
-                            .flatten()
-                            .unwrap_or_else(|| "?".into()),
+                        sample_id: id_at(&ids, row),
                         at: name(row),
                         problem,
                     })

@@ -71,22 +71,20 @@ impl Affine {
     }
 }
 
+/// Decodes PNG, JPEG or WebP (told apart by their bytes), naming `what` on failure.
+fn decode_image(bytes: &[u8], what: &str) -> Result<image::DynamicImage, SampleProblem> {
+    image::load_from_memory(bytes).map_err(|e| SampleProblem::Image {
+        image: what.to_string(),
+        reason: e.to_string(),
+    })
+}
+
 fn decode_rgb(bytes: &[u8], what: &str) -> Result<RgbImage, SampleProblem> {
-    image::load_from_memory(bytes)
-        .map(|i| i.to_rgb8())
-        .map_err(|e| SampleProblem::Image {
-            image: what.to_string(),
-            reason: e.to_string(),
-        })
+    decode_image(bytes, what).map(|i| i.to_rgb8())
 }
 
 fn decode_mask(bytes: &[u8], what: &str) -> Result<GrayImage, SampleProblem> {
-    image::load_from_memory(bytes)
-        .map(|i| i.to_luma8())
-        .map_err(|e| SampleProblem::Image {
-            image: what.to_string(),
-            reason: e.to_string(),
-        })
+    decode_image(bytes, what).map(|i| i.to_luma8())
 }
 
 fn nonempty(img: &RgbImage, what: &str) -> Result<(), SampleProblem> {

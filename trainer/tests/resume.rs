@@ -30,14 +30,16 @@ fn read(root: &Location, rel: &str) -> Vec<u8> {
 }
 
 /// The data of a test run: the in-memory synthetic source, or the shards whose URL is written
-/// next to the run folder (`<run dir>.data-url`), read at 32 px to keep the encoders cheap.
+/// next to the run folder (`<run dir>.data-url`), encoded while training at 64 px (cheap, yet
+/// slow enough for a stop to land in the middle of the run).
 fn data_sets(dir: &Path) -> Vec<String> {
     match std::fs::read_to_string(dir.with_extension("data-url")) {
         Ok(url) => vec![
             "data.source=\"shards\"".into(),
             format!("data.url={:?}", url.trim()),
-            "data.resolution=32".into(),
-            "data.ref_resolution=32".into(),
+            "data.cache=\"\"".into(),
+            "data.resolution=64".into(),
+            "data.ref_resolution=64".into(),
         ],
         Err(_) => vec!["data.source=\"synthetic\"".into()],
     }
