@@ -96,6 +96,31 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Convert the released SemAlign-MS-Subjects200K layout (Parquet, mask/, coord/) to shards.
+    ImportSubjects200k {
+        /// Subjects200K Parquet files, or folders holding them.
+        #[arg(long, required = true, num_args = 1..)]
+        parquet: Vec<PathBuf>,
+        /// Folder of `{uid}.png` target masks.
+        #[arg(long)]
+        mask_dir: PathBuf,
+        /// Folder holding `dift/` and `geoaware/` with `{uid}_ref0.pt`.
+        #[arg(long)]
+        coord_dir: PathBuf,
+        #[arg(long)]
+        out: String,
+        /// Rows of this collection are kept (the official filter).
+        #[arg(long, default_value = "collection_2")]
+        collection: String,
+        /// Rows whose three quality scores all reach this are kept.
+        #[arg(long, default_value_t = 5.0)]
+        min_quality: f64,
+        /// JSONL of {"file", "row", "uid"}: the exact uids (see docs/data.md).
+        #[arg(long)]
+        uids: Option<PathBuf>,
+        #[command(flatten)]
+        shards: ShardArgs,
+    },
     /// Cache VAE latents and caption embeddings of every sample (the trainer's `data.cache`).
     Precompute {
         /// The dataset.
@@ -287,6 +312,70 @@ fn main() -> Result<()> {
                     .save(&png)
                     .with_context(|| format!("writing {}", png.display()))?;
                 eprintln!("grid of {} samples: {}", kept.len(), png.display());
+            }
+        }
+        Cmd::ImportSubjects200k {
+            parquet,
+            mask_dir,
+            coord_dir,
+            out,
+            collection,
+            min_quality,
+            uids,
+            shards,
+        } => {
+            let mut files = Vec::new();
+            for p in parquet {
+                if p.is_dir() {
+                    let mut found: Vec<PathBuf> = std::fs::read_dir(&p)
+                        .with_context(|| format!("reading {}", p.display()))?
+                        .filter_map(|e| e.ok().map(|e| e.path()))
+                        .filter(|f| f.extension().is_some_and(|x| x == "parquet"))
+                        .collect();
+                    found.sort();
+                    if found.is_empty() {
+                        bail!("{}: no .parquet file inside", p.display());
+                    }
+                    files.extend(found);
+                } else {
+                    files.push(p);
+                }
+            }
+            for d in [&mask_dir, &coord_dir] {
+                if !d.is_dir() {
+                    bail!("{}: not a folder", d.display());
+                }
+            }
+            let opts = datasets::subjects200k::ImportOptions {
+                parquet: files,
+                mask_dir,
+                coord_dir,
+                collection,
+                min_quality,
+                uids: uids
+                    .as_deref()
+                    .map(datasets::subjects200k::read_uids)
+                    .transpose()?,
+            };
+            let loc = Location::parse(&out)?;
+            let mut w =
+                ShardWriter::new(loc, shards.options("datasets import-subjects200k".into()))?;
+            let report = datasets::subjects200k::import(&opts, &mut w)?;
+            let m = w.finish()?;
+            for s in &report.skipped {
+                eprintln!("skipped: {s}");
+            }
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            println!(
+                "wrote {} samples in {} shard(s) to {out}",
+                m.total_rows,
+                m.shards.len()
+            );
+            if report.kept > 0 && report.with_coords == 0 {
+                eprintln!(
+                    "warning: no coordinate file was found for any kept row: the uids computed here \
+                     differ from the release's (they hash Pillow's PNG bytes); pass --uids (docs/data.md)"
+                );
             }
         }
         Cmd::Precompute {

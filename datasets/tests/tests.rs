@@ -6,3 +6,4 @@ mod common;
 mod listing;
 mod reader;
 mod s3;
+mod subjects200k;
