@@ -386,11 +386,17 @@ fn decode_worker(
                         at: at.clone(),
                         problem,
                     };
-                    match raw
-                        .check()
-                        .and_then(|()| decode_sample(&raw, &spec))
-                        .map_err(skip)
-                    {
+                    // An image decoder that panics on hostile bytes costs this sample only.
+                    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        raw.check().and_then(|()| decode_sample(&raw, &spec))
+                    }))
+                    .unwrap_or_else(|_| {
+                        Err(SampleProblem::Invalid {
+                            what: "images".into(),
+                            reason: "an image decoder panicked on this sample".into(),
+                        })
+                    });
+                    match decoded.map_err(skip) {
                         Ok(d) => samples.push(d),
                         Err(s) => skips.push(s),
                     }
@@ -596,7 +602,7 @@ impl Fetcher {
                 .iter()
                 .map(|&unit| {
                     let this = &*self;
-                    scope.spawn(move || (unit, this.load_unit(unit)))
+                    scope.spawn(move || (unit, this.load_unit_guarded(unit)))
                 })
                 .collect();
             handles
@@ -623,6 +629,27 @@ impl Fetcher {
             );
         }
         Ok(())
+    }
+
+    /// [`Self::load_unit`], with a panic in a decoder (a bug in a library on hostile bytes)
+    /// turned into skips of the row group's rows instead of taking the run down.
+    fn load_unit_guarded(&self, unit: UnitKey) -> Result<Vec<Row>> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.load_unit(unit)))
+            .unwrap_or_else(|_| {
+                let shard = &self.manifest.shards[unit.0 as usize];
+                let n = shard.row_groups[unit.1 as usize].rows;
+                Ok((0..n)
+                    .map(|row| {
+                        Err(Skip {
+                            sample_id: "?".into(),
+                            at: format!("{} row group {} row {row}", shard.file, unit.1),
+                            problem: SampleProblem::Shard {
+                                reason: "the Parquet decoder panicked on this row group".into(),
+                            },
+                        })
+                    })
+                    .collect())
+            })
     }
 
     /// Fetches and decodes one row group into rows; data problems become per-row skips, store

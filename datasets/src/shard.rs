@@ -65,9 +65,35 @@ pub fn read_footer(loc: &Location, shard: &ShardInfo) -> Result<ShardFooter> {
     }
     let meta = ParquetMetaDataReader::decode_metadata(&bytes[..n - 8])
         .map_err(|e| DataError::shard(&at, format!("footer: {e}")))?;
+    check_metadata(&meta, shard.bytes).map_err(|e| DataError::shard(&at, format!("footer: {e}")))?;
     let arrow = ArrowReaderMetadata::try_new(Arc::new(meta), ArrowReaderOptions::new())
         .map_err(|e| DataError::shard(&at, format!("footer: {e}")))?;
     Ok(ShardFooter { arrow })
+}
+
+/// Refuses metadata whose column chunks start before the file, have a negative size or end past
+/// it. The parquet crate asserts on such values (a panic, found by fuzzing), so they must not
+/// reach it.
+pub fn check_metadata(
+    meta: &parquet::file::metadata::ParquetMetaData,
+    file_len: u64,
+) -> std::result::Result<(), String> {
+    for (g, rg) in meta.row_groups().iter().enumerate() {
+        for (c, col) in rg.columns().iter().enumerate() {
+            let start = col.dictionary_page_offset().unwrap_or(col.data_page_offset());
+            let len = col.compressed_size();
+            let fits = start >= 0
+                && len >= 0
+                && col.data_page_offset() >= 0
+                && (start as u64).checked_add(len as u64).is_some_and(|end| end <= file_len);
+            if !fits {
+                return Err(format!(
+                    "row group {g} column {c}: chunk at {start} of {len} bytes does not fit a file of {file_len} bytes"
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The bytes of one row group, placed at their offset in a file of `len` bytes.
@@ -222,8 +248,15 @@ pub fn decode_file_rows(
     transform: bool,
 ) -> std::result::Result<Vec<std::result::Result<crate::RawSample, crate::SampleProblem>>, String> {
     let data = Bytes::copy_from_slice(bytes);
-    let reader = ParquetRecordBatchReaderBuilder::try_new(data)
-        .and_then(|b| b.with_batch_size(64).build())
+    let meta = ParquetMetaDataReader::new()
+        .parse_and_finish(&data)
+        .map_err(|e| e.to_string())?;
+    check_metadata(&meta, bytes.len() as u64)?;
+    let arrow = ArrowReaderMetadata::try_new(Arc::new(meta), ArrowReaderOptions::new())
+        .map_err(|e| e.to_string())?;
+    let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(data, arrow)
+        .with_batch_size(64)
+        .build()
         .map_err(|e| e.to_string())?;
     let spec = crate::TransformSpec {
         resolution: 32,

@@ -205,6 +205,7 @@ pub fn describe_shard(
     let meta = ParquetMetaDataReader::new()
         .parse_and_finish(&Bytes::copy_from_slice(bytes))
         .map_err(|e| e.to_string())?;
+    crate::shard::check_metadata(&meta, len)?;
     let mut row_groups = Vec::new();
     let mut first_row = 0;
     for (g, rg) in meta.row_groups().iter().enumerate() {
