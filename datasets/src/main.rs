@@ -172,11 +172,7 @@ fn synth_to(out: &str, opts: &SynthOptions, shards: &ShardArgs) -> Result<datase
         "datasets synth --samples {} --min-refs {} --max-refs {} --seed {} --size {} --ref-size {}",
         opts.samples, opts.min_refs, opts.max_refs, opts.seed, opts.size, opts.ref_size
     );
-    let mut w = ShardWriter::new(loc, shards.options(created_by))?;
-    for i in 0..opts.samples {
-        w.add(synth::sample(opts, i))?;
-    }
-    Ok(w.finish()?)
+    Ok(synth::write_dataset(loc, opts, shards.options(created_by))?)
 }
 
 fn main() -> Result<()> {

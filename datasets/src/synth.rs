@@ -265,6 +265,19 @@ pub fn sample(opts: &SynthOptions, index: usize) -> RawSample {
     }
 }
 
+/// Writes samples 0..opts.samples as a dataset at `loc`.
+pub fn write_dataset(
+    loc: crate::store::Location,
+    opts: &SynthOptions,
+    wopts: crate::writer::WriterOptions,
+) -> crate::error::Result<crate::manifest::Manifest> {
+    let mut w = crate::writer::ShardWriter::new(loc, wopts)?;
+    for i in 0..opts.samples {
+        w.add(sample(opts, i))?;
+    }
+    w.finish()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

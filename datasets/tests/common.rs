@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use datasets::manifest::{Manifest, FORMAT, VERSION};
 use datasets::synth::{self, SynthOptions};
 use datasets::{
-    Cursor, DataReport, Loader, LoaderOptions, Location, PlanSpec, RawSample, ShardWriter,
-    TransformSpec, WriterOptions,
+    Cursor, DataReport, Loader, LoaderOptions, Location, PlanSpec, RawSample, TransformSpec,
+    WriterOptions,
 };
 
 pub fn synth_opts(samples: usize, max_refs: usize) -> SynthOptions {
@@ -31,12 +31,7 @@ pub fn small_writer() -> WriterOptions {
 
 /// Writes synthetic samples 0..n through the writer.
 pub fn write_synth(loc: &Location, n: usize, max_refs: usize) -> Manifest {
-    let opts = synth_opts(n, max_refs);
-    let mut w = ShardWriter::new(loc.clone(), small_writer()).unwrap();
-    for i in 0..n {
-        w.add(synth::sample(&opts, i)).unwrap();
-    }
-    w.finish().unwrap()
+    synth::write_dataset(loc.clone(), &synth_opts(n, max_refs), small_writer()).unwrap()
 }
 
 /// Writes `rows` as shards of 4-row groups without any checks (to store bad rows).

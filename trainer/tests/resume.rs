@@ -275,11 +275,7 @@ fn shards_for_test(at: &Path) -> String {
         row_group_rows: 4,
         ..Default::default()
     };
-    let mut w = datasets::ShardWriter::new(Location::parse(&url).unwrap(), wopts).unwrap();
-    for i in 0..opts.samples {
-        w.add(datasets::synth::sample(&opts, i)).unwrap();
-    }
-    w.finish().unwrap();
+    datasets::synth::write_dataset(Location::parse(&url).unwrap(), &opts, wopts).unwrap();
     url
 }
 

@@ -21,11 +21,7 @@ fn shards(dir: &Path) -> String {
         row_group_rows: 4,
         ..Default::default()
     };
-    let mut w = datasets::ShardWriter::new(Location::local(dir), wopts).unwrap();
-    for i in 0..opts.samples {
-        w.add(datasets::synth::sample(&opts, i)).unwrap();
-    }
-    w.finish().unwrap();
+    datasets::synth::write_dataset(Location::local(dir), &opts, wopts).unwrap();
     dir.display().to_string()
 }
 
