@@ -429,7 +429,7 @@ impl Loaded {
 }
 
 /// Config keys that may change between a checkpoint and the run resuming from it.
-const MAY_CHANGE: [&str; 13] = [
+const MAY_CHANGE: [&str; 14] = [
     "run.dir",
     "run.name",
     "train.max_steps",
@@ -444,6 +444,9 @@ const MAY_CHANGE: [&str; 13] = [
     "data.decode_threads",
     "data.prefetch_batches",
     "data.strict",
+    // The cache holds the same samples in the same order (its fingerprint and dataset are
+    // checked when it is opened); only the bf16 rounding of the latents differs.
+    "data.cache",
 ];
 
 fn flatten(prefix: &str, v: &toml::Value, out: &mut BTreeMap<String, String>) {
