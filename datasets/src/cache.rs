@@ -24,6 +24,7 @@ use crate::error::{DataError, Result, SampleProblem};
 use crate::manifest::{Manifest, MANIFEST};
 use crate::store::Location;
 use crate::transform::{decode_sample, TransformSpec};
+use crate::writer::sha256_hex;
 
 pub const CACHE_INFO: &str = "cache.json";
 pub const CACHE_FORMAT: &str = "semalign-ms-cache";
@@ -373,10 +374,6 @@ pub fn decode_row(batch: &RecordBatch, row: usize) -> CacheRow {
         })
     })();
     decoded.map_err(|p| (id, p))
-}
-
-fn sha256_hex(b: &[u8]) -> String {
-    crate::writer::sha256_hex(b)
 }
 
 /// Reads `cache.json` below `cache` and checks it against the expected fingerprint and the

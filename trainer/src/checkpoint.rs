@@ -26,7 +26,6 @@ use std::thread::JoinHandle;
 use candle_core::DType;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::error::{Result, TrainerError};
 use crate::loader::Cursor;
@@ -91,12 +90,7 @@ fn ckpt_err(path: &Path, reason: impl Into<String>) -> TrainerError {
 }
 
 /// sha256 of `bytes` as lowercase hex (file hashes, config fingerprints).
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
+pub use datasets::writer::sha256_hex;
 
 /// Writes `bytes` to `path` and fsyncs it.
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {

@@ -39,7 +39,9 @@ pub struct ShardFeed {
     cursor: DataCursor,
     /// Started on first use, so a resume does not read batches it then throws away.
     loader: Option<ShardLoader>,
-    encoders: Encoders,
+    spec: EncoderSpec,
+    /// None when reading a latent cache (nothing to encode).
+    encoders: Option<Encoders>,
     device: Device,
     /// Reports of loaders replaced by a restore, merged into the run's.
     earlier: DataReport,
@@ -159,7 +161,11 @@ impl DataFeed {
                 } else {
                     DType::BF16
                 };
-                let encoders = Encoders::tiny_random(&spec, dtype, device).map_err(data_err)?;
+                let encoders = if opts.cached {
+                    None
+                } else {
+                    Some(Encoders::tiny_random(&spec, dtype, device).map_err(data_err)?)
+                };
                 Ok(Self::Shards(Box::new(ShardFeed {
                     url: d.url.clone(),
                     loc,
@@ -167,6 +173,7 @@ impl DataFeed {
                     opts,
                     cursor: DataCursor::default(),
                     loader: None,
+                    spec,
                     encoders,
                     device: device.clone(),
                     earlier: DataReport::default(),
@@ -191,7 +198,7 @@ impl DataFeed {
                 } else {
                     "encoders"
                 },
-                f.encoders.spec().fingerprint()
+                f.spec.fingerprint()
             ),
         }
     }
@@ -397,15 +404,22 @@ impl ShardFeed {
 
     /// VAE latents and caption embeddings of decoded samples of equal reference count.
     fn encode(&mut self, decoded: &[datasets::Decoded]) -> Result<Vec<Sample>> {
+        let device = self.device.clone();
+        let Some(enc) = self.encoders.as_mut() else {
+            return Err(TrainerError::Input {
+                name: "encoders".into(),
+                reason: "not built (reading a latent cache)".into(),
+            });
+        };
         let targets: Vec<&datasets::Pixels> = decoded.iter().map(|d| &d.target).collect();
-        let x0 = self.packed(&targets)?;
+        let x0 = packed(enc, &targets, &device)?;
         let captions: Vec<&str> = decoded.iter().map(|d| d.caption.as_str()).collect();
-        let (txt, pooled) = self.encoders.encode_text(&captions).map_err(data_err)?;
+        let (txt, pooled) = enc.encode_text(&captions).map_err(data_err)?;
         let k = decoded.first().map_or(0, |d| d.refs.len());
         let mut ref_latents = Vec::with_capacity(k);
         for r in 0..k {
             let imgs: Vec<&datasets::Pixels> = decoded.iter().map(|d| &d.refs[r].pixels).collect();
-            ref_latents.push(self.packed(&imgs)?);
+            ref_latents.push(packed(enc, &imgs, &device)?);
         }
         decoded
             .iter()
@@ -432,10 +446,10 @@ impl ShardFeed {
             })
             .collect()
     }
+}
 
-    /// Packed latents [B, tokens, 64] of images of one size.
-    fn packed(&self, images: &[&datasets::Pixels]) -> Result<Tensor> {
-        let z = self.encoders.encode_images(images).map_err(data_err)?;
-        pack_latents(&z.to_device(&self.device)?)
-    }
+/// Packed latents [B, tokens, 64] of images of one size.
+fn packed(enc: &Encoders, images: &[&datasets::Pixels], device: &Device) -> Result<Tensor> {
+    let z = enc.encode_images(images).map_err(data_err)?;
+    pack_latents(&z.to_device(device)?)
 }
