@@ -149,9 +149,7 @@ pub fn to_batch(rows: &[CacheRow]) -> std::result::Result<RecordBatch, arrow_sch
         shape: vec![0],
         values: vec![],
     };
-    let ok = |r: &CacheRow| r.as_ref().ok().cloned();
-    let samples: Vec<Option<CachedSample>> = rows.iter().map(ok).collect();
-    let get = |i: usize| samples[i].as_ref();
+    let get = |i: usize| rows[i].as_ref().ok();
     let n = rows.len();
     let ids = StringArray::from_iter_values(rows.iter().map(|r| match r {
         Ok(s) => s.sample_id.clone(),
@@ -483,13 +481,10 @@ pub fn precompute(
                 return Err(DataError::shard(&at, m));
             }
             let batch = crate::shard::decode_row_group(&at, shard, &footer, g, raw.into())?;
+            let ids = crate::schema::sample_ids(&batch);
             let mut rows = Vec::with_capacity(info.rows);
             for row in 0..info.rows {
-                let id = crate::schema::sample_ids(&batch)
-                    .get(row)
-                    .cloned()
-                    .flatten()
-                    .unwrap_or_else(|| "?".into());
+                let id = crate::loader::id_at(&ids, row);
                 let r = crate::schema::decode_row(&batch, row)
                     .and_then(|s| {
                         s.check()?;

@@ -426,7 +426,7 @@ fn decode_worker(
 }
 
 /// The sample id of `row` where it could be read, else "?".
-fn id_at(ids: &[Option<String>], row: usize) -> String {
+pub(crate) fn id_at(ids: &[Option<String>], row: usize) -> String {
     ids.get(row)
         .cloned()
         .flatten()

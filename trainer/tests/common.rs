@@ -85,3 +85,21 @@ pub fn randomize_lora_b(lora: &Lora, seed: u64) {
         }
     }
 }
+
+/// Synthetic shards of `samples` small scenes (48 px targets, 1 or 2 references, row groups of
+/// 4) written to `loc`.
+pub fn write_test_shards(loc: datasets::Location, samples: usize, seed: u64) {
+    let opts = datasets::synth::SynthOptions {
+        samples,
+        max_refs: 2,
+        size: 48,
+        ref_size: 40,
+        seed,
+        ..Default::default()
+    };
+    let wopts = datasets::WriterOptions {
+        row_group_rows: 4,
+        ..Default::default()
+    };
+    datasets::synth::write_dataset(loc, &opts, wopts).unwrap();
+}

@@ -263,19 +263,7 @@ fn shards_for_test(at: &Path) -> String {
         ),
         Err(_) => at.display().to_string(),
     };
-    let opts = datasets::synth::SynthOptions {
-        samples: 24,
-        max_refs: 2,
-        size: 48,
-        ref_size: 40,
-        seed: 3,
-        ..Default::default()
-    };
-    let wopts = datasets::WriterOptions {
-        row_group_rows: 4,
-        ..Default::default()
-    };
-    datasets::synth::write_dataset(Location::parse(&url).unwrap(), &opts, wopts).unwrap();
+    crate::common::write_test_shards(Location::parse(&url).unwrap(), 24, 3);
     url
 }
 

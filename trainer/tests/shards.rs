@@ -9,19 +9,7 @@ use trainer::train::Run;
 use crate::common::tiny_config;
 
 fn shards(dir: &Path) -> String {
-    let opts = datasets::synth::SynthOptions {
-        samples: 16,
-        max_refs: 2,
-        size: 48,
-        ref_size: 40,
-        seed: 5,
-        ..Default::default()
-    };
-    let wopts = datasets::WriterOptions {
-        row_group_rows: 4,
-        ..Default::default()
-    };
-    datasets::synth::write_dataset(Location::local(dir), &opts, wopts).unwrap();
+    crate::common::write_test_shards(Location::local(dir), 16, 5);
     dir.display().to_string()
 }
 
