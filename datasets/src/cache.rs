@@ -42,13 +42,15 @@ pub struct CacheInfo {
 }
 
 /// The fingerprint of (encoders, resolutions, transform) a cache is keyed by.
-pub fn fingerprint(encoders: &EncoderSpec, transform: &TransformSpec) -> String {
-    format!(
-        "{}|target {}px cover-square|refs {}px mask-box-0.9|points v1",
-        encoders.fingerprint(),
-        transform.resolution,
-        transform.ref_resolution
-    )
+/// Pretrained encoders' files are fetched and hashed (once, see `model_files`).
+pub fn fingerprint(encoders: &EncoderSpec, transform: &TransformSpec) -> Result<String> {
+    let enc = encoders
+        .fingerprint()
+        .map_err(|e| DataError::input("encoders", e))?;
+    Ok(format!(
+        "{enc}|target {}px cover-square|refs {}px mask-box-0.9|points v1",
+        transform.resolution, transform.ref_resolution
+    ))
 }
 
 /// A tensor as stored: bf16 values and a shape.
@@ -437,6 +439,8 @@ pub fn open(cache: &Location, data: &Location, expected_fingerprint: &str) -> Re
 pub struct PrecomputeOptions {
     pub encoders: EncoderSpec,
     pub transform: TransformSpec,
+    /// Where the encoders run (CPU in f32; a GPU in bf16).
+    pub device: candle_core::Device,
     pub created_by: String,
 }
 
@@ -451,12 +455,14 @@ pub fn precompute(
         .get(MANIFEST)?
         .ok_or_else(|| DataError::manifest(data.name(MANIFEST), "not found"))?;
     let manifest = Manifest::load(data)?;
-    let mut enc = Encoders::tiny_random(
-        &opts.encoders,
-        candle_core::DType::F32,
-        &candle_core::Device::Cpu,
-    )
-    .map_err(|e| DataError::input("encoders", e))?;
+    let fingerprint = fingerprint(&opts.encoders, &opts.transform)?;
+    let dtype = if opts.device.is_cpu() {
+        candle_core::DType::F32
+    } else {
+        candle_core::DType::BF16
+    };
+    let mut enc = Encoders::load(&opts.encoders, dtype, &opts.device)
+        .map_err(|e| DataError::input("encoders", e))?;
     let (mut good, mut bad_rows) = (0, 0);
     let mut shards = Vec::with_capacity(manifest.shards.len());
     for shard in &manifest.shards {
@@ -517,7 +523,7 @@ pub fn precompute(
     let info = CacheInfo {
         format: CACHE_FORMAT.into(),
         version: 1,
-        fingerprint: fingerprint(&opts.encoders, &opts.transform),
+        fingerprint,
         data_manifest_sha256: sha256_hex(&manifest_bytes),
         created_by: opts.created_by.clone(),
     };

@@ -11,6 +11,7 @@ pub mod inspect;
 pub mod listing;
 pub mod loader;
 pub mod manifest;
+pub mod model_files;
 pub mod plan;
 pub mod pt;
 pub mod report;

@@ -138,15 +138,28 @@ enum Cmd {
         /// The run's data.text_tokens.
         #[arg(long)]
         text_tokens: usize,
-        /// The model's caption token width (tiny: 32).
+        /// FLUX.1 pipeline folder or URL (diffusers layout: vae/ or ae.safetensors,
+        /// text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/) with the pretrained
+        /// encoders; without it, tiny random encoders drawn from --seed.
         #[arg(long)]
-        context_dim: usize,
-        /// The model's pooled caption width (tiny: 16).
+        encoders: Option<String>,
+        /// The VAE from elsewhere: a .safetensors file (BFL's ae.safetensors) or a diffusers
+        /// vae folder (needs --encoders).
+        #[arg(long, requires = "encoders")]
+        vae: Option<String>,
+        /// The model's caption token width (tiny: 32; pretrained: T5's width unless given).
         #[arg(long)]
-        pooled_dim: usize,
+        context_dim: Option<usize>,
+        /// The model's pooled caption width (tiny: 16; pretrained: CLIP's width unless given).
+        #[arg(long)]
+        pooled_dim: Option<usize>,
         /// The run's run.seed (the tiny encoders' weights derive from it).
-        #[arg(long)]
-        seed: u64,
+        #[arg(long, conflicts_with = "encoders")]
+        seed: Option<u64>,
+        /// Where the encoders run: cpu, cuda or cuda:N (cuda needs a build with the cuda
+        /// feature).
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// Check every shard's sha256 against the manifest (reads everything once).
     Verify { url: String },
@@ -380,9 +393,12 @@ fn main() -> Result<()> {
             resolution,
             ref_resolution,
             text_tokens,
+            encoders,
+            vae,
             context_dim,
             pooled_dim,
             seed,
+            device,
         } => {
             for (name, v) in [
                 ("--resolution", resolution),
@@ -392,19 +408,47 @@ fn main() -> Result<()> {
                     bail!("{name} must be a positive multiple of 16");
                 }
             }
+            let (weights, widths) = match encoders.clone() {
+                Some(folder) => {
+                    let src = datasets::encode::PretrainedSource {
+                        folder,
+                        vae: vae.clone(),
+                        cache: datasets::model_files::cache_root(),
+                    };
+                    let widths = datasets::encode::pretrained_widths(&src)?;
+                    (datasets::encode::EncoderWeights::Pretrained(src), widths)
+                }
+                None => {
+                    let (Some(seed), Some(c), Some(p)) = (seed, context_dim, pooled_dim) else {
+                        bail!(
+                            "without --encoders (tiny random encoders) give --seed, --context-dim and --pooled-dim"
+                        );
+                    };
+                    (
+                        datasets::encode::EncoderWeights::TinyRandom { seed },
+                        (c, p),
+                    )
+                }
+            };
+            let context_dim = context_dim.unwrap_or(widths.0);
+            let pooled_dim = pooled_dim.unwrap_or(widths.1);
             let opts = datasets::cache::PrecomputeOptions {
                 encoders: datasets::encode::EncoderSpec {
+                    weights,
                     text_tokens,
                     context_dim,
                     pooled_dim,
-                    seed,
                 },
                 transform: TransformSpec {
                     resolution,
                     ref_resolution,
                 },
+                device: parse_device(&device)?,
                 created_by: format!(
-                    "datasets precompute --data {data} --resolution {resolution} --ref-resolution {ref_resolution} --text-tokens {text_tokens} --context-dim {context_dim} --pooled-dim {pooled_dim} --seed {seed}"
+                    "datasets precompute --data {data} --resolution {resolution} --ref-resolution {ref_resolution} --text-tokens {text_tokens} --context-dim {context_dim} --pooled-dim {pooled_dim}{}{}{}",
+                    encoders.as_ref().map(|e| format!(" --encoders {e}")).unwrap_or_default(),
+                    vae.as_ref().map(|v| format!(" --vae {v}")).unwrap_or_default(),
+                    seed.map(|s| format!(" --seed {s}")).unwrap_or_default(),
                 ),
             };
             let (good, bad) = datasets::cache::precompute(
@@ -500,4 +544,21 @@ fn tempfile_dir() -> Result<PathBuf, DataError> {
     let dir = std::env::temp_dir().join(format!("datasets-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| DataError::input(dir.display().to_string(), e))?;
     Ok(dir)
+}
+
+/// `cpu`, `cuda` or `cuda:N`.
+fn parse_device(name: &str) -> Result<candle_core::Device> {
+    if name == "cpu" {
+        return Ok(candle_core::Device::Cpu);
+    }
+    let ordinal = match name.strip_prefix("cuda") {
+        Some("") => 0,
+        Some(n) => match n.strip_prefix(':').and_then(|n| n.parse().ok()) {
+            Some(i) => i,
+            None => bail!("--device {name}: expected cpu, cuda or cuda:N"),
+        },
+        None => bail!("--device {name}: expected cpu, cuda or cuda:N"),
+    };
+    candle_core::Device::new_cuda(ordinal)
+        .with_context(|| format!("--device {name} (is this a build with the cuda feature?)"))
 }

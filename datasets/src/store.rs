@@ -195,6 +195,14 @@ impl Location {
         }
     }
 
+    /// Whether one object (a file, not a folder) exists.
+    pub fn exists(&self, rel: &str) -> Result<bool> {
+        match self {
+            Self::Local(p) => Ok(p.join(rel).is_file()),
+            Self::Remote(r) => r.exists(rel),
+        }
+    }
+
     /// Writes one object; a local write goes through a temporary file and a rename so that a
     /// reader never sees half an object.
     pub fn put(&self, rel: &str, bytes: Vec<u8>) -> Result<()> {
@@ -312,6 +320,17 @@ impl Remote {
         with_retries(&at, || self.rt.block_on(self.store.head(&path)))
             .map(|m| m.size)
             .map_err(|e| err(&at, e))
+    }
+
+    /// Whether one object exists.
+    pub fn exists(&self, rel: &str) -> Result<bool> {
+        let path = self.path(rel);
+        let at = format!("{}/{rel}", self.url);
+        match with_retries(&at, || self.rt.block_on(self.store.head(&path))) {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(err(&at, e)),
+        }
     }
 
     /// Names of the "folders" directly below the prefix.

@@ -3,7 +3,7 @@
 //! for other encoders or another version of the dataset.
 
 use datasets::cache::{self, PrecomputeOptions};
-use datasets::encode::{EncoderSpec, Encoders};
+use datasets::encode::{EncoderSpec, EncoderWeights, Encoders};
 use datasets::{Cursor, Location, Manifest};
 
 use crate::common::*;
@@ -11,12 +11,13 @@ use crate::common::*;
 fn options() -> PrecomputeOptions {
     PrecomputeOptions {
         encoders: EncoderSpec {
+            weights: EncoderWeights::TinyRandom { seed: 9 },
             text_tokens: 8,
             context_dim: 32,
             pooled_dim: 16,
-            seed: 9,
         },
         transform: loader_opts(1, 0, 1).transform,
+        device: candle_core::Device::Cpu,
         created_by: "test".into(),
     }
 }
@@ -35,7 +36,7 @@ fn cache_reads_back_in_plan_order_with_the_encoders_values() {
     let opts = options();
     let (good, bad) = cache::precompute(&data, &out, &opts).unwrap();
     assert_eq!((good, bad), (9, 1));
-    let fp = cache::fingerprint(&opts.encoders, &opts.transform);
+    let fp = cache::fingerprint(&opts.encoders, &opts.transform).unwrap();
     let m = cache::open(&out, &data, &fp).unwrap();
 
     let mut raw = open(&data, loader_opts(1, 0, 1), Cursor::default());
@@ -44,7 +45,7 @@ fn cache_reads_back_in_plan_order_with_the_encoders_values() {
     let mut cached =
         datasets::Loader::start(out.clone(), std::sync::Arc::new(m), lo, Cursor::default())
             .unwrap();
-    let mut enc = Encoders::tiny_random(
+    let mut enc = Encoders::load(
         &opts.encoders,
         candle_core::DType::F32,
         &candle_core::Device::Cpu,
@@ -88,10 +89,14 @@ fn a_cache_for_other_encoders_or_another_dataset_is_refused() {
     let opts = options();
     cache::precompute(&data, &out, &opts).unwrap();
     let mut other = opts.encoders.clone();
-    other.seed = 10;
-    let err = cache::open(&out, &data, &cache::fingerprint(&other, &opts.transform))
-        .unwrap_err()
-        .to_string();
+    other.weights = EncoderWeights::TinyRandom { seed: 10 };
+    let err = cache::open(
+        &out,
+        &data,
+        &cache::fingerprint(&other, &opts.transform).unwrap(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(
         err.contains("other encoders or transforms") && err.contains("seed10"),
         "{err}"
@@ -101,7 +106,7 @@ fn a_cache_for_other_encoders_or_another_dataset_is_refused() {
     let err = cache::open(
         &out,
         &data,
-        &cache::fingerprint(&opts.encoders, &opts.transform),
+        &cache::fingerprint(&opts.encoders, &opts.transform).unwrap(),
     )
     .unwrap_err()
     .to_string();

@@ -3,6 +3,7 @@
 mod bad_input;
 mod cache;
 mod common;
+mod encoders;
 mod listing;
 mod reader;
 mod s3;

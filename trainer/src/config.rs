@@ -386,6 +386,11 @@ pub struct DataSection {
     pub url: String,
     /// Shards: latent cache made by `datasets precompute` (empty: encode while training).
     pub cache: String,
+    /// Shards: FLUX.1 pipeline folder or URL (diffusers layout) holding the pretrained VAE, T5
+    /// and CLIP with their tokenizers; empty: tiny random encoders drawn from `run.seed`.
+    pub encoders: String,
+    /// Shards: the VAE from elsewhere (BFL `ae.safetensors` or a diffusers vae folder).
+    pub vae: String,
     /// Shards: rows shuffled together (per rank) beyond the shuffle of row groups.
     pub shuffle_rows: usize,
     /// Shards: row groups fetched concurrently.
@@ -413,6 +418,8 @@ impl Default for DataSection {
             source: DataSource::Synthetic,
             url: String::new(),
             cache: String::new(),
+            encoders: String::new(),
+            vae: String::new(),
             shuffle_rows: 256,
             io_threads: 4,
             decode_threads: 2,
@@ -678,6 +685,12 @@ impl Config {
             return err(
                 "data.url",
                 "is empty; set the folder or URL of the shards (`datasets synth --out DIR` makes some)".into(),
+            );
+        }
+        if !d.vae.is_empty() && d.encoders.is_empty() {
+            return err(
+                "data.vae",
+                "needs data.encoders (the folder with T5, CLIP and their tokenizers)".into(),
             );
         }
         if !self.conditioning.guidance.is_finite() || !self.conditioning.ref_guidance.is_finite() {

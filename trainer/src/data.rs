@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use datasets::encode::{EncoderSpec, Encoders};
+use datasets::encode::{EncoderSpec, EncoderWeights, Encoders, PretrainedSource};
 use datasets::plan::plan_epoch;
 use datasets::{Cursor as DataCursor, DataReport, Loader as ShardLoader, LoaderOptions, Location};
 
@@ -52,6 +52,21 @@ fn data_err(e: datasets::encode::EncodeError) -> TrainerError {
         name: "encoders".into(),
         reason: e.to_string(),
     }
+}
+
+/// The `datasets precompute` command that makes the cache a run with `d` and `spec` reads.
+fn precompute_command(d: &crate::config::DataSection, spec: &EncoderSpec) -> String {
+    let encoders = match &spec.weights {
+        EncoderWeights::TinyRandom { seed } => format!("--seed {seed}"),
+        EncoderWeights::Pretrained(src) => match &src.vae {
+            Some(vae) => format!("--encoders {} --vae {vae}", src.folder),
+            None => format!("--encoders {}", src.folder),
+        },
+    };
+    format!(
+        "datasets precompute --data {} --out {} --resolution {} --ref-resolution {} --text-tokens {} --context-dim {} --pooled-dim {} {encoders}",
+        d.url, d.cache, d.resolution, d.ref_resolution, d.text_tokens, spec.context_dim, spec.pooled_dim
+    )
 }
 
 impl DataFeed {
@@ -121,10 +136,18 @@ impl DataFeed {
                     cached: !d.cache.is_empty(),
                 };
                 let spec = EncoderSpec {
+                    weights: if d.encoders.is_empty() {
+                        EncoderWeights::TinyRandom { seed: cfg.run.seed }
+                    } else {
+                        EncoderWeights::Pretrained(PretrainedSource {
+                            folder: d.encoders.clone(),
+                            vae: (!d.vae.is_empty()).then(|| d.vae.clone()),
+                            cache: datasets::model_files::cache_root(),
+                        })
+                    },
                     text_tokens: d.text_tokens,
                     context_dim: fc.context_dim,
                     pooled_dim: fc.pooled_dim,
-                    seed: cfg.run.seed,
                 };
                 // With a cache, rows are read from it (its layout mirrors the dataset's, so the
                 // plan is the same) and no image is decoded or encoded.
@@ -133,13 +156,13 @@ impl DataFeed {
                     (data_loc, m)
                 } else {
                     let cache_loc = Location::parse(&d.cache)?;
-                    let fp = datasets::cache::fingerprint(&spec, &opts.transform);
+                    let fp = datasets::cache::fingerprint(&spec, &opts.transform)?;
                     let m = datasets::cache::open(&cache_loc, &data_loc, &fp).map_err(|e| {
                         TrainerError::config(
                             "data.cache",
                             format!(
-                                "{e}\n(datasets precompute --data {} --out {} --resolution {} --ref-resolution {} --text-tokens {} --context-dim {} --pooled-dim {} --seed {} makes a matching one)",
-                                d.url, d.cache, d.resolution, d.ref_resolution, d.text_tokens, fc.context_dim, fc.pooled_dim, cfg.run.seed
+                                "{e}\n({} makes a matching one)",
+                                precompute_command(d, &spec)
                             ),
                         )
                     })?;
@@ -164,7 +187,7 @@ impl DataFeed {
                 let encoders = if opts.cached {
                     None
                 } else {
-                    Some(Encoders::tiny_random(&spec, dtype, device).map_err(data_err)?)
+                    Some(Encoders::load(&spec, dtype, device).map_err(data_err)?)
                 };
                 Ok(Self::Shards(Box::new(ShardFeed {
                     url: d.url.clone(),
@@ -198,7 +221,7 @@ impl DataFeed {
                 } else {
                     "encoders"
                 },
-                f.spec.fingerprint()
+                f.spec.describe()
             ),
         }
     }

@@ -42,15 +42,16 @@ fn a_latent_cache_trains_like_encoding_on_the_fly() {
     let cache = tmp.path().join("cache").display().to_string();
     let opts = datasets::cache::PrecomputeOptions {
         encoders: datasets::encode::EncoderSpec {
+            weights: datasets::encode::EncoderWeights::TinyRandom { seed: 42 },
             text_tokens: 8,
             context_dim: 32,
             pooled_dim: 16,
-            seed: 42,
         },
         transform: datasets::TransformSpec {
             resolution: 32,
             ref_resolution: 32,
         },
+        device: candle_core::Device::Cpu,
         created_by: "test".into(),
     };
     datasets::cache::precompute(
