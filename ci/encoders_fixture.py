@@ -203,9 +203,9 @@ assert os.path.exists(index), "T5 should be sharded to exercise the index"
 vae = AutoencoderKL(
     in_channels=3,
     out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 2,
-    up_block_types=("UpDecoderBlock2D",) * 2,
-    block_out_channels=(32, 32),
+    down_block_types=("DownEncoderBlock2D",) * 4,  # 8x down, as FLUX's
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(32, 32, 32, 32),
     layers_per_block=1,
     latent_channels=16,
     norm_num_groups=32,

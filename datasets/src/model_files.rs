@@ -200,11 +200,13 @@ pub fn file_sha256(path: &Path, cache: &Path) -> Result<String> {
         sha256: sha256.clone(),
     };
     // The memo only saves time: failing to write it is worth a warning, not an error.
+    let tmp = memo_file.with_extension(format!("json.{}", std::process::id()));
     let written = memo_file
         .parent()
         .map(std::fs::create_dir_all)
         .unwrap_or(Ok(()))
-        .and_then(|()| std::fs::write(&memo_file, serde_json::to_vec(&memo).unwrap_or_default()));
+        .and_then(|()| std::fs::write(&tmp, serde_json::to_vec(&memo).unwrap_or_default()))
+        .and_then(|()| std::fs::rename(&tmp, &memo_file));
     if let Err(e) = written {
         tracing::warn!(
             "cannot memoise the digest of {at} in {}: {e}",

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::process::Command;
 
 use datasets::synth;
+use datasets::Location;
 
 use crate::common::*;
 
@@ -197,4 +198,76 @@ fn synth_inspect_and_verify_through_the_binary() {
     let o = bin().args(["verify", &url]).output().unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stdout).contains("BAD  shard-00000.parquet"));
+}
+
+#[test]
+fn precompute_with_pretrained_encoders_takes_their_widths() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    write_synth(&Location::local(&data), 6, 2);
+    let encoders = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/encoders");
+    let cache = tmp.path().join("cache");
+    let run = |extra: &[&str]| {
+        bin()
+            .args(["precompute", "--data", &data.display().to_string()])
+            .args(["--out", &cache.display().to_string()])
+            .args([
+                "--resolution",
+                "32",
+                "--ref-resolution",
+                "32",
+                "--text-tokens",
+                "8",
+            ])
+            .args(extra)
+            .env("MOSAIC_CACHE_DIR", tmp.path().join("model-cache"))
+            .output()
+            .unwrap()
+    };
+    let o = run(&["--encoders", &encoders.display().to_string()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("cached 6 samples"));
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(cache.join("cache.json")).unwrap()).unwrap();
+    let fp = info["fingerprint"].as_str().unwrap();
+    assert!(fp.starts_with("flux-pretrained-v1/"), "{fp}");
+    let by = info["created_by"].as_str().unwrap();
+    assert!(
+        by.contains("--context-dim 32 --pooled-dim 16 --encoders"),
+        "{by}"
+    );
+    // The digests were memoised where MOSAIC_CACHE_DIR says.
+    assert!(tmp.path().join("model-cache/sha256").is_dir());
+
+    let o = run(&[
+        "--encoders",
+        &encoders.display().to_string(),
+        "--pooled-dim",
+        "768",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("CLIP is 16 wide"),
+        "{err}"
+    );
+    let o = run(&["--encoders", &encoders.display().to_string(), "--seed", "1"]);
+    assert!(!o.status.success());
+    let o = run(&["--seed", "1"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("--context-dim"),
+        "{err}"
+    );
+    let o = run(&[
+        "--seed",
+        "1",
+        "--context-dim",
+        "32",
+        "--pooled-dim",
+        "16",
+        "--device",
+        "tpu",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--device tpu"), "{err}");
 }

@@ -751,6 +751,24 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_configs_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        for name in ["tiny-cpu.toml", "flux-dev-512.toml"] {
+            let c = Config::load(&dir.join(name), &[]).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(c.data.source, DataSource::Shards, "{name}");
+        }
+    }
+
+    #[test]
+    fn data_vae_needs_data_encoders() {
+        let e = parse("", &["data.vae=\"ae.safetensors\""])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("data.vae") && e.contains("data.encoders"), "{e}");
+        assert!(parse("", &["data.vae=\"ae.safetensors\"", "data.encoders=\"m\""]).is_ok());
+    }
+
+    #[test]
     fn fingerprint_changes_with_the_config() {
         let a = parse("", &[]).unwrap();
         let b = parse("", &["optim.lr=0.5"]).unwrap();

@@ -82,3 +82,74 @@ fn a_latent_cache_trains_like_encoding_on_the_fly() {
         "{err}"
     );
 }
+
+fn fixture_encoders() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../datasets/tests/fixtures/encoders")
+        .display()
+        .to_string()
+}
+
+#[test]
+fn pretrained_encoders_train_from_a_pipeline_folder_with_and_without_a_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let url = shards(&tmp.path().join("data"));
+    let enc = fixture_encoders();
+    let with_encoders = |cache: &str| {
+        let mut s = sets(&url, cache);
+        s.push(format!("data.encoders={enc:?}"));
+        s
+    };
+    let tiny = losses(&tmp.path().join("tiny"), &sets(&url, ""));
+    let live = losses(&tmp.path().join("a"), &with_encoders(""));
+    assert!(live.iter().all(|l| l.is_finite()), "{live:?}");
+    assert_ne!(live, tiny, "the pretrained encoders are used");
+
+    let cache = tmp.path().join("cache").display().to_string();
+    let opts = datasets::cache::PrecomputeOptions {
+        encoders: datasets::encode::EncoderSpec {
+            weights: datasets::encode::EncoderWeights::Pretrained(
+                datasets::encode::PretrainedSource {
+                    folder: enc.clone(),
+                    vae: None,
+                    cache: tmp.path().join("model-cache"),
+                },
+            ),
+            text_tokens: 8,
+            context_dim: 32,
+            pooled_dim: 16,
+        },
+        transform: datasets::TransformSpec {
+            resolution: 32,
+            ref_resolution: 32,
+        },
+        device: candle_core::Device::Cpu,
+        created_by: "test".into(),
+    };
+    datasets::cache::precompute(
+        &Location::parse(&url).unwrap(),
+        &Location::parse(&cache).unwrap(),
+        &opts,
+    )
+    .unwrap();
+    let cached = losses(&tmp.path().join("b"), &with_encoders(&cache));
+    for (a, b) in live.iter().zip(&cached) {
+        assert!(
+            (a - b).abs() <= 2e-2 * a.abs().max(1.0),
+            "{live:?} vs {cached:?}"
+        );
+    }
+
+    // The cache of the pretrained encoders is refused by a run with the tiny ones, and the
+    // message gives the command for the run's encoders.
+    let s = sets(&url, &cache);
+    let s: Vec<&str> = s.iter().map(String::as_str).collect();
+    let err = Run::build(tiny_config(&tmp.path().join("c"), &s))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("data.cache") && err.contains("--seed 42"),
+        "{err}"
+    );
+}

@@ -145,6 +145,16 @@ pub fn config(w: &HashMap<String, Tensor>, scale: f64, shift: f64, at: &str) -> 
     if levels == 0 || num_res_blocks == 0 {
         return Err(EncodeError::file(at, "no down-sampling blocks found"));
     }
+    // Every level but the last halves the size: FLUX's 16 px per token need 8x (4 levels).
+    if levels != 4 {
+        return Err(EncodeError::file(
+            at,
+            format!(
+                "the VAE encoder has {levels} levels ({}x down-sampling); FLUX's has 4 (8x)",
+                1usize << (levels - 1)
+            ),
+        ));
+    }
     let mut ch_mult = Vec::with_capacity(levels);
     for i in 0..levels {
         let out = dims(&format!("encoder.down.{i}.block.0.conv2.weight"))?[0];
