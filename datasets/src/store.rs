@@ -106,9 +106,13 @@ impl Location {
             }
             "http" | "https" => {
                 let base = format!("{}://{}", url.scheme(), url.authority());
+                // An http:// URL asks for plain HTTP, which object_store refuses unless told.
+                let client =
+                    object_store::ClientOptions::new().with_allow_http(url.scheme() == "http");
                 Arc::new(
                     object_store::http::HttpBuilder::new()
                         .with_url(base)
+                        .with_client_options(client)
                         .build()
                         .map_err(|e| err(location, e))?,
                 )

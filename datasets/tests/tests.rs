@@ -4,6 +4,7 @@ mod bad_input;
 mod cache;
 mod common;
 mod encoders;
+mod http;
 mod listing;
 mod reader;
 mod s3;
