@@ -49,6 +49,7 @@ pub fn run(
                 rank: 0,
                 batch_size: 1,
                 shuffle_rows: 64,
+                buckets: None,
             },
             transform,
             io_threads: 4,

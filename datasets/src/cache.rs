@@ -47,8 +47,13 @@ pub fn fingerprint(encoders: &EncoderSpec, transform: &TransformSpec) -> Result<
     let enc = encoders
         .fingerprint()
         .map_err(|e| DataError::input("encoders", e))?;
+    let target = if transform.aspect_buckets {
+        "aspect-buckets"
+    } else {
+        "cover-square"
+    };
     Ok(format!(
-        "{enc}|target {}px cover-square|refs {}px mask-box-0.9|points v1",
+        "{enc}|target {}px {target}|refs {}px mask-box-0.9|points v1",
         transform.resolution, transform.ref_resolution
     ))
 }
@@ -503,7 +508,7 @@ pub fn precompute(
                 }
                 rows.push(r.map_err(|p| (id, p)));
             }
-            counts.extend(info.refs.bytes().map(|b| (b - b'0') as usize));
+            counts.extend(info.row_meta());
             let cb = to_batch(&rows).map_err(|e| DataError::shard(&at, e))?;
             writer.write(&cb).map_err(|e| DataError::shard(&at, e))?;
             writer.flush().map_err(|e| DataError::shard(&at, e))?;

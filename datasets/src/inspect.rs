@@ -48,10 +48,12 @@ pub fn inspect(url: &str, opts: &InspectOptions) -> Result<(Stats, Vec<Decoded>)
             rank: 0,
             batch_size: 1,
             shuffle_rows: 1,
+            buckets: None,
         },
         transform: TransformSpec {
             resolution: opts.resolution,
             ref_resolution: opts.resolution,
+            aspect_buckets: false,
         },
         io_threads: 4,
         decode_threads: 2,

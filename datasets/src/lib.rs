@@ -4,6 +4,7 @@
 //! mapping of normalised correspondence points to token indices.
 
 pub mod bench;
+pub mod buckets;
 pub mod cache;
 pub mod encode;
 pub mod error;

@@ -21,7 +21,7 @@ use std::thread::JoinHandle;
 use crate::cache::CachedSample;
 use crate::error::{DataError, Result, SampleProblem};
 use crate::manifest::Manifest;
-use crate::plan::{plan_epoch, Cursor, PlanSpec, RowRef};
+use crate::plan::{plan_epoch, row_bucket, Cursor, PlanSpec, RowRef};
 use crate::report::DataReport;
 use crate::schema::{decode_row, sample_ids, RawSample};
 use crate::shard::{
@@ -83,6 +83,38 @@ struct Job {
     index: usize,
     cursor: Cursor,
     rows: Vec<(String, Row)>,
+    target: TargetCheck,
+}
+
+/// What size the targets of a batch must have.
+#[derive(Debug, Clone, Copy)]
+enum TargetCheck {
+    /// No aspect buckets: the transform makes every target square.
+    Square,
+    /// The bucket (width, height) the plan put the batch in.
+    Bucket(usize, usize),
+    /// Aspect buckets, but the manifest has no usable size for the batch's row.
+    Unknown,
+}
+
+impl TargetCheck {
+    /// Why a target of `width` x `height` px cannot go in this batch.
+    fn problem(self, width: usize, height: usize) -> Option<SampleProblem> {
+        let reason = match self {
+            Self::Square => return None,
+            Self::Bucket(w, h) if (w, h) == (width, height) => return None,
+            Self::Bucket(w, h) => format!(
+                "is {width}x{height} px after the transform, but the size in the manifest puts it in the {w}x{h} bucket (the manifest does not describe this shard)"
+            ),
+            Self::Unknown => {
+                "its size in the manifest is missing or zero, and aspect buckets need it".into()
+            }
+        };
+        Some(SampleProblem::Invalid {
+            what: "target".into(),
+            reason,
+        })
+    }
 }
 
 enum Done {
@@ -118,6 +150,32 @@ pub struct Loader {
     threads: Vec<JoinHandle<()>>,
 }
 
+impl LoaderOptions {
+    /// Whether these options can read `manifest` (named `at`): the plan and the transform
+    /// agree on aspect buckets, and the manifest records the target sizes buckets need.
+    pub fn check(&self, manifest: &Manifest, at: &str) -> Result<()> {
+        let t = &self.transform;
+        if self.plan.buckets != t.aspect_buckets.then_some(t.resolution) {
+            return Err(DataError::input(
+                "loader",
+                "the plan's aspect buckets differ from the transform's (plan.buckets must be Some(resolution) exactly when transform.aspect_buckets is on)",
+            ));
+        }
+        if t.aspect_buckets
+            && manifest
+                .shards
+                .iter()
+                .any(|s| s.row_groups.iter().any(|g| g.targets.is_empty()))
+        {
+            return Err(DataError::manifest(
+                at,
+                "records no target sizes, which aspect buckets need (written by an older `datasets`): write the dataset again, or turn aspect buckets off",
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Loader {
     /// Opens the dataset at `url` (folder or object-store URL) and starts reading at `cursor`.
     pub fn open(url: &str, opts: LoaderOptions, cursor: Cursor) -> Result<Self> {
@@ -139,6 +197,7 @@ impl Loader {
                 format!("rank {} of a world of {}", opts.plan.rank, opts.plan.world),
             ));
         }
+        opts.check(&manifest, &loc.name(crate::manifest::MANIFEST))?;
         if plan_epoch(&manifest, &opts.plan, cursor.epoch)
             .batches
             .is_empty()
@@ -388,7 +447,14 @@ fn decode_worker(
                     };
                     // An image decoder that panics on hostile bytes costs this sample only.
                     let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        raw.check().and_then(|()| decode_sample(&raw, &spec))
+                        raw.check()
+                            .and_then(|()| decode_sample(&raw, &spec))
+                            .and_then(|d| {
+                                match job.target.problem(d.target.width, d.target.height) {
+                                    Some(p) => Err(p),
+                                    None => Ok(d),
+                                }
+                            })
                     }))
                     .unwrap_or_else(|_| {
                         Err(SampleProblem::Invalid {
@@ -401,7 +467,17 @@ fn decode_worker(
                         Err(s) => skips.push(s),
                     }
                 }
-                Ok(RowData::Cached(c)) => cached.push(c),
+                Ok(RowData::Cached(c)) => {
+                    let (rows, cols) = (c.grid.0 as usize, c.grid.1 as usize);
+                    match job.target.problem(cols * 16, rows * 16) {
+                        Some(problem) => skips.push(Skip {
+                            sample_id: c.sample_id.clone(),
+                            at,
+                            problem,
+                        }),
+                        None => cached.push(c),
+                    }
+                }
                 Err(s) => skips.push(s),
             }
         }
@@ -491,6 +567,13 @@ impl Fetcher {
                     return;
                 }
                 let rows = batch.iter().map(|r| self.take(r)).collect();
+                let target = match (self.opts.plan.buckets, batch.first()) {
+                    (None, _) | (_, None) => TargetCheck::Square,
+                    (Some(_), Some(r)) => match row_bucket(&self.manifest, &self.opts.plan, r) {
+                        Some((w, h)) => TargetCheck::Bucket(w, h),
+                        None => TargetCheck::Unknown,
+                    },
+                };
                 let next = if index + 1 == plan.batches.len() {
                     Cursor {
                         epoch: epoch + 1,
@@ -508,6 +591,7 @@ impl Fetcher {
                     index,
                     cursor: next,
                     rows,
+                    target,
                 };
                 if tx.send(job).is_err() {
                     return;

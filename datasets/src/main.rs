@@ -59,6 +59,9 @@ enum Cmd {
         /// Reference side in pixels.
         #[arg(long, default_value_t = 192)]
         ref_size: u32,
+        /// Targets of varied aspect ratios (1:2 to 2:1) of about --size squared pixels.
+        #[arg(long)]
+        aspects: bool,
         #[command(flatten)]
         shards: ShardArgs,
     },
@@ -138,6 +141,9 @@ enum Cmd {
         /// The run's data.text_tokens.
         #[arg(long)]
         text_tokens: usize,
+        /// The run's data.aspect_buckets: targets in aspect buckets of the resolution's area.
+        #[arg(long)]
+        aspect_buckets: bool,
         /// FLUX.1 pipeline folder or URL (diffusers layout: vae/ or ae.safetensors,
         /// text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/) with the pretrained
         /// encoders; without it, tiny random encoders drawn from --seed.
@@ -204,6 +210,7 @@ fn main() -> Result<()> {
             seed,
             size,
             ref_size,
+            aspects,
             shards,
         } => {
             if !(1..=6).contains(&min_refs) || !(min_refs..=6).contains(&max_refs) {
@@ -219,6 +226,7 @@ fn main() -> Result<()> {
                 seed,
                 size,
                 ref_size,
+                aspects,
                 ..Default::default()
             };
             let m = synth_to(&out, &opts, &shards)?;
@@ -393,6 +401,7 @@ fn main() -> Result<()> {
             resolution,
             ref_resolution,
             text_tokens,
+            aspect_buckets,
             encoders,
             vae,
             context_dim,
@@ -442,10 +451,12 @@ fn main() -> Result<()> {
                 transform: TransformSpec {
                     resolution,
                     ref_resolution,
+                    aspect_buckets,
                 },
                 device: parse_device(&device)?,
                 created_by: format!(
-                    "datasets precompute --data {data} --resolution {resolution} --ref-resolution {ref_resolution} --text-tokens {text_tokens} --context-dim {context_dim} --pooled-dim {pooled_dim}{}{}{}",
+                    "datasets precompute --data {data} --resolution {resolution} --ref-resolution {ref_resolution} --text-tokens {text_tokens} --context-dim {context_dim} --pooled-dim {pooled_dim}{}{}{}{}",
+                    if aspect_buckets { " --aspect-buckets" } else { "" },
                     encoders.as_ref().map(|e| format!(" --encoders {e}")).unwrap_or_default(),
                     vae.as_ref().map(|v| format!(" --vae {v}")).unwrap_or_default(),
                     seed.map(|s| format!(" --seed {s}")).unwrap_or_default(),
@@ -515,6 +526,7 @@ fn main() -> Result<()> {
             let spec = TransformSpec {
                 resolution,
                 ref_resolution: resolution,
+                aspect_buckets: false,
             };
             let mut rows = datasets::bench::run("local files", &local, &threads, samples, spec)?;
             if let Some(url) = remote {

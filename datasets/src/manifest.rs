@@ -30,6 +30,24 @@ pub struct RowGroupInfo {
     /// One digit per row: its number of references (1 to 6 in a valid row; 0, or 7 to 9 for
     /// "9 or more", mark rows a reader will skip and report).
     pub refs: String,
+    /// Per row, the target image's [width, height] in pixels ([0, 0] where it could not be
+    /// read), which aspect buckets plan by; empty in manifests written before them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<[u32; 2]>,
+}
+
+impl RowGroupInfo {
+    /// What the manifest says of each row.
+    pub fn row_meta(&self) -> Vec<crate::writer::RowMeta> {
+        self.refs
+            .bytes()
+            .enumerate()
+            .map(|(i, k)| crate::writer::RowMeta {
+                refs: (k - b'0') as usize,
+                target: self.targets.get(i).copied(),
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,6 +110,12 @@ impl Manifest {
                 if g.refs.len() != g.rows || !g.refs.bytes().all(|b| b.is_ascii_digit()) {
                     return Err(format!(
                         "shard {} row group {i}: `refs` must hold one digit per row ({} rows)",
+                        s.file, g.rows
+                    ));
+                }
+                if !g.targets.is_empty() && g.targets.len() != g.rows {
+                    return Err(format!(
+                        "shard {} row group {i}: `targets` must hold one size per row ({} rows)",
                         s.file, g.rows
                     ));
                 }

@@ -14,6 +14,8 @@
 //! changes: a resumed run starts the same epoch at the same fraction of it ([`Cursor::rescale`]),
 //! so within that epoch some samples may repeat or be missed; later epochs are exact again.
 
+use std::collections::BTreeMap;
+
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -64,6 +66,9 @@ pub struct PlanSpec {
     pub rank: usize,
     pub batch_size: usize,
     pub shuffle_rows: usize,
+    /// Some(resolution): aspect buckets at that resolution, and a batch's targets share one
+    /// (see `buckets`); None: every target is square.
+    pub buckets: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,16 +147,22 @@ pub fn plan_epoch(manifest: &Manifest, spec: &PlanSpec, epoch: u64) -> EpochPlan
         chunk.shuffle(&mut ChaCha8Rng::seed_from_u64(key));
     }
     let bs = spec.batch_size.max(1);
-    let mut groups: [Vec<RowRef>; 7] = Default::default();
+    // Partial batches by (reference count, target bucket); without buckets the bucket is one
+    // and the same for all.
+    let mut groups: BTreeMap<(usize, (usize, usize)), Vec<RowRef>> = BTreeMap::new();
     let mut batches = Vec::new();
     for (r, k) in rows {
-        if !(1..=crate::schema::MAX_REFS).contains(&k) {
-            // An invalid row goes alone, so the reader reports it by id instead of dropping it
-            // silently in a tail.
+        let bucket = match spec.buckets {
+            None => Some((0, 0)),
+            Some(_) => row_bucket(manifest, spec, &r),
+        };
+        let Some(bucket) = bucket.filter(|_| (1..=crate::schema::MAX_REFS).contains(&k)) else {
+            // An invalid row (reference count, or unknown target size with buckets) goes
+            // alone, so the reader reports it by id instead of dropping it silently in a tail.
             batches.push(vec![r]);
             continue;
-        }
-        let g = &mut groups[k];
+        };
+        let g = groups.entry((k, bucket)).or_default();
         g.push(r);
         if g.len() == bs {
             batches.push(std::mem::take(g));
@@ -159,8 +170,21 @@ pub fn plan_epoch(manifest: &Manifest, spec: &PlanSpec, epoch: u64) -> EpochPlan
     }
     EpochPlan {
         batches,
-        dropped: groups.into_iter().flatten().collect(),
+        dropped: groups.into_values().flatten().collect(),
     }
+}
+
+/// The target bucket (width, height) of row `r` under `spec`'s buckets, from the size the
+/// manifest records; None without buckets or without a usable size.
+pub fn row_bucket(manifest: &Manifest, spec: &PlanSpec, r: &RowRef) -> Option<(usize, usize)> {
+    let resolution = spec.buckets?;
+    let info = manifest
+        .shards
+        .get(r.shard as usize)?
+        .row_groups
+        .get(r.group as usize)?;
+    let [w, h] = *info.targets.get(r.row as usize)?;
+    crate::buckets::pick(resolution, w, h)
 }
 
 #[cfg(test)]
@@ -193,6 +217,7 @@ mod tests {
                         rows: g.len(),
                         span: span.clone(),
                         refs: g.to_string(),
+                        targets: Vec::new(),
                     })
                     .collect(),
             })
@@ -213,6 +238,7 @@ mod tests {
             rank,
             batch_size: 2,
             shuffle_rows: 8,
+            buckets: None,
         }
     }
 

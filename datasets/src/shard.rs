@@ -260,6 +260,7 @@ pub fn decode_file_rows(
     let spec = crate::TransformSpec {
         resolution: 32,
         ref_resolution: 32,
+        aspect_buckets: false,
     };
     let mut out = Vec::new();
     for batch in batches {

@@ -28,6 +28,9 @@ pub struct SynthOptions {
     pub ref_size: u32,
     /// Reference pixels between sampled correspondence points.
     pub point_stride: u32,
+    /// Targets of varied aspect ratios (1:2 to 2:1, about `size` squared pixels) instead of
+    /// squares: the scene is drawn square and stretched, so points and masks stay exact.
+    pub aspects: bool,
 }
 
 impl Default for SynthOptions {
@@ -40,8 +43,39 @@ impl Default for SynthOptions {
             size: 256,
             ref_size: 192,
             point_stride: 4,
+            aspects: false,
         }
     }
+}
+
+/// Target aspect ratios (width : height) of `SynthOptions::aspects`.
+const ASPECTS: [(u32, u32); 9] = [
+    (1, 1),
+    (4, 3),
+    (3, 4),
+    (3, 2),
+    (2, 3),
+    (16, 9),
+    (9, 16),
+    (2, 1),
+    (1, 2),
+];
+
+/// The target stretched to one of `ASPECTS` (drawn from its own stream, so square datasets do
+/// not change); normalised correspondences hold through a stretch.
+fn stretched(target: RgbImage, opts: &SynthOptions, index: usize) -> RgbImage {
+    if !opts.aspects {
+        return target;
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(mix(opts.seed, &[0xa5ec7, index as u64]));
+    let (a, b) = ASPECTS[rng.random_range(0..ASPECTS.len())];
+    let ratio = (a as f32 / b as f32).sqrt();
+    let side = opts.size as f32;
+    let (w, h) = (
+        ((side * ratio).round() as u32).max(1),
+        ((side / ratio).round() as u32).max(1),
+    );
+    image::imageops::resize(&target, w, h, image::imageops::FilterType::Triangle)
 }
 
 const KIND_NAMES: [&str; 8] = [
@@ -256,7 +290,7 @@ pub fn sample(opts: &SynthOptions, index: usize) -> RawSample {
     RawSample {
         sample_id: format!("synth-{:08x}-{index:07}", opts.seed as u32),
         caption: format!("a photo of a {}", names.join(" and a ")),
-        target: encode(&target, index),
+        target: encode(&stretched(target, opts, index), index),
         refs,
         correspondences,
         category: Some("synthetic".into()),
@@ -304,46 +338,57 @@ mod tests {
 
     #[test]
     fn corresponding_points_show_the_same_colour_after_the_transforms() {
-        let opts = SynthOptions {
-            samples: 4,
-            max_refs: 3,
-            size: 256,
-            ref_size: 192,
-            point_stride: 4,
-            ..Default::default()
-        };
-        let spec = TransformSpec {
-            resolution: 128,
-            ref_resolution: 96,
-        };
-        let (mut agree, mut total) = (0, 0);
-        for i in 0..4 {
-            let d = decode_sample(&sample(&opts, i), &spec).unwrap();
-            let at = |p: &crate::transform::Pixels, x: f32, y: f32| {
-                let x = ((x * p.width as f32) as usize).min(p.width - 1);
-                let y = ((y * p.height as f32) as usize).min(p.height - 1);
-                let hw = p.height * p.width;
-                [0, 1, 2].map(|c| p.data[c * hw + y * p.width + x])
+        for aspects in [false, true] {
+            let opts = SynthOptions {
+                samples: 6,
+                max_refs: 3,
+                size: 256,
+                ref_size: 192,
+                point_stride: 4,
+                aspects,
+                ..Default::default()
             };
-            for r in &d.refs {
-                assert!(!r.pairs.is_empty());
-                for p in &r.points {
-                    let a = at(&r.pixels, p[0], p[1]);
-                    let b = at(&d.target, p[2], p[3]);
-                    let diff: f32 = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).sum();
-                    total += 1;
-                    // Points on a stripe border or the subject's edge blur when resized (and
-                    // JPEG blurs more); the rest must match.
-                    if diff < 0.3 {
-                        agree += 1;
+            let spec = TransformSpec {
+                resolution: 128,
+                ref_resolution: 96,
+                aspect_buckets: aspects,
+            };
+            let (mut agree, mut total) = (0, 0);
+            let mut shapes = std::collections::BTreeSet::new();
+            for i in 0..6 {
+                let d = decode_sample(&sample(&opts, i), &spec).unwrap();
+                shapes.insert((d.target.width, d.target.height));
+                assert_eq!(
+                    (d.grid.cols * 16, d.grid.rows * 16),
+                    (d.target.width, d.target.height)
+                );
+                let at = |p: &crate::transform::Pixels, x: f32, y: f32| {
+                    let x = ((x * p.width as f32) as usize).min(p.width - 1);
+                    let y = ((y * p.height as f32) as usize).min(p.height - 1);
+                    let hw = p.height * p.width;
+                    [0, 1, 2].map(|c| p.data[c * hw + y * p.width + x])
+                };
+                for r in &d.refs {
+                    assert!(!r.pairs.is_empty());
+                    for p in &r.points {
+                        let a = at(&r.pixels, p[0], p[1]);
+                        let b = at(&d.target, p[2], p[3]);
+                        let diff: f32 = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).sum();
+                        total += 1;
+                        // Points on a stripe border or the subject's edge blur when resized
+                        // (and JPEG blurs more); the rest must match.
+                        if diff < 0.3 {
+                            agree += 1;
+                        }
                     }
                 }
             }
+            assert!(total > 200, "only {total} points");
+            assert!(
+                agree * 10 >= total * 8,
+                "aspects {aspects}: {agree} of {total} corresponding points agree in colour"
+            );
+            assert_eq!(shapes.len() > 1, aspects, "target shapes {shapes:?}");
         }
-        assert!(total > 200, "only {total} points");
-        assert!(
-            agree * 10 >= total * 8,
-            "{agree} of {total} corresponding points agree in colour"
-        );
     }
 }

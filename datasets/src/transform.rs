@@ -21,6 +21,21 @@ pub struct TransformSpec {
     pub resolution: usize,
     /// Reference side in pixels (a multiple of 16).
     pub ref_resolution: usize,
+    /// Targets go to the aspect bucket of `resolution`'s area nearest their own aspect
+    /// (`buckets`) instead of a resolution x resolution square.
+    pub aspect_buckets: bool,
+}
+
+impl TransformSpec {
+    /// The (width, height) a `width` x `height` target is brought to.
+    pub fn target_size(&self, width: u32, height: u32) -> (usize, usize) {
+        let square = (self.resolution, self.resolution);
+        if self.aspect_buckets {
+            crate::buckets::pick(self.resolution, width, height).unwrap_or(square)
+        } else {
+            square
+        }
+    }
 }
 
 /// An image as f32 CHW in [-1, 1].
@@ -59,16 +74,27 @@ struct Affine {
     origin: (f32, f32),
     scale: (f32, f32),
     offset: (f32, f32),
-    out: f32,
+    /// Output width and height in pixels.
+    out: (f32, f32),
 }
 
 impl Affine {
     /// Normalised (x, y) in the source to normalised output coordinates; None when cropped out.
     fn apply(&self, x: f32, y: f32) -> Option<(f32, f32)> {
-        let ox = ((x * self.src_w - self.origin.0) * self.scale.0 + self.offset.0) / self.out;
-        let oy = ((y * self.src_h - self.origin.1) * self.scale.1 + self.offset.1) / self.out;
+        let ox = ((x * self.src_w - self.origin.0) * self.scale.0 + self.offset.0) / self.out.0;
+        let oy = ((y * self.src_h - self.origin.1) * self.scale.1 + self.offset.1) / self.out.1;
         ((0.0..=1.0).contains(&ox) && (0.0..=1.0).contains(&oy)).then_some((ox, oy))
     }
+}
+
+/// [width, height] of an encoded image, from its header only.
+pub fn image_size(bytes: &[u8]) -> Option<[u32; 2]> {
+    let (w, h) = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .ok()?
+        .into_dimensions()
+        .ok()?;
+    Some([w, h])
 }
 
 /// Decodes PNG, JPEG or WebP (told apart by their bytes), naming `what` on failure.
@@ -97,26 +123,31 @@ fn nonempty(img: &RgbImage, what: &str) -> Result<(), SampleProblem> {
     Ok(())
 }
 
-/// Resize so the short side is `side`, then centre crop to side x side.
-fn cover_square(img: &RgbImage, side: usize) -> (RgbImage, Affine) {
+/// Resize to cover `out_w` x `out_h` (keeping the aspect ratio), then centre crop to it.
+fn cover(img: &RgbImage, out_w: usize, out_h: usize) -> (RgbImage, Affine) {
     let (w, h) = (img.width() as f32, img.height() as f32);
-    let s = side as f32 / w.min(h);
+    let s = (out_w as f32 / w).max(out_h as f32 / h);
     let (nw, nh) = (
-        ((w * s).round() as u32).max(side as u32),
-        ((h * s).round() as u32).max(side as u32),
+        ((w * s).round() as u32).max(out_w as u32),
+        ((h * s).round() as u32).max(out_h as u32),
     );
     let resized = image::imageops::resize(img, nw, nh, FilterType::Triangle);
-    let (cx, cy) = ((nw - side as u32) / 2, (nh - side as u32) / 2);
-    let out = image::imageops::crop_imm(&resized, cx, cy, side as u32, side as u32).to_image();
+    let (cx, cy) = ((nw - out_w as u32) / 2, (nh - out_h as u32) / 2);
+    let out = image::imageops::crop_imm(&resized, cx, cy, out_w as u32, out_h as u32).to_image();
     let aff = Affine {
         src_w: w,
         src_h: h,
         origin: (0.0, 0.0),
         scale: (nw as f32 / w, nh as f32 / h),
         offset: (-(cx as f32), -(cy as f32)),
-        out: side as f32,
+        out: (out_w as f32, out_h as f32),
     };
     (out, aff)
+}
+
+/// Resize so the short side is `side`, then centre crop to side x side.
+fn cover_square(img: &RgbImage, side: usize) -> (RgbImage, Affine) {
+    cover(img, side, side)
 }
 
 /// The official reference preparation with a mask: background to white, crop to the mask's
@@ -168,7 +199,7 @@ fn masked_reference(
         origin: (x0 as f32, y0 as f32),
         scale: (nw as f32 / bw as f32, nh as f32 / bh as f32),
         offset: (ox as f32, oy as f32),
-        out: side as f32,
+        out: (side as f32, side as f32),
     };
     Ok((canvas, aff))
 }
@@ -193,8 +224,9 @@ pub fn to_pixels(img: &RgbImage) -> Pixels {
 pub fn decode_sample(raw: &RawSample, spec: &TransformSpec) -> Result<Decoded, SampleProblem> {
     let target = decode_rgb(&raw.target, "target")?;
     nonempty(&target, "target")?;
-    let (target, tgt_aff) = cover_square(&target, spec.resolution);
-    let grid = TokenGrid::for_pixels(spec.resolution, spec.resolution);
+    let (tw, th) = spec.target_size(target.width(), target.height());
+    let (target, tgt_aff) = cover(&target, tw, th);
+    let grid = TokenGrid::for_pixels(th, tw);
     let ref_grid = TokenGrid::for_pixels(spec.ref_resolution, spec.ref_resolution);
     let mut refs = Vec::with_capacity(raw.refs.len());
     for (k, r) in raw.refs.iter().enumerate() {
@@ -262,6 +294,7 @@ mod tests {
         TransformSpec {
             resolution: 64,
             ref_resolution: 32,
+            aspect_buckets: false,
         }
     }
 

@@ -137,8 +137,8 @@ impl ShardWriter {
         self.pending_bytes = 0;
         let bytes =
             encode_shard(&rows, self.opts.row_group_rows).map_err(|e| DataError::shard(&at, e))?;
-        let counts: Vec<usize> = rows.iter().map(|r| r.refs.len()).collect();
-        let info = describe_shard(&file, &bytes, &counts).map_err(|e| DataError::shard(&at, e))?;
+        let meta: Vec<RowMeta> = rows.iter().map(RowMeta::of).collect();
+        let info = describe_shard(&file, &bytes, &meta).map_err(|e| DataError::shard(&at, e))?;
         self.loc.put(&file, bytes)?;
         self.shards.push(info);
         Ok(())
@@ -183,12 +183,29 @@ pub fn encode_shard(
     Ok(out)
 }
 
-/// The manifest entry of a shard file: spans and hashes of its footer and row groups, and the
-/// reference count of each row.
+/// What the manifest records of one row: its reference count and its target's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowMeta {
+    pub refs: usize,
+    /// [width, height]; [0, 0] for a target whose header cannot be read, None when unknown.
+    pub target: Option<[u32; 2]>,
+}
+
+impl RowMeta {
+    pub fn of(s: &RawSample) -> Self {
+        Self {
+            refs: s.refs.len(),
+            target: Some(crate::transform::image_size(&s.target).unwrap_or([0, 0])),
+        }
+    }
+}
+
+/// The manifest entry of a shard file: spans and hashes of its footer and row groups, and what
+/// `rows` say of each row (reference count, target size).
 pub fn describe_shard(
     file: &str,
     bytes: &[u8],
-    ref_counts: &[usize],
+    rows: &[RowMeta],
 ) -> std::result::Result<ShardInfo, String> {
     let len = bytes.len() as u64;
     if len < 12 {
@@ -216,20 +233,24 @@ pub fn describe_shard(
             end = end.max(s + l);
         }
         let n = rg.num_rows() as usize;
-        let counts = ref_counts.get(first_row..first_row + n).ok_or_else(|| {
-            format!(
-                "row group {g} ends past the {} rows written",
-                ref_counts.len()
-            )
-        })?;
+        let meta = rows
+            .get(first_row..first_row + n)
+            .ok_or_else(|| format!("row group {g} ends past the {} rows written", rows.len()))?;
         first_row += n;
         row_groups.push(RowGroupInfo {
             rows: n,
             span: span(bytes, start, end - start),
-            refs: counts
+            refs: meta
                 .iter()
-                .map(|&k| char::from(b'0' + k.min(9) as u8))
+                .map(|m| char::from(b'0' + m.refs.min(9) as u8))
                 .collect(),
+            // Sizes are kept when some are known (unknown ones as [0, 0]); a group of rows with
+            // none (mirroring a manifest from before aspect buckets) records none.
+            targets: if meta.iter().any(|m| m.target.is_some()) {
+                meta.iter().map(|m| m.target.unwrap_or([0, 0])).collect()
+            } else {
+                Vec::new()
+            },
         });
     }
     Ok(ShardInfo {

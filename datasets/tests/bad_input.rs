@@ -127,7 +127,8 @@ fn missing_column() {
     let mut w = parquet::arrow::ArrowWriter::try_new(&mut bytes, batch.schema(), None).unwrap();
     w.write(&batch).unwrap();
     w.close().unwrap();
-    let counts: Vec<usize> = rows.iter().map(|r| r.refs.len()).collect();
+    let counts: Vec<datasets::writer::RowMeta> =
+        rows.iter().map(datasets::writer::RowMeta::of).collect();
     let info = datasets::writer::describe_shard("shard-00000.parquet", &bytes, &counts).unwrap();
     loc.put("shard-00000.parquet", bytes).unwrap();
     datasets::Manifest {

@@ -18,6 +18,7 @@ pub fn synth_opts(samples: usize, max_refs: usize) -> SynthOptions {
         size: 64,
         ref_size: 48,
         point_stride: 4,
+        aspects: false,
     }
 }
 
@@ -40,7 +41,8 @@ pub fn write_unchecked(loc: &Location, rows: &[RawSample]) -> Manifest {
     for (i, chunk) in rows.chunks(8).enumerate() {
         let file = format!("shard-{i:05}.parquet");
         let bytes = datasets::writer::encode_shard(chunk, 4).unwrap();
-        let counts: Vec<usize> = chunk.iter().map(|r| r.refs.len()).collect();
+        let counts: Vec<datasets::writer::RowMeta> =
+            chunk.iter().map(datasets::writer::RowMeta::of).collect();
         shards.push(datasets::writer::describe_shard(&file, &bytes, &counts).unwrap());
         loc.put(&file, bytes).unwrap();
     }
@@ -63,10 +65,12 @@ pub fn loader_opts(world: usize, rank: usize, batch_size: usize) -> LoaderOption
             rank,
             batch_size,
             shuffle_rows: 6,
+            buckets: None,
         },
         transform: TransformSpec {
             resolution: 32,
             ref_resolution: 32,
+            aspect_buckets: false,
         },
         io_threads: 3,
         decode_threads: 2,

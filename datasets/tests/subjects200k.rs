@@ -57,6 +57,7 @@ fn imported_pairs_equal_the_official_mapping() {
     opts.transform = datasets::TransformSpec {
         resolution: 1024,
         ref_resolution: 1024,
+        aspect_buckets: false,
     };
     let mut l = open(&out, opts, Cursor::default());
     let mut seen = 0;

@@ -1,6 +1,7 @@
 //! Integration tests of the datasets crate (one binary to save link time).
 
 mod bad_input;
+mod buckets;
 mod cache;
 mod common;
 mod encoders;

@@ -406,6 +406,9 @@ pub struct DataSection {
     /// Target size in pixels (16 px per token).
     pub resolution: usize,
     pub ref_resolution: usize,
+    /// Shards: targets go to the aspect bucket of `resolution`'s area nearest their own aspect
+    /// (sides in whole tokens, 1:2 to 2:1) instead of a square crop; a batch shares one bucket.
+    pub aspect_buckets: bool,
     pub min_refs: usize,
     pub max_refs: usize,
     /// Text tokens per caption.
@@ -428,6 +431,7 @@ impl Default for DataSection {
             samples: 32,
             resolution: 128,
             ref_resolution: 128,
+            aspect_buckets: false,
             min_refs: 1,
             max_refs: 2,
             text_tokens: 16,
@@ -685,6 +689,13 @@ impl Config {
             return err(
                 "data.url",
                 "is empty; set the folder or URL of the shards (`datasets synth --out DIR` makes some)".into(),
+            );
+        }
+        if d.aspect_buckets && d.source != DataSource::Shards {
+            return err(
+                "data.aspect_buckets",
+                "applies to shards (data.source = \"shards\"); the synthetic source is square"
+                    .into(),
             );
         }
         if !d.vae.is_empty() && d.encoders.is_empty() {

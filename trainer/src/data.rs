@@ -64,8 +64,15 @@ fn precompute_command(d: &crate::config::DataSection, spec: &EncoderSpec) -> Str
         },
     };
     format!(
-        "datasets precompute --data {} --out {} --resolution {} --ref-resolution {} --text-tokens {} --context-dim {} --pooled-dim {} {encoders}",
-        d.url, d.cache, d.resolution, d.ref_resolution, d.text_tokens, spec.context_dim, spec.pooled_dim
+        "datasets precompute --data {} --out {} --resolution {} --ref-resolution {} --text-tokens {} --context-dim {} --pooled-dim {}{} {encoders}",
+        d.url,
+        d.cache,
+        d.resolution,
+        d.ref_resolution,
+        d.text_tokens,
+        spec.context_dim,
+        spec.pooled_dim,
+        if d.aspect_buckets { " --aspect-buckets" } else { "" }
     )
 }
 
@@ -124,10 +131,12 @@ impl DataFeed {
                         rank,
                         batch_size: cfg.train.batch_size,
                         shuffle_rows: d.shuffle_rows,
+                        buckets: d.aspect_buckets.then_some(d.resolution),
                     },
                     transform: datasets::TransformSpec {
                         resolution: d.resolution,
                         ref_resolution: d.ref_resolution,
+                        aspect_buckets: d.aspect_buckets,
                     },
                     io_threads: d.io_threads,
                     decode_threads: d.decode_threads,
@@ -170,6 +179,8 @@ impl DataFeed {
                 };
                 opts.decode_threads = if opts.cached { 1 } else { opts.decode_threads };
                 let manifest = Arc::new(manifest);
+                opts.check(&manifest, &d.url)
+                    .map_err(|e| TrainerError::config("data.aspect_buckets", e.to_string()))?;
                 if plan_epoch(&manifest, &opts.plan, 0).batches.is_empty() {
                     return Err(TrainerError::config(
                         "train.batch_size",

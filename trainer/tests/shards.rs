@@ -50,6 +50,7 @@ fn a_latent_cache_trains_like_encoding_on_the_fly() {
         transform: datasets::TransformSpec {
             resolution: 32,
             ref_resolution: 32,
+            aspect_buckets: false,
         },
         device: candle_core::Device::Cpu,
         created_by: "test".into(),
@@ -122,6 +123,7 @@ fn pretrained_encoders_train_from_a_pipeline_folder_with_and_without_a_cache() {
         transform: datasets::TransformSpec {
             resolution: 32,
             ref_resolution: 32,
+            aspect_buckets: false,
         },
         device: candle_core::Device::Cpu,
         created_by: "test".into(),
@@ -152,4 +154,82 @@ fn pretrained_encoders_train_from_a_pipeline_folder_with_and_without_a_cache() {
         err.contains("data.cache") && err.contains("--seed 42"),
         "{err}"
     );
+}
+
+#[test]
+fn aspect_buckets_train_with_and_without_a_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let opts = datasets::synth::SynthOptions {
+        samples: 24,
+        max_refs: 2,
+        size: 64,
+        ref_size: 40,
+        seed: 5,
+        aspects: true,
+        ..Default::default()
+    };
+    let wopts = datasets::WriterOptions {
+        row_group_rows: 4,
+        ..Default::default()
+    };
+    datasets::synth::write_dataset(Location::local(&data), &opts, wopts).unwrap();
+    let url = data.display().to_string();
+    let with = |cache: &str| {
+        let mut s = sets(&url, cache);
+        s.extend([
+            "data.resolution=64".into(),
+            "data.aspect_buckets=true".into(),
+        ]);
+        s
+    };
+    let live = losses(&tmp.path().join("a"), &with(""));
+    assert!(live.iter().all(|l| l.is_finite()), "{live:?}");
+
+    let cache = tmp.path().join("cache").display().to_string();
+    let popts = datasets::cache::PrecomputeOptions {
+        encoders: datasets::encode::EncoderSpec {
+            weights: datasets::encode::EncoderWeights::TinyRandom { seed: 42 },
+            text_tokens: 8,
+            context_dim: 32,
+            pooled_dim: 16,
+        },
+        transform: datasets::TransformSpec {
+            resolution: 64,
+            ref_resolution: 32,
+            aspect_buckets: true,
+        },
+        device: candle_core::Device::Cpu,
+        created_by: "test".into(),
+    };
+    datasets::cache::precompute(
+        &Location::parse(&url).unwrap(),
+        &Location::parse(&cache).unwrap(),
+        &popts,
+    )
+    .unwrap();
+    let cached = losses(&tmp.path().join("b"), &with(&cache));
+    for (a, b) in live.iter().zip(&cached) {
+        assert!(
+            (a - b).abs() <= 2e-2 * a.abs().max(1.0),
+            "{live:?} vs {cached:?}"
+        );
+    }
+    // A cache of square targets is refused by a bucketed run, with the flag in the command.
+    let mut s = sets(&url, &cache);
+    s.push("data.resolution=64".into());
+    let s: Vec<&str> = s.iter().map(String::as_str).collect();
+    let err = Run::build(tiny_config(&tmp.path().join("c"), &s))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("data.cache"), "{err}");
+    let mut s = with(&cache);
+    s.push("data.ref_resolution=48".into());
+    let s: Vec<&str> = s.iter().map(String::as_str).collect();
+    let err = Run::build(tiny_config(&tmp.path().join("d"), &s))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("--aspect-buckets"), "{err}");
 }
