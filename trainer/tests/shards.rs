@@ -33,6 +33,43 @@ fn losses(dir: &Path, sets: &[String]) -> Vec<f64> {
         .collect()
 }
 
+/// `datasets precompute` of the shards at `url` into `cache` with the tiny model's widths.
+fn precompute(
+    url: &str,
+    cache: &str,
+    weights: datasets::encode::EncoderWeights,
+    transform: datasets::TransformSpec,
+) {
+    let opts = datasets::cache::PrecomputeOptions {
+        encoders: datasets::encode::EncoderSpec {
+            weights,
+            text_tokens: 8,
+            context_dim: 32,
+            pooled_dim: 16,
+        },
+        transform,
+        device: candle_core::Device::Cpu,
+        created_by: "test".into(),
+    };
+    datasets::cache::precompute(
+        &Location::parse(url).unwrap(),
+        &Location::parse(cache).unwrap(),
+        &opts,
+    )
+    .unwrap();
+}
+
+/// Losses with and without the cache agree: the cache stores bf16, the same samples in the
+/// same order, to about 1%.
+fn assert_close(live: &[f64], cached: &[f64]) {
+    for (a, b) in live.iter().zip(cached) {
+        assert!(
+            (a - b).abs() <= 2e-2 * a.abs().max(1.0),
+            "{live:?} vs {cached:?}"
+        );
+    }
+}
+
 #[test]
 fn a_latent_cache_trains_like_encoding_on_the_fly() {
     let tmp = tempfile::tempdir().unwrap();
@@ -40,35 +77,18 @@ fn a_latent_cache_trains_like_encoding_on_the_fly() {
     let live = losses(&tmp.path().join("a"), &sets(&url, ""));
 
     let cache = tmp.path().join("cache").display().to_string();
-    let opts = datasets::cache::PrecomputeOptions {
-        encoders: datasets::encode::EncoderSpec {
-            weights: datasets::encode::EncoderWeights::TinyRandom { seed: 42 },
-            text_tokens: 8,
-            context_dim: 32,
-            pooled_dim: 16,
-        },
-        transform: datasets::TransformSpec {
+    precompute(
+        &url,
+        &cache,
+        datasets::encode::EncoderWeights::TinyRandom { seed: 42 },
+        datasets::TransformSpec {
             resolution: 32,
             ref_resolution: 32,
             aspect_buckets: false,
         },
-        device: candle_core::Device::Cpu,
-        created_by: "test".into(),
-    };
-    datasets::cache::precompute(
-        &Location::parse(&url).unwrap(),
-        &Location::parse(&cache).unwrap(),
-        &opts,
-    )
-    .unwrap();
+    );
     let cached = losses(&tmp.path().join("b"), &sets(&url, &cache));
-    for (a, b) in live.iter().zip(&cached) {
-        // The cache stores bf16: the same samples in the same order, to about 1%.
-        assert!(
-            (a - b).abs() <= 2e-2 * a.abs().max(1.0),
-            "{live:?} vs {cached:?}"
-        );
-    }
+    assert_close(&live, &cached);
 
     let mut other = sets(&url, &cache);
     other.push("run.seed=7".into());
@@ -107,40 +127,22 @@ fn pretrained_encoders_train_from_a_pipeline_folder_with_and_without_a_cache() {
     assert_ne!(live, tiny, "the pretrained encoders are used");
 
     let cache = tmp.path().join("cache").display().to_string();
-    let opts = datasets::cache::PrecomputeOptions {
-        encoders: datasets::encode::EncoderSpec {
-            weights: datasets::encode::EncoderWeights::Pretrained(
-                datasets::encode::PretrainedSource {
-                    folder: enc.clone(),
-                    vae: None,
-                    cache: tmp.path().join("model-cache"),
-                },
-            ),
-            text_tokens: 8,
-            context_dim: 32,
-            pooled_dim: 16,
-        },
-        transform: datasets::TransformSpec {
+    precompute(
+        &url,
+        &cache,
+        datasets::encode::EncoderWeights::Pretrained(datasets::encode::PretrainedSource {
+            folder: enc.clone(),
+            vae: None,
+            cache: tmp.path().join("model-cache"),
+        }),
+        datasets::TransformSpec {
             resolution: 32,
             ref_resolution: 32,
             aspect_buckets: false,
         },
-        device: candle_core::Device::Cpu,
-        created_by: "test".into(),
-    };
-    datasets::cache::precompute(
-        &Location::parse(&url).unwrap(),
-        &Location::parse(&cache).unwrap(),
-        &opts,
-    )
-    .unwrap();
+    );
     let cached = losses(&tmp.path().join("b"), &with_encoders(&cache));
-    for (a, b) in live.iter().zip(&cached) {
-        assert!(
-            (a - b).abs() <= 2e-2 * a.abs().max(1.0),
-            "{live:?} vs {cached:?}"
-        );
-    }
+    assert_close(&live, &cached);
 
     // The cache of the pretrained encoders is refused by a run with the tiny ones, and the
     // message gives the command for the run's encoders.
@@ -187,34 +189,18 @@ fn aspect_buckets_train_with_and_without_a_cache() {
     assert!(live.iter().all(|l| l.is_finite()), "{live:?}");
 
     let cache = tmp.path().join("cache").display().to_string();
-    let popts = datasets::cache::PrecomputeOptions {
-        encoders: datasets::encode::EncoderSpec {
-            weights: datasets::encode::EncoderWeights::TinyRandom { seed: 42 },
-            text_tokens: 8,
-            context_dim: 32,
-            pooled_dim: 16,
-        },
-        transform: datasets::TransformSpec {
+    precompute(
+        &url,
+        &cache,
+        datasets::encode::EncoderWeights::TinyRandom { seed: 42 },
+        datasets::TransformSpec {
             resolution: 64,
             ref_resolution: 32,
             aspect_buckets: true,
         },
-        device: candle_core::Device::Cpu,
-        created_by: "test".into(),
-    };
-    datasets::cache::precompute(
-        &Location::parse(&url).unwrap(),
-        &Location::parse(&cache).unwrap(),
-        &popts,
-    )
-    .unwrap();
+    );
     let cached = losses(&tmp.path().join("b"), &with(&cache));
-    for (a, b) in live.iter().zip(&cached) {
-        assert!(
-            (a - b).abs() <= 2e-2 * a.abs().max(1.0),
-            "{live:?} vs {cached:?}"
-        );
-    }
+    assert_close(&live, &cached);
     // A cache of square targets is refused by a bucketed run, with the flag in the command.
     let mut s = sets(&url, &cache);
     s.push("data.resolution=64".into());

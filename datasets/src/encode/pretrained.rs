@@ -306,6 +306,17 @@ fn mmaped(files: &[PathBuf], dtype: DType, device: &Device) -> Result<VarBuilder
     })
 }
 
+/// An encoder (configured in `config`) whose output width is not the model's.
+fn same_width(config: &Path, what: &str, width: usize, model_key: &str, want: usize) -> Result<()> {
+    if width == want {
+        return Ok(());
+    }
+    Err(EncodeError::file(
+        config.display().to_string(),
+        format!("{what} is {width} wide but the model's {model_key} is {want}"),
+    ))
+}
+
 /// The parts [`super::Encoders`] is made of.
 pub(crate) struct Loaded {
     pub vae: VaeEncoder,
@@ -367,15 +378,13 @@ pub(crate) fn load(
     // T5.
     let t5_cfg = files.t5_cfg()?;
     let t5_at = files.t5_weights[0].display().to_string();
-    if t5_cfg.d_model != context_dim {
-        return Err(EncodeError::file(
-            files.t5_config.display().to_string(),
-            format!(
-                "T5 is {} wide but the model's context_dim is {context_dim}",
-                t5_cfg.d_model
-            ),
-        ));
-    }
+    same_width(
+        &files.t5_config,
+        "T5",
+        t5_cfg.d_model,
+        "context_dim",
+        context_dim,
+    )?;
     let t5 = T5EncoderModel::load(mmaped(&files.t5_weights, dtype, device)?, &t5_cfg)
         .map_err(|e| EncodeError::candle(&t5_at, e))?;
     let t5_special = special_tokens(&files.t5_special)?;
@@ -388,15 +397,13 @@ pub(crate) fn load(
     // CLIP.
     let clip_cfg = files.clip_cfg()?;
     let clip_at = files.clip_weights[0].display().to_string();
-    if clip_cfg.embed_dim != pooled_dim {
-        return Err(EncodeError::file(
-            files.clip_config.display().to_string(),
-            format!(
-                "CLIP is {} wide but the model's pooled_dim is {pooled_dim}",
-                clip_cfg.embed_dim
-            ),
-        ));
-    }
+    same_width(
+        &files.clip_config,
+        "CLIP",
+        clip_cfg.embed_dim,
+        "pooled_dim",
+        pooled_dim,
+    )?;
     let vb = mmaped(&files.clip_weights, dtype, device)?;
     let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
         vb.pp("text_model")
