@@ -9,7 +9,8 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::UNIX_EPOCH;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
 
@@ -18,6 +19,9 @@ use crate::store::Location;
 
 /// Bytes fetched per range request while downloading.
 const DOWNLOAD_CHUNK: u64 = 64 << 20;
+
+/// A download lock not refreshed for this long belongs to a process that died.
+const STALE_LOCK: Duration = Duration::from_secs(300);
 
 /// The cache folder (see the module docs).
 pub fn cache_root() -> PathBuf {
@@ -35,6 +39,15 @@ pub fn cache_root() -> PathBuf {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `path` with `.suffix` appended (not replacing its extension: `model.safetensors` and
+/// `model.safetensors.index.json` keep distinct names).
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".");
+    name.push(suffix);
+    PathBuf::from(name)
 }
 
 /// A folder of model files.
@@ -123,9 +136,55 @@ impl ModelFolder {
         if let Some(parent) = dest.parent() {
             std::fs::create_dir_all(parent).map_err(|e| DataError::store(&at, e))?;
         }
-        // One temporary name per process: ranks on one node may download the same file at
-        // once, and each rename leaves a whole copy.
-        let tmp = dest.with_extension(format!("download-{}", std::process::id()));
+        // Ranks on one node (or several nodes sharing the cache folder) fetch the same files at
+        // once: the first to create the lock file downloads, the others wait for its copy. A
+        // download refreshes the lock's time at every chunk; a lock left unrefreshed for
+        // STALE_LOCK by a process that died is taken over.
+        let lock = with_suffix(&dest, "download-lock");
+        loop {
+            if std::fs::metadata(&dest).map(|m| m.len()).ok() == Some(size) {
+                return Ok(dest);
+            }
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&lock)
+            {
+                Ok(_) => {
+                    let done = self.download(rel, size, &dest, &lock);
+                    let _ = std::fs::remove_file(&lock);
+                    return done.map(|()| dest);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let idle = std::fs::metadata(&lock)
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.elapsed().ok());
+                    if idle.is_some_and(|d| d > STALE_LOCK) {
+                        tracing::warn!("taking over the stale download lock {}", lock.display());
+                        let _ = std::fs::remove_file(&lock);
+                    } else {
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                }
+                Err(e) => return Err(DataError::store(lock.display().to_string(), e)),
+            }
+        }
+    }
+
+    /// Copies `rel` (of `size` bytes) to `dest` through a temporary file, touching `lock`
+    /// after every chunk.
+    fn download(&self, rel: &str, size: u64, dest: &Path, lock: &Path) -> Result<()> {
+        static COPIES: AtomicU64 = AtomicU64::new(0);
+        let at = dest.display().to_string();
+        let tmp = with_suffix(
+            dest,
+            &format!(
+                "download-{}-{}",
+                std::process::id(),
+                COPIES.fetch_add(1, Ordering::Relaxed)
+            ),
+        );
         tracing::info!("downloading {} ({size} bytes) to {at}", self.name(rel));
         let copy = || -> Result<()> {
             let mut out = std::fs::File::create(&tmp).map_err(|e| DataError::store(&at, e))?;
@@ -135,16 +194,19 @@ impl ModelFolder {
                 let bytes = self.loc.get_range(rel, start..end)?;
                 out.write_all(&bytes)
                     .map_err(|e| DataError::store(&at, e))?;
+                if let Ok(l) = std::fs::File::options().write(true).open(lock) {
+                    let _ = l.set_modified(SystemTime::now());
+                }
                 start = end;
             }
             out.sync_all().map_err(|e| DataError::store(&at, e))?;
-            std::fs::rename(&tmp, &dest).map_err(|e| DataError::store(&at, e))
+            std::fs::rename(&tmp, dest).map_err(|e| DataError::store(&at, e))
         };
         let done = copy();
         if done.is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
-        done.map(|()| dest)
+        done
     }
 }
 

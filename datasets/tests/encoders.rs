@@ -49,7 +49,7 @@ fn expected() -> Expected {
     }
 }
 
-fn spec(folder: &str, vae: Option<String>, cache: &Path) -> EncoderSpec {
+pub fn spec(folder: &str, vae: Option<String>, cache: &Path) -> EncoderSpec {
     EncoderSpec {
         weights: EncoderWeights::Pretrained(PretrainedSource {
             folder: folder.into(),
@@ -88,7 +88,7 @@ fn pixels_of(t: &Tensor) -> Vec<datasets::Pixels> {
 }
 
 /// Everything the encoders produce matches the reference outputs.
-fn check_against_reference(enc: &mut Encoders) {
+pub fn check_against_reference(enc: &mut Encoders) {
     let e = expected();
     let captions: Vec<&str> = e.captions.iter().map(String::as_str).collect();
     let (t5_ids, clip_ids) = enc.token_ids(&captions).unwrap();

@@ -1,32 +1,42 @@
-//! The http(s):// reader against a real HTTP server: a minimal static file server (GET with
-//! byte ranges, HEAD, 404) serving a dataset folder; the reader yields exactly what it yields
-//! from the folder itself.
+//! http(s):// locations against a real HTTP server: a minimal static file server (GET with
+//! byte ranges, HEAD, 404). The shard reader yields exactly what it yields from the folder
+//! itself; pretrained encoders load from a URL, and ranks fetching the same model file at once
+//! download it once.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
+use datasets::model_files::ModelFolder;
 use datasets::{Cursor, Location};
 
 use crate::common::*;
 
+/// GET requests served, by path.
+type Gets = Arc<Mutex<HashMap<String, usize>>>;
+
 /// Serves `root` on 127.0.0.1 (one thread per connection, `Connection: close`); returns the
-/// base URL.
-fn serve(root: PathBuf) -> String {
+/// base URL and the GET counts.
+fn serve(root: PathBuf) -> (String, Gets) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
+    let gets: Gets = Default::default();
+    let counts = gets.clone();
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
-            let root = root.clone();
+            let (root, counts) = (root.clone(), counts.clone());
             std::thread::spawn(move || {
-                let _ = answer(stream, &root);
+                let _ = answer(stream, &root, &counts);
             });
         }
     });
-    format!("http://127.0.0.1:{port}")
+    (format!("http://127.0.0.1:{port}"), gets)
 }
 
-fn answer(mut stream: TcpStream, root: &Path) -> std::io::Result<()> {
+fn answer(mut stream: TcpStream, root: &Path, gets: &Gets) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut line = String::new();
     reader.read_line(&mut line)?;
@@ -46,6 +56,9 @@ fn answer(mut stream: TcpStream, root: &Path) -> std::io::Result<()> {
                 });
             }
         }
+    }
+    if method == "GET" {
+        *gets.lock().unwrap().entry(path.to_string()).or_default() += 1;
     }
     let file = root.join(path.trim_start_matches('/'));
     let Ok(bytes) =
@@ -88,7 +101,7 @@ fn shards_stream_over_plain_http() {
     let dir = tempfile::tempdir().unwrap();
     let local = Location::local(&dir.path().join("data"));
     write_synth(&local, 12, 3);
-    let base = serve(dir.path().to_path_buf());
+    let (base, _) = serve(dir.path().to_path_buf());
     let http = Location::parse(&format!("{base}/data")).unwrap();
     assert!(http.exists("manifest.json").unwrap());
     assert!(!http.exists("nothing.json").unwrap());
@@ -103,4 +116,80 @@ fn shards_stream_over_plain_http() {
             );
         }
     }
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+#[test]
+fn pretrained_encoders_load_from_a_url() {
+    let (base, _) = serve(fixtures());
+    let cache = tempfile::tempdir().unwrap();
+    let spec = crate::encoders::spec(&format!("{base}/encoders"), None, cache.path());
+    let mut enc =
+        datasets::encode::Encoders::load(&spec, candle_core::DType::F32, &candle_core::Device::Cpu)
+            .unwrap();
+    crate::encoders::check_against_reference(&mut enc);
+}
+
+#[test]
+fn ranks_fetching_one_model_file_download_it_once() {
+    let (base, gets) = serve(fixtures());
+    let cache = tempfile::tempdir().unwrap();
+    let url = format!("{base}/encoders");
+    let rel = "text_encoder/model.safetensors";
+    let paths: Vec<PathBuf> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| {
+                    let folder = ModelFolder::open(&url, cache.path()).unwrap();
+                    folder.file(rel).unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(paths.iter().all(|p| *p == paths[0]));
+    assert_eq!(
+        std::fs::read(&paths[0]).unwrap(),
+        std::fs::read(fixtures().join("encoders").join(rel)).unwrap()
+    );
+    assert_eq!(
+        gets.lock().unwrap()[&format!("/encoders/{rel}")],
+        1,
+        "downloaded once"
+    );
+    let lock = |p: &Path| PathBuf::from(format!("{}.download-lock", p.display()));
+    assert!(!lock(&paths[0]).exists());
+
+    // A lock held by a live download: wait for its copy, fetch nothing.
+    let rel = "tokenizer/vocab.json";
+    let folder = ModelFolder::open(&url, cache.path()).unwrap();
+    let dest = paths[0].parent().unwrap().parent().unwrap().join(rel);
+    std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+    std::fs::write(lock(&dest), b"").unwrap();
+    let got = std::thread::scope(|s| {
+        let waiter = s.spawn(|| folder.file(rel).unwrap());
+        std::thread::sleep(Duration::from_millis(500));
+        std::fs::copy(fixtures().join("encoders").join(rel), &dest).unwrap();
+        std::fs::remove_file(lock(&dest)).unwrap();
+        waiter.join().unwrap()
+    });
+    assert_eq!(got, dest);
+    assert!(!gets
+        .lock()
+        .unwrap()
+        .contains_key(&format!("/encoders/{rel}")));
+
+    // A stale lock (its process died): taken over.
+    let rel = "tokenizer/merges.txt";
+    let dest = dest.parent().unwrap().join("merges.txt");
+    let l = std::fs::File::create(lock(&dest)).unwrap();
+    l.set_modified(SystemTime::now() - Duration::from_secs(3600))
+        .unwrap();
+    drop(l);
+    assert_eq!(folder.file(rel).unwrap(), dest);
+    assert_eq!(gets.lock().unwrap()[&format!("/encoders/{rel}")], 1);
+    assert!(!lock(&dest).exists());
 }
