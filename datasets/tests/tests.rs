@@ -1,5 +1,6 @@
 //! Integration tests of the datasets crate (one binary to save link time).
 
+mod azure;
 mod bad_input;
 mod buckets;
 mod cache;
