@@ -1,10 +1,10 @@
 //! Integration tests of the datasets crate (one binary to save link time).
 
-mod azure;
 mod bad_input;
 mod buckets;
 mod cache;
 mod common;
+mod emulators;
 mod encoders;
 mod http;
 mod listing;
