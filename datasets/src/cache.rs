@@ -10,6 +10,7 @@
 //! could not be used at precompute time keep their problem, so the reader reports them as it
 //! would have.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arrow_array::cast::AsArray;
@@ -21,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::encode::{EncoderSpec, Encoders};
 use crate::error::{DataError, Result, SampleProblem};
-use crate::manifest::{Manifest, MANIFEST};
+use crate::manifest::{Manifest, ShardInfo, MANIFEST};
 use crate::store::Location;
 use crate::transform::{decode_sample, TransformSpec};
 use crate::writer::sha256_hex;
@@ -446,78 +447,133 @@ pub struct PrecomputeOptions {
     pub transform: TransformSpec,
     /// Where the encoders run (CPU in f32; a GPU in bf16).
     pub device: candle_core::Device,
+    /// This process's part (r, w) of the work: the shards whose index is r modulo w. (0, 1)
+    /// does everything; w processes (one per GPU) split it.
+    pub part: (usize, usize),
     pub created_by: String,
 }
 
-/// Writes the cache of the dataset at `data` to `out`; returns (samples cached, samples with a
-/// problem).
+/// What one `precompute` call did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PrecomputeReport {
+    /// Samples encoded by this call.
+    pub cached: usize,
+    /// Samples kept with their problem by this call.
+    pub bad: usize,
+    /// Shards of this part a previous (interrupted) call had finished, not encoded again.
+    pub reused_shards: usize,
+    /// Every part is done and the cache's manifest and cache.json are written.
+    pub complete: bool,
+}
+
+/// The progress of one part: the shards it has finished, for resuming and for assembling the
+/// manifest when every part is done.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct PartProgress {
+    fingerprint: String,
+    data_manifest_sha256: String,
+    /// Finished shards, by their index in the dataset's manifest.
+    shards: BTreeMap<usize, ShardInfo>,
+    done: bool,
+}
+
+fn part_file(r: usize, w: usize) -> String {
+    format!("precompute/part-{r:04}-of-{w:04}.json")
+}
+
+fn load_part(out: &Location, rel: &str) -> Result<Option<PartProgress>> {
+    match out.get(rel)? {
+        None => Ok(None),
+        Some(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| DataError::input(out.name(rel), format!("not a progress file: {e}"))),
+    }
+}
+
+/// Writes the cache of the dataset at `data` to `out`, or this process's part of it (see
+/// [`PrecomputeOptions::part`]). Finished shards are recorded as they are written, so a call
+/// that was interrupted resumes after the last whole shard; the part that finishes last writes
+/// the manifest and `cache.json`, after which the cache can be read.
 pub fn precompute(
     data: &Location,
     out: &Location,
     opts: &PrecomputeOptions,
-) -> Result<(usize, usize)> {
+) -> Result<PrecomputeReport> {
+    let (r, w) = opts.part;
+    if w == 0 || r >= w {
+        return Err(DataError::input(
+            "--part",
+            format!("{r}/{w}: expected R/W with 0 <= R < W"),
+        ));
+    }
     let manifest_bytes = data
         .get(MANIFEST)?
         .ok_or_else(|| DataError::manifest(data.name(MANIFEST), "not found"))?;
     let manifest = Manifest::load(data)?;
     let fingerprint = fingerprint(&opts.encoders, &opts.transform)?;
-    let dtype = if opts.device.is_cpu() {
-        candle_core::DType::F32
-    } else {
-        candle_core::DType::BF16
-    };
-    let mut enc = Encoders::load(&opts.encoders, dtype, &opts.device)
+    opts.encoders
+        .check_widths()
         .map_err(|e| DataError::input("encoders", e))?;
-    let (mut good, mut bad_rows) = (0, 0);
-    let mut shards = Vec::with_capacity(manifest.shards.len());
-    for shard in &manifest.shards {
-        let at = data.name(&shard.file);
-        let footer = crate::shard::read_footer(data, shard)?;
-        let mut bytes = Vec::new();
-        let mut writer = parquet::arrow::ArrowWriter::try_new(
-            &mut bytes,
-            schema(),
-            Some(
-                parquet::file::properties::WriterProperties::builder()
-                    .set_max_row_group_row_count(Some(usize::MAX))
-                    .set_dictionary_enabled(false)
-                    .build(),
-            ),
-        )
-        .map_err(|e| DataError::shard(&at, e))?;
-        let mut counts = Vec::with_capacity(shard.rows);
-        for (g, info) in shard.row_groups.iter().enumerate() {
-            let (raw, mismatch) = crate::shard::fetch_row_group(data, shard, g)?;
-            if let Some(m) = mismatch {
-                return Err(DataError::shard(&at, m));
-            }
-            let batch = crate::shard::decode_row_group(&at, shard, &footer, g, raw.into())?;
-            let ids = crate::schema::sample_ids(&batch);
-            let mut rows = Vec::with_capacity(info.rows);
-            for row in 0..info.rows {
-                let id = crate::loader::id_at(&ids, row);
-                let r = crate::schema::decode_row(&batch, row)
-                    .and_then(|s| {
-                        s.check()?;
-                        decode_sample(&s, &opts.transform)
-                    })
-                    .and_then(|d| encode_one(&mut enc, &d));
-                match &r {
-                    Ok(_) => good += 1,
-                    Err(_) => bad_rows += 1,
-                }
-                rows.push(r.map_err(|p| (id, p)));
-            }
-            counts.extend(info.row_meta());
-            let cb = to_batch(&rows).map_err(|e| DataError::shard(&at, e))?;
-            writer.write(&cb).map_err(|e| DataError::shard(&at, e))?;
-            writer.flush().map_err(|e| DataError::shard(&at, e))?;
+    let data_sha = sha256_hex(&manifest_bytes);
+    let progress_rel = part_file(r, w);
+    let mut progress = match load_part(out, &progress_rel)? {
+        Some(p) if p.fingerprint != fingerprint || p.data_manifest_sha256 != data_sha => {
+            return Err(DataError::input(
+                out.name(&progress_rel),
+                "an unfinished precompute of other encoders, transforms or another version of the dataset is here; use another --out or delete this folder",
+            ))
         }
-        writer.close().map_err(|e| DataError::shard(&at, e))?;
-        let info = crate::writer::describe_shard(&shard.file, &bytes, &counts)
-            .map_err(|e| DataError::shard(out.name(&shard.file), e))?;
-        out.put(&shard.file, bytes)?;
-        shards.push(info);
+        Some(p) => p,
+        None => PartProgress {
+            fingerprint: fingerprint.clone(),
+            data_manifest_sha256: data_sha.clone(),
+            ..Default::default()
+        },
+    };
+    let mut report = PrecomputeReport::default();
+    let mine: Vec<usize> = (0..manifest.shards.len()).filter(|i| i % w == r).collect();
+    let mut enc = None;
+    for &i in &mine {
+        let shard = &manifest.shards[i];
+        if let Some(done) = progress.shards.get(&i) {
+            // A finished shard is whole (puts are atomic); its size tells it is still there.
+            if out.exists(&done.file)? && out.size(&done.file)? == done.bytes {
+                report.reused_shards += 1;
+                continue;
+            }
+        }
+        if enc.is_none() {
+            let dtype = if opts.device.is_cpu() {
+                candle_core::DType::F32
+            } else {
+                candle_core::DType::BF16
+            };
+            enc = Some(
+                Encoders::load(&opts.encoders, dtype, &opts.device)
+                    .map_err(|e| DataError::input("encoders", e))?,
+            );
+        }
+        let Some(enc) = enc.as_mut() else {
+            continue;
+        };
+        let info = precompute_shard(data, out, shard, enc, &opts.transform, &mut report)?;
+        progress.shards.insert(i, info);
+        put_json(out, &progress_rel, &progress)?;
+    }
+    progress.done = true;
+    put_json(out, &progress_rel, &progress)?;
+
+    // The last part to finish assembles the manifest (two finishing at once write the same).
+    let mut shards = Vec::with_capacity(manifest.shards.len());
+    for i in 0..manifest.shards.len() {
+        let part = match load_part(out, &part_file(i % w, w))? {
+            Some(p) if p.done && p.fingerprint == fingerprint => p,
+            _ => return Ok(report),
+        };
+        match part.shards.get(&i) {
+            Some(info) => shards.push(info.clone()),
+            None => return Ok(report),
+        }
     }
     Manifest {
         shards,
@@ -529,12 +585,76 @@ pub fn precompute(
         format: CACHE_FORMAT.into(),
         version: 1,
         fingerprint,
-        data_manifest_sha256: sha256_hex(&manifest_bytes),
+        data_manifest_sha256: data_sha,
         created_by: opts.created_by.clone(),
     };
-    let json = serde_json::to_vec_pretty(&info).map_err(|e| DataError::input(CACHE_INFO, e))?;
-    out.put(CACHE_INFO, json)?;
-    Ok((good, bad_rows))
+    put_json(out, CACHE_INFO, &info)?;
+    report.complete = true;
+    Ok(report)
+}
+
+fn put_json<T: Serialize>(out: &Location, rel: &str, value: &T) -> Result<()> {
+    let json = serde_json::to_vec_pretty(value).map_err(|e| DataError::input(out.name(rel), e))?;
+    out.put(rel, json)
+}
+
+/// Encodes one shard of the dataset into the same-named cache shard; returns its manifest
+/// entry.
+fn precompute_shard(
+    data: &Location,
+    out: &Location,
+    shard: &ShardInfo,
+    enc: &mut Encoders,
+    transform: &TransformSpec,
+    report: &mut PrecomputeReport,
+) -> Result<ShardInfo> {
+    let at = data.name(&shard.file);
+    let footer = crate::shard::read_footer(data, shard)?;
+    let mut bytes = Vec::new();
+    let mut writer = parquet::arrow::ArrowWriter::try_new(
+        &mut bytes,
+        schema(),
+        Some(
+            parquet::file::properties::WriterProperties::builder()
+                .set_max_row_group_row_count(Some(usize::MAX))
+                .set_dictionary_enabled(false)
+                .build(),
+        ),
+    )
+    .map_err(|e| DataError::shard(&at, e))?;
+    let mut counts = Vec::with_capacity(shard.rows);
+    for (g, info) in shard.row_groups.iter().enumerate() {
+        let (raw, mismatch) = crate::shard::fetch_row_group(data, shard, g)?;
+        if let Some(m) = mismatch {
+            return Err(DataError::shard(&at, m));
+        }
+        let batch = crate::shard::decode_row_group(&at, shard, &footer, g, raw.into())?;
+        let ids = crate::schema::sample_ids(&batch);
+        let mut rows = Vec::with_capacity(info.rows);
+        for row in 0..info.rows {
+            let id = crate::loader::id_at(&ids, row);
+            let r = crate::schema::decode_row(&batch, row)
+                .and_then(|s| {
+                    s.check()?;
+                    decode_sample(&s, transform)
+                })
+                .and_then(|d| encode_one(enc, &d));
+            match &r {
+                Ok(_) => report.cached += 1,
+                Err(_) => report.bad += 1,
+            }
+            rows.push(r.map_err(|p| (id, p)));
+        }
+        counts.extend(info.row_meta());
+        let cb = to_batch(&rows).map_err(|e| DataError::shard(&at, e))?;
+        writer.write(&cb).map_err(|e| DataError::shard(&at, e))?;
+        writer.flush().map_err(|e| DataError::shard(&at, e))?;
+    }
+    writer.close().map_err(|e| DataError::shard(&at, e))?;
+    let info = crate::writer::describe_shard(&shard.file, &bytes, &counts)
+        .map_err(|e| DataError::shard(out.name(&shard.file), e))?;
+    out.put(&shard.file, bytes)?;
+    Ok(info)
 }
 
 fn stored(t: &candle_core::Tensor) -> std::result::Result<Stored, SampleProblem> {

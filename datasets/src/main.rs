@@ -166,6 +166,10 @@ enum Cmd {
         /// feature).
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// This process's part R/W: the shards whose index is R modulo W (run W processes, one
+        /// per GPU, with the same options; the last to finish writes the manifest).
+        #[arg(long, default_value = "0/1")]
+        part: String,
     },
     /// Check every shard's sha256 against the manifest (reads everything once).
     Verify { url: String },
@@ -408,6 +412,7 @@ fn main() -> Result<()> {
             pooled_dim,
             seed,
             device,
+            part,
         } => {
             for (name, v) in [
                 ("--resolution", resolution),
@@ -454,6 +459,7 @@ fn main() -> Result<()> {
                     aspect_buckets,
                 },
                 device: parse_device(&device)?,
+                part: parse_part(&part)?,
                 created_by: format!(
                     "datasets precompute --data {data} --resolution {resolution} --ref-resolution {ref_resolution} --text-tokens {text_tokens} --context-dim {context_dim} --pooled-dim {pooled_dim}{}{}{}{}",
                     if aspect_buckets { " --aspect-buckets" } else { "" },
@@ -462,12 +468,20 @@ fn main() -> Result<()> {
                     seed.map(|s| format!(" --seed {s}")).unwrap_or_default(),
                 ),
             };
-            let (good, bad) = datasets::cache::precompute(
+            let r = datasets::cache::precompute(
                 &Location::parse(&data)?,
                 &Location::parse(&out)?,
                 &opts,
             )?;
-            println!("cached {good} samples to {out} ({bad} kept with their problem)");
+            println!(
+                "cached {} samples to {out} ({} kept with their problem; {} shards already done)",
+                r.cached, r.bad, r.reused_shards
+            );
+            if r.complete {
+                println!("the cache is complete: {out}/cache.json");
+            } else {
+                println!("part {part} is done; the last part to finish writes the manifest");
+            }
         }
         Cmd::Verify { url } => {
             let loc = Location::parse(&url)?;
@@ -573,4 +587,15 @@ fn parse_device(name: &str) -> Result<candle_core::Device> {
     };
     candle_core::Device::new_cuda(ordinal)
         .with_context(|| format!("--device {name} (is this a build with the cuda feature?)"))
+}
+
+/// `R/W` with R < W.
+fn parse_part(text: &str) -> Result<(usize, usize)> {
+    let parsed = text
+        .split_once('/')
+        .and_then(|(r, w)| Some((r.trim().parse().ok()?, w.trim().parse().ok()?)));
+    match parsed {
+        Some((r, w)) if r < w => Ok((r, w)),
+        _ => bail!("--part {text}: expected R/W with 0 <= R < W, like 0/8"),
+    }
 }

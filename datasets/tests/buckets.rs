@@ -210,6 +210,7 @@ fn the_latent_cache_keeps_the_buckets() {
         },
         transform: bucket_opts(1, 0).transform,
         device: candle_core::Device::Cpu,
+        part: (0, 1),
         created_by: "test".into(),
     };
     cache::precompute(&data, &out, &opts).unwrap();

@@ -18,6 +18,7 @@ fn options() -> PrecomputeOptions {
         },
         transform: loader_opts(1, 0, 1).transform,
         device: candle_core::Device::Cpu,
+        part: (0, 1),
         created_by: "test".into(),
     }
 }
@@ -34,8 +35,8 @@ fn cache_reads_back_in_plan_order_with_the_encoders_values() {
     let bad_id = rows[3].sample_id.clone();
     write_unchecked(&data, &rows);
     let opts = options();
-    let (good, bad) = cache::precompute(&data, &out, &opts).unwrap();
-    assert_eq!((good, bad), (9, 1));
+    let r = cache::precompute(&data, &out, &opts).unwrap();
+    assert_eq!((r.cached, r.bad, r.complete), (9, 1, true));
     let fp = cache::fingerprint(&opts.encoders, &opts.transform).unwrap();
     let m = cache::open(&out, &data, &fp).unwrap();
 
@@ -112,4 +113,62 @@ fn a_cache_for_other_encoders_or_another_dataset_is_refused() {
     .to_string();
     assert!(err.contains("another version of the dataset"), "{err}");
     assert!(Manifest::load(&out).is_ok());
+}
+
+#[test]
+fn precompute_in_parts_makes_the_same_cache_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = Location::local(&tmp.path().join("data"));
+    let m = write_synth(&data, 30, 2);
+    assert_eq!(m.shards.len(), 3);
+    let whole = Location::local(&tmp.path().join("whole"));
+    let opts = options();
+    assert!(cache::precompute(&data, &whole, &opts).unwrap().complete);
+
+    let split = Location::local(&tmp.path().join("split"));
+    let part = |r: usize| PrecomputeOptions {
+        part: (r, 2),
+        ..options()
+    };
+    // Part 1 of 2 (shard 1) alone: no manifest yet, so no reader takes the cache.
+    let r1 = cache::precompute(&data, &split, &part(1)).unwrap();
+    assert_eq!((r1.complete, r1.reused_shards), (false, 0));
+    assert_eq!(r1.cached + r1.bad, m.shards[1].rows);
+    let fp = cache::fingerprint(&opts.encoders, &opts.transform).unwrap();
+    assert!(cache::open(&split, &data, &fp).is_err());
+    // Part 0 (shards 0 and 2) finishes last and writes the manifest: the same cache.
+    let r0 = cache::precompute(&data, &split, &part(0)).unwrap();
+    assert!(r0.complete);
+    assert_eq!(r0.cached + r0.bad, m.shards[0].rows + m.shards[2].rows);
+    let (a, b) = (
+        cache::open(&whole, &data, &fp).unwrap(),
+        cache::open(&split, &data, &fp).unwrap(),
+    );
+    assert_eq!(a.shards, b.shards, "byte-identical shards");
+
+    // Run again (as after a preemption): every finished shard is kept, nothing is encoded.
+    let again = cache::precompute(&data, &split, &part(0)).unwrap();
+    assert_eq!(
+        (again.cached, again.reused_shards, again.complete),
+        (0, 2, true)
+    );
+    // A shard lost since is encoded again.
+    std::fs::remove_file(tmp.path().join("split").join(&m.shards[2].file)).unwrap();
+    let redo = cache::precompute(&data, &split, &part(0)).unwrap();
+    assert_eq!(
+        (redo.reused_shards, redo.cached + redo.bad),
+        (1, m.shards[2].rows)
+    );
+    assert_eq!(cache::open(&split, &data, &fp).unwrap().shards, a.shards);
+
+    // Other encoders into the same folder: refused, naming the progress file.
+    let mut other = part(0);
+    other.encoders.weights = EncoderWeights::TinyRandom { seed: 10 };
+    let e = cache::precompute(&data, &split, &other)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("precompute/part-0000-of-0002.json"), "{e}");
+    let mut bad = options();
+    bad.part = (2, 2);
+    assert!(cache::precompute(&data, &split, &bad).is_err());
 }

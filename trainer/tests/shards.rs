@@ -49,6 +49,7 @@ fn precompute(
         },
         transform,
         device: candle_core::Device::Cpu,
+        part: (0, 1),
         created_by: "test".into(),
     };
     datasets::cache::precompute(

@@ -112,6 +112,17 @@ impl EncoderSpec {
         Ok(format!("{encoders}/tokens{}", self.text_tokens))
     }
 
+    /// Whether pretrained encoders produce the widths the model needs (reads their configs; the
+    /// tiny encoders are built at the model's widths).
+    pub fn check_widths(&self) -> Result<()> {
+        match &self.weights {
+            EncoderWeights::TinyRandom { .. } => Ok(()),
+            EncoderWeights::Pretrained(src) => {
+                pretrained::Files::resolve(src)?.check_widths(self.context_dim, self.pooled_dim)
+            }
+        }
+    }
+
     /// For logs (no I/O).
     pub fn describe(&self) -> String {
         match &self.weights {

@@ -233,6 +233,13 @@ impl Files {
         ))
     }
 
+    /// Errors naming the config when T5 or CLIP is not as wide as the model needs.
+    pub fn check_widths(&self, context_dim: usize, pooled_dim: usize) -> Result<()> {
+        let (t5, clip) = self.widths()?;
+        same_width(&self.t5_config, "T5", t5, "context_dim", context_dim)?;
+        same_width(&self.clip_config, "CLIP", clip, "pooled_dim", pooled_dim)
+    }
+
     /// (T5 width, CLIP width): the context and pooled dims the encoders produce.
     pub fn widths(&self) -> Result<(usize, usize)> {
         Ok((self.t5_cfg()?.d_model, self.clip_cfg()?.embed_dim))
@@ -339,6 +346,7 @@ pub(crate) fn load(
     dtype: DType,
     device: &Device,
 ) -> Result<Loaded> {
+    files.check_widths(context_dim, pooled_dim)?;
     // VAE.
     let (vae_paths, scale, shift) = match &files.vae {
         VaeFiles::Diffusers { config, weights } => {
@@ -378,13 +386,6 @@ pub(crate) fn load(
     // T5.
     let t5_cfg = files.t5_cfg()?;
     let t5_at = files.t5_weights[0].display().to_string();
-    same_width(
-        &files.t5_config,
-        "T5",
-        t5_cfg.d_model,
-        "context_dim",
-        context_dim,
-    )?;
     let t5 = T5EncoderModel::load(mmaped(&files.t5_weights, dtype, device)?, &t5_cfg)
         .map_err(|e| EncodeError::candle(&t5_at, e))?;
     let t5_special = special_tokens(&files.t5_special)?;
@@ -397,13 +398,6 @@ pub(crate) fn load(
     // CLIP.
     let clip_cfg = files.clip_cfg()?;
     let clip_at = files.clip_weights[0].display().to_string();
-    same_width(
-        &files.clip_config,
-        "CLIP",
-        clip_cfg.embed_dim,
-        "pooled_dim",
-        pooled_dim,
-    )?;
     let vb = mmaped(&files.clip_weights, dtype, device)?;
     let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
         vb.pp("text_model")
