@@ -11,12 +11,13 @@ CLIPTextModel, the tokenizers diffusers' FluxPipeline uses) give, for the datase
                model.safetensors.index.json                    its index
   tokenizer/vocab.json, merges.txt, special_tokens_map.json,  CLIP BPE files as FLUX.1-dev ships
            tokenizer_config.json                              them (no tokenizer.json)
-  tokenizer_2/tokenizer.json, ...                              T5 (Unigram) tokenizer
+  tokenizer_2/spiece.model, tokenizer.json                     T5's sentencepiece model and the
+                                                               tokenizer.json transformers makes of it
   expected.safetensors                                         pixels, latents, ids, embeddings
   captions.json                                                the captions behind the ids
 
 Weights are random (seeded); everything is small (a few hundred KB). Usage, from the repo root,
-with a Python that has torch, diffusers, transformers and tokenizers:
+with a Python that has torch, diffusers, transformers, tokenizers, sentencepiece and protobuf:
     python ci/encoders_fixture.py datasets/tests/fixtures/encoders
 """
 import json
@@ -27,6 +28,8 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as sp_pb
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -34,7 +37,6 @@ from transformers import (
     CLIPTokenizerFast,
     T5Config,
     T5EncoderModel,
-    T5TokenizerFast,
 )
 
 out = sys.argv[1]
@@ -54,6 +56,7 @@ CAPTIONS = [
     "Two CATS,   a dog\tand a teddy-bear (sitting) in the park at 10am!",
     "",
     "photo of a woman wearing a blue hat next to a man with glasses in a very long caption that must be truncated",
+    "ﬁne Ｆｕｌｌ width café",
 ]
 
 # --- CLIP BPE files: byte alphabet, the same with </w>, learned merges, then the two specials,
@@ -113,29 +116,41 @@ for leftover in ["tokenizer.json", "added_tokens.json"]:
     if os.path.exists(p):
         os.remove(p)
 
-# --- T5 Unigram tokenizer.json (pad 0, </s> 1, <unk> 2, as T5's).
-uni = Tokenizer(models.Unigram())
+# --- T5: a sentencepiece Unigram model (pad 0, </s> 1, <unk> 2, as T5's spiece.model) and the
+# tokenizer.json transformers' T5 converter makes of it (the precompiled NFKC charsmap, runs of
+# spaces to one, metaspace, `$A </s>`). The reference ids come from sentencepiece itself.
+t5_dir = os.path.join(out, "tokenizer_2")
+os.makedirs(t5_dir, exist_ok=True)
+corpus_file = os.path.join(t5_dir, "corpus.txt")
+with open(corpus_file, "w") as f:
+    f.write("\n".join(CORPUS))
+spm.SentencePieceTrainer.train(
+    input=corpus_file, model_prefix=os.path.join(t5_dir, "spiece"), vocab_size=64,
+    model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>",
+    eos_piece="</s>", unk_piece="<unk>", character_coverage=1.0, minloglevel=2,
+)
+os.remove(corpus_file)
+os.remove(os.path.join(t5_dir, "spiece.vocab"))
+proto = sp_pb.ModelProto()
+with open(os.path.join(t5_dir, "spiece.model"), "rb") as f:
+    proto.ParseFromString(f.read())
+uni = Tokenizer(models.Unigram([(p.piece, p.score) for p in proto.pieces], unk_id=2))
 uni.normalizer = normalizers.Sequence(
-    [normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")]
+    [
+        normalizers.Precompiled(proto.normalizer_spec.precompiled_charsmap),
+        normalizers.Replace(Regex(" {2,}"), " "),
+    ]
 )
 uni.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-uni.train_from_iterator(
-    CORPUS,
-    trainers.UnigramTrainer(
-        vocab_size=150,
-        special_tokens=["<pad>", "</s>", "<unk>"],
-        unk_token="<unk>",
-        show_progress=False,
-    ),
-)
-uni.post_processor = processors.TemplateProcessing(
-    single="$A </s>", special_tokens=[("</s>", uni.token_to_id("</s>"))]
-)
-assert [uni.token_to_id(t) for t in ["<pad>", "</s>", "<unk>"]] == [0, 1, 2]
-t5_tok = T5TokenizerFast(
-    tokenizer_object=uni, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0
-)
-t5_tok.save_pretrained(os.path.join(out, "tokenizer_2"))
+uni.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+for t, i in [("<pad>", 0), ("</s>", 1), ("<unk>", 2)]:
+    assert uni.token_to_id(t) == i, t
+uni.save(os.path.join(t5_dir, "tokenizer.json"))
+with open(os.path.join(t5_dir, "tokenizer_config.json"), "w") as f:
+    json.dump({"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
+               "model_max_length": T5_TOKENS, "tokenizer_class": "T5Tokenizer"}, f, indent=1)
+sp = spm.SentencePieceProcessor(model_file=os.path.join(t5_dir, "spiece.model"))
+t5_vocab = sp.get_piece_size()
 
 # --- Tokenization as FluxPipeline does it (padding to max length, truncation).
 clip_ids = clip_tok(
@@ -149,9 +164,12 @@ fast_ids = fast(
     CAPTIONS, padding="max_length", max_length=CLIP_TOKENS, truncation=True, return_tensors="pt"
 ).input_ids
 assert torch.equal(clip_ids, fast_ids), (clip_ids, fast_ids)
-t5_ids = t5_tok(
-    CAPTIONS, padding="max_length", max_length=T5_TOKENS, truncation=True, return_tensors="pt"
-).input_ids
+t5_ids = torch.tensor(
+    [
+        (sp.encode(c)[: T5_TOKENS - 1] + [1] + [0] * T5_TOKENS)[:T5_TOKENS]
+        for c in CAPTIONS
+    ]
+)
 
 # --- Models.
 clip_cfg = CLIPTextConfig(
@@ -180,7 +198,7 @@ save_file(
 )
 
 t5_cfg = T5Config(
-    vocab_size=t5_tok.vocab_size,
+    vocab_size=t5_vocab,
     d_model=32,
     d_kv=8,
     d_ff=64,
