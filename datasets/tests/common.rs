@@ -129,3 +129,21 @@ pub fn skipped(r: &DataReport) -> BTreeMap<String, Vec<String>> {
     }
     m
 }
+
+/// `remote` holds the same dataset as `local`: objects are found (and missing ones are not),
+/// and two ranks' readers yield the same batches from both.
+pub fn assert_reads_alike(remote: &Location, local: &Location) {
+    assert!(remote.exists("manifest.json").unwrap());
+    assert!(!remote.exists("nothing.json").unwrap());
+    assert_eq!(remote.get("nothing.json").unwrap(), None);
+    for (world, rank) in [(1, 0), (2, 1)] {
+        let mut a = open(remote, loader_opts(world, rank, 2), Cursor::default());
+        let mut b = open(local, loader_opts(world, rank, 2), Cursor::default());
+        for _ in 0..a.batches_in_epoch(0) + 1 {
+            assert_eq!(
+                a.next_batch().unwrap().samples,
+                b.next_batch().unwrap().samples
+            );
+        }
+    }
+}

@@ -33,6 +33,15 @@ fn losses(dir: &Path, sets: &[String]) -> Vec<f64> {
         .collect()
 }
 
+/// The error of building a run with `sets`.
+fn build_err(dir: &Path, sets: &[String]) -> String {
+    let s: Vec<&str> = sets.iter().map(String::as_str).collect();
+    match Run::build(tiny_config(dir, &s)) {
+        Ok(_) => panic!("the run was built"),
+        Err(e) => e.to_string(),
+    }
+}
+
 /// `datasets precompute` of the shards at `url` into `cache` with the tiny model's widths.
 fn precompute(
     url: &str,
@@ -93,11 +102,7 @@ fn a_latent_cache_trains_like_encoding_on_the_fly() {
 
     let mut other = sets(&url, &cache);
     other.push("run.seed=7".into());
-    let s: Vec<&str> = other.iter().map(String::as_str).collect();
-    let err = Run::build(tiny_config(&tmp.path().join("c"), &s))
-        .err()
-        .unwrap()
-        .to_string();
+    let err = build_err(&tmp.path().join("c"), &other);
     assert!(err.contains("data.cache"), "{err}");
     assert!(
         err.contains("datasets precompute --data") && err.contains("--seed 7"),
@@ -148,11 +153,7 @@ fn pretrained_encoders_train_from_a_pipeline_folder_with_and_without_a_cache() {
     // The cache of the pretrained encoders is refused by a run with the tiny ones, and the
     // message gives the command for the run's encoders.
     let s = sets(&url, &cache);
-    let s: Vec<&str> = s.iter().map(String::as_str).collect();
-    let err = Run::build(tiny_config(&tmp.path().join("c"), &s))
-        .err()
-        .unwrap()
-        .to_string();
+    let err = build_err(&tmp.path().join("c"), &s);
     assert!(
         err.contains("data.cache") && err.contains("--seed 42"),
         "{err}"
@@ -205,18 +206,10 @@ fn aspect_buckets_train_with_and_without_a_cache() {
     // A cache of square targets is refused by a bucketed run, with the flag in the command.
     let mut s = sets(&url, &cache);
     s.push("data.resolution=64".into());
-    let s: Vec<&str> = s.iter().map(String::as_str).collect();
-    let err = Run::build(tiny_config(&tmp.path().join("c"), &s))
-        .err()
-        .unwrap()
-        .to_string();
+    let err = build_err(&tmp.path().join("c"), &s);
     assert!(err.contains("data.cache"), "{err}");
     let mut s = with(&cache);
     s.push("data.ref_resolution=48".into());
-    let s: Vec<&str> = s.iter().map(String::as_str).collect();
-    let err = Run::build(tiny_config(&tmp.path().join("d"), &s))
-        .err()
-        .unwrap()
-        .to_string();
+    let err = build_err(&tmp.path().join("d"), &s);
     assert!(err.contains("--aspect-buckets"), "{err}");
 }
