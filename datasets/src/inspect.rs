@@ -16,6 +16,8 @@ pub struct InspectOptions {
     pub grid: usize,
     pub lines_per_ref: usize,
     pub seed: u64,
+    /// Decode targets into aspect buckets (as `data.aspect_buckets`).
+    pub aspect_buckets: bool,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -35,6 +37,11 @@ pub struct Stats {
     pub pairs_min: usize,
     pub pairs_mean: f64,
     pub pairs_max: usize,
+    /// Rows per aspect bucket ("WxH") at the resolution, from the target sizes the manifest
+    /// records (whether or not the samples are decoded into buckets).
+    pub target_buckets: std::collections::BTreeMap<String, usize>,
+    /// Rows whose target size the manifest does not record (or records as zero).
+    pub targets_unknown: usize,
     pub report: String,
 }
 
@@ -48,12 +55,12 @@ pub fn inspect(url: &str, opts: &InspectOptions) -> Result<(Stats, Vec<Decoded>)
             rank: 0,
             batch_size: 1,
             shuffle_rows: 1,
-            buckets: None,
+            buckets: opts.aspect_buckets.then_some(opts.resolution),
         },
         transform: TransformSpec {
             resolution: opts.resolution,
             ref_resolution: opts.resolution,
-            aspect_buckets: false,
+            aspect_buckets: opts.aspect_buckets,
         },
         io_threads: 4,
         decode_threads: 2,
@@ -72,6 +79,15 @@ pub fn inspect(url: &str, opts: &InspectOptions) -> Result<(Stats, Vec<Decoded>)
         pairs_min: usize::MAX,
         ..Default::default()
     };
+    for g in m.shards.iter().flat_map(|s| &s.row_groups) {
+        st.targets_unknown += g.rows - g.targets.len().min(g.rows);
+        for &[w, h] in &g.targets {
+            match crate::buckets::pick(opts.resolution, w, h) {
+                Some((bw, bh)) => *st.target_buckets.entry(format!("{bw}x{bh}")).or_default() += 1,
+                None => st.targets_unknown += 1,
+            }
+        }
+    }
     let mut kept = Vec::new();
     let (mut points, mut pairs) = (0usize, 0usize);
     while st.decoded < opts.samples.min(m.total_rows) {

@@ -98,6 +98,9 @@ enum Cmd {
         /// Print the statistics as JSON.
         #[arg(long)]
         json: bool,
+        /// Decode targets into aspect buckets (as data.aspect_buckets).
+        #[arg(long)]
+        aspect_buckets: bool,
     },
     /// Convert the released SemAlign-MS-Subjects200K layout (Parquet, mask/, coord/) to shards.
     ImportSubjects200k {
@@ -292,6 +295,7 @@ fn main() -> Result<()> {
             lines,
             png,
             json,
+            aspect_buckets,
         } => {
             if resolution % 16 != 0 || resolution == 0 {
                 bail!("--resolution must be a positive multiple of 16");
@@ -302,6 +306,7 @@ fn main() -> Result<()> {
                 grid,
                 lines_per_ref: lines,
                 seed: 0,
+                aspect_buckets,
             };
             let (st, kept) = datasets::inspect::inspect(&url, &opts)?;
             if json {
@@ -327,6 +332,16 @@ fn main() -> Result<()> {
                     st.pairs_min, st.pairs_mean, st.pairs_max
                 );
                 println!("  data report: {}", st.report);
+                let buckets: Vec<String> = st
+                    .target_buckets
+                    .iter()
+                    .map(|(b, n)| format!("{b}: {n}"))
+                    .collect();
+                println!(
+                    "aspect buckets at {resolution} px: {} ({} rows of unknown size)",
+                    buckets.join(", "),
+                    st.targets_unknown
+                );
             }
             if grid > 0 && !kept.is_empty() {
                 datasets::inspect::grid(&kept, lines)

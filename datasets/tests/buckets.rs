@@ -239,3 +239,34 @@ fn the_latent_cache_keeps_the_buckets() {
         }
     }
 }
+
+#[test]
+fn inspect_counts_rows_per_bucket_and_draws_bucketed_targets() {
+    let dir = tempfile::tempdir().unwrap();
+    let loc = Location::local(dir.path());
+    write_aspects(&loc, 20);
+    let opts = datasets::inspect::InspectOptions {
+        samples: 8,
+        resolution: 64,
+        grid: 4,
+        lines_per_ref: 4,
+        seed: 0,
+        aspect_buckets: true,
+    };
+    let url = dir.path().display().to_string();
+    let (st, kept) = datasets::inspect::inspect(&url, &opts).unwrap();
+    assert_eq!(st.target_buckets.values().sum::<usize>(), 20);
+    assert_eq!(st.targets_unknown, 0);
+    let want: std::collections::BTreeMap<String, usize> =
+        sizes(&loc, 20)
+            .values()
+            .fold(Default::default(), |mut m, &[w, h]| {
+                let (bw, bh) = datasets::buckets::pick(64, w, h).unwrap();
+                *m.entry(format!("{bw}x{bh}")).or_default() += 1;
+                m
+            });
+    assert_eq!(st.target_buckets, want);
+    assert_eq!(st.decoded, 8);
+    let img = datasets::inspect::grid(&kept, 4);
+    assert_eq!(img.width() % 80, 0, "cells as wide as the widest bucket");
+}
