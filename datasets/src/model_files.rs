@@ -50,6 +50,26 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// Which object a downloaded copy holds, kept next to it (`<file>.source.json`): a copy is
+/// reused only while the object keeps its size and version tag (so weights replaced by others
+/// of the same size are downloaded again).
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Source {
+    url: String,
+    size: u64,
+    tag: String,
+}
+
+impl Source {
+    fn is_copied_to(&self, dest: &Path) -> bool {
+        let recorded = std::fs::read(with_suffix(dest, "source.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Source>(&b).ok());
+        recorded.as_ref() == Some(self)
+            && std::fs::metadata(dest).map(|m| m.len()).ok() == Some(self.size)
+    }
+}
+
 /// A folder of model files.
 pub struct ModelFolder {
     loc: Location,
@@ -127,9 +147,14 @@ impl ModelFolder {
                 Err(DataError::input(path.display().to_string(), "not found"))
             };
         };
-        let size = self.loc.size(rel)?;
+        let (size, tag) = self.loc.version(rel)?;
+        let want = Source {
+            url: self.name(rel),
+            size,
+            tag,
+        };
         let dest = dir.join(rel);
-        if std::fs::metadata(&dest).map(|m| m.len()).ok() == Some(size) {
+        if want.is_copied_to(&dest) {
             return Ok(dest);
         }
         let at = dest.display().to_string();
@@ -142,7 +167,7 @@ impl ModelFolder {
         // STALE_LOCK by a process that died is taken over.
         let lock = with_suffix(&dest, "download-lock");
         loop {
-            if std::fs::metadata(&dest).map(|m| m.len()).ok() == Some(size) {
+            if want.is_copied_to(&dest) {
                 return Ok(dest);
             }
             match std::fs::OpenOptions::new()
@@ -151,7 +176,11 @@ impl ModelFolder {
                 .open(&lock)
             {
                 Ok(_) => {
-                    let done = self.download(rel, size, &dest, &lock);
+                    let done = self.download(rel, size, &dest, &lock).and_then(|()| {
+                        let json = serde_json::to_vec(&want).unwrap_or_default();
+                        std::fs::write(with_suffix(&dest, "source.json"), json)
+                            .map_err(|e| DataError::store(&at, e))
+                    });
                     let _ = std::fs::remove_file(&lock);
                     return done.map(|()| dest);
                 }

@@ -199,6 +199,24 @@ impl Location {
         }
     }
 
+    /// Size and a version tag of one object (its ETag, else its version, else its modification
+    /// time; for a local file its modification time): a change of either means other bytes.
+    pub fn version(&self, rel: &str) -> Result<(u64, String)> {
+        match self {
+            Self::Local(p) => {
+                let m = std::fs::metadata(p.join(rel)).map_err(|e| err(&self.name(rel), e))?;
+                let t = m
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(0);
+                Ok((m.len(), format!("mtime-ns {t}")))
+            }
+            Self::Remote(r) => r.version(rel),
+        }
+    }
+
     /// Whether one object (a file, not a folder) exists.
     pub fn exists(&self, rel: &str) -> Result<bool> {
         match self {
@@ -324,6 +342,20 @@ impl Remote {
         with_retries(&at, || self.rt.block_on(self.store.head(&path)))
             .map(|m| m.size)
             .map_err(|e| err(&at, e))
+    }
+
+    /// See [`Location::version`].
+    pub fn version(&self, rel: &str) -> Result<(u64, String)> {
+        let path = self.path(rel);
+        let at = format!("{}/{rel}", self.url);
+        let m = with_retries(&at, || self.rt.block_on(self.store.head(&path)))
+            .map_err(|e| err(&at, e))?;
+        let tag = match (m.e_tag, m.version) {
+            (Some(e), _) => format!("etag {e}"),
+            (None, Some(v)) => format!("version {v}"),
+            (None, None) => format!("modified {}", m.last_modified.to_rfc3339()),
+        };
+        Ok((m.size, tag))
     }
 
     /// Whether one object exists.

@@ -85,8 +85,14 @@ fn answer(mut stream: TcpStream, root: &Path, gets: &Gets) -> std::io::Result<()
         ),
         _ => ("200 OK", &bytes[..], String::new()),
     };
+    // The ETag follows the file's modification time, as a server's follows its content.
+    let mtime = std::fs::metadata(&file)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
     let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Length: {}\r\n{extra}Last-Modified: Wed, 25 Nov 2026 00:00:00 GMT\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\n{extra}ETag: \"{total}-{mtime}\"\r\nLast-Modified: Wed, 25 Nov 2026 00:00:00 GMT\r\nConnection: close\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes())?;
@@ -151,24 +157,26 @@ fn ranks_fetching_one_model_file_download_it_once() {
     let lock = |p: &Path| PathBuf::from(format!("{}.download-lock", p.display()));
     assert!(!lock(&paths[0]).exists());
 
-    // A lock held by a live download: wait for its copy, fetch nothing.
+    // A lock held by a live download: wait while it is held (its process then died without a
+    // copy, so the waiter downloads).
     let rel = "tokenizer/vocab.json";
     let folder = ModelFolder::open(&url, cache.path()).unwrap();
     let dest = paths[0].parent().unwrap().parent().unwrap().join(rel);
     std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
     std::fs::write(lock(&dest), b"").unwrap();
-    let got = std::thread::scope(|s| {
+    let waited = std::thread::scope(|s| {
         let waiter = s.spawn(|| folder.file(rel).unwrap());
-        std::thread::sleep(Duration::from_millis(500));
-        std::fs::copy(fixtures().join("encoders").join(rel), &dest).unwrap();
+        std::thread::sleep(Duration::from_millis(600));
+        assert!(!waiter.is_finished(), "a held lock is waited for");
+        let fetched = gets
+            .lock()
+            .unwrap()
+            .contains_key(&format!("/encoders/{rel}"));
         std::fs::remove_file(lock(&dest)).unwrap();
-        waiter.join().unwrap()
+        (waiter.join().unwrap(), fetched)
     });
-    assert_eq!(got, dest);
-    assert!(!gets
-        .lock()
-        .unwrap()
-        .contains_key(&format!("/encoders/{rel}")));
+    assert_eq!(waited, (dest.clone(), false));
+    assert_eq!(gets.lock().unwrap()[&format!("/encoders/{rel}")], 1);
 
     // A stale lock (its process died): taken over.
     let rel = "tokenizer/merges.txt";
@@ -180,4 +188,28 @@ fn ranks_fetching_one_model_file_download_it_once() {
     assert_eq!(folder.file(rel).unwrap(), dest);
     assert_eq!(gets.lock().unwrap()[&format!("/encoders/{rel}")], 1);
     assert!(!lock(&dest).exists());
+}
+
+#[test]
+fn a_model_file_replaced_by_one_of_the_same_size_is_downloaded_again() {
+    let served = tempfile::tempdir().unwrap();
+    std::fs::write(served.path().join("w.bin"), b"old weights").unwrap();
+    let (base, gets) = serve(served.path().to_path_buf());
+    let cache = tempfile::tempdir().unwrap();
+    let folder = ModelFolder::open(&base, cache.path()).unwrap();
+    let got = folder.file("w.bin").unwrap();
+    assert_eq!(std::fs::read(&got).unwrap(), b"old weights");
+    assert_eq!(folder.file("w.bin").unwrap(), got);
+    assert_eq!(
+        gets.lock().unwrap()["/w.bin"],
+        1,
+        "an unchanged object is reused"
+    );
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::write(served.path().join("w.bin"), b"new weights").unwrap();
+    assert_eq!(
+        std::fs::read(folder.file("w.bin").unwrap()).unwrap(),
+        b"new weights"
+    );
+    assert_eq!(gets.lock().unwrap()["/w.bin"], 2);
 }
