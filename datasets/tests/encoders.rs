@@ -271,6 +271,28 @@ fn broken_model_folders_name_the_file_at_fault() {
     assert!(e.contains("model-00001-of-00002.safetensors"), "{e}");
 
     fresh();
+    std::fs::write(
+        dir.join("text_encoder_2/model.safetensors.index.json"),
+        r#"{"weight_map": {}}"#,
+    )
+    .unwrap();
+    let e = load_err(&dir, None, 16);
+    assert!(
+        e.contains("model.safetensors.index.json") && e.contains("lists no file"),
+        "{e}"
+    );
+
+    fresh();
+    let cfg = dir.join("text_encoder_2/config.json");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("\"num_heads\": 4", "\"num_heads\": 0")).unwrap();
+    let e = load_err(&dir, None, 16);
+    assert!(
+        e.contains("text_encoder_2/config.json") && e.contains("num_heads"),
+        "{e}"
+    );
+
+    fresh();
     std::fs::remove_dir_all(dir.join("vae")).unwrap();
     let e = load_err(&dir, None, 16);
     assert!(

@@ -94,6 +94,12 @@ fn weight_files(folder: &ModelFolder, dir: &str, stem: &str) -> Result<Vec<PathB
         let mut names: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
         names.sort_unstable();
         names.dedup();
+        if names.is_empty() {
+            return Err(EncodeError::file(
+                path.display().to_string(),
+                "`weight_map` lists no file",
+            ));
+        }
         return names
             .into_iter()
             .map(|n| folder.file(&join(dir, n)).map_err(EncodeError::from))
@@ -246,12 +252,25 @@ impl Files {
     }
 
     fn t5_cfg(&self) -> Result<T5Config> {
-        serde_json::from_str(&read(&self.t5_config)?).map_err(|e| {
-            EncodeError::file(
-                self.t5_config.display().to_string(),
-                format!("not a T5 config: {e}"),
-            )
-        })
+        let at = self.t5_config.display().to_string();
+        let c: T5Config = serde_json::from_str(&read(&self.t5_config)?)
+            .map_err(|e| EncodeError::file(&at, format!("not a T5 config: {e}")))?;
+        let sizes = [
+            ("vocab_size", c.vocab_size),
+            ("d_model", c.d_model),
+            ("d_kv", c.d_kv),
+            ("d_ff", c.d_ff),
+            ("num_layers", c.num_layers),
+            ("num_heads", c.num_heads),
+            (
+                "relative_attention_num_buckets",
+                c.relative_attention_num_buckets,
+            ),
+        ];
+        if let Some((k, _)) = sizes.iter().find(|(_, v)| *v == 0) {
+            return Err(EncodeError::file(&at, format!("`{k}` must be positive")));
+        }
+        Ok(c)
     }
 
     fn clip_cfg(&self) -> Result<ClipTextConfig> {
@@ -286,12 +305,19 @@ impl Files {
             ));
         }
         let embed_dim = num("hidden_size")?;
+        let positions = num("max_position_embeddings")?;
+        if positions == 0 || embed_dim == 0 {
+            return Err(EncodeError::file(
+                &at,
+                "hidden_size and max_position_embeddings must be positive",
+            ));
+        }
         Ok(ClipTextConfig {
             vocab_size: num("vocab_size")?,
             embed_dim,
             activation: Activation::QuickGelu,
             intermediate_size: num("intermediate_size")?,
-            max_position_embeddings: num("max_position_embeddings")?,
+            max_position_embeddings: positions,
             pad_with: None,
             num_hidden_layers: num("num_hidden_layers")?,
             num_attention_heads: num("num_attention_heads")?,

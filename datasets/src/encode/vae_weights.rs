@@ -151,7 +151,7 @@ pub fn config(w: &HashMap<String, Tensor>, scale: f64, shift: f64, at: &str) -> 
             at,
             format!(
                 "the VAE encoder has {levels} levels ({}x down-sampling); FLUX's has 4 (8x)",
-                1usize << (levels - 1)
+                2f64.powi(levels as i32 - 1)
             ),
         ));
     }
