@@ -42,12 +42,17 @@ pub fn buckets(resolution: usize) -> Vec<(usize, usize)> {
 /// The bucket (width, height) of a `width` x `height` image at `resolution`; None for an image
 /// without pixels.
 pub fn pick(resolution: usize, width: u32, height: u32) -> Option<(usize, usize)> {
+    pick_from(&buckets(resolution), width, height)
+}
+
+/// [`pick`] among `buckets` (computed once by callers that pick for many rows).
+pub fn pick_from(buckets: &[(usize, usize)], width: u32, height: u32) -> Option<(usize, usize)> {
     if width == 0 || height == 0 {
         return None;
     }
     let aspect = (width as f64 / height as f64).ln();
     let mut best: Option<((usize, usize), f64)> = None;
-    for b in buckets(resolution) {
+    for &b in buckets {
         let d = ((b.0 as f64 / b.1 as f64).ln() - aspect).abs();
         if best.is_none_or(|(_, bd)| d < bd - 1e-12) {
             best = Some((b, d));

@@ -79,10 +79,11 @@ pub fn inspect(url: &str, opts: &InspectOptions) -> Result<(Stats, Vec<Decoded>)
         pairs_min: usize::MAX,
         ..Default::default()
     };
+    let shapes = crate::buckets::buckets(opts.resolution);
     for g in m.shards.iter().flat_map(|s| &s.row_groups) {
         st.targets_unknown += g.rows - g.targets.len().min(g.rows);
         for &[w, h] in &g.targets {
-            match crate::buckets::pick(opts.resolution, w, h) {
+            match crate::buckets::pick_from(&shapes, w, h) {
                 Some((bw, bh)) => *st.target_buckets.entry(format!("{bw}x{bh}")).or_default() += 1,
                 None => st.targets_unknown += 1,
             }

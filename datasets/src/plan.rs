@@ -151,10 +151,12 @@ pub fn plan_epoch(manifest: &Manifest, spec: &PlanSpec, epoch: u64) -> EpochPlan
     // and the same for all.
     let mut groups: BTreeMap<(usize, (usize, usize)), Vec<RowRef>> = BTreeMap::new();
     let mut batches = Vec::new();
+    let shapes = spec.buckets.map(crate::buckets::buckets);
     for (r, k) in rows {
-        let bucket = match spec.buckets {
+        let bucket = match &shapes {
             None => Some((0, 0)),
-            Some(_) => row_bucket(manifest, spec, &r),
+            Some(shapes) => recorded_size(manifest, &r)
+                .and_then(|[w, h]| crate::buckets::pick_from(shapes, w, h)),
         };
         let Some(bucket) = bucket.filter(|_| (1..=crate::schema::MAX_REFS).contains(&k)) else {
             // An invalid row (reference count, or unknown target size with buckets) goes
@@ -177,14 +179,18 @@ pub fn plan_epoch(manifest: &Manifest, spec: &PlanSpec, epoch: u64) -> EpochPlan
 /// The target bucket (width, height) of row `r` under `spec`'s buckets, from the size the
 /// manifest records; None without buckets or without a usable size.
 pub fn row_bucket(manifest: &Manifest, spec: &PlanSpec, r: &RowRef) -> Option<(usize, usize)> {
-    let resolution = spec.buckets?;
+    let [w, h] = recorded_size(manifest, r)?;
+    crate::buckets::pick(spec.buckets?, w, h)
+}
+
+/// The [width, height] the manifest records for row `r`'s target.
+fn recorded_size(manifest: &Manifest, r: &RowRef) -> Option<[u32; 2]> {
     let info = manifest
         .shards
         .get(r.shard as usize)?
         .row_groups
         .get(r.group as usize)?;
-    let [w, h] = *info.targets.get(r.row as usize)?;
-    crate::buckets::pick(resolution, w, h)
+    info.targets.get(r.row as usize).copied()
 }
 
 #[cfg(test)]
