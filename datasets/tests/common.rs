@@ -147,3 +147,19 @@ pub fn assert_reads_alike(remote: &Location, local: &Location) {
         }
     }
 }
+
+/// A prefix `{base}/{name}-{pid}` below the server URL in the environment variable `var`
+/// (exported by the ci/ script `script`); None, saying the test did not run, without it.
+pub fn server_url(var: &str, script: &str, name: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(base) => Some(format!(
+            "{}/{name}-{}",
+            base.trim_end_matches('/'),
+            std::process::id()
+        )),
+        Err(_) => {
+            eprintln!("not run: {var} is not set ({script} starts a test server)");
+            None
+        }
+    }
+}

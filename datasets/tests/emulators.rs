@@ -7,14 +7,9 @@ use datasets::Location;
 
 use crate::common::*;
 
-/// Writes shards below `base` (a URL) and a folder; both read back the same batches.
-fn round_trip(base: &str) {
-    let url = format!(
-        "{}/datasets-{}",
-        base.trim_end_matches('/'),
-        std::process::id()
-    );
-    let remote = Location::parse(&url).unwrap();
+/// Writes shards below `url` and a folder; both read back the same batches.
+fn round_trip(url: &str) {
+    let remote = Location::parse(url).unwrap();
     let local_dir = tempfile::tempdir().unwrap();
     let local = Location::local(local_dir.path());
     let m_remote = write_synth(&remote, 16, 3);
@@ -23,19 +18,9 @@ fn round_trip(base: &str) {
     assert_reads_alike(&remote, &local);
 }
 
-fn url_from(var: &str, script: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(u) => Some(u),
-        Err(_) => {
-            eprintln!("not run: {var} is not set ({script} starts an emulator)");
-            None
-        }
-    }
-}
-
 #[test]
 fn shards_round_trip_through_azure_blob_storage() {
-    if let Some(base) = url_from("MOSAIC_TEST_AZ_URL", "ci/azure.sh") {
-        round_trip(&base);
+    if let Some(url) = server_url("MOSAIC_TEST_AZ_URL", "ci/azure.sh", "datasets") {
+        round_trip(&url);
     }
 }

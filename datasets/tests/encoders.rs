@@ -159,6 +159,13 @@ fn bfl_ae_safetensors_gives_the_same_latents() {
     check_against_reference(&mut enc);
 }
 
+/// Replaces `from` (which must be there) by `to` in the text file at `path`.
+fn replace_in(path: &Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(text.contains(from), "{} has no {from}", path.display());
+    std::fs::write(path, text.replace(from, to)).unwrap();
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {
@@ -209,13 +216,11 @@ fn the_fingerprint_follows_every_file() {
         assert_eq!(part(&fp, other), part(&fp2, other), "{other}");
     }
     // A tokenizer setting too.
-    let cfg = tmp.path().join("tokenizer/tokenizer_config.json");
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(
-        &cfg,
-        text.replace("\"model_max_length\": 16", "\"model_max_length\": 17"),
-    )
-    .unwrap();
+    replace_in(
+        &tmp.path().join("tokenizer/tokenizer_config.json"),
+        "\"model_max_length\": 16",
+        "\"model_max_length\": 17",
+    );
     let fp3 = s.fingerprint().unwrap();
     assert_ne!(part(&fp2, "tokenizers-"), part(&fp3, "tokenizers-"));
     // And the VAE file chosen.
@@ -283,9 +288,11 @@ fn broken_model_folders_name_the_file_at_fault() {
     );
 
     fresh();
-    let cfg = dir.join("text_encoder_2/config.json");
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(&cfg, text.replace("\"num_heads\": 4", "\"num_heads\": 0")).unwrap();
+    replace_in(
+        &dir.join("text_encoder_2/config.json"),
+        "\"num_heads\": 4",
+        "\"num_heads\": 0",
+    );
     let e = load_err(&dir, None, 16);
     assert!(
         e.contains("text_encoder_2/config.json") && e.contains("num_heads"),
@@ -317,13 +324,11 @@ fn broken_model_folders_name_the_file_at_fault() {
     );
 
     fresh();
-    let cfg = dir.join("vae/config.json");
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(
-        &cfg,
-        text.replace("\"use_quant_conv\": false", "\"use_quant_conv\": true"),
-    )
-    .unwrap();
+    replace_in(
+        &dir.join("vae/config.json"),
+        "\"use_quant_conv\": false",
+        "\"use_quant_conv\": true",
+    );
     let e = load_err(&dir, None, 16);
     assert!(
         e.contains("vae/config.json") && e.contains("quant_conv"),
@@ -376,15 +381,9 @@ fn broken_model_folders_name_the_file_at_fault() {
 
 #[test]
 fn pretrained_encoders_load_from_s3_and_download_once() {
-    let Ok(base) = std::env::var("MOSAIC_TEST_S3_URL") else {
-        eprintln!("not run: MOSAIC_TEST_S3_URL is not set (ci/s3.sh starts a test server)");
+    let Some(url) = crate::common::server_url("MOSAIC_TEST_S3_URL", "ci/s3.sh", "encoders") else {
         return;
     };
-    let url = format!(
-        "{}/encoders-{}",
-        base.trim_end_matches('/'),
-        std::process::id()
-    );
     let remote = Location::parse(&url).unwrap();
     fn upload(remote: &Location, dir: &Path, rel: &str) {
         for e in std::fs::read_dir(dir).unwrap() {

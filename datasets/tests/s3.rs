@@ -12,17 +12,11 @@ use datasets::{Cursor, Location};
 use crate::common::*;
 
 fn s3_url(test: &str) -> Option<String> {
-    match std::env::var("MOSAIC_TEST_S3_URL") {
-        Ok(base) => Some(format!(
-            "{}/datasets-{test}-{}",
-            base.trim_end_matches('/'),
-            std::process::id()
-        )),
-        Err(_) => {
-            eprintln!("not run: MOSAIC_TEST_S3_URL is not set (ci/s3.sh starts a test server)");
-            None
-        }
-    }
+    server_url(
+        "MOSAIC_TEST_S3_URL",
+        "ci/s3.sh",
+        &format!("datasets-{test}"),
+    )
 }
 
 #[test]

@@ -97,9 +97,14 @@ pub fn write_test_shards(loc: datasets::Location, samples: usize, seed: u64) {
         seed,
         ..Default::default()
     };
+    write_synth_shards(loc, &opts);
+}
+
+/// The synthetic scenes of `opts` written to `loc` in row groups of 4.
+pub fn write_synth_shards(loc: datasets::Location, opts: &datasets::synth::SynthOptions) {
     let wopts = datasets::WriterOptions {
         row_group_rows: 4,
         ..Default::default()
     };
-    datasets::synth::write_dataset(loc, &opts, wopts).unwrap();
+    datasets::synth::write_dataset(loc, opts, wopts).unwrap();
 }

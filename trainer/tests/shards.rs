@@ -173,11 +173,7 @@ fn aspect_buckets_train_with_and_without_a_cache() {
         aspects: true,
         ..Default::default()
     };
-    let wopts = datasets::WriterOptions {
-        row_group_rows: 4,
-        ..Default::default()
-    };
-    datasets::synth::write_dataset(Location::local(&data), &opts, wopts).unwrap();
+    crate::common::write_synth_shards(Location::local(&data), &opts);
     let url = data.display().to_string();
     let with = |cache: &str| {
         let mut s = sets(&url, cache);
