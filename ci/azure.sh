@@ -4,7 +4,8 @@
 #   settings: account devstoreaccount1 with its well-known key), MOSAIC_TEST_AZ_URL
 #   (az://mosaic-test/ci).
 # `azure_stop` stops it. Azurite is installed under ${MOSAIC_CI_CACHE:-~/.cache/mosaic-ci}; with
-# no npm or no registry the Azure tests are skipped with a loud message.
+# no npm or no registry it says so loudly, and the Azure tests fail under .ci/run
+# (MOSAIC_REQUIRE_SERVERS=1) or skip without it.
 azure_start() {
   local cache="${MOSAIC_CI_CACHE:-$HOME/.cache/mosaic-ci}"
   local dir="$cache/azurite"

@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
 # Compiles kernels/src/attention_rows.cu with NVRTC, as the trainer does at run time, on a
-# machine without a GPU: NVRTC needs no driver. Uses the CUDA 13.0 wheels that
-# ../shared/gpu/build-cuda.sh caches (run it once); not part of CI (those wheels are large).
+# machine without a GPU: NVRTC needs no driver. NVRTC comes from NVIDIA's CUDA 13.0 pip wheel
+# (nvidia-cuda-nvrtc), installed once into ~/.cache/mosaic-ci/nvrtc unless one is found under
+# $CUDA_PIP_CACHE. Not part of CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cuda=$(dirname "$(dirname "$(find "${CUDA_PIP_CACHE:-$HOME/.cache/cuda-pip}" -name nvcc -type f | head -1)")")
-test -f "$cuda/lib/libnvrtc.so.13" || { echo "no NVRTC found; run ../shared/gpu/build-cuda.sh --check first" >&2; exit 1; }
-LD_LIBRARY_PATH="$cuda/lib" python3 - "$cuda/lib/libnvrtc.so.13" kernels/src/attention_rows.cu <<'PY'
+lib=$(find "${CUDA_PIP_CACHE:-$HOME/.cache/cuda-pip}" "$HOME/.cache/mosaic-ci/nvrtc" -name 'libnvrtc.so.13' 2>/dev/null | head -1 || true)
+if [ -z "$lib" ]; then
+  python3 -m venv "$HOME/.cache/mosaic-ci/nvrtc"
+  "$HOME/.cache/mosaic-ci/nvrtc/bin/pip" install -q nvidia-cuda-nvrtc==13.0.88
+  lib=$(find "$HOME/.cache/mosaic-ci/nvrtc" -name 'libnvrtc.so.13' | head -1)
+fi
+test -f "$lib" || { echo "no NVRTC found" >&2; exit 1; }
+cuda=$(dirname "$(dirname "$lib")")
+LD_LIBRARY_PATH="$cuda/lib" python3 - "$lib" kernels/src/attention_rows.cu <<'PY'
 import ctypes, sys
 lib = ctypes.CDLL(sys.argv[1])
 src = open(sys.argv[2], "rb").read()

@@ -4,8 +4,8 @@
 #   MOSAIC_TEST_S3_URL (s3://mosaic-test/ci), and MOSAIC_TEST_MOTO_SERVER (the moto_server
 #   binary, for tests that run and restart a server of their own).
 # `s3_stop` stops the server. moto comes from a venv cached under
-# ${MOSAIC_CI_CACHE:-~/.cache/mosaic-ci}; with no package registry reachable the object-store
-# tests are skipped with a loud message (they then only run against local folders).
+# ${MOSAIC_CI_CACHE:-~/.cache/mosaic-ci}; with no package registry reachable it says so loudly, and
+# the object-store tests fail under .ci/run (MOSAIC_REQUIRE_SERVERS=1) or skip without it.
 s3_start() {
   local cache="${MOSAIC_CI_CACHE:-$HOME/.cache/mosaic-ci}"
   local venv="$cache/s3-venv"

@@ -5,7 +5,7 @@
 //! a rank's plan over the dataset's manifest reads the cache's row groups instead. `cache.json`
 //! holds the fingerprint (encoders, resolutions, transform) and the sha256 of the dataset's
 //! manifest; a trainer refuses a cache whose fingerprint or dataset differs. Tensors are stored
-//! as raw little-endian bf16 with their shapes (DESIGN.md §4), with each row's sample id; the
+//! as raw little-endian bf16 with their shapes (design.md §2), with each row's sample id; the
 //! mirrored layout and the pinned manifest hash tie every row to its dataset row. Rows that
 //! could not be used at precompute time keep their problem, so the reader reports them as it
 //! would have.
@@ -20,12 +20,12 @@ use arrow_buffer::OffsetBuffer;
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use serde::{Deserialize, Serialize};
 
-use crate::encode::{EncoderSpec, Encoders};
+use crate::digest::sha256_hex;
+use crate::encode::{load_encoders, EncoderSpec, Encoders};
 use crate::error::{DataError, Result, SampleProblem};
 use crate::manifest::{Manifest, ShardInfo, MANIFEST};
 use crate::store::Location;
 use crate::transform::{decode_sample, TransformSpec};
-use crate::writer::sha256_hex;
 
 pub const CACHE_INFO: &str = "cache.json";
 pub const CACHE_FORMAT: &str = "semalign-ms-cache";
@@ -163,10 +163,16 @@ pub fn to_batch(rows: &[CacheRow]) -> std::result::Result<RecordBatch, arrow_sch
         Ok(s) => s.sample_id.clone(),
         Err((id, _)) => id.clone(),
     }));
-    let problems = StringArray::from_iter(rows.iter().map(|r| match r {
-        Ok(_) => None,
-        Err((_, p)) => Some(serde_json::to_string(&ProblemJson::from(p)).unwrap_or_default()),
-    }));
+    let problems = rows
+        .iter()
+        .map(|r| match r {
+            Ok(_) => Ok(None),
+            Err((_, p)) => serde_json::to_string(&ProblemJson::from(p))
+                .map(Some)
+                .map_err(|e| arrow_schema::ArrowError::ExternalError(Box::new(e))),
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let problems = StringArray::from_iter(problems);
     let stored = |f: &dyn Fn(&CachedSample) -> &Stored| -> (BinaryArray, ListArray) {
         let st: Vec<&Stored> = (0..n).map(|i| get(i).map_or(&empty, f)).collect();
         let bytes: Vec<Vec<u8>> = st.iter().map(|s| to_bf16_bytes(&s.values)).collect();
@@ -549,7 +555,7 @@ pub fn precompute(
                 candle_core::DType::BF16
             };
             enc = Some(
-                Encoders::load(&opts.encoders, dtype, &opts.device)
+                load_encoders(&opts.encoders, dtype, &opts.device)
                     .map_err(|e| DataError::input("encoders", e))?,
             );
         }
@@ -632,7 +638,7 @@ fn precompute_shard(
         let ids = crate::schema::sample_ids(&batch);
         let mut rows = Vec::with_capacity(info.rows);
         for row in 0..info.rows {
-            let id = crate::loader::id_at(&ids, row);
+            let id = crate::shard::id_at(&ids, row);
             let r = crate::schema::decode_row(&batch, row)
                 .and_then(|s| {
                     s.check()?;

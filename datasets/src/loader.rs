@@ -25,7 +25,7 @@ use crate::plan::{plan_epoch, row_bucket, Cursor, PlanSpec, RowRef};
 use crate::report::DataReport;
 use crate::schema::{decode_row, sample_ids, RawSample};
 use crate::shard::{
-    decode_row_group, decode_sample_ids, fetch_row_group, read_footer, ShardFooter,
+    decode_row_group, decode_sample_ids, fetch_row_group, id_at, read_footer, ShardFooter,
 };
 use crate::store::Location;
 use crate::transform::{decode_sample, Decoded, TransformSpec};
@@ -499,14 +499,6 @@ fn decode_worker(
         };
         publish(&done, job.seq, d, &stop);
     }
-}
-
-/// The sample id of `row` where it could be read, else "?".
-pub(crate) fn id_at(ids: &[Option<String>], row: usize) -> String {
-    ids.get(row)
-        .cloned()
-        .flatten()
-        .unwrap_or_else(|| "?".into())
 }
 
 /// A row group: (shard, group).

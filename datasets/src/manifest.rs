@@ -1,6 +1,6 @@
 //! `manifest.json`: the list of shards of a dataset with their sizes, hashes and row groups.
 //!
-//! Beyond DESIGN.md §4 (format version, shard files with rows, bytes and sha256, total rows),
+//! Beyond design.md §2 (format version, shard files with rows, bytes and sha256, total rows),
 //! each shard lists its footer and row groups as byte spans with their own sha256 and the
 //! reference count of every row. Readers then plan an epoch from the manifest alone, fetch one
 //! row group with one range read, and verify it without reading the whole shard.
@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{DataError, Result};
+use crate::schema::RawSample;
 use crate::store::Location;
 
 pub const MANIFEST: &str = "manifest.json";
@@ -38,11 +39,11 @@ pub struct RowGroupInfo {
 
 impl RowGroupInfo {
     /// What the manifest says of each row.
-    pub fn row_meta(&self) -> Vec<crate::writer::RowMeta> {
+    pub fn row_meta(&self) -> Vec<RowMeta> {
         self.refs
             .bytes()
             .enumerate()
-            .map(|(i, k)| crate::writer::RowMeta {
+            .map(|(i, k)| RowMeta {
                 refs: (k - b'0') as usize,
                 target: self.targets.get(i).copied(),
             })
@@ -161,5 +162,22 @@ impl Manifest {
             }
         }
         h
+    }
+}
+
+/// What the manifest records of one row: its reference count and its target's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowMeta {
+    pub refs: usize,
+    /// [width, height]; [0, 0] for a target whose header cannot be read, None when unknown.
+    pub target: Option<[u32; 2]>,
+}
+
+impl RowMeta {
+    pub fn of(s: &RawSample) -> Self {
+        Self {
+            refs: s.refs.len(),
+            target: Some(crate::transform::image_size(&s.target).unwrap_or([0, 0])),
+        }
     }
 }

@@ -1,4 +1,4 @@
-//! The SemAlign-MS row (DESIGN.md §4) and its Arrow form.
+//! The SemAlign-MS row (design.md §2) and its Arrow form.
 //!
 //! Columns: `sample_id` utf8, `caption` utf8, `target` binary (an encoded image), `refs`
 //! list<struct<image binary, mask binary nullable, label utf8 nullable>> (1 to 6),

@@ -15,10 +15,10 @@ use parquet::errors::ParquetError;
 use parquet::file::metadata::ParquetMetaDataReader;
 use parquet::file::reader::{ChunkReader, Length};
 
+use crate::digest::sha256_hex;
 use crate::error::{DataError, Result};
 use crate::manifest::{ShardInfo, Span};
 use crate::store::Location;
-use crate::writer::sha256_hex;
 
 /// A shard's decoded footer.
 #[derive(Clone)]
@@ -65,40 +65,11 @@ pub fn read_footer(loc: &Location, shard: &ShardInfo) -> Result<ShardFooter> {
     }
     let meta = ParquetMetaDataReader::decode_metadata(&bytes[..n - 8])
         .map_err(|e| DataError::shard(&at, format!("footer: {e}")))?;
-    check_metadata(&meta, shard.bytes)
+    crate::parquet_meta::check_metadata(&meta, shard.bytes)
         .map_err(|e| DataError::shard(&at, format!("footer: {e}")))?;
     let arrow = ArrowReaderMetadata::try_new(Arc::new(meta), ArrowReaderOptions::new())
         .map_err(|e| DataError::shard(&at, format!("footer: {e}")))?;
     Ok(ShardFooter { arrow })
-}
-
-/// Refuses metadata whose column chunks start before the file, have a negative size or end past
-/// it. The parquet crate asserts on such values (a panic, found by fuzzing), so they must not
-/// reach it.
-pub fn check_metadata(
-    meta: &parquet::file::metadata::ParquetMetaData,
-    file_len: u64,
-) -> std::result::Result<(), String> {
-    for (g, rg) in meta.row_groups().iter().enumerate() {
-        for (c, col) in rg.columns().iter().enumerate() {
-            let start = col
-                .dictionary_page_offset()
-                .unwrap_or(col.data_page_offset());
-            let len = col.compressed_size();
-            let fits = start >= 0
-                && len >= 0
-                && col.data_page_offset() >= 0
-                && (start as u64)
-                    .checked_add(len as u64)
-                    .is_some_and(|end| end <= file_len);
-            if !fits {
-                return Err(format!(
-                    "row group {g} column {c}: chunk at {start} of {len} bytes does not fit a file of {file_len} bytes"
-                ));
-            }
-        }
-    }
-    Ok(())
 }
 
 /// The bytes of one row group, placed at their offset in a file of `len` bytes.
@@ -284,7 +255,7 @@ fn parquet_batches(bytes: &[u8]) -> std::result::Result<Vec<RecordBatch>, String
     let meta = ParquetMetaDataReader::new()
         .parse_and_finish(&data)
         .map_err(|e| e.to_string())?;
-    check_metadata(&meta, bytes.len() as u64)?;
+    crate::parquet_meta::check_metadata(&meta, bytes.len() as u64)?;
     let arrow = ArrowReaderMetadata::try_new(Arc::new(meta), ArrowReaderOptions::new())
         .map_err(|e| e.to_string())?;
     ParquetRecordBatchReaderBuilder::new_with_metadata(data, arrow)
@@ -293,6 +264,14 @@ fn parquet_batches(bytes: &[u8]) -> std::result::Result<Vec<RecordBatch>, String
         .map_err(|e| e.to_string())?
         .map(|b| b.map_err(|e| e.to_string()))
         .collect()
+}
+
+/// The sample id of `row` where it could be read, else "?".
+pub(crate) fn id_at(ids: &[Option<String>], row: usize) -> String {
+    ids.get(row)
+        .cloned()
+        .flatten()
+        .unwrap_or_else(|| "?".into())
 }
 
 #[cfg(test)]

@@ -28,9 +28,10 @@ use arrow_schema::DataType;
 use image::GenericImageView;
 use serde::Serialize;
 
+use crate::digest::sha256_hex;
 use crate::error::{DataError, Result};
 use crate::schema::{Quality, RawCorrespondence, RawRef, RawSample};
-use crate::writer::{sha256_hex, ShardWriter};
+use crate::writer::ShardWriter;
 
 const PAD: u32 = 8;
 const PANEL: u32 = 512;

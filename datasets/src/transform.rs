@@ -3,7 +3,7 @@
 //! way the official inference does (white background through the mask, crop to the mask's box,
 //! scale to 0.9 of the canvas, centred; without a mask, like the target), move every
 //! correspondence through the same crops and resizes, and map it to token indices
-//! (DESIGN.md §4), one per reference token.
+//! (design.md §2), one per reference token.
 
 use image::imageops::FilterType;
 use image::{GrayImage, RgbImage};
@@ -38,13 +38,8 @@ impl TransformSpec {
     }
 }
 
-/// An image as f32 CHW in [-1, 1].
-#[derive(Debug, Clone, PartialEq)]
-pub struct Pixels {
-    pub height: usize,
-    pub width: usize,
-    pub data: Vec<f32>,
-}
+/// An image as f32 CHW in [-1, 1] (the encoders' input).
+pub use flux::encoders::Pixels;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct DecodedRef {

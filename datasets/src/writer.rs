@@ -1,4 +1,4 @@
-//! Writes samples into Parquet shards plus `manifest.json` (DESIGN.md §4).
+//! Writes samples into Parquet shards plus `manifest.json` (design.md §2).
 //!
 //! Rows are checked before they are stored (reference count, correspondences naming existing
 //! references and inside [0, 1], unique sample ids); a bad row is refused with its sample id and
@@ -14,7 +14,9 @@ use parquet::basic::Compression;
 use parquet::file::metadata::ParquetMetaDataReader;
 use parquet::file::properties::WriterProperties;
 
+use crate::digest::sha256_hex;
 use crate::error::{DataError, Result};
+use crate::manifest::RowMeta;
 use crate::manifest::{Manifest, RowGroupInfo, ShardInfo, Span, FORMAT, VERSION};
 use crate::schema::{to_batch, RawSample};
 use crate::store::Location;
@@ -48,15 +50,6 @@ pub struct ShardWriter {
     pending_bytes: usize,
     shards: Vec<ShardInfo>,
     ids: HashSet<String>,
-}
-
-/// Lower-case hex sha256.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 fn span(bytes: &[u8], offset: u64, length: u64) -> Span {
@@ -183,23 +176,6 @@ pub fn encode_shard(
     Ok(out)
 }
 
-/// What the manifest records of one row: its reference count and its target's size.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RowMeta {
-    pub refs: usize,
-    /// [width, height]; [0, 0] for a target whose header cannot be read, None when unknown.
-    pub target: Option<[u32; 2]>,
-}
-
-impl RowMeta {
-    pub fn of(s: &RawSample) -> Self {
-        Self {
-            refs: s.refs.len(),
-            target: Some(crate::transform::image_size(&s.target).unwrap_or([0, 0])),
-        }
-    }
-}
-
 /// The manifest entry of a shard file: spans and hashes of its footer and row groups, and what
 /// `rows` say of each row (reference count, target size).
 pub fn describe_shard(
@@ -222,7 +198,7 @@ pub fn describe_shard(
     let meta = ParquetMetaDataReader::new()
         .parse_and_finish(&Bytes::copy_from_slice(bytes))
         .map_err(|e| e.to_string())?;
-    crate::shard::check_metadata(&meta, len)?;
+    crate::parquet_meta::check_metadata(&meta, len)?;
     let mut row_groups = Vec::new();
     let mut first_row = 0;
     for (g, rg) in meta.row_groups().iter().enumerate() {

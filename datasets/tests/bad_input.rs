@@ -127,8 +127,8 @@ fn missing_column() {
     let mut w = parquet::arrow::ArrowWriter::try_new(&mut bytes, batch.schema(), None).unwrap();
     w.write(&batch).unwrap();
     w.close().unwrap();
-    let counts: Vec<datasets::writer::RowMeta> =
-        rows.iter().map(datasets::writer::RowMeta::of).collect();
+    let counts: Vec<datasets::manifest::RowMeta> =
+        rows.iter().map(datasets::manifest::RowMeta::of).collect();
     let info = datasets::writer::describe_shard("shard-00000.parquet", &bytes, &counts).unwrap();
     loc.put("shard-00000.parquet", bytes).unwrap();
     datasets::Manifest {
@@ -176,7 +176,7 @@ fn shard_with_damage(
     if fix_hash {
         let span = &mut m.shards[0].row_groups[1].span;
         let s = span.offset as usize;
-        span.sha256 = datasets::writer::sha256_hex(&bytes[s..s + span.length as usize]);
+        span.sha256 = datasets::sha256_hex(&bytes[s..s + span.length as usize]);
         m.write(&loc).unwrap();
     }
     std::fs::write(dir.path().join("shard-00000.parquet"), &bytes).unwrap();

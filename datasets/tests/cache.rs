@@ -3,7 +3,7 @@
 //! for other encoders or another version of the dataset.
 
 use datasets::cache::{self, PrecomputeOptions};
-use datasets::encode::{EncoderSpec, EncoderWeights, Encoders};
+use datasets::encode::{load_encoders, EncoderSpec, EncoderWeights};
 use datasets::{Cursor, Location, Manifest};
 
 use crate::common::*;
@@ -46,7 +46,7 @@ fn cache_reads_back_in_plan_order_with_the_encoders_values() {
     let mut cached =
         datasets::Loader::start(out.clone(), std::sync::Arc::new(m), lo, Cursor::default())
             .unwrap();
-    let mut enc = Encoders::load(
+    let mut enc = load_encoders(
         &opts.encoders,
         candle_core::DType::F32,
         &candle_core::Device::Cpu,

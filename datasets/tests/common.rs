@@ -41,8 +41,8 @@ pub fn write_unchecked(loc: &Location, rows: &[RawSample]) -> Manifest {
     for (i, chunk) in rows.chunks(8).enumerate() {
         let file = format!("shard-{i:05}.parquet");
         let bytes = datasets::writer::encode_shard(chunk, 4).unwrap();
-        let counts: Vec<datasets::writer::RowMeta> =
-            chunk.iter().map(datasets::writer::RowMeta::of).collect();
+        let counts: Vec<datasets::manifest::RowMeta> =
+            chunk.iter().map(datasets::manifest::RowMeta::of).collect();
         shards.push(datasets::writer::describe_shard(&file, &bytes, &counts).unwrap());
         loc.put(&file, bytes).unwrap();
     }
@@ -149,17 +149,13 @@ pub fn assert_reads_alike(remote: &Location, local: &Location) {
 }
 
 /// A prefix `{base}/{name}-{pid}` below the server URL in the environment variable `var`
-/// (exported by the ci/ script `script`); None, saying the test did not run, without it.
+/// (exported by the ci/ script `script`). Without it: None, saying the test did not run, or a
+/// failure under `MOSAIC_REQUIRE_SERVERS=1` (`.ci/run`).
 pub fn server_url(var: &str, script: &str, name: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(base) => Some(format!(
-            "{}/{name}-{}",
-            base.trim_end_matches('/'),
-            std::process::id()
-        )),
-        Err(_) => {
-            eprintln!("not run: {var} is not set ({script} starts a test server)");
-            None
-        }
-    }
+    let base = datasets::testing::server_env(var, script)?;
+    Some(format!(
+        "{}/{name}-{}",
+        base.trim_end_matches('/'),
+        std::process::id()
+    ))
 }

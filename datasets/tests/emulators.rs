@@ -1,6 +1,6 @@
 //! Through the Azure Blob Storage API (the Azurite emulator, started by ci/azure.sh): shards
 //! written to az:// read back exactly as from a folder. Without MOSAIC_TEST_AZ_URL this says so
-//! and passes. (No GCS emulator that speaks the API object_store uses installs from a package
+//! and passes, unless MOSAIC_REQUIRE_SERVERS=1 (.ci/run), where it fails. (No GCS emulator that speaks the API object_store uses installs from a package
 //! registry: gcp-storage-emulator lacks its uploads, so gs:// is not tested against a server.)
 
 use datasets::Location;

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use datasets::encode::{EncoderSpec, EncoderWeights, Encoders, PretrainedSource};
+use datasets::encode::{load_encoders, EncoderSpec, EncoderWeights, Encoders, PretrainedSource};
 use datasets::Location;
 
 fn fixture() -> PathBuf {
@@ -117,7 +117,7 @@ fn pretrained_encoders_match_the_reference_implementations() {
     let cache = tempfile::tempdir().unwrap();
     let folder = fixture().display().to_string();
     let mut enc =
-        Encoders::load(&spec(&folder, None, cache.path()), DType::F32, &Device::Cpu).unwrap();
+        load_encoders(&spec(&folder, None, cache.path()), DType::F32, &Device::Cpu).unwrap();
     check_against_reference(&mut enc);
     // Widths come from the configs.
     let src = PretrainedSource {
@@ -133,7 +133,7 @@ fn bfl_ae_safetensors_gives_the_same_latents() {
     let cache = tempfile::tempdir().unwrap();
     let folder = fixture().display().to_string();
     let ae = fixture().join("bfl/ae.safetensors").display().to_string();
-    let mut enc = Encoders::load(
+    let mut enc = load_encoders(
         &spec(&folder, Some(ae), cache.path()),
         DType::F32,
         &Device::Cpu,
@@ -150,7 +150,7 @@ fn bfl_ae_safetensors_gives_the_same_latents() {
         tmp.path().join("ae.safetensors"),
     )
     .unwrap();
-    let mut enc = Encoders::load(
+    let mut enc = load_encoders(
         &spec(&tmp.path().display().to_string(), None, cache.path()),
         DType::F32,
         &Device::Cpu,
@@ -239,7 +239,7 @@ fn load_err(folder: &Path, vae: Option<String>, pooled_dim: usize) -> String {
     let cache = tempfile::tempdir().unwrap();
     let mut s = spec(&folder.display().to_string(), vae, cache.path());
     s.pooled_dim = pooled_dim;
-    match Encoders::load(&s, DType::F32, &Device::Cpu) {
+    match load_encoders(&s, DType::F32, &Device::Cpu) {
         Ok(_) => panic!("loaded"),
         Err(e) => e.to_string(),
     }
@@ -399,7 +399,7 @@ fn pretrained_encoders_load_from_s3_and_download_once() {
     upload(&remote, &fixture(), "");
     let cache = tempfile::tempdir().unwrap();
     let s = spec(&url, None, cache.path());
-    let mut enc = Encoders::load(&s, DType::F32, &Device::Cpu).unwrap();
+    let mut enc = load_encoders(&s, DType::F32, &Device::Cpu).unwrap();
     check_against_reference(&mut enc);
     let local = spec(&fixture().display().to_string(), None, cache.path());
     assert_eq!(s.fingerprint().unwrap(), local.fingerprint().unwrap());
@@ -416,7 +416,7 @@ fn pretrained_encoders_load_from_s3_and_download_once() {
     };
     let before = times(&downloaded);
     std::thread::sleep(std::time::Duration::from_millis(20));
-    Encoders::load(&s, DType::F32, &Device::Cpu).unwrap();
+    load_encoders(&s, DType::F32, &Device::Cpu).unwrap();
     assert_eq!(times(&downloaded), before);
     assert!(!walk(cache.path())
         .iter()
@@ -424,7 +424,7 @@ fn pretrained_encoders_load_from_s3_and_download_once() {
 
     // The VAE as a single remote file.
     let ae = format!("{url}/bfl/ae.safetensors");
-    let mut enc = Encoders::load(
+    let mut enc = load_encoders(
         &spec(&url, Some(ae), cache.path()),
         DType::F32,
         &Device::Cpu,

@@ -122,7 +122,7 @@ fn pretrained_encoders_load_from_a_url() {
     let cache = tempfile::tempdir().unwrap();
     let spec = crate::encoders::spec(&format!("{base}/encoders"), None, cache.path());
     let mut enc =
-        datasets::encode::Encoders::load(&spec, candle_core::DType::F32, &candle_core::Device::Cpu)
+        datasets::encode::load_encoders(&spec, candle_core::DType::F32, &candle_core::Device::Cpu)
             .unwrap();
     crate::encoders::check_against_reference(&mut enc);
 }

@@ -1,6 +1,6 @@
 //! Through a real S3 API (moto's server, started by ci/s3.sh): shards round-trip, and a server
 //! restart in the middle of an epoch loses and repeats no sample. Without MOSAIC_TEST_S3_URL
-//! these say so and pass.
+//! these say so and pass, unless MOSAIC_REQUIRE_SERVERS=1 (.ci/run), where they fail.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -151,8 +151,7 @@ fn a_server_restart_mid_epoch_loses_and_repeats_nothing() {
     if s3_url("restart").is_none() {
         return;
     }
-    let Ok(bin) = std::env::var("MOSAIC_TEST_MOTO_SERVER") else {
-        eprintln!("not run: MOSAIC_TEST_MOTO_SERVER is not set (ci/s3.sh sets it)");
+    let Some(bin) = datasets::testing::server_env("MOSAIC_TEST_MOTO_SERVER", "ci/s3.sh") else {
         return;
     };
     let first = Moto::start(&bin, free_port());

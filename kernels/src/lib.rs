@@ -1,4 +1,4 @@
-//! The sampled attention rows of MOSAIC and the losses on them (DESIGN.md §6).
+//! The sampled attention rows of MOSAIC and the losses on them (design.md §5).
 //!
 //! `rows::attention_rows` computes, for sampled reference points, their head-averaged softmax
 //! over the target tokens without any full attention map (a candle op with a CPU and an NVRTC

@@ -1,5 +1,5 @@
 //! SCAL (semantic correspondence attention loss) and MDL (multi-reference disentanglement
-//! loss) on sampled attention rows, DESIGN.md §6 and paper eq. 10-14.
+//! loss) on sampled attention rows, design.md §5 and paper eq. 10-14.
 //!
 //! Shape legend: `rows_pn` is [P_total, N_tgt]: row j is the head- and block-averaged softmax of
 //! sampled reference point j over the target tokens. Points are grouped by reference in order:

@@ -1,4 +1,4 @@
-//! Correspondence sampling (DESIGN.md §6, paper eq. 9): from each reference's token pairs
+//! Correspondence sampling (design.md §5, paper eq. 9): from each reference's token pairs
 //! (reference token u, target token G(u)), draw up to P pairs without replacement, skipping
 //! reference tokens the mask excludes, and turn reference tokens into indices of the
 //! concatenated reference sequence (reference k's tokens start after those of references

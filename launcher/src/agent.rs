@@ -18,10 +18,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::env as vars;
 use crate::logs::{pump, Stream, Tail};
-use crate::store::{StoreClient, StoreError, StoreServer};
 use crate::topology::Topology;
+use rendezvous::env as vars;
+use rendezvous::{StoreClient, StoreError, StoreServer};
 
 /// How often the agent looks at its ranks and the store.
 const TICK: Duration = Duration::from_millis(100);

@@ -1,13 +1,11 @@
-//! The rank environment contract shared by `launcher` and every rank (DESIGN.md §7): the
-//! torchrun variable names, so other launchers and schedulers work too; the rendezvous store;
-//! and how the launcher finds its place among nodes (flags or SLURM).
+//! The launcher: it finds its place among nodes (flags or SLURM, [`topology`]), hosts or joins
+//! the rendezvous store (the `rendezvous` crate), spawns one rank per GPU or CPU slot with the
+//! rank environment, relays their output and signals, and stops or restarts the group when a
+//! rank fails ([`agent`]).
 
 pub mod agent;
-pub mod env;
 pub mod hostlist;
 pub mod logs;
-pub mod store;
 pub mod topology;
 
-pub use env::{EnvError, RankEnv};
-pub use store::{StoreClient, StoreError, StoreServer};
+pub use rendezvous::{EnvError, RankEnv, StoreClient, StoreError, StoreServer};

@@ -175,7 +175,7 @@ fn spec(cli: &Cli) -> anyhow::Result<LaunchSpec> {
     )?;
     let token = match env(topology::TOKEN_VAR) {
         Some(t) if !t.is_empty() => t,
-        _ if topology.nodes == 1 => launcher::store::random_token(),
+        _ if topology.nodes == 1 => rendezvous::random_token(),
         _ => bail!(
             "{} nodes need the same secret job token on every node: set {} (for example `export {}=$(openssl rand -hex 16)` in the batch script before srun)",
             topology.nodes,

@@ -12,9 +12,9 @@ use std::time::Instant;
 use crate::alloc;
 use crate::config::Config;
 use crate::error::Result;
-use crate::model::lora::{adaptable_modules, glob_matches, DEFAULT_TARGETS};
-use crate::model::FluxConfig;
-use crate::train::Run;
+use crate::run::Run;
+use flux::lora::{adaptable_modules, glob_matches, DEFAULT_TARGETS};
+use flux::FluxConfig;
 
 const GB: f64 = 1e9;
 
@@ -124,7 +124,7 @@ fn lora_params(cfg: &FluxConfig, r: usize) -> usize {
 fn budget(r: usize) -> String {
     let cfg = FluxConfig::flux_dev();
     let d = cfg.hidden() as f64;
-    let weights = crate::model::weights::expected_tensors(&cfg)
+    let weights = flux::weights::expected_tensors(&cfg)
         .iter()
         .map(|e| e.shape.iter().product::<usize>())
         .sum::<usize>() as f64

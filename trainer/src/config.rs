@@ -6,9 +6,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainerError};
-use crate::model::lora::{LoraInit, DEFAULT_TARGETS};
-use crate::model::FluxConfig;
-use crate::optim::Schedule;
+
+use flux::FluxConfig;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -18,13 +17,13 @@ pub struct Config {
     #[serde(default)]
     pub model: ModelSection,
     #[serde(default)]
-    pub lora: LoraSection,
+    pub lora: flux::LoraSpec,
     #[serde(default)]
-    pub conditioning: ConditioningSection,
+    pub conditioning: crate::objective::ConditioningSpec,
     #[serde(default)]
-    pub loss: LossSection,
+    pub loss: crate::objective::LossSpec,
     #[serde(default)]
-    pub optim: OptimSection,
+    pub optim: crate::optim::OptimSpec,
     #[serde(default)]
     pub train: TrainSection,
     #[serde(default)]
@@ -191,142 +190,6 @@ impl Default for ModelSection {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LoraSection {
-    pub rank: usize,
-    pub alpha: f64,
-    pub init: LoraInit,
-    pub targets: Vec<String>,
-    /// Start from this LoRA file (diffusers, PEFT or kohya keys, e.g. the released MOSAIC
-    /// weights or an export of ours) instead of `init`.
-    pub init_from: String,
-}
-
-impl Default for LoraSection {
-    fn default() -> Self {
-        Self {
-            rank: 16,
-            alpha: 16.0,
-            init: LoraInit::Gaussian,
-            targets: DEFAULT_TARGETS.iter().map(|s| s.to_string()).collect(),
-            init_from: String::new(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ConditioningSection {
-    /// References do not attend to each other (the official group mask).
-    pub isolate_refs: bool,
-    /// Guidance value fed to text and target (MOSAIC trains with 1.0).
-    pub guidance: f64,
-    /// Guidance value fed to the references.
-    pub ref_guidance: f64,
-}
-
-impl Default for ConditioningSection {
-    fn default() -> Self {
-        Self {
-            isolate_refs: true,
-            guidance: 1.0,
-            ref_guidance: 1.0,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum MdlVariantName {
-    PaperKl,
-    OfficialJsd,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LossSection {
-    pub scal_weight: f64,
-    pub mdl_weight: f64,
-    pub mdl_variant: MdlVariantName,
-    /// The MDL weight is 0 before this optimizer step...
-    pub mdl_ramp_start: u64,
-    /// ...then rises linearly to `mdl_weight` over this many steps (0: at once).
-    pub mdl_ramp_steps: u64,
-    pub points_per_ref: usize,
-    /// Double blocks whose attention rows feed SCAL/MDL.
-    pub double_blocks: Vec<usize>,
-    pub single_blocks: Vec<usize>,
-    /// How the attention rows are computed: "fused" (the kernels crate's op, no attention map)
-    /// or "plain" (candle ops materializing [heads, P, N_tgt], the reference).
-    pub rows: RowsImpl,
-    /// t = sigmoid(n), n ~ N(logit_mean, logit_std^2).
-    pub logit_mean: f64,
-    pub logit_std: f64,
-    /// Apply the resolution-dependent shift mu(seq_len) to t.
-    pub resolution_shift: bool,
-}
-
-impl Default for LossSection {
-    fn default() -> Self {
-        Self {
-            scal_weight: 0.4,
-            mdl_weight: 0.6,
-            mdl_variant: MdlVariantName::PaperKl,
-            mdl_ramp_start: 0,
-            mdl_ramp_steps: 0,
-            points_per_ref: 150,
-            double_blocks: vec![0],
-            single_blocks: vec![],
-            rows: RowsImpl::Fused,
-            logit_mean: 0.0,
-            logit_std: 1.0,
-            resolution_shift: true,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RowsImpl {
-    Fused,
-    Plain,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct OptimSection {
-    pub lr: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-    /// Maximum global gradient norm; 0 disables clipping.
-    pub grad_clip: f64,
-    pub warmup_steps: u64,
-    pub schedule: Schedule,
-    pub min_lr_ratio: f64,
-    /// EMA decay of the LoRA weights; 0 disables the EMA.
-    pub ema_decay: f64,
-}
-
-impl Default for OptimSection {
-    fn default() -> Self {
-        Self {
-            lr: 1e-4,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.01,
-            grad_clip: 1.0,
-            warmup_steps: 0,
-            schedule: Schedule::Constant,
-            min_lr_ratio: 0.0,
-            ema_decay: 0.99,
-        }
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OnNonFinite {
@@ -449,7 +312,7 @@ fn non_negative(v: f64) -> bool {
     v >= 0.0
 }
 
-/// The most references MOSAIC handles (DESIGN.md §4).
+/// The most references MOSAIC handles (design.md §2).
 pub const MAX_REFS: usize = 6;
 
 /// Sets `path` (dotted) in `root` to `raw` parsed as a TOML value, or as a string if it is not one.
@@ -534,86 +397,43 @@ impl Config {
         }
     }
 
+    /// The config as canonical TOML: what the run folder's `config.toml`, checkpoints and
+    /// fingerprints hold.
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string(self).map_err(|e| TrainerError::Serialize {
+            what: "the config as TOML",
+            source: Box::new(e),
+        })
+    }
+
     /// sha256 of the canonical TOML of the config: runs and checkpoints compare it.
-    pub fn fingerprint(&self) -> String {
-        let text = toml::to_string(self).unwrap_or_default();
-        crate::checkpoint::sha256_hex(text.as_bytes())
+    pub fn fingerprint(&self) -> Result<String> {
+        Ok(crate::checkpoint::sha256_hex(self.to_toml()?.as_bytes()))
     }
 
     /// Every range check, naming the key.
     pub fn validate(&self) -> Result<()> {
+        self.lora.validate()?;
+        self.loss.validate()?;
+        self.conditioning.validate()?;
+        self.optim.validate()?;
+        self.train.validate()?;
+        if self.checkpoint.keep == 0 {
+            return Err(TrainerError::config(
+                "checkpoint.keep",
+                "must be at least 1",
+            ));
+        }
+        self.distributed.validate()?;
+        self.data.validate()
+    }
+}
+
+impl TrainSection {
+    /// Range checks, naming the key.
+    pub fn validate(&self) -> Result<()> {
         let err = |k: &str, why: String| Err(TrainerError::config(k, why));
-        let l = &self.lora;
-        if l.rank == 0 {
-            return err("lora.rank", "must be at least 1".into());
-        }
-        if !positive(l.alpha) {
-            return err("lora.alpha", format!("{} must be positive", l.alpha));
-        }
-        if l.targets.is_empty() {
-            return err("lora.targets", "must name at least one module".into());
-        }
-        let s = &self.loss;
-        for (k, v) in [
-            ("loss.scal_weight", s.scal_weight),
-            ("loss.mdl_weight", s.mdl_weight),
-        ] {
-            if !non_negative(v) || !v.is_finite() {
-                return err(k, format!("{v} must be a finite number >= 0"));
-            }
-        }
-        if s.points_per_ref == 0 {
-            return err("loss.points_per_ref", "must be at least 1".into());
-        }
-        if !positive(s.logit_std) {
-            return err(
-                "loss.logit_std",
-                format!("{} must be positive", s.logit_std),
-            );
-        }
-        if (s.scal_weight > 0.0 || s.mdl_weight > 0.0)
-            && s.double_blocks.is_empty()
-            && s.single_blocks.is_empty()
-        {
-            return err("loss.double_blocks", "SCAL/MDL are on but no block is selected (set loss.double_blocks or loss.single_blocks, or the weights to 0)".into());
-        }
-        let o = &self.optim;
-        if !non_negative(o.lr) || !o.lr.is_finite() {
-            return err("optim.lr", format!("{} must be a finite number >= 0", o.lr));
-        }
-        for (k, v) in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2)] {
-            if !(0.0..1.0).contains(&v) {
-                return err(k, format!("{v} must be in [0, 1)"));
-            }
-        }
-        if !positive(o.eps) {
-            return err("optim.eps", format!("{} must be positive", o.eps));
-        }
-        if !non_negative(o.weight_decay) {
-            return err(
-                "optim.weight_decay",
-                format!("{} must be >= 0", o.weight_decay),
-            );
-        }
-        if !non_negative(o.grad_clip) {
-            return err(
-                "optim.grad_clip",
-                format!("{} must be >= 0 (0 disables clipping)", o.grad_clip),
-            );
-        }
-        if !(0.0..=1.0).contains(&o.min_lr_ratio) {
-            return err(
-                "optim.min_lr_ratio",
-                format!("{} must be in [0, 1]", o.min_lr_ratio),
-            );
-        }
-        if !(0.0..1.0).contains(&o.ema_decay) {
-            return err(
-                "optim.ema_decay",
-                format!("{} must be in [0, 1) (0 disables the EMA)", o.ema_decay),
-            );
-        }
-        let t = &self.train;
+        let t = self;
         if t.max_steps == 0 {
             return err("train.max_steps", "must be at least 1".into());
         }
@@ -632,10 +452,15 @@ impl Config {
                 format!("{} must be a non-negative number", t.stop_grace_s),
             );
         }
-        if self.checkpoint.keep == 0 {
-            return err("checkpoint.keep", "must be at least 1".into());
-        }
-        let d = &self.distributed;
+        Ok(())
+    }
+}
+
+impl DistributedSection {
+    /// Range checks, naming the key.
+    pub fn validate(&self) -> Result<()> {
+        let err = |k: &str, why: String| Err(TrainerError::config(k, why));
+        let d = self;
         for (k, v) in [
             ("distributed.bucket_mb", d.bucket_mb),
             ("distributed.timeout_s", d.timeout_s),
@@ -645,7 +470,15 @@ impl Config {
                 return err(k, format!("{v} must be a positive number"));
             }
         }
-        let d = &self.data;
+        Ok(())
+    }
+}
+
+impl DataSection {
+    /// Range checks, naming the key.
+    pub fn validate(&self) -> Result<()> {
+        let err = |k: &str, why: String| Err(TrainerError::config(k, why));
+        let d = self;
         if d.max_refs == 0 || d.max_refs > MAX_REFS {
             return err(
                 "data.max_refs",
@@ -703,9 +536,6 @@ impl Config {
                 "data.vae",
                 "needs data.encoders (the folder with T5, CLIP and their tokenizers)".into(),
             );
-        }
-        if !self.conditioning.guidance.is_finite() || !self.conditioning.ref_guidance.is_finite() {
-            return err("conditioning.guidance", "must be finite".into());
         }
         Ok(())
     }
@@ -783,7 +613,8 @@ mod tests {
     fn fingerprint_changes_with_the_config() {
         let a = parse("", &[]).unwrap();
         let b = parse("", &["optim.lr=0.5"]).unwrap();
-        assert_eq!(a.fingerprint(), parse("", &[]).unwrap().fingerprint());
-        assert_ne!(a.fingerprint(), b.fingerprint());
+        let fp = |c: &Config| c.fingerprint().unwrap();
+        assert_eq!(fp(&a), fp(&parse("", &[]).unwrap()));
+        assert_ne!(fp(&a), fp(&b));
     }
 }

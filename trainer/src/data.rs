@@ -12,16 +12,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use datasets::encode::{EncoderSpec, EncoderWeights, Encoders, PretrainedSource};
+use datasets::encode::{load_encoders, EncoderSpec, EncoderWeights, Encoders, PretrainedSource};
 use datasets::plan::plan_epoch;
 use datasets::{Cursor as DataCursor, DataReport, Loader as ShardLoader, LoaderOptions, Location};
 
 use crate::config::{Config, DataSource};
 use crate::error::{Result, TrainerError};
 use crate::loader::{Cursor, Loader};
-use crate::model::config::FluxConfig;
-use crate::model::embed::pack_latents;
 use crate::synth::{self, RefSample, Sample, SynthSpec};
+use flux::config::FluxConfig;
+use flux::embed::pack_latents;
 
 pub enum DataFeed {
     Synthetic {
@@ -47,13 +47,6 @@ pub struct ShardFeed {
     earlier: DataReport,
 }
 
-fn data_err(e: datasets::encode::EncodeError) -> TrainerError {
-    TrainerError::Input {
-        name: "encoders".into(),
-        reason: e.to_string(),
-    }
-}
-
 /// The `datasets precompute` command that makes the cache a run with `d` and `spec` reads.
 fn precompute_command(d: &crate::config::DataSection, spec: &EncoderSpec) -> String {
     let encoders = match &spec.weights {
@@ -76,6 +69,50 @@ fn precompute_command(d: &crate::config::DataSection, spec: &EncoderSpec) -> Str
     )
 }
 
+/// How this rank reads the shards, from `[data]` and the batch size.
+fn loader_options(cfg: &Config, rank: usize, world: usize) -> LoaderOptions {
+    let d = &cfg.data;
+    LoaderOptions {
+        plan: datasets::PlanSpec {
+            seed: cfg.run.seed,
+            world,
+            rank,
+            batch_size: cfg.train.batch_size,
+            shuffle_rows: d.shuffle_rows,
+            buckets: d.aspect_buckets.then_some(d.resolution),
+        },
+        transform: datasets::TransformSpec {
+            resolution: d.resolution,
+            ref_resolution: d.ref_resolution,
+            aspect_buckets: d.aspect_buckets,
+        },
+        io_threads: d.io_threads,
+        decode_threads: d.decode_threads,
+        prefetch_batches: d.prefetch_batches,
+        strict: d.strict,
+        cached: !d.cache.is_empty(),
+    }
+}
+
+/// The encoders the run's data need: `data.encoders` (and `data.vae`), else tiny seeded ones.
+fn encoder_spec(cfg: &Config, fc: &FluxConfig) -> EncoderSpec {
+    let d = &cfg.data;
+    EncoderSpec {
+        weights: if d.encoders.is_empty() {
+            EncoderWeights::TinyRandom { seed: cfg.run.seed }
+        } else {
+            EncoderWeights::Pretrained(PretrainedSource {
+                folder: d.encoders.clone(),
+                vae: (!d.vae.is_empty()).then(|| d.vae.clone()),
+                cache: datasets::model_files::cache_root(),
+            })
+        },
+        text_tokens: d.text_tokens,
+        context_dim: fc.context_dim,
+        pooled_dim: fc.pooled_dim,
+    }
+}
+
 impl DataFeed {
     pub fn build(
         cfg: &Config,
@@ -84,136 +121,117 @@ impl DataFeed {
         world: usize,
         device: &Device,
     ) -> Result<Self> {
-        let d = &cfg.data;
-        match d.source {
-            DataSource::Synthetic => {
-                let spec = SynthSpec {
-                    samples: d.samples,
-                    resolution: d.resolution,
-                    ref_resolution: d.ref_resolution,
-                    min_refs: d.min_refs,
-                    max_refs: d.max_refs,
-                    text_tokens: d.text_tokens,
-                    context_dim: fc.context_dim,
-                    pooled_dim: fc.pooled_dim,
-                };
-                let samples = synth::generate(&spec, cfg.run.seed, device)?;
-                let global = cfg.train.batch_size * world;
-                let loader = Loader::new(
-                    samples.iter().map(|s| s.refs.len()).collect(),
-                    global,
-                    cfg.run.seed,
-                )
-                .map_err(|e| match e {
-                    TrainerError::Config { .. } if world > 1 => TrainerError::config(
-                        "train.batch_size",
-                        format!(
-                            "{} per rank x {world} ranks = {global} samples per micro-batch is larger than every group of samples with equal reference counts; lower it or raise data.samples",
-                            cfg.train.batch_size
-                        ),
-                    ),
-                    other => other,
-                })?;
-                Ok(Self::Synthetic { samples, loader })
-            }
-            DataSource::Shards => {
-                if d.url.is_empty() {
-                    return Err(TrainerError::config(
-                        "data.url",
-                        "is empty; set the folder or s3:// gs:// az:// URL of the shards (`datasets synth --out URL` makes some)",
-                    ));
-                }
-                let data_loc = Location::parse(&d.url)?;
-                let mut opts = LoaderOptions {
-                    plan: datasets::PlanSpec {
-                        seed: cfg.run.seed,
-                        world,
-                        rank,
-                        batch_size: cfg.train.batch_size,
-                        shuffle_rows: d.shuffle_rows,
-                        buckets: d.aspect_buckets.then_some(d.resolution),
-                    },
-                    transform: datasets::TransformSpec {
-                        resolution: d.resolution,
-                        ref_resolution: d.ref_resolution,
-                        aspect_buckets: d.aspect_buckets,
-                    },
-                    io_threads: d.io_threads,
-                    decode_threads: d.decode_threads,
-                    prefetch_batches: d.prefetch_batches,
-                    strict: d.strict,
-                    cached: !d.cache.is_empty(),
-                };
-                let spec = EncoderSpec {
-                    weights: if d.encoders.is_empty() {
-                        EncoderWeights::TinyRandom { seed: cfg.run.seed }
-                    } else {
-                        EncoderWeights::Pretrained(PretrainedSource {
-                            folder: d.encoders.clone(),
-                            vae: (!d.vae.is_empty()).then(|| d.vae.clone()),
-                            cache: datasets::model_files::cache_root(),
-                        })
-                    },
-                    text_tokens: d.text_tokens,
-                    context_dim: fc.context_dim,
-                    pooled_dim: fc.pooled_dim,
-                };
-                // With a cache, rows are read from it (its layout mirrors the dataset's, so the
-                // plan is the same) and no image is decoded or encoded.
-                let (loc, manifest) = if d.cache.is_empty() {
-                    let m = datasets::Manifest::load(&data_loc)?;
-                    (data_loc, m)
-                } else {
-                    let cache_loc = Location::parse(&d.cache)?;
-                    let fp = datasets::cache::fingerprint(&spec, &opts.transform)?;
-                    let m = datasets::cache::open(&cache_loc, &data_loc, &fp).map_err(|e| {
-                        TrainerError::config(
-                            "data.cache",
-                            format!(
-                                "{e}\n({} makes a matching one)",
-                                precompute_command(d, &spec)
-                            ),
-                        )
-                    })?;
-                    (cache_loc, m)
-                };
-                opts.decode_threads = if opts.cached { 1 } else { opts.decode_threads };
-                let manifest = Arc::new(manifest);
-                opts.check(&manifest, &d.url)
-                    .map_err(|e| TrainerError::config("data.aspect_buckets", e.to_string()))?;
-                if plan_epoch(&manifest, &opts.plan, 0).batches.is_empty() {
-                    return Err(TrainerError::config(
-                        "train.batch_size",
-                        format!(
-                            "rank {rank} of {world} gets no batch of {} samples with equal reference counts from the {} rows of {}; lower it or add data",
-                            cfg.train.batch_size, manifest.total_rows, d.url
-                        ),
-                    ));
-                }
-                let dtype = if device.is_cpu() {
-                    DType::F32
-                } else {
-                    DType::BF16
-                };
-                let encoders = if opts.cached {
-                    None
-                } else {
-                    Some(Encoders::load(&spec, dtype, device).map_err(data_err)?)
-                };
-                Ok(Self::Shards(Box::new(ShardFeed {
-                    url: d.url.clone(),
-                    loc,
-                    manifest,
-                    opts,
-                    cursor: DataCursor::default(),
-                    loader: None,
-                    spec,
-                    encoders,
-                    device: device.clone(),
-                    earlier: DataReport::default(),
-                })))
-            }
+        match cfg.data.source {
+            DataSource::Synthetic => Self::synthetic(cfg, fc, world, device),
+            DataSource::Shards => Self::shards(cfg, fc, rank, world, device),
         }
+    }
+
+    /// The in-memory synthetic dataset, in world-size independent global batches.
+    fn synthetic(cfg: &Config, fc: &FluxConfig, world: usize, device: &Device) -> Result<Self> {
+        let d = &cfg.data;
+        let spec = SynthSpec {
+            samples: d.samples,
+            resolution: d.resolution,
+            ref_resolution: d.ref_resolution,
+            min_refs: d.min_refs,
+            max_refs: d.max_refs,
+            text_tokens: d.text_tokens,
+            context_dim: fc.context_dim,
+            pooled_dim: fc.pooled_dim,
+        };
+        let samples = synth::generate(&spec, cfg.run.seed, device)?;
+        let global = cfg.train.batch_size * world;
+        let loader = Loader::new(
+            samples.iter().map(|s| s.refs.len()).collect(),
+            global,
+            cfg.run.seed,
+        )
+        .map_err(|e| match e {
+            TrainerError::Config { .. } if world > 1 => TrainerError::config(
+                "train.batch_size",
+                format!(
+                    "{} per rank x {world} ranks = {global} samples per micro-batch is larger than every group of samples with equal reference counts; lower it or raise data.samples",
+                    cfg.train.batch_size
+                ),
+            ),
+            other => other,
+        })?;
+        Ok(Self::Synthetic { samples, loader })
+    }
+
+    /// This rank's part of the shards (or of their latent cache).
+    fn shards(
+        cfg: &Config,
+        fc: &FluxConfig,
+        rank: usize,
+        world: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let d = &cfg.data;
+        if d.url.is_empty() {
+            return Err(TrainerError::config(
+                "data.url",
+                "is empty; set the folder or s3:// gs:// az:// URL of the shards (`datasets synth --out URL` makes some)",
+            ));
+        }
+        let data_loc = Location::parse(&d.url)?;
+        let mut opts = loader_options(cfg, rank, world);
+        let spec = encoder_spec(cfg, fc);
+        // With a cache, rows are read from it (its layout mirrors the dataset's, so the
+        // plan is the same) and no image is decoded or encoded.
+        let (loc, manifest) = if d.cache.is_empty() {
+            let m = datasets::Manifest::load(&data_loc)?;
+            (data_loc, m)
+        } else {
+            let cache_loc = Location::parse(&d.cache)?;
+            let fp = datasets::cache::fingerprint(&spec, &opts.transform)?;
+            let m = datasets::cache::open(&cache_loc, &data_loc, &fp).map_err(|e| {
+                TrainerError::config(
+                    "data.cache",
+                    format!(
+                        "{e}\n({} makes a matching one)",
+                        precompute_command(d, &spec)
+                    ),
+                )
+            })?;
+            (cache_loc, m)
+        };
+        opts.decode_threads = if opts.cached { 1 } else { opts.decode_threads };
+        let manifest = Arc::new(manifest);
+        opts.check(&manifest, &d.url)
+            .map_err(|e| TrainerError::config("data.aspect_buckets", e.to_string()))?;
+        if plan_epoch(&manifest, &opts.plan, 0).batches.is_empty() {
+            return Err(TrainerError::config(
+                "train.batch_size",
+                format!(
+                    "rank {rank} of {world} gets no batch of {} samples with equal reference counts from the {} rows of {}; lower it or add data",
+                    cfg.train.batch_size, manifest.total_rows, d.url
+                ),
+            ));
+        }
+        let dtype = if device.is_cpu() {
+            DType::F32
+        } else {
+            DType::BF16
+        };
+        let encoders = if opts.cached {
+            None
+        } else {
+            Some(load_encoders(&spec, dtype, device)?)
+        };
+        Ok(Self::Shards(Box::new(ShardFeed {
+            url: d.url.clone(),
+            loc,
+            manifest,
+            opts,
+            cursor: DataCursor::default(),
+            loader: None,
+            spec,
+            encoders,
+            device: device.clone(),
+            earlier: DataReport::default(),
+        })))
     }
 
     /// For logs.
@@ -341,13 +359,28 @@ impl DataFeed {
         }
     }
 
+    /// Writes this rank's data report into `dir` (shards only) and logs its summary.
+    pub fn write_report_into(&self, dir: &std::path::Path, rank: usize) -> Result<()> {
+        let Some(report) = self.report() else {
+            return Ok(());
+        };
+        std::fs::create_dir_all(dir).map_err(|e| TrainerError::io(dir, e))?;
+        if let Some(path) = self.write_report(dir, rank)? {
+            tracing::info!(report = %path.display(), "data: {}", report.summary());
+        }
+        Ok(())
+    }
+
     /// Writes this rank's data report as JSON into `dir` (shards only).
     pub fn write_report(&self, dir: &std::path::Path, rank: usize) -> Result<Option<PathBuf>> {
         let Some(r) = self.report() else {
             return Ok(None);
         };
         let path = dir.join(format!("data_report.rank{rank}.json"));
-        let text = serde_json::to_string_pretty(&r).unwrap_or_default();
+        let text = serde_json::to_string_pretty(&r).map_err(|e| TrainerError::Serialize {
+            what: "the data report",
+            source: Box::new(e),
+        })?;
         std::fs::write(&path, text).map_err(|e| TrainerError::io(&path, e))?;
         Ok(Some(path))
     }
@@ -448,7 +481,7 @@ impl ShardFeed {
         let targets: Vec<&datasets::Pixels> = decoded.iter().map(|d| &d.target).collect();
         let x0 = packed(enc, &targets, &device)?;
         let captions: Vec<&str> = decoded.iter().map(|d| d.caption.as_str()).collect();
-        let (txt, pooled) = enc.encode_text(&captions).map_err(data_err)?;
+        let (txt, pooled) = enc.encode_text(&captions)?;
         let k = decoded.first().map_or(0, |d| d.refs.len());
         let mut ref_latents = Vec::with_capacity(k);
         for r in 0..k {
@@ -484,6 +517,6 @@ impl ShardFeed {
 
 /// Packed latents [B, tokens, 64] of images of one size.
 fn packed(enc: &Encoders, images: &[&datasets::Pixels], device: &Device) -> Result<Tensor> {
-    let z = enc.encode_images(images).map_err(data_err)?;
-    pack_latents(&z.to_device(device)?)
+    let z = enc.encode_images(images)?;
+    Ok(pack_latents(&z.to_device(device)?)?)
 }

@@ -6,8 +6,15 @@ use std::path::{Path, PathBuf};
 pub enum TrainerError {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// The model crate's errors (a model setting is mapped to its config key instead, see the
+    /// `From` impl below).
+    #[error(transparent)]
+    Model(flux::FluxError),
     #[error(transparent)]
     Kernel(#[from] kernels::KernelError),
+    /// The image and caption encoders could not be built or failed.
+    #[error("encoders")]
+    Encode(#[from] flux::encoders::EncodeError),
     #[error(transparent)]
     Tokens(#[from] datasets::TokensError),
     /// Data or storage: names the dataset, shard, row or object at fault.
@@ -37,8 +44,39 @@ pub enum TrainerError {
     /// A named input tensor of a command is missing or misshaped.
     #[error("input `{name}`: {reason}")]
     Input { name: String, reason: String },
+    /// A value that could not be serialised (it would otherwise be written empty).
+    #[error("cannot serialise {what}")]
+    Serialize {
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("loss is not finite at step {step} ({what}); stopping as configured (train.on_nonfinite = \"stop\")")]
     NonFinite { step: u64, what: String },
+}
+
+/// The config key that sets each model setting.
+pub fn setting_key(setting: flux::Setting) -> &'static str {
+    match setting {
+        flux::Setting::RowDoubleBlocks => "loss.double_blocks",
+        flux::Setting::RowSingleBlocks => "loss.single_blocks",
+        flux::Setting::LoraRank => "lora.rank",
+        flux::Setting::LoraAlpha => "lora.alpha",
+        flux::Setting::LoraTargets => "lora.targets",
+    }
+}
+
+impl From<flux::FluxError> for TrainerError {
+    fn from(e: flux::FluxError) -> Self {
+        match e {
+            flux::FluxError::Setting { setting, reason } => {
+                Self::config(setting_key(setting), reason)
+            }
+            flux::FluxError::Candle(e) => Self::Candle(e),
+            flux::FluxError::Kernel(e) => Self::Kernel(e),
+            e => Self::Model(e),
+        }
+    }
 }
 
 impl TrainerError {

@@ -1,4 +1,4 @@
-//! `trainer export`: a checkpoint to a Hugging Face model folder (DESIGN.md §8).
+//! `trainer export`: a checkpoint to a Hugging Face model folder (design.md §7).
 //!
 //! Writes, as asked by `--format`:
 //! - diffusers: `pytorch_lora_weights.safetensors` (`transformer.<module>.lora_A/B.weight`);
@@ -17,8 +17,8 @@ use candle_core::DType;
 use crate::checkpoint::{self, Loaded};
 use crate::config::Config;
 use crate::error::{Result, TrainerError};
-use crate::lora_format::{self, LoraTensors, ModuleLora};
 use crate::storage::Location;
+use flux::lora_format::{self, LoraTensors, ModuleLora};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -141,25 +141,7 @@ pub fn export(ckpt: &Path, out: &Path, opts: &ExportOptions) -> Result<Vec<PathB
     std::fs::create_dir_all(out).map_err(|e| TrainerError::io(out, e))?;
     let r = cfg.lora.rank;
     let base = base_model(&cfg, opts);
-    let metadata: HashMap<String, String> = [
-        ("format", "pt".to_string()),
-        ("mosaic.base_model", base.clone()),
-        ("mosaic.step", loaded.state.step.to_string()),
-        ("mosaic.rank", r.to_string()),
-        ("mosaic.trained_alpha", cfg.lora.alpha.to_string()),
-        (
-            "mosaic.note",
-            "alpha/r is folded into lora_B; load with alpha = r (scale 1)".to_string(),
-        ),
-        ("mosaic.ema", opts.ema.to_string()),
-        (
-            "mosaic.config_fingerprint",
-            loaded.state.fingerprint.clone(),
-        ),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
+    let metadata = file_metadata(&cfg, &loaded, opts, &base);
     let mut written = Vec::new();
     let want = |f: Format| opts.format == f || opts.format == Format::All;
     if want(Format::Diffusers) {
@@ -181,6 +163,50 @@ pub fn export(ckpt: &Path, out: &Path, opts: &ExportOptions) -> Result<Vec<PathB
         lora_format::write_safetensors(&p, &t, metadata)?;
         written.push(p);
     }
+    written.push(write_peft_config(out, &adapters, r, &base)?);
+    let p = out.join(CARD);
+    std::fs::write(&p, model_card(&cfg, &loaded, opts, &base, &written))
+        .map_err(|e| TrainerError::io(&p, e))?;
+    written.push(p);
+    Ok(written)
+}
+
+/// The metadata every exported safetensors file carries.
+fn file_metadata(
+    cfg: &Config,
+    loaded: &checkpoint::Loaded,
+    opts: &ExportOptions,
+    base: &str,
+) -> HashMap<String, String> {
+    let r = cfg.lora.rank;
+    [
+        ("format", "pt".to_string()),
+        ("mosaic.base_model", base.to_string()),
+        ("mosaic.step", loaded.state.step.to_string()),
+        ("mosaic.rank", r.to_string()),
+        ("mosaic.trained_alpha", cfg.lora.alpha.to_string()),
+        (
+            "mosaic.note",
+            "alpha/r is folded into lora_B; load with alpha = r (scale 1)".to_string(),
+        ),
+        ("mosaic.ema", opts.ema.to_string()),
+        (
+            "mosaic.config_fingerprint",
+            loaded.state.fingerprint.clone(),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// PEFT's `adapter_config.json` for `adapters` (alpha = r: alpha/r is folded into B).
+fn write_peft_config(
+    out: &Path,
+    adapters: &lora_format::LoraTensors,
+    r: usize,
+    base: &str,
+) -> Result<PathBuf> {
     let modules: Vec<&String> = adapters.keys().collect();
     let peft = serde_json::json!({
         "peft_type": "LORA",
@@ -202,12 +228,7 @@ pub fn export(ckpt: &Path, out: &Path, opts: &ExportOptions) -> Result<Vec<PathB
         reason: e.to_string(),
     })?;
     std::fs::write(&p, text).map_err(|e| TrainerError::io(&p, e))?;
-    written.push(p);
-    let p = out.join(CARD);
-    std::fs::write(&p, model_card(&cfg, &loaded, opts, &base, &written))
-        .map_err(|e| TrainerError::io(&p, e))?;
-    written.push(p);
-    Ok(written)
+    Ok(p)
 }
 
 fn model_card(
@@ -270,18 +291,7 @@ generic loaders apply it to every token, so use a MOSAIC pipeline for its intend
 
 {files}
 
-## Usage (diffusers)
-
-```python
-import torch
-from diffusers import FluxPipeline
-
-pipe = FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", torch_dtype=torch.bfloat16)
-pipe.load_lora_weights("path/or/repo-id", weight_name="pytorch_lora_weights.safetensors")
-```
-
-The `*-kohya.safetensors` file, when present, loads in ComfyUI's LoRA loader and kohya scripts.
-"#,
+{usage}"#,
         license = opts.license,
         name = cfg.run.name,
         steps = loaded.state.step,
@@ -309,5 +319,20 @@ The `*-kohya.safetensors` file, when present, loads in ComfyUI's LoRA loader and
         fp = loaded.state.fingerprint,
         dtype = dtype_name(opts.dtype),
         files = names.join("\n"),
+        usage = CARD_USAGE,
     )
 }
+
+/// The model card's closing section: how to load the files.
+const CARD_USAGE: &str = r#"## Usage (diffusers)
+
+```python
+import torch
+from diffusers import FluxPipeline
+
+pipe = FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", torch_dtype=torch.bfloat16)
+pipe.load_lora_weights("path/or/repo-id", weight_name="pytorch_lora_weights.safetensors")
+```
+
+The `*-kohya.safetensors` file, when present, loads in ComfyUI's LoRA loader and kohya scripts.
+"#;

@@ -12,9 +12,9 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Result, TrainerError};
-use crate::model::embed::ids_from_tensor;
-use crate::model::lora::{LoraInit, LoraSpec};
-use crate::model::{weights, Flux, Lora, ModelInputs, RowBlocks};
+use flux::embed::ids_from_tensor;
+use flux::lora::{LoraInit, LoraSpec};
+use flux::{weights, Flux, Lora, ModelInputs, RowBlocks};
 
 fn take<'a>(map: &'a HashMap<String, Tensor>, name: &str) -> Result<&'a Tensor> {
     map.get(name).ok_or_else(|| TrainerError::Input {
@@ -45,7 +45,7 @@ fn ids(t: &Tensor, name: &str) -> Result<Vec<[f32; 3]>> {
             reason: format!("expected shape [S, 3], found {:?}", t.dims()),
         });
     }
-    ids_from_tensor(&t)
+    Ok(ids_from_tensor(&t)?)
 }
 
 /// Runs the forward and returns `output` [B, N, C] in f32.
@@ -94,6 +94,7 @@ pub fn forward_file(
             alpha: 1.0,
             init: LoraInit::Gaussian,
             targets: vec!["x_embedder".into()],
+            init_from: String::new(),
         },
         0,
         DType::F32,

@@ -121,8 +121,17 @@ pub fn push_folder(repo_id: &str, folder: &Path, private: bool) -> Result<String
     };
     let c = Client::from_env()?;
     let files = files_of(folder)?;
+    create_repo(&c, org, name, private)?;
+    let lfs = lfs_files(&c, repo_id, &files)?;
+    if !lfs.is_empty() {
+        upload_lfs(&c, repo_id, &lfs)?;
+    }
+    commit(&c, repo_id, &files, &lfs)?;
+    Ok(format!("{}/{repo_id}", c.endpoint))
+}
 
-    // 1. The repo (409: it exists already, which is fine).
+/// Creates the model repo (HTTP 409: it exists already, which is fine).
+fn create_repo(c: &Client, org: Option<&str>, name: &str, private: bool) -> Result<()> {
     let url = format!("{}/api/repos/create", c.endpoint);
     let mut body = json!({"name": name, "private": private, "type": "model"});
     if let Some(o) = org {
@@ -134,10 +143,14 @@ pub fn push_folder(repo_id: &str, folder: &Path, private: bool) -> Result<String
         Err(e) => return Err(e),
     }
 
-    // 2. Which files the Hub wants through LFS.
+    Ok(())
+}
+
+/// The files the Hub wants through LFS (it asks by path, from a sample of each).
+fn lfs_files<'a>(c: &Client, repo_id: &str, files: &'a [Upload]) -> Result<Vec<&'a Upload>> {
     let url = format!("{}/api/models/{repo_id}/preupload/main", c.endpoint);
     let mut listing = Vec::new();
-    for f in &files {
+    for f in files {
         let bytes = std::fs::read(&f.local).map_err(|e| TrainerError::io(&f.local, e))?;
         let sample = &bytes[..bytes.len().min(512)];
         listing.push(json!({
@@ -147,7 +160,7 @@ pub fn push_folder(repo_id: &str, folder: &Path, private: bool) -> Result<String
         }));
     }
     let modes = c.post_json(&url, &json!({ "files": listing }), None)?;
-    let lfs: Vec<&Upload> = files
+    Ok(files
         .iter()
         .filter(|f| {
             modes["files"]
@@ -156,66 +169,69 @@ pub fn push_folder(repo_id: &str, folder: &Path, private: bool) -> Result<String
                 .flatten()
                 .any(|m| m["path"] == json!(f.path) && m["uploadMode"] == json!("lfs"))
         })
-        .collect();
+        .collect())
+}
 
-    // 3. LFS objects: the batch API says where to PUT each one not already stored.
-    if !lfs.is_empty() {
-        let url = format!("{}/{repo_id}.git/info/lfs/objects/batch", c.endpoint);
-        let objects: Vec<Value> = lfs
+/// Uploads the LFS objects the batch API says are not stored yet, and verifies them.
+fn upload_lfs(c: &Client, repo_id: &str, lfs: &[&Upload]) -> Result<()> {
+    let url = format!("{}/{repo_id}.git/info/lfs/objects/batch", c.endpoint);
+    let objects: Vec<Value> = lfs
+        .iter()
+        .map(|f| json!({"oid": f.sha256, "size": f.size}))
+        .collect();
+    let batch = c.post_json(
+        &url,
+        &json!({
+            "operation": "upload",
+            "transfers": ["basic"],
+            "objects": objects,
+            "hash_algo": "sha256",
+            "ref": {"name": "main"},
+        }),
+        Some("application/vnd.git-lfs+json"),
+    )?;
+    for obj in batch["objects"].as_array().into_iter().flatten() {
+        if let Some(err) = obj.get("error") {
+            return Err(hub_err(format!("LFS refused object {}: {err}", obj["oid"])));
+        }
+        let Some(upload) = obj["actions"].get("upload") else {
+            continue; // already on the Hub
+        };
+        let f = lfs
             .iter()
-            .map(|f| json!({"oid": f.sha256, "size": f.size}))
-            .collect();
-        let batch = c.post_json(
-            &url,
-            &json!({
-                "operation": "upload",
-                "transfers": ["basic"],
-                "objects": objects,
-                "hash_algo": "sha256",
-                "ref": {"name": "main"},
-            }),
-            Some("application/vnd.git-lfs+json"),
-        )?;
-        for obj in batch["objects"].as_array().into_iter().flatten() {
-            if let Some(err) = obj.get("error") {
-                return Err(hub_err(format!("LFS refused object {}: {err}", obj["oid"])));
-            }
-            let Some(upload) = obj["actions"].get("upload") else {
-                continue; // already on the Hub
-            };
-            let f = lfs
-                .iter()
-                .find(|f| obj["oid"] == json!(f.sha256))
-                .ok_or_else(|| hub_err("LFS batch answered for an object we did not send"))?;
-            let href = upload["href"]
-                .as_str()
-                .ok_or_else(|| hub_err("LFS upload action without href"))?;
-            let mut req = c.agent.put(href);
-            for (k, v) in upload["header"].as_object().into_iter().flatten() {
-                if let Some(v) = v.as_str() {
-                    req = req.set(k, v);
-                }
-            }
-            let bytes = std::fs::read(&f.local).map_err(|e| TrainerError::io(&f.local, e))?;
-            req.send_bytes(&bytes)
-                .map_err(|e| describe(&format!("LFS upload of {}", f.path), e))?;
-            if let Some(verify) = obj["actions"].get("verify") {
-                let href = verify["href"]
-                    .as_str()
-                    .ok_or_else(|| hub_err("LFS verify action without href"))?;
-                c.post_json(
-                    href,
-                    &json!({"oid": f.sha256, "size": f.size}),
-                    Some("application/vnd.git-lfs+json"),
-                )?;
+            .find(|f| obj["oid"] == json!(f.sha256))
+            .ok_or_else(|| hub_err("LFS batch answered for an object we did not send"))?;
+        let href = upload["href"]
+            .as_str()
+            .ok_or_else(|| hub_err("LFS upload action without href"))?;
+        let mut req = c.agent.put(href);
+        for (k, v) in upload["header"].as_object().into_iter().flatten() {
+            if let Some(v) = v.as_str() {
+                req = req.set(k, v);
             }
         }
+        let bytes = std::fs::read(&f.local).map_err(|e| TrainerError::io(&f.local, e))?;
+        req.send_bytes(&bytes)
+            .map_err(|e| describe(&format!("LFS upload of {}", f.path), e))?;
+        if let Some(verify) = obj["actions"].get("verify") {
+            let href = verify["href"]
+                .as_str()
+                .ok_or_else(|| hub_err("LFS verify action without href"))?;
+            c.post_json(
+                href,
+                &json!({"oid": f.sha256, "size": f.size}),
+                Some("application/vnd.git-lfs+json"),
+            )?;
+        }
     }
+    Ok(())
+}
 
-    // 4. One commit with every file.
+/// One commit with every file: LFS pointers for LFS files, base64 content for the rest.
+fn commit(c: &Client, repo_id: &str, files: &[Upload], lfs: &[&Upload]) -> Result<()> {
     let mut lines = vec![json!({"key": "header", "value": {
         "summary": "Upload MOSAIC LoRA (mosaic-rs export)", "description": ""}})];
-    for f in &files {
+    for f in files {
         if lfs.iter().any(|l| l.path == f.path) {
             lines.push(json!({"key": "lfsFile", "value": {
                 "path": f.path, "algo": "sha256", "oid": f.sha256, "size": f.size}}));
@@ -235,5 +251,5 @@ pub fn push_folder(repo_id: &str, folder: &Path, private: bool) -> Result<String
         .set("Content-Type", "application/x-ndjson")
         .send_string(&ndjson)
         .map_err(|e| describe(&url, e))?;
-    Ok(format!("{}/{repo_id}", c.endpoint))
+    Ok(())
 }

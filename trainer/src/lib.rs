@@ -1,5 +1,6 @@
-//! MOSAIC training on FLUX.1 in candle: the model with its reference branch and LoRA, the
-//! flow-matching + SCAL/MDL objective, the optimizer, a synthetic data source and the loop.
+//! MOSAIC training on FLUX.1 in candle: the flow-matching + SCAL/MDL objective on the `flux`
+//! crate's model, the optimizer, data sources, data parallelism, checkpoints, export and the
+//! loop.
 
 pub mod alloc;
 pub mod bench;
@@ -13,13 +14,12 @@ pub mod export;
 pub mod forward;
 pub mod hub;
 pub mod loader;
-pub mod lora_format;
 pub mod metrics;
-pub mod model;
 pub mod objective;
 pub mod optim;
-pub mod rng;
+pub mod run;
 pub mod signals;
+pub mod step;
 pub mod storage;
 pub mod synth;
 pub mod train;

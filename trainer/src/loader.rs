@@ -5,7 +5,7 @@
 use rand::seq::SliceRandom;
 
 use crate::error::{Result, TrainerError};
-use crate::rng::{stream, Purpose};
+use flux::rng::{stream, Purpose};
 
 /// Where the loader stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]

@@ -26,20 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train a LoRA as the config says.
-    Train {
-        /// Run config (TOML).
-        #[arg(long)]
-        config: PathBuf,
-        /// Override a config key by its dotted path, e.g. --set train.max_steps=40.
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        set: Vec<String>,
-        /// Continue from this checkpoint folder (default: the newest valid one of the run).
-        #[arg(long, value_name = "DIR", conflicts_with = "no_resume")]
-        resume: Option<PathBuf>,
-        /// Start from scratch even if the run has checkpoints.
-        #[arg(long)]
-        no_resume: bool,
-    },
+    Train(TrainArgs),
     /// Plain FLUX forward (no references) on diffusers-named inputs; writes tensor `output`.
     Forward {
         /// A diffusers transformer folder or a single safetensors file (BFL or diffusers names).
@@ -66,32 +53,7 @@ enum Command {
         steps: usize,
     },
     /// Export a checkpoint as a Hugging Face model folder (diffusers/PEFT/kohya + model card).
-    Export {
-        /// A checkpoint folder (step-NNNNNNNN), a checkpoints folder or a run folder.
-        #[arg(long)]
-        checkpoint: PathBuf,
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long, value_enum, default_value = "diffusers")]
-        format: trainer::export::Format,
-        /// Export the EMA weights.
-        #[arg(long)]
-        ema: bool,
-        #[arg(long, value_enum, default_value = "f32")]
-        dtype: ExportDtype,
-        /// Hub id of the base model for the card, e.g. black-forest-labs/FLUX.1-dev.
-        #[arg(long, default_value = "")]
-        base_model: String,
-        /// License identifier in the card's metadata.
-        #[arg(long, default_value = "other")]
-        license: String,
-        /// Upload the folder to this Hugging Face model repo (token from HF_TOKEN).
-        #[arg(long, value_name = "REPO_ID")]
-        push_to_hub: Option<String>,
-        /// Create the Hub repo as private.
-        #[arg(long)]
-        private: bool,
-    },
+    Export(ExportArgs),
     /// Attention rows at FLUX.1-dev sizes: the official full maps vs the fused op, forward and
     /// backward time and peak heap, as a markdown table.
     BenchRows {
@@ -115,6 +77,50 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         iters: usize,
     },
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// Run config (TOML).
+    #[arg(long)]
+    config: PathBuf,
+    /// Override a config key by its dotted path, e.g. --set train.max_steps=40.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Continue from this checkpoint folder (default: the newest valid one of the run).
+    #[arg(long, value_name = "DIR", conflicts_with = "no_resume")]
+    resume: Option<PathBuf>,
+    /// Start from scratch even if the run has checkpoints.
+    #[arg(long)]
+    no_resume: bool,
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    /// A checkpoint folder (step-NNNNNNNN), a checkpoints folder or a run folder.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, value_enum, default_value = "diffusers")]
+    format: trainer::export::Format,
+    /// Export the EMA weights.
+    #[arg(long)]
+    ema: bool,
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: ExportDtype,
+    /// Hub id of the base model for the card, e.g. black-forest-labs/FLUX.1-dev.
+    #[arg(long, default_value = "")]
+    base_model: String,
+    /// License identifier in the card's metadata.
+    #[arg(long, default_value = "other")]
+    license: String,
+    /// Upload the folder to this Hugging Face model repo (token from HF_TOKEN).
+    #[arg(long, value_name = "REPO_ID")]
+    push_to_hub: Option<String>,
+    /// Create the Hub repo as private.
+    #[arg(long)]
+    private: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -150,45 +156,7 @@ fn init_tracing() {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Train {
-            config,
-            mut set,
-            resume,
-            no_resume,
-        } => {
-            if let Some(dir) = resume {
-                set.push(format!(
-                    "checkpoint.resume_from={:?}",
-                    dir.display().to_string()
-                ));
-            }
-            if no_resume {
-                set.push("checkpoint.resume=false".into());
-            }
-            let cfg = Config::load(&config, &set)
-                .with_context(|| format!("loading config {}", config.display()))?;
-            let exit_on_signal = cfg.train.signal_exit_code;
-            let outcome = trainer::train::train_from_env(cfg).context("training failed")?;
-            let first = outcome.losses.first().map(|l| l.total).unwrap_or(f64::NAN);
-            let last = outcome.losses.last().map(|l| l.total).unwrap_or(f64::NAN);
-            if outcome.rank == 0 && outcome.losses.is_empty() {
-                println!(
-                    "nothing to train: the run is already at step {} (pass --no-resume or another run.dir to train again); LoRA written to {}",
-                    outcome.start_step,
-                    outcome.lora_path.display()
-                );
-            } else if outcome.rank == 0 {
-                println!(
-                    "trained {} steps (loss {first:.4} -> {last:.4}, {} skipped); LoRA written to {}",
-                    outcome.losses.len(),
-                    outcome.skipped,
-                    outcome.lora_path.display()
-                );
-            }
-            if outcome.stopped_by_signal {
-                return Ok(ExitCode::from(exit_on_signal));
-            }
-        }
+        Command::Train(args) => return train_cmd(args),
         Command::Forward {
             weights,
             inputs,
@@ -211,38 +179,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 trainer::bench::report(&config, steps.max(1)).context("benchmark failed")?
             );
         }
-        Command::Export {
-            checkpoint,
-            out,
-            format,
-            ema,
-            dtype,
-            base_model,
-            license,
-            push_to_hub,
-            private,
-        } => {
-            let opts = trainer::export::ExportOptions {
-                format,
-                ema,
-                dtype: match dtype {
-                    ExportDtype::F32 => candle_core::DType::F32,
-                    ExportDtype::Bf16 => candle_core::DType::BF16,
-                },
-                base_model,
-                license,
-            };
-            let files = trainer::export::export(&checkpoint, &out, &opts)
-                .with_context(|| format!("exporting {}", checkpoint.display()))?;
-            for f in &files {
-                println!("wrote {}", f.display());
-            }
-            if let Some(repo) = push_to_hub {
-                let url = trainer::hub::push_folder(&repo, &out, private)
-                    .with_context(|| format!("pushing {} to the Hub as {repo}", out.display()))?;
-                println!("pushed to {url}");
-            }
-        }
+        Command::Export(args) => export_cmd(args)?,
         Command::BenchRows { reps } => {
             print!(
                 "{}",
@@ -265,6 +202,77 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `trainer train`: prints the outcome; a run stopped by a signal exits with
+/// `train.signal_exit_code`.
+fn train_cmd(args: TrainArgs) -> anyhow::Result<ExitCode> {
+    let TrainArgs {
+        config,
+        mut set,
+        resume,
+        no_resume,
+    } = args;
+    if let Some(dir) = resume {
+        set.push(format!(
+            "checkpoint.resume_from={:?}",
+            dir.display().to_string()
+        ));
+    }
+    if no_resume {
+        set.push("checkpoint.resume=false".into());
+    }
+    let cfg = Config::load(&config, &set)
+        .with_context(|| format!("loading config {}", config.display()))?;
+    let exit_on_signal = cfg.train.signal_exit_code;
+    let outcome = trainer::train::train_from_env(cfg).context("training failed")?;
+    let first = outcome.losses.first().map(|l| l.total).unwrap_or(f64::NAN);
+    let last = outcome.losses.last().map(|l| l.total).unwrap_or(f64::NAN);
+    if outcome.rank == 0 && outcome.losses.is_empty() {
+        println!(
+            "nothing to train: the run is already at step {} (pass --no-resume or another run.dir to train again); LoRA written to {}",
+            outcome.start_step,
+            outcome.lora_path.display()
+        );
+    } else if outcome.rank == 0 {
+        println!(
+            "trained {} steps (loss {first:.4} -> {last:.4}, {} skipped); LoRA written to {}",
+            outcome.losses.len(),
+            outcome.skipped,
+            outcome.lora_path.display()
+        );
+    }
+    Ok(if outcome.stopped_by_signal {
+        ExitCode::from(exit_on_signal)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// `trainer export`, then the optional Hub upload.
+fn export_cmd(args: ExportArgs) -> anyhow::Result<()> {
+    let opts = trainer::export::ExportOptions {
+        format: args.format,
+        ema: args.ema,
+        dtype: match args.dtype {
+            ExportDtype::F32 => candle_core::DType::F32,
+            ExportDtype::Bf16 => candle_core::DType::BF16,
+        },
+        base_model: args.base_model,
+        license: args.license,
+    };
+    let (checkpoint, out) = (&args.checkpoint, &args.out);
+    let files = trainer::export::export(checkpoint, out, &opts)
+        .with_context(|| format!("exporting {}", checkpoint.display()))?;
+    for f in &files {
+        println!("wrote {}", f.display());
+    }
+    if let Some(repo) = args.push_to_hub {
+        let url = trainer::hub::push_folder(&repo, out, args.private)
+            .with_context(|| format!("pushing {} to the Hub as {repo}", out.display()))?;
+        println!("pushed to {url}");
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {

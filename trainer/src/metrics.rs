@@ -28,6 +28,15 @@ pub struct MetricsLog {
 }
 
 impl MetricsLog {
+    /// The log of a new run (`resumed` false) or of a resumed one continuing after `step`.
+    pub fn open(path: &Path, resumed: bool, step: u64) -> Result<Self> {
+        if resumed {
+            Self::resume(path, step)
+        } else {
+            Self::create(path)
+        }
+    }
+
     pub fn create(path: &Path) -> Result<Self> {
         let file = std::fs::File::create(path).map_err(|e| TrainerError::io(path, e))?;
         Ok(Self {

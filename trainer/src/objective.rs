@@ -1,5 +1,5 @@
 //! The training objective: flow matching on the target tokens plus SCAL and MDL on the sampled
-//! attention rows (DESIGN.md §6). It turns samples into model inputs (noise, timesteps,
+//! attention rows (design.md §5). It turns samples into model inputs (noise, timesteps,
 //! sampled correspondence points) and model outputs into the loss; it knows nothing of files.
 //!
 //! Every random draw comes from a stream keyed by (seed, step, sample slot), so a sample's
@@ -10,49 +10,146 @@ use kernels::{mdl_loss, sample_points, scal_loss, MdlVariant, RefPoints, RefSegm
 use rand::Rng;
 use rand_distr::{Distribution, Normal, StandardNormal};
 
-use crate::config::{Config, MdlVariantName};
-use crate::error::{Result, TrainerError};
-use crate::model::embed::{grid_ids, reference_ids, text_ids};
-use crate::model::grad::{loss_and_grads_into, GradSink, NoSink};
-use crate::model::{Flux, Lora, ModelInputs, RefInputs};
-use crate::rng::{stream, Purpose};
-use crate::synth::Sample;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct ObjectiveSpec {
-    pub scal_weight: f64,
-    pub mdl_weight: f64,
-    pub mdl_variant: MdlVariant,
-    pub mdl_ramp_start: u64,
-    pub mdl_ramp_steps: u64,
-    pub points_per_ref: usize,
-    pub logit_mean: f64,
-    pub logit_std: f64,
-    pub resolution_shift: bool,
-    pub guidance: f32,
-    pub ref_guidance: f32,
+use crate::error::{Result, TrainerError};
+use crate::synth::Sample;
+use flux::embed::{grid_ids, reference_ids, text_ids};
+use flux::grad::{loss_and_grads_into, GradSink, NoSink};
+use flux::rng::{stream, Purpose};
+use flux::{Flux, Lora, ModelInputs, RefInputs, RowBlocks};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+/// A run config's `[conditioning]` section: how references and guidance enter the model.
+pub struct ConditioningSpec {
+    /// References do not attend to each other (the official group mask).
     pub isolate_refs: bool,
+    /// Guidance value fed to text and target (MOSAIC trains with 1.0).
+    pub guidance: f64,
+    /// Guidance value fed to the references.
+    pub ref_guidance: f64,
 }
 
-impl ObjectiveSpec {
-    pub fn from_config(c: &Config) -> Self {
+impl Default for ConditioningSpec {
+    fn default() -> Self {
         Self {
-            scal_weight: c.loss.scal_weight,
-            mdl_weight: c.loss.mdl_weight,
-            mdl_variant: match c.loss.mdl_variant {
-                MdlVariantName::PaperKl => MdlVariant::PaperKl,
-                MdlVariantName::OfficialJsd => MdlVariant::OfficialJsd,
-            },
-            mdl_ramp_start: c.loss.mdl_ramp_start,
-            mdl_ramp_steps: c.loss.mdl_ramp_steps,
-            points_per_ref: c.loss.points_per_ref,
-            logit_mean: c.loss.logit_mean,
-            logit_std: c.loss.logit_std,
-            resolution_shift: c.loss.resolution_shift,
-            guidance: c.conditioning.guidance as f32,
-            ref_guidance: c.conditioning.ref_guidance as f32,
-            isolate_refs: c.conditioning.isolate_refs,
+            isolate_refs: true,
+            guidance: 1.0,
+            ref_guidance: 1.0,
         }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MdlVariantName {
+    PaperKl,
+    OfficialJsd,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+/// A run config's `[loss]` section: the loss weights and schedule, the attention rows the
+/// losses read, and the timestep distribution.
+pub struct LossSpec {
+    pub scal_weight: f64,
+    pub mdl_weight: f64,
+    pub mdl_variant: MdlVariantName,
+    /// The MDL weight is 0 before this optimizer step...
+    pub mdl_ramp_start: u64,
+    /// ...then rises linearly to `mdl_weight` over this many steps (0: at once).
+    pub mdl_ramp_steps: u64,
+    pub points_per_ref: usize,
+    /// Double blocks whose attention rows feed SCAL/MDL.
+    pub double_blocks: Vec<usize>,
+    pub single_blocks: Vec<usize>,
+    /// How the attention rows are computed: "fused" (the kernels crate's op, no attention map)
+    /// or "plain" (candle ops materializing [heads, P, N_tgt], the reference).
+    pub rows: RowsImpl,
+    /// t = sigmoid(n), n ~ N(logit_mean, logit_std^2).
+    pub logit_mean: f64,
+    pub logit_std: f64,
+    /// Apply the resolution-dependent shift mu(seq_len) to t.
+    pub resolution_shift: bool,
+}
+
+impl Default for LossSpec {
+    fn default() -> Self {
+        Self {
+            scal_weight: 0.4,
+            mdl_weight: 0.6,
+            mdl_variant: MdlVariantName::PaperKl,
+            mdl_ramp_start: 0,
+            mdl_ramp_steps: 0,
+            points_per_ref: 150,
+            double_blocks: vec![0],
+            single_blocks: vec![],
+            rows: RowsImpl::Fused,
+            logit_mean: 0.0,
+            logit_std: 1.0,
+            resolution_shift: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RowsImpl {
+    Fused,
+    Plain,
+}
+
+impl MdlVariantName {
+    /// The kernels crate's variant.
+    pub fn kernel(self) -> MdlVariant {
+        match self {
+            MdlVariantName::PaperKl => MdlVariant::PaperKl,
+            MdlVariantName::OfficialJsd => MdlVariant::OfficialJsd,
+        }
+    }
+}
+
+impl ConditioningSpec {
+    /// Range checks, naming the key.
+    pub fn validate(&self) -> Result<()> {
+        let err = |k: &str, why: String| Err(TrainerError::config(k, why));
+        if !self.guidance.is_finite() || !self.ref_guidance.is_finite() {
+            return err("conditioning.guidance", "must be finite".into());
+        }
+        Ok(())
+    }
+}
+
+impl LossSpec {
+    /// Range checks, naming the `loss.*` key.
+    pub fn validate(&self) -> Result<()> {
+        let s = self;
+        let err = |k: &str, why: String| Err(TrainerError::config(k, why));
+        for (k, v) in [
+            ("loss.scal_weight", s.scal_weight),
+            ("loss.mdl_weight", s.mdl_weight),
+        ] {
+            if !non_negative(v) || !v.is_finite() {
+                return err(k, format!("{v} must be a finite number >= 0"));
+            }
+        }
+        if s.points_per_ref == 0 {
+            return err("loss.points_per_ref", "must be at least 1".into());
+        }
+        if !positive(s.logit_std) {
+            return err(
+                "loss.logit_std",
+                format!("{} must be positive", s.logit_std),
+            );
+        }
+        if (s.scal_weight > 0.0 || s.mdl_weight > 0.0)
+            && s.double_blocks.is_empty()
+            && s.single_blocks.is_empty()
+        {
+            return err("loss.double_blocks", "SCAL/MDL are on but no block is selected (set loss.double_blocks or loss.single_blocks, or the weights to 0)".into());
+        }
+        Ok(())
     }
 
     /// The MDL weight at optimizer step `step`: 0 before the ramp, linear over it, then full.
@@ -66,6 +163,39 @@ impl ObjectiveSpec {
             self.mdl_weight * p.min(1.0)
         }
     }
+
+    /// Which blocks emit attention rows, and how.
+    pub fn row_blocks(&self) -> RowBlocks {
+        RowBlocks {
+            double: self.double_blocks.clone(),
+            single: self.single_blocks.clone(),
+            plain: self.rows == RowsImpl::Plain,
+        }
+    }
+}
+
+/// v > 0; false for NaN.
+fn positive(v: f64) -> bool {
+    v > 0.0
+}
+
+/// v >= 0; false for NaN.
+fn non_negative(v: f64) -> bool {
+    v >= 0.0
+}
+
+/// What the objective reads from a run config: its `[loss]` and `[conditioning]` sections.
+#[derive(Debug, Clone, Copy)]
+pub struct ObjectiveSpec<'a> {
+    pub loss: &'a LossSpec,
+    pub conditioning: &'a ConditioningSpec,
+}
+
+impl ObjectiveSpec<'_> {
+    /// Whether step `step` needs attention rows (SCAL or MDL is on).
+    pub fn needs_rows(&self, step: u64) -> bool {
+        self.loss.scal_weight > 0.0 || self.loss.mdl_weight_at(step) > 0.0
+    }
 }
 
 /// Resolution-dependent shift mu(seq_len): linear through (256, 0.5) and (4096, 1.15).
@@ -75,14 +205,14 @@ pub fn shift_mu(seq_len: usize) -> f64 {
     m * seq_len as f64 + b
 }
 
-/// t' = e^mu / (e^mu + (1/t - 1)) (spec/flux.md §6.2 with sigma = 1).
+/// t' = e^mu / (e^mu + (1/t - 1)) (design.md §3.7 with sigma = 1).
 pub fn shift_t(t: f64, mu: f64) -> f64 {
     let e = mu.exp();
     e / (e + (1.0 / t - 1.0))
 }
 
 /// t = sigmoid(n), n ~ N(mean, std^2), shifted for `seq_len` target tokens when asked.
-pub fn sample_t(spec: &ObjectiveSpec, seq_len: usize, rng: &mut impl Rng) -> Result<f64> {
+pub fn sample_t(spec: &LossSpec, seq_len: usize, rng: &mut impl Rng) -> Result<f64> {
     let normal = Normal::new(spec.logit_mean, spec.logit_std)
         .map_err(|e| TrainerError::config("loss.logit_std", e.to_string()))?;
     let n: f64 = normal.sample(rng);
@@ -127,7 +257,7 @@ pub struct DrawAt {
 
 /// Builds the model inputs of `samples` (same shapes) for the draws at `at`.
 pub fn prepare(
-    spec: &ObjectiveSpec,
+    spec: &ObjectiveSpec<'_>,
     samples: &[&Sample],
     at: DrawAt,
     with_rows: bool,
@@ -163,7 +293,11 @@ pub fn prepare(
     let mut segments = Vec::new();
     for (b, s) in samples.iter().enumerate() {
         let slot = first_slot + b as u64;
-        let t = sample_t(spec, n, &mut stream(seed, Purpose::Timestep, &[step, slot]))?;
+        let t = sample_t(
+            spec.loss,
+            n,
+            &mut stream(seed, Purpose::Timestep, &[step, slot]),
+        )?;
         let mut rng = stream(seed, Purpose::Noise, &[step, slot]);
         let noise: Vec<f32> = (0..n * c)
             .map(|_| StandardNormal.sample(&mut rng))
@@ -174,50 +308,18 @@ pub fn prepare(
         velocity.push((noise - x0)?);
         timestep.push(t as f32);
         if with_rows {
-            let mut rng = stream(seed, Purpose::Points, &[step, slot]);
-            let pairs: Vec<Vec<(u32, u32)>> = s
-                .refs
-                .iter()
-                .map(|r| r.pairs.iter().map(|p| (p.ref_token, p.tgt_token)).collect())
-                .collect();
-            let refs: Vec<RefPoints> = s
-                .refs
-                .iter()
-                .zip(&pairs)
-                .map(|(r, pairs)| RefPoints {
-                    pairs,
-                    ref_tokens: r.grid.len(),
-                    mask: None,
-                })
-                .collect();
-            let picked = sample_points(&refs, spec.points_per_ref, &mut rng)?;
+            let picked = sample_correspondences(
+                s,
+                spec.loss.points_per_ref,
+                &mut stream(seed, Purpose::Points, &[step, slot]),
+            )?;
             segments.push(picked.ref_segments());
             ref_idx.push(picked.ref_idx);
             tgt_idx.push(picked.tgt_idx);
         }
     }
     let b = samples.len();
-    let refs = if k == 0 {
-        None
-    } else {
-        let mut ids = Vec::new();
-        let mut lens = Vec::new();
-        for (i, r) in first.refs.iter().enumerate() {
-            ids.extend(reference_ids(r.grid.rows, r.grid.cols, i));
-            lens.push(r.grid.len());
-        }
-        let per_sample: Vec<Tensor> = samples
-            .iter()
-            .map(|s| Tensor::cat(&s.refs.iter().map(|r| &r.latent).collect::<Vec<_>>(), 0))
-            .collect::<candle_core::Result<_>>()?;
-        Some(RefInputs {
-            latents: Tensor::stack(&per_sample, 0)?.to_dtype(dtype)?,
-            ids,
-            lens,
-            timestep: vec![0.0; b],
-            guidance: vec![spec.ref_guidance; b],
-        })
-    };
+    let refs = ref_inputs(spec, samples, dtype)?;
     let l = first.txt.dim(0)?;
     let tokens = l + n + refs.as_ref().map_or(0, |r| r.ids.len());
     let inputs = ModelInputs {
@@ -229,9 +331,9 @@ pub fn prepare(
         pooled: Tensor::stack(&samples.iter().map(|s| &s.pooled).collect::<Vec<_>>(), 0)?
             .to_dtype(dtype)?,
         timestep,
-        guidance: vec![spec.guidance; b],
+        guidance: vec![spec.conditioning.guidance as f32; b],
         refs,
-        isolate_refs: spec.isolate_refs,
+        isolate_refs: spec.conditioning.isolate_refs,
         row_queries: with_rows.then_some(ref_idx),
     };
     Ok(Prepared {
@@ -243,6 +345,59 @@ pub fn prepare(
     })
 }
 
+/// P correspondence points per reference of `s` (paper eq. 9), drawn from `rng`.
+fn sample_correspondences(
+    s: &Sample,
+    points_per_ref: usize,
+    rng: &mut impl Rng,
+) -> Result<kernels::Sampled> {
+    let pairs: Vec<Vec<(u32, u32)>> = s
+        .refs
+        .iter()
+        .map(|r| r.pairs.iter().map(|p| (p.ref_token, p.tgt_token)).collect())
+        .collect();
+    let refs: Vec<RefPoints> = s
+        .refs
+        .iter()
+        .zip(&pairs)
+        .map(|(r, pairs)| RefPoints {
+            pairs,
+            ref_tokens: r.grid.len(),
+            mask: None,
+        })
+        .collect();
+    Ok(sample_points(&refs, points_per_ref, rng)?)
+}
+
+/// The references of a batch (clean: t = 0) as model inputs; None without references.
+fn ref_inputs(
+    spec: &ObjectiveSpec<'_>,
+    samples: &[&Sample],
+    dtype: DType,
+) -> Result<Option<RefInputs>> {
+    let Some(first) = samples.first().filter(|s| !s.refs.is_empty()) else {
+        return Ok(None);
+    };
+    let b = samples.len();
+    let mut ids = Vec::new();
+    let mut lens = Vec::new();
+    for (i, r) in first.refs.iter().enumerate() {
+        ids.extend(reference_ids(r.grid.rows, r.grid.cols, i));
+        lens.push(r.grid.len());
+    }
+    let per_sample: Vec<Tensor> = samples
+        .iter()
+        .map(|s| Tensor::cat(&s.refs.iter().map(|r| &r.latent).collect::<Vec<_>>(), 0))
+        .collect::<candle_core::Result<_>>()?;
+    Ok(Some(RefInputs {
+        latents: Tensor::stack(&per_sample, 0)?.to_dtype(dtype)?,
+        ids,
+        lens,
+        timestep: vec![0.0; b],
+        guidance: vec![spec.conditioning.ref_guidance as f32; b],
+    }))
+}
+
 /// Loss values of one micro-batch.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct LossParts {
@@ -250,6 +405,16 @@ pub struct LossParts {
     pub diff: f64,
     pub scal: f64,
     pub mdl: f64,
+}
+
+impl LossParts {
+    /// Adds `w` times `other`, part by part.
+    pub fn add_scaled(&mut self, other: &LossParts, w: f64) {
+        self.total += w * other.total;
+        self.diff += w * other.diff;
+        self.scal += w * other.scal;
+        self.mdl += w * other.mdl;
+    }
 }
 
 fn value(t: &Tensor) -> Result<f64> {
@@ -261,7 +426,7 @@ pub fn loss_and_lora_grads(
     model: &Flux,
     lora: &Lora,
     prep: &Prepared,
-    spec: &ObjectiveSpec,
+    spec: &ObjectiveSpec<'_>,
     step: u64,
     checkpointing: bool,
 ) -> Result<(LossParts, Vec<Tensor>)> {
@@ -273,13 +438,13 @@ pub fn loss_and_lora_grads_into(
     model: &Flux,
     lora: &Lora,
     prep: &Prepared,
-    spec: &ObjectiveSpec,
+    spec: &ObjectiveSpec<'_>,
     step: u64,
     checkpointing: bool,
-    sink: &mut dyn GradSink,
+    sink: &mut dyn GradSink<TrainerError>,
 ) -> Result<(LossParts, Vec<Tensor>)> {
-    let alpha = spec.scal_weight;
-    let beta = spec.mdl_weight_at(step);
+    let alpha = spec.loss.scal_weight;
+    let beta = spec.loss.mdl_weight_at(step);
     let loss_fn = |pred: &Tensor, rows: Option<&[Tensor]>| -> Result<(Tensor, LossParts)> {
         let diff = (pred.to_dtype(prep.velocity.dtype())? - &prep.velocity)?
             .sqr()?
@@ -296,7 +461,7 @@ pub fn loss_and_lora_grads_into(
             for ((r, t_idx), seg) in rows.iter().zip(&prep.tgt_idx).zip(&prep.segments) {
                 let r = r.to_dtype(total.dtype())?;
                 scal = (scal + scal_loss(&r, t_idx, seg)?)?;
-                mdl = (mdl + mdl_loss(spec.mdl_variant, &r, seg)?)?;
+                mdl = (mdl + mdl_loss(spec.loss.mdl_variant.kernel(), &r, seg)?)?;
             }
             let (scal, mdl) = ((scal / b)?, (mdl / b)?);
             parts.scal = value(&scal)?;
@@ -327,19 +492,13 @@ mod tests {
 
     #[test]
     fn mdl_ramp() {
-        let spec = ObjectiveSpec {
+        let spec = LossSpec {
             scal_weight: 0.1,
             mdl_weight: 1.0,
-            mdl_variant: MdlVariant::OfficialJsd,
+            mdl_variant: MdlVariantName::OfficialJsd,
             mdl_ramp_start: 10_000,
             mdl_ramp_steps: 1000,
-            points_per_ref: 150,
-            logit_mean: 0.0,
-            logit_std: 1.0,
-            resolution_shift: true,
-            guidance: 1.0,
-            ref_guidance: 1.0,
-            isolate_refs: true,
+            ..LossSpec::default()
         };
         assert_eq!(spec.mdl_weight_at(9_999), 0.0);
         assert_eq!(spec.mdl_weight_at(10_500), 0.5);

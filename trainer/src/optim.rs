@@ -1,10 +1,10 @@
 //! AdamW with f32 moments, global-norm gradient clipping, a warmup + constant/cosine learning
 //! rate schedule, and an EMA of the trainable weights. candle-nn's AdamW has none of clipping,
-//! schedule or EMA (DESIGN.md §9), so this is written against plain tensors.
+//! schedule or EMA (design.md §8), so this is written against plain tensors.
 
 use candle_core::{DType, Tensor, Var};
 
-use crate::error::Result;
+use crate::error::{Result, TrainerError};
 
 /// The learning-rate shape after warmup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -15,18 +15,99 @@ pub enum Schedule {
     Cosine,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+/// The `[optim]` section of a run config: AdamW, clipping, the learning-rate schedule and
+/// the EMA.
 pub struct OptimSpec {
     pub lr: f64,
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
-    /// Maximum global gradient norm; `None` disables clipping.
-    pub grad_clip: Option<f64>,
+    /// Maximum global gradient norm; 0 disables clipping.
+    pub grad_clip: f64,
     pub warmup_steps: u64,
     pub schedule: Schedule,
     pub min_lr_ratio: f64,
+    /// EMA decay of the LoRA weights; 0 disables the EMA.
+    pub ema_decay: f64,
+}
+
+impl Default for OptimSpec {
+    fn default() -> Self {
+        Self {
+            lr: 1e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            grad_clip: 1.0,
+            warmup_steps: 0,
+            schedule: Schedule::Constant,
+            min_lr_ratio: 0.0,
+            ema_decay: 0.99,
+        }
+    }
+}
+
+impl OptimSpec {
+    /// The clipping norm; None when `grad_clip` is 0.
+    pub fn clip(&self) -> Option<f64> {
+        (self.grad_clip > 0.0).then_some(self.grad_clip)
+    }
+
+    /// Range checks, naming the `optim.*` key.
+    pub fn validate(&self) -> Result<()> {
+        let o = self;
+        let err = |k: &str, why: String| Err(TrainerError::config(k, why));
+        if !non_negative(o.lr) || !o.lr.is_finite() {
+            return err("optim.lr", format!("{} must be a finite number >= 0", o.lr));
+        }
+        for (k, v) in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return err(k, format!("{v} must be in [0, 1)"));
+            }
+        }
+        if !positive(o.eps) {
+            return err("optim.eps", format!("{} must be positive", o.eps));
+        }
+        if !non_negative(o.weight_decay) {
+            return err(
+                "optim.weight_decay",
+                format!("{} must be >= 0", o.weight_decay),
+            );
+        }
+        if !non_negative(o.grad_clip) {
+            return err(
+                "optim.grad_clip",
+                format!("{} must be >= 0 (0 disables clipping)", o.grad_clip),
+            );
+        }
+        if !(0.0..=1.0).contains(&o.min_lr_ratio) {
+            return err(
+                "optim.min_lr_ratio",
+                format!("{} must be in [0, 1]", o.min_lr_ratio),
+            );
+        }
+        if !(0.0..1.0).contains(&o.ema_decay) {
+            return err(
+                "optim.ema_decay",
+                format!("{} must be in [0, 1) (0 disables the EMA)", o.ema_decay),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// v > 0; false for NaN.
+fn positive(v: f64) -> bool {
+    v > 0.0
+}
+
+/// v >= 0; false for NaN.
+fn non_negative(v: f64) -> bool {
+    v >= 0.0
 }
 
 /// Learning rate of optimizer step `step` (0-based) of `max_steps`: linear warmup from lr/warmup
@@ -156,10 +237,11 @@ mod tests {
             beta2: 0.999,
             eps: 1e-8,
             weight_decay: 0.01,
-            grad_clip: Some(1.0),
+            grad_clip: 1.0,
             warmup_steps: 0,
             schedule: Schedule::Constant,
             min_lr_ratio: 0.0,
+            ema_decay: 0.99,
         }
     }
 

@@ -6,7 +6,7 @@
 //! centred at 0.9 of its canvas on a plain background (as the official inference pads
 //! references). Correspondences map every visible subject point of a reference to the target
 //! point with the same subject-local coordinates, in normalised [0, 1] coordinates, and go
-//! through the DESIGN.md §4 token mapping. Captions are fixed embeddings of the subject kinds.
+//! through the design.md §2 token mapping. Captions are fixed embeddings of the subject kinds.
 
 use candle_core::{Device, Tensor};
 use datasets::{map_points_to_tokens, Point4, TokenGrid, TokenPair};
@@ -16,8 +16,8 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
 use crate::error::Result;
-use crate::model::embed::pack_latents;
-use crate::rng::{stream, Purpose};
+use flux::embed::pack_latents;
+use flux::rng::{stream, Purpose};
 
 /// Latent channels of the FLUX VAE.
 pub const LATENT_CHANNELS: usize = 16;
@@ -209,44 +209,14 @@ pub fn generate(spec: &SynthSpec, seed: u64, device: &Device) -> Result<Vec<Samp
                 size,
             };
             let (ref_data, ref_label) = render(&kinds, &[centred], hr, wr, &ref_bg, &mut noise);
-            let mut points: Vec<Point4> = Vec::new();
-            for ry in 0..hr {
-                for rx in 0..wr {
-                    if ref_label[ry * wr + rx].is_none() {
-                        continue;
-                    }
-                    let (u, v) = centred.local(rx as f32 + 0.5, ry as f32 + 0.5);
-                    let (tx, ty) = (p.x + u * p.size, p.y + v * p.size);
-                    let (txi, tyi) = (tx.floor() as usize, ty.floor() as usize);
-                    if txi < w && tyi < h && label[tyi * w + txi] == Some(i) {
-                        points.push([
-                            (rx as f32 + 0.5) / wr as f32,
-                            (ry as f32 + 0.5) / hr as f32,
-                            tx / w as f32,
-                            ty / h as f32,
-                        ]);
-                    }
-                }
-            }
+            let points = corresponding_points(&centred, p, &ref_label, &label, i, (hr, wr), (h, w));
             refs.push(RefSample {
                 latent: packed(ref_data, hr, wr, device)?,
                 grid: ref_grid,
                 pairs: map_points_to_tokens(&points, ref_grid, tgt_grid)?,
             });
         }
-        let mut txt = Vec::with_capacity(spec.text_tokens * spec.context_dim);
-        for t in 0..spec.text_tokens {
-            match placed.get(t) {
-                Some(p) => txt.extend_from_slice(&kinds[p.kind].text),
-                None => txt.extend_from_slice(&pad_token),
-            }
-        }
-        let mut pooled = vec![0f32; spec.pooled_dim];
-        for p in &placed {
-            for (a, b) in pooled.iter_mut().zip(&kinds[p.kind].pooled) {
-                *a += b / k as f32;
-            }
-        }
+        let (txt, pooled) = caption(spec, &kinds, &placed, &pad_token);
         out.push(Sample {
             x0: packed(tgt_data, h, w, device)?,
             grid: tgt_grid,
@@ -256,6 +226,64 @@ pub fn generate(spec: &SynthSpec, seed: u64, device: &Device) -> Result<Vec<Samp
         });
     }
     Ok(out)
+}
+
+/// Points (ref_x, ref_y, tgt_x, tgt_y), normalised, of every reference cell of subject `i`
+/// (rendered `centred` on an (hr, wr) grid) whose place in the target (at `p` on an (h, w)
+/// grid) is visible there.
+fn corresponding_points(
+    centred: &Placement,
+    p: &Placement,
+    ref_label: &[Option<usize>],
+    label: &[Option<usize>],
+    i: usize,
+    (hr, wr): (usize, usize),
+    (h, w): (usize, usize),
+) -> Vec<Point4> {
+    let mut points = Vec::new();
+    for ry in 0..hr {
+        for rx in 0..wr {
+            if ref_label[ry * wr + rx].is_none() {
+                continue;
+            }
+            let (u, v) = centred.local(rx as f32 + 0.5, ry as f32 + 0.5);
+            let (tx, ty) = (p.x + u * p.size, p.y + v * p.size);
+            let (txi, tyi) = (tx.floor() as usize, ty.floor() as usize);
+            if txi < w && tyi < h && label[tyi * w + txi] == Some(i) {
+                points.push([
+                    (rx as f32 + 0.5) / wr as f32,
+                    (ry as f32 + 0.5) / hr as f32,
+                    tx / w as f32,
+                    ty / h as f32,
+                ]);
+            }
+        }
+    }
+    points
+}
+
+/// The caption embeddings of a scene: one token per subject (its kind's embedding), padded;
+/// the pooled embedding is the mean of the subjects' pooled embeddings.
+fn caption(
+    spec: &SynthSpec,
+    kinds: &[Kind],
+    placed: &[Placement],
+    pad_token: &[f32],
+) -> (Vec<f32>, Vec<f32>) {
+    let mut txt = Vec::with_capacity(spec.text_tokens * spec.context_dim);
+    for t in 0..spec.text_tokens {
+        match placed.get(t) {
+            Some(p) => txt.extend_from_slice(&kinds[p.kind].text),
+            None => txt.extend_from_slice(pad_token),
+        }
+    }
+    let mut pooled = vec![0f32; spec.pooled_dim];
+    for p in placed {
+        for (a, b) in pooled.iter_mut().zip(&kinds[p.kind].pooled) {
+            *a += b / placed.len() as f32;
+        }
+    }
+    (txt, pooled)
 }
 
 #[cfg(test)]

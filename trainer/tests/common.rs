@@ -3,10 +3,10 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
+use flux::Lora;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 use trainer::config::Config;
-use trainer::model::Lora;
 
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")

@@ -11,7 +11,7 @@ use launcher::topology::Topology;
 use launcher::{RankEnv, StoreServer};
 use trainer::ddp::init::Backend;
 use trainer::ddp::{self, Dist, DistOptions, ReduceOp};
-use trainer::train::Run;
+use trainer::run::Run;
 
 use crate::common::{repo_root, steps_logged, tiny_config};
 
@@ -49,13 +49,13 @@ fn ring_collectives_give_every_rank_the_same_exact_answer() {
         let v: Vec<f32> = (0..7).map(|i| i as f32 * 0.1 + r).collect();
         let t = Tensor::new(v.as_slice(), &Device::Cpu).unwrap();
         let sum = dist
-            .call(move |c| c.all_reduce(&t, ReduceOp::Sum))
+            .call("all-reduce", move |c| c.all_reduce(&t, ReduceOp::Sum))
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();
         let t = Tensor::new(&[1.0f64 + rank as f64, 2.0], &Device::Cpu).unwrap();
         let mean = dist
-            .call(move |c| c.all_reduce(&t, ReduceOp::Mean))
+            .call("all-reduce", move |c| c.all_reduce(&t, ReduceOp::Mean))
             .unwrap()
             .to_vec1::<f64>()
             .unwrap();
@@ -64,7 +64,7 @@ fn ring_collectives_give_every_rank_the_same_exact_answer() {
             .to_dtype(DType::BF16)
             .unwrap();
         let bf = dist
-            .call(move |c| c.all_reduce(&t, ReduceOp::Sum))
+            .call("all-reduce", move |c| c.all_reduce(&t, ReduceOp::Sum))
             .unwrap()
             .to_dtype(DType::F32)
             .unwrap()
@@ -72,13 +72,15 @@ fn ring_collectives_give_every_rank_the_same_exact_answer() {
             .unwrap();
         let t = Tensor::new(&[[rank as f32; 2]; 2], &Device::Cpu).unwrap();
         let bc = dist
-            .call(move |c| c.broadcast(&t, 1))
+            .call("broadcast", move |c| c.broadcast(&t, 1))
             .unwrap()
             .to_vec2::<f32>()
             .unwrap();
         let mine = vec![rank as u8; rank + 1];
-        let gathered = dist.call(move |c| c.all_gather_bytes(&mine)).unwrap();
-        dist.call(|c| c.barrier()).unwrap();
+        let gathered = dist
+            .call("all-gather", move |c| c.all_gather_bytes(&mine))
+            .unwrap();
+        dist.call("barrier", |c| c.barrier()).unwrap();
         (sum, mean, bf, bc, gathered)
     });
     let expect_sum: Vec<f32> = (0..7).map(|i| 3.0 * (i as f32 * 0.1) + 3.0).collect();

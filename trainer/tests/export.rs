@@ -10,9 +10,10 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 
 use candle_core::DType;
+use flux::lora_format::{self, LoraTensors};
 use trainer::export::{export, ExportOptions, Format};
-use trainer::lora_format::{self, LoraTensors};
-use trainer::train::{train, Run};
+use trainer::run::Run;
+use trainer::train::train;
 
 use crate::common::tiny_config;
 
@@ -145,10 +146,7 @@ fn training_continues_from_an_exported_file_with_the_same_deltas() {
     );
     let cfg = tiny_config(&tmp.path().join("bad"), &[&init, "lora.rank=4"]);
     let e = Run::build(cfg).err().unwrap().to_string();
-    assert!(
-        e.contains("x_embedder") && e.contains("lora.rank = 4"),
-        "{e}"
-    );
+    assert!(e.contains("x_embedder") && e.contains("LoRA rank 4"), "{e}");
 }
 
 #[test]

@@ -2,17 +2,17 @@
 //! recomputation against the plain backward. A no-backward op anywhere in the graph, or a
 //! wrong recomputation, fails here.
 
-use trainer::model::lora::adaptable_modules;
+use flux::lora::adaptable_modules;
 use trainer::objective::{self, DrawAt, Prepared};
+use trainer::run::Run;
 use trainer::synth::Sample;
-use trainer::train::Run;
 
 use crate::common::{max_abs, max_abs_diff, randn_like, randomize_lora_b, tiny_config};
 
 /// Every module of the reference branch adapted, two references per sample (so MDL is active),
 /// batch of two, both losses on, rows from a double and a single block.
 fn gradient_run(dtype: &str, dir: &std::path::Path) -> Run {
-    let fc = trainer::model::FluxConfig::tiny();
+    let fc = flux::FluxConfig::tiny();
     let all: Vec<String> = adaptable_modules(&fc)
         .into_iter()
         .map(|(m, _, _)| format!("{m:?}"))
@@ -44,7 +44,7 @@ fn prepared(run: &Run) -> Prepared {
     let data = run.data.in_memory().unwrap();
     let samples: Vec<&Sample> = vec![&data[0], &data[1]];
     objective::prepare(
-        &run.objective,
+        &run.objective(),
         &samples,
         DrawAt {
             seed: 5,
@@ -64,7 +64,7 @@ fn finite_differences_match_autograd_for_every_lora_tensor() {
     let run = gradient_run("f64", tmp.path());
     let prep = prepared(&run);
     let loss = |r: &Run| {
-        objective::loss_and_lora_grads(&r.model, &r.lora, &prep, &r.objective, 0, false).unwrap()
+        objective::loss_and_lora_grads(&r.model, &r.lora, &prep, &r.objective(), 0, false).unwrap()
     };
     let (parts, grads) = loss(&run);
     assert!(
@@ -136,11 +136,17 @@ fn checkpointing_gives_equal_gradients() {
         let tmp = tempfile::tempdir().unwrap();
         let run = gradient_run(dtype, tmp.path());
         let prep = prepared(&run);
-        let (plain_parts, plain) =
-            objective::loss_and_lora_grads(&run.model, &run.lora, &prep, &run.objective, 0, false)
-                .unwrap();
+        let (plain_parts, plain) = objective::loss_and_lora_grads(
+            &run.model,
+            &run.lora,
+            &prep,
+            &run.objective(),
+            0,
+            false,
+        )
+        .unwrap();
         let (ckpt_parts, ckpt) =
-            objective::loss_and_lora_grads(&run.model, &run.lora, &prep, &run.objective, 0, true)
+            objective::loss_and_lora_grads(&run.model, &run.lora, &prep, &run.objective(), 0, true)
                 .unwrap();
         assert_eq!(
             plain_parts, ckpt_parts,
@@ -165,7 +171,7 @@ fn fused_rows_give_the_plain_composition_s_losses_and_gradients() {
     let fused = gradient_run("f64", &tmp.path().join("fused"));
     let plain = {
         let mut cfg = fused.cfg.clone();
-        cfg.loss.rows = trainer::config::RowsImpl::Plain;
+        cfg.loss.rows = trainer::objective::RowsImpl::Plain;
         cfg.run.dir = tmp.path().join("plain").display().to_string();
         let run = Run::build(cfg).unwrap();
         randomize_lora_b(&run.lora, 11);
@@ -173,7 +179,7 @@ fn fused_rows_give_the_plain_composition_s_losses_and_gradients() {
     };
     let prep = prepared(&fused);
     let go = |r: &Run| {
-        objective::loss_and_lora_grads(&r.model, &r.lora, &prep, &r.objective, 0, false).unwrap()
+        objective::loss_and_lora_grads(&r.model, &r.lora, &prep, &r.objective(), 0, false).unwrap()
     };
     let ((pf, gf), (pp, gp)) = (go(&fused), go(&plain));
     for (a, b) in [(pf.scal, pp.scal), (pf.mdl, pp.mdl), (pf.total, pp.total)] {

@@ -254,14 +254,14 @@ fn two_ranks_stopped_at_two_points_resume_bit_identically() {
 
 /// Synthetic shards for a test run: on the S3 test server when there is one, else in `at`.
 fn shards_for_test(at: &Path) -> String {
-    let url = match std::env::var("MOSAIC_TEST_S3_URL") {
-        Ok(base) => format!(
+    let url = match datasets::testing::server_env("MOSAIC_TEST_S3_URL", "ci/s3.sh") {
+        Some(base) => format!(
             "{}/shards-{}-{}",
             base.trim_end_matches('/'),
             std::process::id(),
             at.file_name().unwrap().to_string_lossy()
         ),
-        Err(_) => at.display().to_string(),
+        None => at.display().to_string(),
     };
     crate::common::write_test_shards(Location::parse(&url).unwrap(), 24, 3);
     url
@@ -326,8 +326,7 @@ fn a_checkpoint_of_another_config_is_refused_naming_the_fields() {
 #[test]
 #[cfg(unix)]
 fn checkpoints_on_an_object_store_resume_bit_identically() {
-    let Ok(url) = std::env::var("MOSAIC_TEST_S3_URL") else {
-        eprintln!("object-store resume not run: MOSAIC_TEST_S3_URL unset (ci/s3.sh sets it)");
+    let Some(url) = datasets::testing::server_env("MOSAIC_TEST_S3_URL", "ci/s3.sh") else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();

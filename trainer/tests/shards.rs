@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use datasets::Location;
-use trainer::train::Run;
+use trainer::run::Run;
 
 use crate::common::tiny_config;
 

@@ -2,7 +2,8 @@
 //! losses never reach the weights, outputs land in the run folder.
 
 use trainer::config::OnNonFinite;
-use trainer::train::{train, Run};
+use trainer::run::Run;
+use trainer::train::train;
 use trainer::TrainerError;
 
 use crate::common::tiny_config;

@@ -1,7 +1,7 @@
 //! Weights that do not fit the model are refused, naming every offending tensor.
 
 use candle_core::{DType, Device, Tensor};
-use trainer::model::{weights, FluxConfig, Weights};
+use flux::{weights, FluxConfig, Weights};
 
 #[test]
 fn missing_and_misshaped_tensors_are_each_named() {

@@ -43,10 +43,10 @@ pub fn measure(ranks: usize, bytes: usize, iters: usize) -> DistResult<Row> {
                 let t = Tensor::ones(n, candle_core::DType::F32, &Device::Cpu)?;
                 let mut times = Vec::with_capacity(iters);
                 for i in 0..=iters {
-                    dist.call(|c| c.barrier())?;
+                    dist.call("barrier", |c| c.barrier())?;
                     let t = t.clone();
                     let started = Instant::now();
-                    dist.call(move |c| c.all_reduce(&t, ReduceOp::Sum))?;
+                    dist.call("all-reduce", move |c| c.all_reduce(&t, ReduceOp::Sum))?;
                     if i > 0 {
                         times.push(started.elapsed().as_secs_f64());
                     }

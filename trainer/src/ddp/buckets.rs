@@ -6,8 +6,8 @@
 use candle_core::Tensor;
 
 use super::{Dist, DistError, Pending, ReduceOp};
-use crate::error::Result;
-use crate::model::grad::GradSink;
+use crate::error::{Result, TrainerError};
+use flux::grad::GradSink;
 
 /// Which gradients go together.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,10 +95,10 @@ impl<'a> GradReducer<'a> {
                 })
                 .collect::<Result<_>>()?;
             let flat = Tensor::cat(&flat, 0)?;
-            self.pending.push(
-                self.dist
-                    .submit(move |c| c.all_reduce(&flat, ReduceOp::Mean)),
-            );
+            self.pending
+                .push(self.dist.submit("gradient bucket all-reduce", move |c| {
+                    c.all_reduce(&flat, ReduceOp::Mean)
+                }));
             self.next_bucket += 1;
         }
         Ok(())
@@ -135,7 +135,7 @@ impl<'a> GradReducer<'a> {
     }
 }
 
-impl GradSink for GradReducer<'_> {
+impl GradSink<TrainerError> for GradReducer<'_> {
     fn ready(&mut self, index: usize, grad: &Tensor) -> Result<()> {
         if self.slots[index].is_some() {
             return Ok(());

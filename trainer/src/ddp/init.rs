@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use candle_core::Device;
-use launcher::{RankEnv, StoreClient, StoreServer};
+use rendezvous::{RankEnv, StoreClient, StoreServer};
 use serde::{Deserialize, Serialize};
 
 use super::tcp::TcpRing;
@@ -47,7 +47,7 @@ pub fn connect(env: &RankEnv, opts: &DistOptions, device: &Device) -> DistResult
                 DistError::Rendezvous(format!(
                     "WORLD_SIZE={} but neither {} (set by `launcher`) nor MASTER_ADDR and MASTER_PORT (set by torchrun or your script) are set",
                     env.world_size,
-                    launcher::env::STORE
+                    rendezvous::env::STORE
                 ))
             };
             let host = env.master_addr.clone().ok_or_else(missing)?;
@@ -64,7 +64,7 @@ pub fn connect(env: &RankEnv, opts: &DistOptions, device: &Device) -> DistResult
                 if token.is_empty() {
                     tracing::warn!(
                         "no {} set: the store accepts any process that reaches it",
-                        launcher::env::TOKEN
+                        rendezvous::env::TOKEN
                     );
                 }
                 hosted = Some(StoreServer::bind(&format!("0.0.0.0:{port}"), &token)?);
@@ -85,20 +85,23 @@ pub fn connect(env: &RankEnv, opts: &DistOptions, device: &Device) -> DistResult
     let (rank, world) = (env.rank, env.world_size);
     let (timeout, connect_timeout) = (opts.timeout, opts.connect_timeout);
     let device = device.clone();
-    let mut dist = Dist::start(move || -> DistResult<Box<dyn Collective>> {
-        let mut store = StoreClient::connect(&store_addr, &token, connect_timeout)?;
-        if use_nccl {
-            return nccl_backend(store, &prefix, rank, world, &device, connect_timeout);
-        }
-        Ok(Box::new(TcpRing::connect(
-            &mut store,
-            &prefix,
-            rank,
-            world,
-            connect_timeout,
-            timeout,
-        )?))
-    })?;
+    let mut dist = Dist::start(
+        move || -> DistResult<Box<dyn Collective>> {
+            let mut store = StoreClient::connect(&store_addr, &token, connect_timeout)?;
+            if use_nccl {
+                return nccl_backend(store, &prefix, rank, world, &device, connect_timeout);
+            }
+            Ok(Box::new(TcpRing::connect(
+                &mut store,
+                &prefix,
+                rank,
+                world,
+                connect_timeout,
+                timeout,
+            )?))
+        },
+        timeout,
+    )?;
     if let Some(server) = hosted {
         dist.keep(Box::new(server));
     }

@@ -2,7 +2,7 @@
 //! exactly as separate processes are: for tests and the collective benchmark.
 
 use candle_core::Device;
-use launcher::{RankEnv, StoreServer};
+use rendezvous::{RankEnv, StoreServer};
 
 use super::{connect, Dist, DistOptions, DistResult};
 

@@ -1,10 +1,11 @@
 //! Data parallelism: collectives behind one trait (a TCP ring on CPU, NCCL on GPU), the thread
 //! that owns them, gradient buckets that are reduced while the backward pass goes on, and the
-//! rendezvous that connects the ranks (DESIGN.md §7).
+//! rendezvous that connects the ranks (design.md §6).
 
 pub mod bench;
 pub mod buckets;
 pub mod comm;
+pub mod consistency;
 pub mod init;
 pub mod loopback;
 #[cfg(feature = "cuda")]
@@ -43,9 +44,9 @@ pub enum DistError {
     #[error("rendezvous: {0}")]
     Rendezvous(String),
     #[error(transparent)]
-    Store(#[from] launcher::StoreError),
+    Store(#[from] rendezvous::StoreError),
     #[error(transparent)]
-    Env(#[from] launcher::EnvError),
+    Env(#[from] rendezvous::EnvError),
     #[error("collectives support f32, f64 and bf16 buffers, not {0:?}")]
     Dtype(candle_core::DType),
     #[error("ranks disagree: {0}")]
@@ -56,7 +57,19 @@ pub enum DistError {
     Candle(#[from] candle_core::Error),
     #[error("the communication thread has stopped (an earlier collective failed)")]
     ThreadGone,
+    #[error("{op} on rank {rank} of {world} has not completed after {waited:?} (collective timeout: distributed.timeout_s); another rank is stuck or gone, so the communicator was aborted")]
+    Stuck {
+        op: &'static str,
+        rank: usize,
+        world: usize,
+        waited: std::time::Duration,
+    },
+    #[error("{op}: not run, an earlier collective was stuck and the communicator was aborted")]
+    Poisoned { op: &'static str },
 }
+
+/// Unblocks a backend's pending collectives from another thread (they then fail).
+pub type AbortHandle = std::sync::Arc<dyn Fn() + Send + Sync>;
 
 pub type DistResult<T> = std::result::Result<T, DistError>;
 
@@ -74,6 +87,11 @@ pub trait Collective {
     fn broadcast(&mut self, t: &Tensor, root: usize) -> DistResult<Tensor>;
     /// Every rank's bytes, in rank order (small values: fingerprints, hashes, flags).
     fn all_gather_bytes(&mut self, mine: &[u8]) -> DistResult<Vec<Vec<u8>>>;
+    /// A way to abort this backend's collectives from another thread, for the watchdog of
+    /// [`Dist`]; None when the backend bounds its own waits.
+    fn abort_handle(&self) -> Option<AbortHandle> {
+        None
+    }
     /// Returns once every rank has called it.
     fn barrier(&mut self) -> DistResult<()> {
         self.all_gather_bytes(&[]).map(|_| ())

@@ -11,7 +11,7 @@ use std::time::Duration;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 use cudarc::nccl::safe::{Comm, Id, ReduceOp as NcclOp};
-use launcher::StoreClient;
+use rendezvous::StoreClient;
 
 use super::{Collective, DistError, DistResult, ReduceOp};
 

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use half::bf16;
-use launcher::StoreClient;
+use rendezvous::StoreClient;
 
 use super::{Collective, DistError, DistResult, ReduceOp};
 
@@ -35,6 +35,56 @@ fn io_err(op: &'static str, peer: usize, timeout: Duration, e: std::io::Error) -
             waited: timeout,
         },
         _ => DistError::Peer { op, peer, err: e },
+    }
+}
+
+/// Connects to the next rank at `addr`, retrying until `timeout` after `started`.
+fn connect_next(
+    next_rank: usize,
+    next_addr: SocketAddr,
+    started: Instant,
+    timeout: Duration,
+) -> DistResult<TcpStream> {
+    let rdv = |what: String| DistError::Rendezvous(what);
+    loop {
+        match TcpStream::connect_timeout(&next_addr, Duration::from_secs(5)) {
+            Ok(s) => return Ok(s),
+            Err(e) if started.elapsed() < timeout => {
+                tracing::debug!(%e, %next_addr, "ring connect retry");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => {
+                return Err(rdv(format!(
+                    "cannot connect to rank {next_rank} at {next_addr}: {e}"
+                )))
+            }
+        }
+    }
+}
+
+/// Accepts the previous rank's connection, until `timeout` after `started`.
+fn accept_prev(
+    listener: &TcpListener,
+    prev_rank: usize,
+    started: Instant,
+    timeout: Duration,
+) -> DistResult<TcpStream> {
+    let rdv = |what: String| DistError::Rendezvous(what);
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => return Ok(s),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if started.elapsed() > timeout {
+                    return Err(DistError::Timeout {
+                        op: "ring setup",
+                        peer: prev_rank,
+                        waited: timeout,
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(rdv(format!("accept failed: {e}"))),
+        }
     }
 }
 
@@ -81,41 +131,13 @@ impl TcpRing {
             ))
         })?;
         let started = Instant::now();
-        let mut next = loop {
-            match TcpStream::connect_timeout(&next_addr, Duration::from_secs(5)) {
-                Ok(s) => break s,
-                Err(e) if started.elapsed() < timeout => {
-                    tracing::debug!(%e, %next_addr, "ring connect retry");
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err(e) => {
-                    return Err(rdv(format!(
-                        "cannot connect to rank {next_rank} at {next_addr}: {e}"
-                    )))
-                }
-            }
-        };
+        let mut next = connect_next(next_rank, next_addr, started, timeout)?;
         next.write_all(&(rank as u64).to_le_bytes())
             .map_err(|e| io_err("ring setup", next_rank, timeout, e))?;
         listener
             .set_nonblocking(true)
             .map_err(|e| rdv(e.to_string()))?;
-        let mut prev = loop {
-            match listener.accept() {
-                Ok((s, _)) => break s,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if started.elapsed() > timeout {
-                        return Err(DistError::Timeout {
-                            op: "ring setup",
-                            peer: prev_rank,
-                            waited: timeout,
-                        });
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(e) => return Err(rdv(format!("accept failed: {e}"))),
-            }
-        };
+        let mut prev = accept_prev(&listener, prev_rank, started, timeout)?;
         prev.set_nonblocking(false)
             .map_err(|e| rdv(e.to_string()))?;
         prev.set_read_timeout(Some(timeout))
@@ -266,6 +288,20 @@ impl Collective for TcpRing {
     }
     fn backend(&self) -> &'static str {
         "tcp"
+    }
+
+    /// Shuts the ring's sockets down, which fails any read or write in progress at once.
+    fn abort_handle(&self) -> Option<super::AbortHandle> {
+        let socks: Vec<TcpStream> = [&self.next, &self.prev]
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.try_clone().ok())
+            .collect();
+        Some(std::sync::Arc::new(move || {
+            for s in &socks {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }))
     }
 
     fn all_reduce(&mut self, t: &Tensor, op: ReduceOp) -> DistResult<Tensor> {

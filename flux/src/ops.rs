@@ -1,4 +1,4 @@
-//! Ops that are safe to train through (DESIGN.md §9).
+//! Ops that are safe to train through (design.md §8).
 //!
 //! - `frozen_linear`: y = x W^T (+ b) whose backward computes only dL/dx. A plain matmul would
 //!   also compute and store dL/dW for every frozen weight (24 GB of useless work on FLUX.1-dev).
@@ -147,7 +147,7 @@ pub fn modulate(x_bsd: &Tensor, shift_bd: &Tensor, scale_bd: &Tensor) -> Result<
 }
 
 /// Rotates consecutive pairs (x_2k, x_2k+1) of the last dim by angles with `cos_sk`/`sin_sk`
-/// [S, hd/2] (spec/flux.md §4.2), in f32 (or f64), cast back to the input dtype.
+/// [S, hd/2] (design.md §3.4), in f32 (or f64), cast back to the input dtype.
 pub fn apply_rope(q_bhsd: &Tensor, cos_sk: &Tensor, sin_sk: &Tensor) -> Result<Tensor> {
     let dtype = q_bhsd.dtype();
     let (b, h, s, d) = q_bhsd.dims4()?;

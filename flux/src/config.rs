@@ -1,11 +1,11 @@
 //! Sizes of a FLUX.1 transformer. FLUX.1-dev and the tiny test model share all code; only
-//! these numbers differ (spec/flux.md §1).
+//! these numbers differ (design.md §3.1).
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Result, TrainerError};
+use crate::error::{FluxError, Result};
 
 /// Architecture hyper-parameters of a FLUX.1 transformer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -100,7 +100,7 @@ impl FluxConfig {
 
     pub fn validate(&self) -> Result<()> {
         let bad = |field: &str, why: String| {
-            Err(TrainerError::ModelConfig {
+            Err(FluxError::ModelConfig {
                 field: field.to_string(),
                 reason: why,
             })
@@ -160,13 +160,13 @@ impl FluxConfig {
         fn d_patch() -> usize {
             1
         }
-        let text = std::fs::read_to_string(path).map_err(|e| TrainerError::io(path, e))?;
-        let raw: Raw = serde_json::from_str(&text).map_err(|e| TrainerError::Parse {
+        let text = std::fs::read_to_string(path).map_err(|e| FluxError::io(path, e))?;
+        let raw: Raw = serde_json::from_str(&text).map_err(|e| FluxError::Parse {
             file: path.to_path_buf(),
             reason: e.to_string(),
         })?;
         if raw.patch_size != 1 {
-            return Err(TrainerError::ModelConfig {
+            return Err(FluxError::ModelConfig {
                 field: "patch_size".into(),
                 reason: format!(
                     "{} is not supported (FLUX packs latents outside the model: 1)",

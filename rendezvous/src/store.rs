@@ -1,7 +1,7 @@
 //! The rendezvous store: a small key-value server over TCP that node 0 runs, and its client.
 //!
 //! Ranks and launchers exchange addresses, the NCCL unique id, counters and failure flags
-//! through it (DESIGN.md §7). Every connection must first present the job token; a wrong token
+//! through it (design.md §6). Every connection must first present the job token; a wrong token
 //! is refused and the connection closed, so a stray process or another job on the same port
 //! cannot join.
 //!

@@ -1,8 +1,8 @@
-//! LoRA adapters on the reference branch (spec/flux.md §7.7): the same frozen weight serves
+//! LoRA adapters on the reference branch (design.md §4.4): the same frozen weight serves
 //! text and target tokens as is and reference tokens with y = W x + b + (alpha/r) B A x.
 //!
 //! Adapters are f32 `Var`s whatever the base dtype; the cast to the activation dtype is inside
-//! the graph, so their gradients come back in f32 (DESIGN.md §9).
+//! the graph, so their gradients come back in f32 (design.md §8).
 //!
 //! Shape legend: `a_ri` [rank, in], `b_or` [out, rank], `x_bsi` batch, tokens, in features.
 
@@ -12,11 +12,11 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::Rng;
 use rand_distr::{Distribution, Normal};
 
-use super::config::FluxConfig;
-use crate::error::{Result, TrainerError};
+use crate::config::FluxConfig;
+use crate::error::{FluxError, Result, Setting};
 use crate::rng::{name_hash, stream, Purpose};
 
-/// The official MOSAIC target list (spec/flux.md §7.7), as module-path globs where `*` matches
+/// The official MOSAIC target list (design.md §4.4), as module-path globs where `*` matches
 /// one dotted segment.
 pub const DEFAULT_TARGETS: [&str; 13] = [
     "x_embedder",
@@ -44,13 +44,53 @@ pub enum LoraInit {
     Kaiming,
 }
 
-/// What the run asks for.
-#[derive(Debug, Clone, PartialEq)]
+/// The adapters to create (a run config's `[lora]` section).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct LoraSpec {
     pub rank: usize,
+    /// The delta is scaled by alpha / rank.
     pub alpha: f64,
     pub init: LoraInit,
+    /// Module-path globs of the reference branch (`*` matches one path segment or part).
     pub targets: Vec<String>,
+    /// Start from this LoRA file (diffusers, PEFT or kohya keys, e.g. the released MOSAIC
+    /// weights or an export of ours) instead of `init`; empty: `init`.
+    pub init_from: String,
+}
+
+impl Default for LoraSpec {
+    fn default() -> Self {
+        Self {
+            rank: 16,
+            alpha: 16.0,
+            init: LoraInit::Gaussian,
+            targets: DEFAULT_TARGETS.iter().map(|s| s.to_string()).collect(),
+            init_from: String::new(),
+        }
+    }
+}
+
+impl LoraSpec {
+    /// Range checks that need no model.
+    pub fn validate(&self) -> Result<()> {
+        if self.rank == 0 {
+            return Err(FluxError::setting(Setting::LoraRank, "must be at least 1"));
+        }
+        if !(self.alpha > 0.0 && self.alpha.is_finite()) {
+            return Err(FluxError::setting(
+                Setting::LoraAlpha,
+                format!("{} must be positive", self.alpha),
+            ));
+        }
+        if self.targets.is_empty() {
+            return Err(FluxError::setting(
+                Setting::LoraTargets,
+                "must name at least one module",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Every module that sees reference tokens, with (in, out) features: the only modules a LoRA of
@@ -100,7 +140,7 @@ pub struct Lora {
 }
 
 impl Lora {
-    /// Creates the adapters named by `spec.targets`. A pattern that matches no adaptable
+    /// Creates the adapters named by `spec.targets` (then set from `spec.init_from` when given). A pattern that matches no adaptable
     /// module is an error naming it (a typo would otherwise silently train nothing there).
     /// Adapters are f32 for training; f64 exists for gradient checks against finite differences.
     pub fn new(
@@ -111,13 +151,13 @@ impl Lora {
         device: &Device,
     ) -> Result<Self> {
         if spec.rank == 0 {
-            return Err(TrainerError::config("lora.rank", "must be at least 1"));
+            return Err(FluxError::setting(Setting::LoraRank, "must be at least 1"));
         }
         let modules = adaptable_modules(cfg);
         for pat in &spec.targets {
             if !modules.iter().any(|(m, _, _)| glob_matches(pat, m)) {
-                return Err(TrainerError::config(
-                    "lora.targets",
+                return Err(FluxError::setting(
+                    Setting::LoraTargets,
                     format!("`{pat}` matches no module of the reference branch (text-only modules such as add_q_proj cannot be adapted)"),
                 ));
             }
@@ -132,7 +172,7 @@ impl Lora {
             let a: Vec<f32> = match spec.init {
                 LoraInit::Gaussian => {
                     let normal = Normal::new(0.0f32, 1.0 / r as f32)
-                        .map_err(|e| TrainerError::config("lora.rank", e.to_string()))?;
+                        .map_err(|e| FluxError::setting(Setting::LoraRank, e.to_string()))?;
                     (0..r * fan_in).map(|_| normal.sample(&mut rng)).collect()
                 }
                 LoraInit::Kaiming => {
@@ -146,11 +186,16 @@ impl Lora {
             let b = Var::zeros((fan_out, r), dtype, device)?;
             adapters.insert(name, Adapter { a, b });
         }
-        Ok(Self {
+        let lora = Self {
             adapters,
             rank: spec.rank,
             alpha: spec.alpha,
-        })
+        };
+        if !spec.init_from.is_empty() {
+            let path = std::path::Path::new(&spec.init_from);
+            crate::lora_format::apply_to(&lora, &crate::lora_format::load(path)?, path)?;
+        }
+        Ok(lora)
     }
 
     /// alpha / r, the factor on B A x.
@@ -243,12 +288,13 @@ mod tests {
             alpha: 4.0,
             init: LoraInit::Gaussian,
             targets: targets.iter().map(|s| s.to_string()).collect(),
+            init_from: String::new(),
         }
     }
 
     #[test]
     fn default_targets_give_the_official_parameter_count() {
-        // spec/flux.md §7.7: 1,854,439,424 trainable parameters at rank 512 on FLUX.1-dev.
+        // design.md §4.4: 1,854,439,424 trainable parameters at rank 512 on FLUX.1-dev.
         let cfg = FluxConfig::flux_dev();
         let per_rank: usize = adaptable_modules(&cfg)
             .iter()
@@ -270,14 +316,25 @@ mod tests {
         )
         .err()
         .unwrap();
-        assert!(err.to_string().contains("lora.targets"), "{err}");
+        assert!(
+            matches!(
+                err,
+                FluxError::Setting {
+                    setting: Setting::LoraTargets,
+                    ..
+                }
+            ),
+            "{err}"
+        );
         let mut s = spec(&["x_embedder"]);
         s.rank = 0;
-        assert!(Lora::new(&cfg, &s, 0, DType::F32, &Device::Cpu)
-            .err()
-            .unwrap()
-            .to_string()
-            .contains("lora.rank"));
+        assert!(matches!(
+            Lora::new(&cfg, &s, 0, DType::F32, &Device::Cpu).err(),
+            Some(FluxError::Setting {
+                setting: Setting::LoraRank,
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Checkpoints (DESIGN.md §8): everything needed to continue a run exactly.
+//! Checkpoints (design.md §7): everything needed to continue a run exactly.
 //!
 //! Layout under the checkpoint folder (default `<run dir>/checkpoints`):
 //! ```text
@@ -26,6 +26,11 @@ use std::thread::JoinHandle;
 use candle_core::DType;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
+
+mod resume;
+mod schedule;
+
+pub use schedule::Checkpointer;
 
 use crate::error::{Result, TrainerError};
 use crate::loader::Cursor;
@@ -90,7 +95,7 @@ fn ckpt_err(path: &Path, reason: impl Into<String>) -> TrainerError {
 }
 
 /// sha256 of `bytes` as lowercase hex (file hashes, config fingerprints).
-pub use datasets::writer::sha256_hex;
+pub use datasets::sha256_hex;
 
 /// Writes `bytes` to `path` and fsyncs it.
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -532,8 +537,8 @@ mod tests {
     fn roots(test: &str) -> Vec<(Location, Option<tempfile::TempDir>)> {
         let tmp = tempfile::tempdir().unwrap();
         let mut v = vec![(Location::local(tmp.path()), Some(tmp))];
-        match std::env::var("MOSAIC_TEST_S3_URL") {
-            Ok(url) => {
+        match datasets::testing::server_env("MOSAIC_TEST_S3_URL", "ci/s3.sh") {
+            Some(url) => {
                 let unique = format!(
                     "{}/{test}-{}-{}",
                     url.trim_end_matches('/'),
@@ -545,9 +550,7 @@ mod tests {
                 );
                 v.push((Location::parse(&unique).unwrap(), None));
             }
-            Err(_) => eprintln!(
-                "{test}: object-store part not run (MOSAIC_TEST_S3_URL unset; ci/s3.sh sets it)"
-            ),
+            None => eprintln!("{test}: the object-store part did not run"),
         }
         v
     }

@@ -1,4 +1,4 @@
-//! LoRA files in the formats other tools read, and back (DESIGN.md §8):
+//! LoRA files in the formats other tools read, and back (design.md §7):
 //! - diffusers: `transformer.<module>.lora_A.weight` [r, in], `.lora_B.weight` [out, r],
 //!   optionally `transformer.<module>.alpha` (a scalar; the delta is scaled by alpha / r);
 //! - PEFT: the same tensors under `base_model.model.<module>.`;
@@ -15,9 +15,9 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::error::{Result, TrainerError};
-use crate::model::weights::bfl_linear_modules;
-use crate::model::FluxConfig;
+use crate::error::{FluxError, Result};
+use crate::weights::bfl_linear_modules;
+use crate::FluxConfig;
 
 /// One module's adapter: delta W = scale * B A.
 #[derive(Debug, Clone)]
@@ -53,15 +53,15 @@ impl ModuleLora {
 /// Adapters by diffusers module path.
 pub type LoraTensors = BTreeMap<String, ModuleLora>;
 
-fn bad(path: &Path, reason: impl Into<String>) -> TrainerError {
-    TrainerError::Weights {
+fn bad(path: &Path, reason: impl Into<String>) -> FluxError {
+    FluxError::Weights {
         file: path.to_path_buf(),
         problems: vec![reason.into()],
     }
 }
 
 /// The adapters of a live run (or, with `shadow`, its EMA in `named_vars()` order).
-pub fn from_live(lora: &crate::model::Lora, shadow: Option<&[Tensor]>) -> LoraTensors {
+pub fn from_live(lora: &crate::Lora, shadow: Option<&[Tensor]>) -> LoraTensors {
     let vars = lora.named_vars();
     let value = |i: usize| match shadow {
         Some(s) => s[i].clone(),
@@ -161,7 +161,7 @@ pub fn to_kohya(l: &LoraTensors, cfg: &FluxConfig, dtype: DType) -> Result<Vec<(
             // layout to split the module back exactly.
             let r = present[0].1.rank();
             if present.iter().any(|(_, ad)| ad.rank() != r) {
-                return Err(TrainerError::Input {
+                return Err(FluxError::Input {
                     name: "kohya export".into(),
                     reason: format!("the parts of {stem} have different ranks"),
                 });
@@ -205,7 +205,7 @@ pub fn to_kohya(l: &LoraTensors, cfg: &FluxConfig, dtype: DType) -> Result<Vec<(
             .flat_map(|(_, p)| p.into_iter().map(|(m, _)| m))
             .collect();
         let missing: Vec<&String> = l.keys().filter(|m| !known.contains(*m)).collect();
-        return Err(TrainerError::Input {
+        return Err(FluxError::Input {
             name: "kohya export".into(),
             reason: format!("modules with no BFL counterpart: {missing:?}"),
         });
@@ -261,7 +261,7 @@ pub fn read(map: &HashMap<String, Tensor>, path: &Path) -> Result<LoraTensors> {
         );
     }
     if !problems.is_empty() {
-        return Err(TrainerError::Weights {
+        return Err(FluxError::Weights {
             file: path.to_path_buf(),
             problems,
         });
@@ -393,18 +393,18 @@ fn read_kohya(map: &HashMap<String, Tensor>, path: &Path) -> Result<LoraTensors>
 
 /// Sets `lora`'s adapters from `file` (continuing from a released or exported LoRA): the same
 /// modules and rank, A as stored and B rescaled so that scale * B A is the file's delta.
-pub fn apply_to(lora: &crate::model::Lora, file: &LoraTensors, path: &Path) -> Result<()> {
+pub fn apply_to(lora: &crate::Lora, file: &LoraTensors, path: &Path) -> Result<()> {
     let mut problems = Vec::new();
     for (module, ad) in lora.adapters() {
         let Some(src) = file.get(module) else {
             problems.push(format!(
-                "{module}: no adapter in the file (lora.targets names it)"
+                "{module}: no adapter in the file (the LoRA targets name it)"
             ));
             continue;
         };
         if src.a.dims() != ad.a.as_tensor().dims() || src.b.dims() != ad.b.as_tensor().dims() {
             problems.push(format!(
-                "{module}: lora_A {:?} / lora_B {:?} in the file, this run needs {:?} / {:?} (lora.rank = {})",
+                "{module}: lora_A {:?} / lora_B {:?} in the file, this run needs {:?} / {:?} (LoRA rank {})",
                 src.a.dims(),
                 src.b.dims(),
                 ad.a.as_tensor().dims(),
@@ -415,11 +415,13 @@ pub fn apply_to(lora: &crate::model::Lora, file: &LoraTensors, path: &Path) -> R
     }
     for module in file.keys() {
         if lora.get(module).is_none() {
-            problems.push(format!("{module}: in the file but not in lora.targets"));
+            problems.push(format!(
+                "{module}: in the file but not among the LoRA targets"
+            ));
         }
     }
     if !problems.is_empty() {
-        return Err(TrainerError::Weights {
+        return Err(FluxError::Weights {
             file: path.to_path_buf(),
             problems,
         });
@@ -442,20 +444,19 @@ pub fn write_safetensors(
 ) -> Result<()> {
     let bytes =
         safetensors::tensor::serialize(tensors.iter().map(|(n, t)| (n.clone(), t)), Some(metadata))
-            .map_err(|e| TrainerError::Parse {
+            .map_err(|e| FluxError::Parse {
                 file: path.to_path_buf(),
                 reason: e.to_string(),
             })?;
-    std::fs::write(path, bytes).map_err(|e| TrainerError::io(path, e))
+    std::fs::write(path, bytes).map_err(|e| FluxError::io(path, e))
 }
 
 /// Reads a LoRA file of any supported layout.
 pub fn load(path: &Path) -> Result<LoraTensors> {
-    let map =
-        candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| TrainerError::Parse {
-            file: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+    let map = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| FluxError::Parse {
+        file: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
     read(&map, path)
 }
 

@@ -2,28 +2,28 @@
 //! a T5 encoder (per-token caption embeddings) and a CLIP text model (pooled embedding), from
 //! candle-transformers, with their tokenizers.
 //!
-//! Two sources of weights ([`EncoderWeights`]): FLUX.1's pretrained encoders from a pipeline
-//! folder at a path or URL ([`pretrained`]), or tiny random ones drawn from the run seed for the
-//! tiny CPU model ([`tiny`]).
+//! Two sources of weights ([`EncoderSource`]): FLUX.1's pretrained encoders from the files of a
+//! pipeline folder ([`pretrained`]), or tiny random ones drawn from a seed for the tiny CPU
+//! model ([`tiny`]).
 //!
 //! Latents are the encoder's mean (not a sample of its Gaussian) shifted and scaled as FLUX
 //! does, so they are deterministic and can be cached. Captions are padded and truncated to a
 //! fixed length as FluxPipeline does; no attention mask is given to T5 (as BFL and diffusers),
 //! and CLIP's pooled output is taken at the first end token.
 
+pub mod files;
 pub mod pretrained;
 pub mod tiny;
 mod tokenize;
 pub mod vae_weights;
-
-use std::path::PathBuf;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_transformers::models::clip::text_model::ClipTextTransformer;
 use candle_transformers::models::flux::autoencoder::Encoder as VaeEncoder;
 use candle_transformers::models::t5::T5EncoderModel;
 
-use crate::transform::Pixels;
+pub use files::{LocalFolder, ModelFiles};
+pub use pretrained::{Files, VaeAt};
 use tokenize::TextTokenizer;
 
 /// Latent channels of the FLUX VAE.
@@ -38,8 +38,12 @@ pub enum EncodeError {
     /// A model file (weights, config, tokenizer) that cannot be used.
     #[error("{at}: {reason}")]
     File { at: String, reason: String },
+    /// A file of a sharded checkpoint that cannot be used (its index, for example).
     #[error(transparent)]
-    Data(#[from] crate::error::DataError),
+    Weights(#[from] crate::FluxError),
+    /// A model file that could not be fetched (from a remote folder); the error names it.
+    #[error(transparent)]
+    Fetch(Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl EncodeError {
@@ -60,88 +64,27 @@ impl EncodeError {
     }
 }
 
-type Result<T> = std::result::Result<T, EncodeError>;
+pub type Result<T> = std::result::Result<T, EncodeError>;
 
-/// Where FLUX.1's pretrained encoders are.
+/// An image as f32 CHW in [-1, 1].
 #[derive(Debug, Clone, PartialEq)]
-pub struct PretrainedSource {
-    /// Pipeline folder (path or URL) in the diffusers layout ([`pretrained`]).
-    pub folder: String,
-    /// The VAE from elsewhere: a `.safetensors` file (BFL's `ae.safetensors`, or diffusers
-    /// names) or a diffusers `vae` folder.
-    pub vae: Option<String>,
-    /// Where remote files are downloaded and digests memoised
-    /// ([`crate::model_files::cache_root`]).
-    pub cache: PathBuf,
+pub struct Pixels {
+    pub height: usize,
+    pub width: usize,
+    pub data: Vec<f32>,
 }
 
 /// Which encoders.
-#[derive(Debug, Clone, PartialEq)]
-pub enum EncoderWeights {
+pub enum EncoderSource {
     /// Tiny random encoders drawn from `seed` ([`tiny`]).
     TinyRandom { seed: u64 },
-    /// FLUX.1's pretrained encoders.
-    Pretrained(PretrainedSource),
+    /// FLUX.1's pretrained encoders from these files.
+    Pretrained(Box<Files>),
 }
 
-/// What the encoders must produce for the model.
-#[derive(Debug, Clone, PartialEq)]
-pub struct EncoderSpec {
-    pub weights: EncoderWeights,
-    /// Caption tokens (T5 sequence length).
-    pub text_tokens: usize,
-    /// Width of a caption token embedding (the model's context dim).
-    pub context_dim: usize,
-    /// Width of the pooled caption embedding (the model's pooled dim).
-    pub pooled_dim: usize,
-}
-
-impl EncoderSpec {
-    /// A stable description of the encoders, for cache keys: for pretrained encoders it holds
-    /// digests of every file, which are fetched (downloaded once, when remote) and hashed (once
-    /// per file version, memoised).
-    pub fn fingerprint(&self) -> Result<String> {
-        let encoders = match &self.weights {
-            EncoderWeights::TinyRandom { seed } => {
-                tiny::fingerprint(*seed, self.context_dim, self.pooled_dim)
-            }
-            EncoderWeights::Pretrained(src) => {
-                pretrained::Files::resolve(src)?.fingerprint(&src.cache)?
-            }
-        };
-        Ok(format!("{encoders}/tokens{}", self.text_tokens))
-    }
-
-    /// Whether pretrained encoders produce the widths the model needs (reads their configs; the
-    /// tiny encoders are built at the model's widths).
-    pub fn check_widths(&self) -> Result<()> {
-        match &self.weights {
-            EncoderWeights::TinyRandom { .. } => Ok(()),
-            EncoderWeights::Pretrained(src) => {
-                pretrained::Files::resolve(src)?.check_widths(self.context_dim, self.pooled_dim)
-            }
-        }
-    }
-
-    /// For logs (no I/O).
-    pub fn describe(&self) -> String {
-        match &self.weights {
-            EncoderWeights::TinyRandom { seed } => format!("tiny random encoders (seed {seed})"),
-            EncoderWeights::Pretrained(src) => match &src.vae {
-                Some(vae) => format!("encoders from {} (VAE from {vae})", src.folder),
-                None => format!("encoders from {}", src.folder),
-            },
-        }
-    }
-}
-
-/// The (context, pooled) widths pretrained encoders produce, read from their configs.
-pub fn pretrained_widths(src: &PretrainedSource) -> Result<(usize, usize)> {
-    pretrained::Files::resolve(src)?.widths()
-}
-
+/// FLUX's VAE encoder, T5 and CLIP with their tokenizers, ready to encode.
 pub struct Encoders {
-    spec: EncoderSpec,
+    text_tokens: usize,
     vae: VaeEncoder,
     vae_shift: f64,
     vae_scale: f64,
@@ -155,28 +98,32 @@ pub struct Encoders {
 }
 
 impl Encoders {
-    /// Builds the encoders `spec` names, computing in `dtype` on `device`.
-    pub fn load(spec: &EncoderSpec, dtype: DType, device: &Device) -> Result<Self> {
-        if spec.text_tokens == 0 || spec.context_dim == 0 || spec.pooled_dim == 0 {
+    /// Builds the encoders from `source`, for captions of `text_tokens` T5 tokens and a model
+    /// whose context and pooled widths are `context_dim` and `pooled_dim` (pretrained encoders
+    /// of other widths are refused naming their config), computing in `dtype` on `device`.
+    pub fn load(
+        source: &EncoderSource,
+        text_tokens: usize,
+        context_dim: usize,
+        pooled_dim: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        if text_tokens == 0 || context_dim == 0 || pooled_dim == 0 {
             return Err(EncodeError::Spec(
                 "text_tokens, context_dim and pooled_dim must be positive".into(),
             ));
         }
-        let parts = match &spec.weights {
-            EncoderWeights::TinyRandom { seed } => {
-                tiny::load(*seed, spec.context_dim, spec.pooled_dim, dtype, device)?
+        let parts = match source {
+            EncoderSource::TinyRandom { seed } => {
+                tiny::load(*seed, context_dim, pooled_dim, dtype, device)?
             }
-            EncoderWeights::Pretrained(src) => pretrained::load(
-                &pretrained::Files::resolve(src)?,
-                spec.text_tokens,
-                spec.context_dim,
-                spec.pooled_dim,
-                dtype,
-                device,
-            )?,
+            EncoderSource::Pretrained(files) => {
+                pretrained::load(files, text_tokens, context_dim, pooled_dim, dtype, device)?
+            }
         };
         Ok(Self {
-            spec: spec.clone(),
+            text_tokens,
             vae: parts.vae,
             vae_shift: parts.vae_shift,
             vae_scale: parts.vae_scale,
@@ -188,10 +135,6 @@ impl Encoders {
             device: device.clone(),
             dtype,
         })
-    }
-
-    pub fn spec(&self) -> &EncoderSpec {
-        &self.spec
     }
 
     /// Latents [B, 16, H/8, W/8] of images of one size (pixels in [-1, 1], [3, H, W] each).
@@ -221,10 +164,10 @@ impl Encoders {
     /// The (T5, CLIP) token ids of `captions`, [B, text_tokens] and [B, CLIP length].
     pub fn token_ids(&self, captions: &[&str]) -> Result<(Tensor, Tensor)> {
         let b = captions.len();
-        let t5 = self.t5_tokenizer.ids(captions, self.spec.text_tokens)?;
+        let t5 = self.t5_tokenizer.ids(captions, self.text_tokens)?;
         let clip = self.clip_tokenizer.ids(captions, self.clip_tokens)?;
         Ok((
-            Tensor::from_vec(t5, (b, self.spec.text_tokens), &self.device)?,
+            Tensor::from_vec(t5, (b, self.text_tokens), &self.device)?,
             Tensor::from_vec(clip, (b, self.clip_tokens), &self.device)?,
         ))
     }
@@ -246,13 +189,16 @@ impl Encoders {
 mod tests {
     use super::*;
 
-    fn spec() -> EncoderSpec {
-        EncoderSpec {
-            weights: EncoderWeights::TinyRandom { seed: 3 },
-            text_tokens: 8,
-            context_dim: 32,
-            pooled_dim: 16,
-        }
+    fn tiny(seed: u64) -> Encoders {
+        Encoders::load(
+            &EncoderSource::TinyRandom { seed },
+            8,
+            32,
+            16,
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
     }
 
     fn pixels(v: f32) -> Pixels {
@@ -267,8 +213,8 @@ mod tests {
 
     #[test]
     fn encoders_are_seeded_shaped_and_tell_inputs_apart() {
-        let mut a = Encoders::load(&spec(), DType::F32, &Device::Cpu).unwrap();
-        let mut b = Encoders::load(&spec(), DType::F32, &Device::Cpu).unwrap();
+        let mut a = tiny(3);
+        let mut b = tiny(3);
         let (p, q) = (pixels(0.5), pixels(-0.5));
         let za = a.encode_images(&[&p, &q]).unwrap();
         assert_eq!(za.dims(), &[2, 16, 4, 4]);
@@ -292,9 +238,7 @@ mod tests {
         assert_eq!(d(&txt, &txt_b), 0.0);
         assert!(d(&txt.get(0).unwrap(), &txt.get(1).unwrap()) > 1e-3);
         assert!(d(&pooled.get(0).unwrap(), &pooled.get(1).unwrap()) > 1e-3);
-        let mut other = spec();
-        other.weights = EncoderWeights::TinyRandom { seed: 4 };
-        let c = Encoders::load(&other, DType::F32, &Device::Cpu).unwrap();
+        let c = tiny(4);
         assert!(d(&za, &c.encode_images(&[&p, &q]).unwrap()) > 1e-3);
     }
 }

@@ -1,5 +1,5 @@
-//! FLUX.1 double- and single-stream blocks with MOSAIC's reference branch (spec/flux.md §4.4,
-//! §4.5, §7.5, §7.6).
+//! FLUX.1 double- and single-stream blocks with MOSAIC's reference branch (design.md §3.5,
+//! §4.2-4.4).
 //!
 //! Every block maps three token streams to three: text, target, references. Text and target
 //! use the conditioning vector of (t, guidance); references use their own (t = 0) and pass
@@ -11,10 +11,10 @@
 
 use candle_core::Tensor;
 
-use super::lora::LoraView;
-use super::ops::{apply_rope, attention, frozen_linear, layer_norm, modulate, rms_norm};
-use super::weights::Weights;
 use crate::error::Result;
+use crate::lora::LoraView;
+use crate::ops::{apply_rope, attention, frozen_linear, layer_norm, modulate, rms_norm};
+use crate::weights::Weights;
 
 /// FLUX uses eps 1e-6 in every LayerNorm and RMSNorm.
 const NORM_EPS: f64 = 1e-6;
@@ -177,7 +177,7 @@ fn joint_attention(
 
 /// For each batch element, the head-averaged softmax over target tokens of the sampled
 /// reference queries: softmax_v(Q_u K_v^T / sqrt(d)) with Q, K after QK norm and RoPE
-/// (spec/flux.md §7.8). The softmax runs over target keys only, not the real attention row.
+/// (design.md §4.5). The softmax runs over target keys only, not the real attention row.
 /// The fused op computes only those rows; `plain` composes candle ops (the reference).
 pub fn attention_rows(
     q_bhsd: &Tensor,

@@ -1,6 +1,6 @@
 //! LoRA gradients of a loss on the model output, with or without block-wise recomputation.
 //!
-//! candle has no gradient checkpointing, so we do it by hand (DESIGN.md §9): forward every block
+//! candle has no gradient checkpointing, so we do it by hand (design.md §8): forward every block
 //! without a graph (LoRA detached) keeping only each block's input streams, evaluate the loss
 //! head with its inputs as `Var`s, then walk the blocks backwards, recomputing each one from
 //! `Var::from_tensor(input)` and backpropagating sum(output * cotangent) plus the block's share
@@ -13,10 +13,10 @@
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
-use super::blocks::Streams;
-use super::flux::{BlockId, Flux, ModelInputs, RowAccumulator};
-use super::lora::Lora;
-use crate::error::Result;
+use crate::blocks::Streams;
+use crate::error::{FluxError, Result};
+use crate::lora::Lora;
+use crate::transformer::{BlockId, Flux, ModelInputs, RowAccumulator};
 
 /// Adds the gradient of every LoRA variable found in `store` to `acc`.
 fn accumulate(acc: &mut [Option<Tensor>], lora: &Lora, store: &GradStore) -> Result<()> {
@@ -54,16 +54,17 @@ fn add_dot(obj: Option<Tensor>, a: &Tensor, b: &Tensor) -> Result<Option<Tensor>
 }
 
 /// Receives each LoRA gradient (by index in `Lora::named_vars()` order) as soon as it is final,
-/// so data parallelism can reduce it while the backward pass goes on.
-pub trait GradSink {
-    fn ready(&mut self, index: usize, grad: &Tensor) -> Result<()>;
+/// so data parallelism can reduce it while the backward pass goes on. `E` is the caller's error
+/// type (a sink that hands gradients to communication fails with communication errors).
+pub trait GradSink<E> {
+    fn ready(&mut self, index: usize, grad: &Tensor) -> std::result::Result<(), E>;
 }
 
 /// Ignores gradients.
 pub struct NoSink;
 
-impl GradSink for NoSink {
-    fn ready(&mut self, _index: usize, _grad: &Tensor) -> Result<()> {
+impl<E> GradSink<E> for NoSink {
+    fn ready(&mut self, _index: usize, _grad: &Tensor) -> std::result::Result<(), E> {
         Ok(())
     }
 }
@@ -103,27 +104,34 @@ pub fn readiness_order(model: &Flux, lora: &Lora) -> Vec<usize> {
 }
 
 /// Runs the model, evaluates `loss_fn(pred, rows)` and returns its extra output with the
-/// gradient of every LoRA variable, in `lora.named_vars()` order.
-pub fn loss_and_grads<T>(
+/// gradient of every LoRA variable, in `lora.named_vars()` order. Errors are the caller's type
+/// `E` (the loss is the caller's), which model errors convert into.
+pub fn loss_and_grads<T, E>(
     model: &Flux,
     inp: &ModelInputs,
     lora: &Lora,
     checkpointing: bool,
-    loss_fn: impl Fn(&Tensor, Option<&[Tensor]>) -> Result<(Tensor, T)>,
-) -> Result<(T, Vec<Tensor>)> {
+    loss_fn: impl Fn(&Tensor, Option<&[Tensor]>) -> std::result::Result<(Tensor, T), E>,
+) -> std::result::Result<(T, Vec<Tensor>), E>
+where
+    E: From<FluxError> + From<candle_core::Error>,
+{
     loss_and_grads_into(model, inp, lora, checkpointing, loss_fn, &mut NoSink)
 }
 
 /// As [`loss_and_grads`], also handing each gradient to `sink` once it is final: with
 /// recomputation, right after its block's backward; without, all at the end.
-pub fn loss_and_grads_into<T>(
+pub fn loss_and_grads_into<T, E>(
     model: &Flux,
     inp: &ModelInputs,
     lora: &Lora,
     checkpointing: bool,
-    loss_fn: impl Fn(&Tensor, Option<&[Tensor]>) -> Result<(Tensor, T)>,
-    sink: &mut dyn GradSink,
-) -> Result<(T, Vec<Tensor>)> {
+    loss_fn: impl Fn(&Tensor, Option<&[Tensor]>) -> std::result::Result<(Tensor, T), E>,
+    sink: &mut dyn GradSink<E>,
+) -> std::result::Result<(T, Vec<Tensor>), E>
+where
+    E: From<FluxError> + From<candle_core::Error>,
+{
     if !checkpointing {
         let out = model.forward(inp, lora.view(true))?;
         let (total, extra) = loss_fn(&out.pred, out.rows.as_deref())?;
@@ -176,10 +184,10 @@ pub fn loss_and_grads_into<T>(
         Some(vars) => Some(
             vars.iter()
                 .map(|v| match store.get(v.as_tensor()) {
-                    Some(g) => Ok((g / selected as f64)?),
-                    None => Ok(v.as_tensor().zeros_like()?),
+                    Some(g) => g / selected as f64,
+                    None => v.as_tensor().zeros_like(),
                 })
-                .collect::<Result<_>>()?,
+                .collect::<candle_core::Result<_>>()?,
         ),
         None => None,
     };

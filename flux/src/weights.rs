@@ -1,7 +1,7 @@
 //! The frozen base weights: their expected names and shapes, seeded random initialisation, and
 //! loading from the diffusers layout (config.json + one or several safetensors files with an
 //! index) or the BFL single file (fused qkv, fused linear1, swapped final shift/scale),
-//! memory-mapped (spec/flux.md §2-3).
+//! memory-mapped (design.md §3.2).
 //!
 //! Inside the trainer every tensor carries its diffusers name.
 
@@ -12,8 +12,8 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use rand::Rng;
 
-use super::config::{FluxConfig, TIME_FEATURES};
-use crate::error::{Result, TrainerError};
+use crate::config::{FluxConfig, TIME_FEATURES};
+use crate::error::{FluxError, Result};
 use crate::rng::{name_hash, stream, Purpose};
 
 /// Name -> frozen tensor, in diffusers naming.
@@ -60,7 +60,7 @@ fn norm(out: &mut Vec<Expected>, name: &str, d: usize) {
     });
 }
 
-/// Every tensor of a FLUX.1 transformer of this size, diffusers names (spec/flux.md §2).
+/// Every tensor of a FLUX.1 transformer of this size, diffusers names (design.md §3.2).
 pub fn expected_tensors(cfg: &FluxConfig) -> Vec<Expected> {
     let (d, hd, mlp) = (cfg.hidden(), cfg.head_dim, cfg.mlp_hidden());
     let mut v = Vec::new();
@@ -131,7 +131,7 @@ pub fn expected_tensors(cfg: &FluxConfig) -> Vec<Expected> {
 
 impl Weights {
     pub fn get(&self, name: &str) -> Result<&Tensor> {
-        self.map.get(name).ok_or_else(|| TrainerError::Input {
+        self.map.get(name).ok_or_else(|| FluxError::Input {
             name: name.to_string(),
             reason: "weight not loaded".into(),
         })
@@ -190,7 +190,7 @@ impl Weights {
         if problems.is_empty() {
             Ok(Self { map })
         } else {
-            Err(TrainerError::Weights {
+            Err(FluxError::Weights {
                 file: file.to_path_buf(),
                 problems,
             })
@@ -220,7 +220,7 @@ fn find_source(path: &Path) -> Result<Source> {
         return Ok(Source::SingleFile(path.to_path_buf()));
     }
     if !path.is_dir() {
-        return Err(TrainerError::io(
+        return Err(FluxError::io(
             path,
             std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
         ));
@@ -233,32 +233,21 @@ fn find_source(path: &Path) -> Result<Source> {
     };
     let config = dir.join("config.json");
     if !config.is_file() {
-        return Err(TrainerError::Parse {
+        return Err(FluxError::Parse {
             file: dir.clone(),
             reason: "not a diffusers transformer folder: config.json is missing".into(),
         });
     }
     let index = dir.join("diffusion_pytorch_model.safetensors.index.json");
     let files = if index.is_file() {
-        let text = std::fs::read_to_string(&index).map_err(|e| TrainerError::io(&index, e))?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| TrainerError::Parse {
-                file: index.clone(),
-                reason: e.to_string(),
-            })?;
-        let map = json
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| TrainerError::Parse {
-                file: index.clone(),
-                reason: "no `weight_map` object".into(),
-            })?;
-        let names: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
-        names.into_iter().map(|n| dir.join(n)).collect()
+        index_files(&index)?
+            .into_iter()
+            .map(|n| dir.join(n))
+            .collect()
     } else {
         let single = dir.join("diffusion_pytorch_model.safetensors");
         if !single.is_file() {
-            return Err(TrainerError::Parse {
+            return Err(FluxError::Parse {
                 file: dir.clone(),
                 reason:
                     "neither diffusion_pytorch_model.safetensors nor its .index.json is present"
@@ -269,7 +258,7 @@ fn find_source(path: &Path) -> Result<Source> {
     };
     for f in &files {
         if !f.is_file() {
-            return Err(TrainerError::Parse {
+            return Err(FluxError::Parse {
                 file: f.clone(),
                 reason: "listed in the index but missing".into(),
             });
@@ -278,10 +267,31 @@ fn find_source(path: &Path) -> Result<Source> {
     Ok(Source::Diffusers { config, files })
 }
 
+/// The files a sharded-safetensors index (`*.safetensors.index.json`, as diffusers and
+/// transformers write it) lists in its `weight_map`, sorted and each once.
+pub fn index_files(index: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(index).map_err(|e| FluxError::io(index, e))?;
+    let parse = |reason: String| FluxError::Parse {
+        file: index.to_path_buf(),
+        reason,
+    };
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| parse(format!("not JSON: {e}")))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| parse("no `weight_map` object".into()))?;
+    let names: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
+    if names.is_empty() {
+        return Err(parse("`weight_map` lists no file".into()));
+    }
+    Ok(names.into_iter().map(str::to_string).collect())
+}
+
 fn mmap(files: &[PathBuf]) -> Result<MmapedSafetensors> {
     // SAFETY: the files are opened read-only; like every mmap user we rely on nobody truncating
     // them while training runs.
-    unsafe { MmapedSafetensors::multi(files) }.map_err(|e| TrainerError::Parse {
+    unsafe { MmapedSafetensors::multi(files) }.map_err(|e| FluxError::Parse {
         file: files.first().cloned().unwrap_or_default(),
         reason: format!("not a readable safetensors file: {e}"),
     })
@@ -462,7 +472,7 @@ fn count_blocks(names: &[String], prefix: &str) -> usize {
 fn stored_shape(st: &MmapedSafetensors, name: &str, file: &Path) -> Result<Vec<usize>> {
     st.get(name)
         .map(|v| v.shape().to_vec())
-        .map_err(|_| TrainerError::Weights {
+        .map_err(|_| FluxError::Weights {
             file: file.to_path_buf(),
             problems: vec![format!(
                 "missing tensor `{name}`, needed to infer the model size"
@@ -473,9 +483,9 @@ fn stored_shape(st: &MmapedSafetensors, name: &str, file: &Path) -> Result<Vec<u
 /// The RoPE split: the override, else the FLUX rule for this head size.
 fn resolve_axes(axes: Option<[usize; 3]>, head_dim: usize) -> Result<[usize; 3]> {
     axes.or_else(|| FluxConfig::default_axes(head_dim))
-        .ok_or_else(|| TrainerError::ModelConfig {
+        .ok_or_else(|| FluxError::ModelConfig {
             field: "axes_dims".into(),
-            reason: format!("head dim {head_dim} has no default RoPE split; set model.axes_dims"),
+            reason: format!("head dim {head_dim} has no default RoPE split; give axes_dims"),
         })
 }
 
@@ -655,7 +665,7 @@ fn load_bfl(
     if problems.is_empty() {
         Ok(map)
     } else {
-        Err(TrainerError::Weights {
+        Err(FluxError::Weights {
             file: file.to_path_buf(),
             problems,
         })
@@ -675,7 +685,7 @@ mod tests {
             .sum();
         assert_eq!(
             total, 11_901_408_320,
-            "spec/flux.md §1 derived parameter count"
+            "design.md §3.1 derived parameter count"
         );
     }
 

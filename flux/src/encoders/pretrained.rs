@@ -1,17 +1,16 @@
 //! FLUX.1's pretrained encoders from a pipeline folder in the diffusers layout (a snapshot of
-//! black-forest-labs/FLUX.1-dev, at a path or an object store URL):
+//! black-forest-labs/FLUX.1-dev):
 //!
 //! - `vae/` (config.json + diffusion_pytorch_model.safetensors), or else BFL's `ae.safetensors`
-//!   at the top; [`PretrainedSource::vae`] may name either elsewhere;
+//!   at the top; [`VaeAt`] may name either elsewhere;
 //! - `text_encoder/`: CLIP-L (`CLIPTextModel`), config.json + model.safetensors;
 //! - `text_encoder_2/`: T5-XXL encoder, config.json + model.safetensors or sharded with
 //!   model.safetensors.index.json;
 //! - `tokenizer/`: CLIP's tokenizer.json, or its vocab.json + merges.txt;
 //! - `tokenizer_2/`: T5's tokenizer.json (a bare spiece.model is not read).
 //!
-//! Every file is fetched to a local path (remote folders are downloaded once, see
-//! `model_files`) and the fingerprint hashes all of them, so a cache made with other weights or
-//! tokenizers is refused.
+//! The folder is anything that hands out local files ([`ModelFiles`]): a local folder here, or
+//! a remote one that the data crate downloads.
 
 use std::path::{Path, PathBuf};
 
@@ -22,14 +21,14 @@ use candle_transformers::models::clip::text_model::{
 };
 use candle_transformers::models::flux::autoencoder::Encoder as VaeEncoder;
 use candle_transformers::models::t5::{Config as T5Config, T5EncoderModel};
-use sha2::{Digest, Sha256};
 
+use super::files::ModelFiles;
 use super::tokenize::{SpecialTokens, TextTokenizer};
-use super::{vae_weights, EncodeError, PretrainedSource, Result};
-use crate::model_files::{file_sha256, ModelFolder};
+use super::{vae_weights, EncodeError, Result};
+use crate::weights::index_files;
 
-/// Bumped when the way files become encoders changes (it enters the fingerprint).
-const LOADER_VERSION: u32 = 1;
+/// Bumped when the way files become encoders changes (callers put it in their fingerprints).
+pub const LOADER_VERSION: u32 = 1;
 
 enum VaeFiles {
     /// A diffusers `vae/` folder's config and weights.
@@ -47,7 +46,7 @@ enum ClipTokenizerFiles {
 }
 
 /// Local copies of every file the encoders are built from.
-pub(crate) struct Files {
+pub struct Files {
     vae: VaeFiles,
     t5_config: PathBuf,
     t5_weights: Vec<PathBuf>,
@@ -79,30 +78,14 @@ fn join(dir: &str, name: &str) -> String {
 
 /// The weight files of a diffusers or transformers component folder `dir`: `{stem}.safetensors`
 /// or the files its `{stem}.safetensors.index.json` lists.
-fn weight_files(folder: &ModelFolder, dir: &str, stem: &str) -> Result<Vec<PathBuf>> {
+fn weight_files(folder: &dyn ModelFiles, dir: &str, stem: &str) -> Result<Vec<PathBuf>> {
     let single = join(dir, &format!("{stem}.safetensors"));
     let index = format!("{single}.index.json");
     if folder.exists(&index)? {
         let path = folder.file(&index)?;
-        let v = json(&path)?;
-        let map = v
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| {
-                EncodeError::file(path.display().to_string(), "no `weight_map` object")
-            })?;
-        let mut names: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
-        names.sort_unstable();
-        names.dedup();
-        if names.is_empty() {
-            return Err(EncodeError::file(
-                path.display().to_string(),
-                "`weight_map` lists no file",
-            ));
-        }
-        return names
+        return index_files(&path)?
             .into_iter()
-            .map(|n| folder.file(&join(dir, n)).map_err(EncodeError::from))
+            .map(|n| folder.file(&join(dir, &n)))
             .collect();
     }
     if folder.exists(&single)? {
@@ -114,7 +97,7 @@ fn weight_files(folder: &ModelFolder, dir: &str, stem: &str) -> Result<Vec<PathB
     ))
 }
 
-fn special_files(folder: &ModelFolder, dir: &str) -> Result<Vec<PathBuf>> {
+fn special_files(folder: &dyn ModelFiles, dir: &str) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for name in ["tokenizer_config.json", "special_tokens_map.json"] {
         let rel = format!("{dir}/{name}");
@@ -133,38 +116,46 @@ fn special_tokens(files: &[PathBuf]) -> Result<SpecialTokens> {
     SpecialTokens::from_json(&texts)
 }
 
-fn required(folder: &ModelFolder, rel: &str, what: &str) -> Result<PathBuf> {
+fn required(folder: &dyn ModelFiles, rel: &str, what: &str) -> Result<PathBuf> {
     if !folder.exists(rel)? {
         return Err(EncodeError::file(
             folder.name(rel),
             format!("not found ({what}; expected FLUX.1's diffusers layout, see docs/data.md)"),
         ));
     }
-    Ok(folder.file(rel)?)
+    folder.file(rel)
+}
+
+/// Where the VAE is.
+pub enum VaeAt<'a> {
+    /// In the pipeline folder: `vae/`, else `ae.safetensors` at the top.
+    Pipeline,
+    /// A diffusers `vae` folder elsewhere.
+    Folder(&'a dyn ModelFiles),
+    /// One safetensors file `name` in `folder` (BFL's `ae.safetensors`, or diffusers names).
+    File {
+        folder: &'a dyn ModelFiles,
+        name: String,
+    },
 }
 
 impl Files {
-    /// Finds (and, for a remote folder, downloads) every file.
-    pub fn resolve(src: &PretrainedSource) -> Result<Self> {
-        let folder = ModelFolder::open(&src.folder, &src.cache)?;
-        let vae = match &src.vae {
-            Some(url) if url.ends_with(".safetensors") => {
-                let (dir, name) = ModelFolder::open_file(url, &src.cache)?;
-                VaeFiles::Single(required(&dir, &name, "the VAE file")?)
+    /// Finds every file of the pipeline `folder` (and of the VAE at `vae`).
+    pub fn resolve(folder: &dyn ModelFiles, vae: VaeAt<'_>) -> Result<Self> {
+        let vae = match vae {
+            VaeAt::File { folder: dir, name } => {
+                VaeFiles::Single(required(dir, &name, "the VAE file")?)
             }
-            Some(url) => {
-                let dir = ModelFolder::open(url, &src.cache)?;
-                VaeFiles::Diffusers {
-                    config: required(&dir, "config.json", "the VAE config")?,
-                    weights: weight_files(&dir, "", "diffusion_pytorch_model")?,
-                }
-            }
-            None if folder.exists("vae/config.json")? => VaeFiles::Diffusers {
-                config: folder.file("vae/config.json")?,
-                weights: weight_files(&folder, "vae", "diffusion_pytorch_model")?,
+            VaeAt::Folder(dir) => VaeFiles::Diffusers {
+                config: required(dir, "config.json", "the VAE config")?,
+                weights: weight_files(dir, "", "diffusion_pytorch_model")?,
             },
-            None => VaeFiles::Single(required(
-                &folder,
+            VaeAt::Pipeline if folder.exists("vae/config.json")? => VaeFiles::Diffusers {
+                config: folder.file("vae/config.json")?,
+                weights: weight_files(folder, "vae", "diffusion_pytorch_model")?,
+            },
+            VaeAt::Pipeline => VaeFiles::Single(required(
+                folder,
                 "ae.safetensors",
                 "the VAE: neither vae/config.json nor ae.safetensors",
             )?),
@@ -173,70 +164,58 @@ impl Files {
             ClipTokenizerFiles::Json(folder.file("tokenizer/tokenizer.json")?)
         } else {
             ClipTokenizerFiles::VocabMerges {
-                vocab: required(&folder, "tokenizer/vocab.json", "CLIP's tokenizer")?,
-                merges: required(&folder, "tokenizer/merges.txt", "CLIP's tokenizer")?,
+                vocab: required(folder, "tokenizer/vocab.json", "CLIP's tokenizer")?,
+                merges: required(folder, "tokenizer/merges.txt", "CLIP's tokenizer")?,
             }
         };
         Ok(Self {
             vae,
-            t5_config: required(&folder, "text_encoder_2/config.json", "T5's config")?,
-            t5_weights: weight_files(&folder, "text_encoder_2", "model")?,
-            clip_config: required(&folder, "text_encoder/config.json", "CLIP's config")?,
-            clip_weights: weight_files(&folder, "text_encoder", "model")?,
+            t5_config: required(folder, "text_encoder_2/config.json", "T5's config")?,
+            t5_weights: weight_files(folder, "text_encoder_2", "model")?,
+            clip_config: required(folder, "text_encoder/config.json", "CLIP's config")?,
+            clip_weights: weight_files(folder, "text_encoder", "model")?,
             t5_tokenizer: required(
-                &folder,
+                folder,
                 "tokenizer_2/tokenizer.json",
                 "T5's tokenizer.json (a bare spiece.model is not read)",
             )?,
-            t5_special: special_files(&folder, "tokenizer_2")?,
+            t5_special: special_files(folder, "tokenizer_2")?,
             clip_tokenizer,
-            clip_special: special_files(&folder, "tokenizer")?,
+            clip_special: special_files(folder, "tokenizer")?,
         })
     }
 
-    /// Short digests of each component's files, for the fingerprint.
-    pub fn fingerprint(&self, cache: &Path) -> Result<String> {
-        let digest = |files: &[&PathBuf]| -> Result<String> {
-            let mut h = Sha256::new();
-            for f in files {
-                let name = f.file_name().map(|n| n.to_string_lossy().to_string());
-                h.update(name.unwrap_or_default().as_bytes());
-                h.update(b":");
-                h.update(file_sha256(f, cache)?.as_bytes());
-                h.update(b"\n");
-            }
-            Ok(h.finalize()[..6]
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect())
+    /// Every file, by component (`vae`, `t5`, `clip`, `tokenizers`), in a fixed order: what a
+    /// fingerprint of the encoders must hash.
+    pub fn components(&self) -> [(&'static str, Vec<&Path>); 4] {
+        let vae: Vec<&Path> = match &self.vae {
+            VaeFiles::Diffusers { config, weights } => std::iter::once(config)
+                .chain(weights)
+                .map(PathBuf::as_path)
+                .collect(),
+            VaeFiles::Single(f) => vec![f],
         };
-        let vae = match &self.vae {
-            VaeFiles::Diffusers { config, weights } => {
-                digest(&std::iter::once(config).chain(weights).collect::<Vec<_>>())?
-            }
-            VaeFiles::Single(f) => digest(&[f])?,
-        };
-        let t5 = digest(
-            &std::iter::once(&self.t5_config)
-                .chain(&self.t5_weights)
-                .collect::<Vec<_>>(),
-        )?;
-        let clip = digest(
-            &std::iter::once(&self.clip_config)
-                .chain(&self.clip_weights)
-                .collect::<Vec<_>>(),
-        )?;
-        let mut tok: Vec<&PathBuf> = vec![&self.t5_tokenizer];
-        tok.extend(&self.t5_special);
+        let t5 = std::iter::once(&self.t5_config)
+            .chain(&self.t5_weights)
+            .map(PathBuf::as_path)
+            .collect();
+        let clip = std::iter::once(&self.clip_config)
+            .chain(&self.clip_weights)
+            .map(PathBuf::as_path)
+            .collect();
+        let mut tok: Vec<&Path> = vec![&self.t5_tokenizer];
+        tok.extend(self.t5_special.iter().map(PathBuf::as_path));
         match &self.clip_tokenizer {
             ClipTokenizerFiles::Json(f) => tok.push(f),
-            ClipTokenizerFiles::VocabMerges { vocab, merges } => tok.extend([vocab, merges]),
+            ClipTokenizerFiles::VocabMerges { vocab, merges } => tok.extend([&**vocab, &**merges]),
         }
-        tok.extend(&self.clip_special);
-        let tok = digest(&tok)?;
-        Ok(format!(
-            "flux-pretrained-v{LOADER_VERSION}/vae-{vae}/t5-{t5}/clip-{clip}/tokenizers-{tok}"
-        ))
+        tok.extend(self.clip_special.iter().map(PathBuf::as_path));
+        [
+            ("vae", vae),
+            ("t5", t5),
+            ("clip", clip),
+            ("tokenizers", tok),
+        ]
     }
 
     /// Errors naming the config when T5 or CLIP is not as wide as the model needs.

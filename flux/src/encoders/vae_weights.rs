@@ -20,7 +20,7 @@ use candle_transformers::models::flux::autoencoder::Config as VaeConfig;
 
 use super::{EncodeError, Result, LATENT_CHANNELS};
 
-/// FLUX.1's latent normalisation (spec/flux.md §5.1), for a BFL file that carries no config.
+/// FLUX.1's latent normalisation (design.md §3.6), for a BFL file that carries no config.
 pub const FLUX_SCALE: f64 = 0.3611;
 pub const FLUX_SHIFT: f64 = 0.1159;
 

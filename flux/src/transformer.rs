@@ -1,24 +1,24 @@
 //! The FLUX.1 transformer with MOSAIC's reference tokens: embeddings, the block stack and the
-//! output layer (spec/flux.md §4, §7). The model knows nothing of ranks, files or losses.
+//! output layer (design.md §3.3-3.5, §4). The model knows nothing of ranks, files or losses.
 //!
 //! Shape legend: B batch, L text tokens, N target tokens, M reference tokens (all references
 //! concatenated), D hidden, C packed latent channels (64).
 
 use candle_core::{DType, Device, Tensor};
 
-use super::blocks::{BlockCtx, DoubleBlock, Linear, SingleBlock, Streams};
-use super::config::{FluxConfig, TIME_FEATURES};
-use super::embed::{rope_tables, timestep_features};
-use super::lora::LoraView;
-use super::ops::{layer_norm, modulate};
-use super::weights::Weights;
-use crate::error::{Result, TrainerError};
+use crate::blocks::{BlockCtx, DoubleBlock, Linear, SingleBlock, Streams};
+use crate::config::{FluxConfig, TIME_FEATURES};
+use crate::embed::{rope_tables, timestep_features};
+use crate::error::{FluxError, Result, Setting};
+use crate::lora::LoraView;
+use crate::ops::{layer_norm, modulate};
+use crate::weights::Weights;
 
 /// The reference images of a batch, already packed and concatenated along tokens.
 pub struct RefInputs {
     /// [B, M, C]
     pub latents: Tensor,
-    /// Position ids of the M tokens (offset rule of spec/flux.md §7.3).
+    /// Position ids of the M tokens (offset rule of design.md §4.1).
     pub ids: Vec<[f32; 3]>,
     /// Tokens of each reference, in order; they sum to M.
     pub lens: Vec<usize>,
@@ -99,8 +99,8 @@ impl Flux {
         cfg.validate()?;
         for &i in &row_blocks.double {
             if i >= cfg.num_double {
-                return Err(TrainerError::config(
-                    "loss.double_blocks",
+                return Err(FluxError::setting(
+                    Setting::RowDoubleBlocks,
                     format!(
                         "block {i} does not exist (the model has {})",
                         cfg.num_double
@@ -110,8 +110,8 @@ impl Flux {
         }
         for &i in &row_blocks.single {
             if i >= cfg.num_single {
-                return Err(TrainerError::config(
-                    "loss.single_blocks",
+                return Err(FluxError::setting(
+                    Setting::RowSingleBlocks,
                     format!(
                         "block {i} does not exist (the model has {})",
                         cfg.num_single
@@ -174,7 +174,7 @@ impl Flux {
         }
     }
 
-    /// temb = TE(1000 t) + GE(1000 g) + TXT(pooled), [B, D] (spec/flux.md §4.1).
+    /// temb = TE(1000 t) + GE(1000 g) + TXT(pooled), [B, D] (design.md §3.3).
     fn conditioning(&self, timestep: &[f32], guidance: &[f32], pooled: &Tensor) -> Result<Tensor> {
         let scaled: Vec<f32> = timestep.iter().map(|t| t * 1000.0).collect();
         let feats =
@@ -228,7 +228,7 @@ impl Flux {
             ("encoder_hidden_states", inp.txt.dim(0)?),
         ] {
             if len != b {
-                return Err(TrainerError::Input {
+                return Err(FluxError::Input {
                     name: name.into(),
                     reason: format!("batch {len} does not match hidden_states batch {b}"),
                 });

@@ -1,6 +1,6 @@
 //! Inputs of the transformer that carry no trainable weight: sinusoidal timestep features,
-//! position ids and their RoPE tables, and 2x2 latent packing (spec/flux.md §4.1, §4.2, §5.2,
-//! §7.3).
+//! position ids and their RoPE tables, and 2x2 latent packing (design.md §3.3, §3.4, §3.6,
+//! §4.1).
 //!
 //! Shape legend: `ids_s3` one (axis0, row, col) triple per token; `cos_sk`/`sin_sk` [S, hd/2].
 
