@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use base64::Engine;
+use reqwest::blocking::{RequestBuilder, Response};
 use serde_json::{json, Value};
 
 use crate::error::{Result, TrainerError};
@@ -21,20 +22,29 @@ fn hub_err(what: impl Into<String>) -> TrainerError {
     }
 }
 
-/// The message of a failed request, without anything from our request headers.
-fn describe(url: &str, e: ureq::Error) -> TrainerError {
-    match e {
-        ureq::Error::Status(code, resp) => {
-            let body = resp.into_string().unwrap_or_default();
-            let body: String = body.chars().take(500).collect();
-            hub_err(format!("{url}: HTTP {code}: {body}"))
-        }
-        ureq::Error::Transport(t) => hub_err(format!("{url}: {}", t.kind())),
+/// Sends `req` to `url`; a failure says what went wrong without anything from our request
+/// headers (the server's message is cut to 500 characters).
+fn send(url: &str, req: RequestBuilder) -> Result<Response> {
+    let resp = req.send().map_err(|e| {
+        let kind = if e.is_connect() {
+            "cannot connect"
+        } else if e.is_timeout() {
+            "timed out"
+        } else {
+            "request failed"
+        };
+        hub_err(format!("{url}: {kind}"))
+    })?;
+    let code = resp.status();
+    if code.is_success() {
+        return Ok(resp);
     }
+    let body: String = resp.text().unwrap_or_default().chars().take(500).collect();
+    Err(hub_err(format!("{url}: HTTP {}: {body}", code.as_u16())))
 }
 
 struct Client {
-    agent: ureq::Agent,
+    http: reqwest::blocking::Client,
     endpoint: String,
     token: String,
 }
@@ -50,28 +60,32 @@ impl Client {
             .unwrap_or_else(|_| "https://huggingface.co".into())
             .trim_end_matches('/')
             .to_string();
+        let http = reqwest::blocking::Client::builder()
+            .connect_timeout(Duration::from_secs(30))
+            .timeout(Duration::from_secs(600))
+            .build()
+            .map_err(|e| hub_err(format!("cannot build an HTTP client: {e}")))?;
         Ok(Self {
-            agent: ureq::AgentBuilder::new()
-                .timeout_connect(Duration::from_secs(30))
-                .timeout_read(Duration::from_secs(600))
-                .build(),
+            http,
             endpoint,
             token: token.trim().to_string(),
         })
     }
 
     fn post_json(&self, url: &str, body: &Value, accept: Option<&str>) -> Result<Value> {
+        let kind = accept.unwrap_or("application/json");
         let mut req = self
-            .agent
+            .http
             .post(url)
-            .set("Authorization", &format!("Bearer {}", self.token));
+            .bearer_auth(&self.token)
+            .header("Content-Type", kind)
+            .body(body.to_string());
         if let Some(a) = accept {
-            req = req.set("Accept", a).set("Content-Type", a);
+            req = req.header("Accept", a);
         }
-        let resp = req.send_json(body.clone()).map_err(|e| describe(url, e))?;
-        let text = resp
-            .into_string()
-            .map_err(|e| hub_err(format!("{url}: {e}")))?;
+        let text = send(url, req)?
+            .text()
+            .map_err(|_| hub_err(format!("{url}: the answer could not be read")))?;
         Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 }
@@ -204,15 +218,14 @@ fn upload_lfs(c: &Client, repo_id: &str, lfs: &[&Upload]) -> Result<()> {
         let href = upload["href"]
             .as_str()
             .ok_or_else(|| hub_err("LFS upload action without href"))?;
-        let mut req = c.agent.put(href);
+        let mut req = c.http.put(href);
         for (k, v) in upload["header"].as_object().into_iter().flatten() {
             if let Some(v) = v.as_str() {
-                req = req.set(k, v);
+                req = req.header(k.as_str(), v);
             }
         }
         let bytes = std::fs::read(&f.local).map_err(|e| TrainerError::io(&f.local, e))?;
-        req.send_bytes(&bytes)
-            .map_err(|e| describe(&format!("LFS upload of {}", f.path), e))?;
+        send(&format!("LFS upload of {}", f.path), req.body(bytes))?;
         if let Some(verify) = obj["actions"].get("verify") {
             let href = verify["href"]
                 .as_str()
@@ -245,11 +258,12 @@ fn commit(c: &Client, repo_id: &str, files: &[Upload], lfs: &[&Upload]) -> Resul
     }
     let ndjson: String = lines.iter().map(|l| format!("{l}\n")).collect();
     let url = format!("{}/api/models/{repo_id}/commit/main", c.endpoint);
-    c.agent
+    let req = c
+        .http
         .post(&url)
-        .set("Authorization", &format!("Bearer {}", c.token))
-        .set("Content-Type", "application/x-ndjson")
-        .send_string(&ndjson)
-        .map_err(|e| describe(&url, e))?;
+        .bearer_auth(&c.token)
+        .header("Content-Type", "application/x-ndjson")
+        .body(ndjson);
+    send(&url, req)?;
     Ok(())
 }
