@@ -31,6 +31,19 @@ pub struct DataReport {
 }
 
 impl DataReport {
+    /// Adds `other`'s counts and skipped samples to this report (a run's reports across
+    /// loaders that a restore replaced).
+    pub fn merge(&mut self, other: DataReport) {
+        for (k, n) in other.skipped_by_kind {
+            *self.skipped_by_kind.entry(k).or_default() += n;
+        }
+        self.skipped_total += other.skipped_total;
+        self.batches_dropped += other.batches_dropped;
+        self.samples_read += other.samples_read;
+        self.tail_rows_dropped.extend(other.tail_rows_dropped);
+        self.skipped.extend(other.skipped);
+    }
+
     pub fn skip(&mut self, sample_id: &str, at: &str, kind: &str, reason: &str) {
         *self.skipped_by_kind.entry(kind.to_string()).or_default() += 1;
         self.skipped_total += 1;

@@ -13,7 +13,6 @@ pub mod error;
 pub mod export;
 pub mod forward;
 pub mod hub;
-pub mod loader;
 pub mod metrics;
 pub mod objective;
 pub mod optim;
@@ -21,7 +20,6 @@ pub mod run;
 pub mod signals;
 pub mod step;
 pub mod storage;
-pub mod synth;
 pub mod train;
 
 pub use error::{Result, TrainerError};

@@ -12,8 +12,8 @@ use rand_distr::{Distribution, Normal, StandardNormal};
 
 use serde::{Deserialize, Serialize};
 
+use crate::data::sample::Sample;
 use crate::error::{Result, TrainerError};
-use crate::synth::Sample;
 use flux::embed::{grid_ids, reference_ids, text_ids};
 use flux::grad::{loss_and_grads_into, GradSink, NoSink};
 use flux::rng::{stream, Purpose};

@@ -9,6 +9,7 @@ use candle_core::{Device, Tensor};
 use flux::grad::{GradSink, NoSink};
 
 use crate::config::OnNonFinite;
+use crate::data::sample::Sample;
 use crate::ddp::consistency::check_lora;
 use crate::ddp::{Dist, GradReducer, ReduceOp};
 use crate::error::{Result, TrainerError};
@@ -16,7 +17,6 @@ use crate::metrics::StepMetrics;
 use crate::objective::{self, DrawAt, LossParts};
 use crate::optim::{clip_global_norm, global_norm, lr_at};
 use crate::run::{lora_vars, Run};
-use crate::synth::Sample;
 
 /// What this rank computed in a step, before the ranks agree.
 pub struct Accumulated {

@@ -3,9 +3,9 @@
 //! wrong recomputation, fails here.
 
 use flux::lora::adaptable_modules;
+use trainer::data::Sample;
 use trainer::objective::{self, DrawAt, Prepared};
 use trainer::run::Run;
-use trainer::synth::Sample;
 
 use crate::common::{max_abs, max_abs_diff, randn_like, randomize_lora_b, tiny_config};
 

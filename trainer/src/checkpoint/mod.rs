@@ -33,8 +33,8 @@ mod schedule;
 pub use schedule::Checkpointer;
 
 use crate::error::{Result, TrainerError};
-use crate::loader::Cursor;
 use crate::storage::{Location, Remote};
+use datasets::Cursor;
 
 pub const FORMAT: u32 = 1;
 pub const LATEST: &str = "LATEST";

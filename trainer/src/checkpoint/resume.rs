@@ -159,7 +159,7 @@ impl Run {
         }
         self.data.restore_global(cursor);
         self.data
-            .restore_shards(&h.state.data_cursors, h.state.world_size)?;
+            .restore_shards(&h.state.data_cursors, h.state.world_size);
         self.data_cursors = h.state.data_cursors.clone();
         self.start_step = h.state.step;
         self.skipped = h.state.skipped;

@@ -1,20 +1,16 @@
-//! Batches over an in-memory dataset: a deterministic shuffle per (seed, epoch), and batches
+//! Global batches over an in-memory dataset: a deterministic shuffle per (seed, epoch), and batches
 //! formed from samples with the same number of references (their tensors must stack). The
 //! position is a small cursor (epoch, batch) so a run can continue exactly where it stopped.
 
 use rand::seq::SliceRandom;
 
+use datasets::Cursor;
+
 use crate::error::{Result, TrainerError};
 use flux::rng::{stream, Purpose};
 
-/// Where the loader stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-pub struct Cursor {
-    pub epoch: u64,
-    pub batch: usize,
-}
-
-pub struct Loader {
+/// Global batches of sample indices over an in-memory dataset, with a resumable cursor.
+pub struct GlobalBatches {
     /// Reference count of each sample.
     ref_counts: Vec<usize>,
     batch_size: usize,
@@ -23,7 +19,7 @@ pub struct Loader {
     batches: Vec<Vec<usize>>,
 }
 
-impl Loader {
+impl GlobalBatches {
     pub fn new(ref_counts: Vec<usize>, batch_size: usize, seed: u64) -> Result<Self> {
         let mut l = Self {
             ref_counts,
@@ -96,7 +92,7 @@ mod tests {
     #[test]
     fn batches_share_reference_counts_and_epochs_cover_samples() {
         let counts = vec![1, 2, 1, 2, 1, 2, 1, 2];
-        let mut l = Loader::new(counts.clone(), 2, 5).unwrap();
+        let mut l = GlobalBatches::new(counts.clone(), 2, 5).unwrap();
         let mut seen = Vec::new();
         for _ in 0..4 {
             let b = l.next_batch();
@@ -112,11 +108,11 @@ mod tests {
     #[test]
     fn a_restored_loader_continues_with_the_same_batches() {
         let counts = vec![1, 2, 1, 2, 1, 2, 1, 2, 1, 1];
-        let mut a = Loader::new(counts.clone(), 2, 9).unwrap();
+        let mut a = GlobalBatches::new(counts.clone(), 2, 9).unwrap();
         for _ in 0..7 {
             a.next_batch();
         }
-        let mut b = Loader::new(counts, 2, 9).unwrap();
+        let mut b = GlobalBatches::new(counts, 2, 9).unwrap();
         b.restore(a.cursor());
         for _ in 0..10 {
             assert_eq!(a.next_batch(), b.next_batch());
@@ -125,7 +121,10 @@ mod tests {
 
     #[test]
     fn oversized_batch_is_refused() {
-        let err = Loader::new(vec![1, 2, 3], 2, 0).err().unwrap().to_string();
+        let err = GlobalBatches::new(vec![1, 2, 3], 2, 0)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("train.batch_size"), "{err}");
     }
 }

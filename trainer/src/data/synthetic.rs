@@ -1,4 +1,4 @@
-//! A small in-memory synthetic multi-reference dataset with exact correspondences, generated in
+//! The `synthetic` source: a small in-memory multi-reference dataset with exact correspondences, generated in
 //! latent space (16 channels, 8x below pixels) so the tiny model needs no VAE.
 //!
 //! Each sample pastes 1..=K subjects (squares and discs with a per-kind colour and gradient
@@ -9,13 +9,18 @@
 //! through the design.md §2 token mapping. Captions are fixed embeddings of the subject kinds.
 
 use candle_core::{Device, Tensor};
-use datasets::{map_points_to_tokens, Point4, TokenGrid, TokenPair};
+use datasets::{map_points_to_tokens, Point4, TokenGrid};
 use rand::seq::SliceRandom;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
-use crate::error::Result;
+use super::batches::GlobalBatches;
+use super::{RefSample, Sample, Source};
+use crate::config::Config;
+use crate::error::{Result, TrainerError};
+use datasets::DataReport;
+use flux::config::FluxConfig;
 use flux::embed::pack_latents;
 use flux::rng::{stream, Purpose};
 
@@ -34,27 +39,6 @@ pub struct SynthSpec {
     pub text_tokens: usize,
     pub context_dim: usize,
     pub pooled_dim: usize,
-}
-
-/// One reference image: packed latent tokens and its correspondences to the target.
-#[derive(Clone)]
-pub struct RefSample {
-    /// [M_k, 64]
-    pub latent: Tensor,
-    pub grid: TokenGrid,
-    pub pairs: Vec<TokenPair>,
-}
-
-#[derive(Clone)]
-pub struct Sample {
-    /// [N, 64] packed clean target latent.
-    pub x0: Tensor,
-    pub grid: TokenGrid,
-    /// [L, context_dim]
-    pub txt: Tensor,
-    /// [pooled_dim]
-    pub pooled: Tensor,
-    pub refs: Vec<RefSample>,
 }
 
 /// Per-kind appearance: base colour and two gradient directions over the subject's extent.
@@ -284,6 +268,66 @@ fn caption(
         }
     }
     (txt, pooled)
+}
+
+/// The in-memory dataset and its global batches (world-size independent: each rank takes its
+/// slice of every global micro-batch).
+pub struct InMemory {
+    pub samples: Vec<Sample>,
+    pub batches: GlobalBatches,
+}
+
+impl InMemory {
+    /// The in-memory synthetic dataset, in world-size independent global batches.
+    pub fn build(cfg: &Config, fc: &FluxConfig, world: usize, device: &Device) -> Result<Self> {
+        let d = &cfg.data;
+        let spec = SynthSpec {
+            samples: d.samples,
+            resolution: d.resolution,
+            ref_resolution: d.ref_resolution,
+            min_refs: d.min_refs,
+            max_refs: d.max_refs,
+            text_tokens: d.text_tokens,
+            context_dim: fc.context_dim,
+            pooled_dim: fc.pooled_dim,
+        };
+        let samples = generate(&spec, cfg.run.seed, device)?;
+        let global = cfg.train.batch_size * world;
+        let batches = GlobalBatches::new(
+            samples.iter().map(|s| s.refs.len()).collect(),
+            global,
+            cfg.run.seed,
+        )
+        .map_err(|e| match e {
+            TrainerError::Config { .. } if world > 1 => TrainerError::config(
+                "train.batch_size",
+                format!(
+                    "{} per rank x {world} ranks = {global} samples per micro-batch is larger than every group of samples with equal reference counts; lower it or raise data.samples",
+                    cfg.train.batch_size
+                ),
+            ),
+            other => other,
+        })?;
+        Ok(Self { samples, batches })
+    }
+}
+
+impl Source for InMemory {
+    fn describe(&self) -> String {
+        format!("{} synthetic samples in memory", self.samples.len())
+    }
+
+    fn next_micro_batch(&mut self, rank: usize, batch: usize) -> Result<Vec<Sample>> {
+        let global = self.batches.next_batch();
+        Ok(global[rank * batch..(rank + 1) * batch]
+            .iter()
+            .map(|&i| self.samples[i].clone())
+            .collect())
+    }
+
+    fn report(&self) -> Option<DataReport> {
+        None
+    }
 }
 
 #[cfg(test)]

@@ -1,44 +1,30 @@
-//! Where a rank's micro-batches come from.
-//!
-//! - `shards`: SemAlign-MS shards (a folder or an object-store URL) read by the datasets crate:
-//!   this rank's part in a seeded order, decoded and transformed on worker threads, then encoded
-//!   here (VAE latents, caption embeddings) into model inputs. The position is a per-rank
-//!   cursor; the checkpoint keeps every rank's.
-//! - `synthetic`: a small dataset generated in memory in latent space (no files, no encoders),
-//!   batched globally so results do not depend on the number of ranks; the equivalence tests
-//!   of data parallelism use it.
+//! The `shards` source: SemAlign-MS shards (a folder or an object-store URL) read by the
+//! datasets crate: this rank's part in a seeded order, decoded and transformed on worker
+//! threads, then encoded here (VAE latents, caption embeddings) into model inputs, or read
+//! from a latent cache. The position is a per-rank cursor; the checkpoint keeps every rank's.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use datasets::encode::{load_encoders, EncoderSpec, EncoderWeights, Encoders, PretrainedSource};
 use datasets::plan::plan_epoch;
-use datasets::{Cursor as DataCursor, DataReport, Loader as ShardLoader, LoaderOptions, Location};
-
-use crate::config::{Config, DataSource};
-use crate::error::{Result, TrainerError};
-use crate::loader::{Cursor, Loader};
-use crate::synth::{self, RefSample, Sample, SynthSpec};
+use datasets::{Cursor, DataReport, Loader, LoaderOptions, Location};
 use flux::config::FluxConfig;
 use flux::embed::pack_latents;
 
-pub enum DataFeed {
-    Synthetic {
-        samples: Vec<Sample>,
-        loader: Loader,
-    },
-    Shards(Box<ShardFeed>),
-}
+use super::{RefSample, Sample, Source};
+use crate::config::Config;
+use crate::error::{Result, TrainerError};
 
+/// This rank's reader of the shards.
 pub struct ShardFeed {
     url: String,
     loc: Location,
     manifest: Arc<datasets::Manifest>,
     opts: LoaderOptions,
-    cursor: DataCursor,
+    pub(super) cursor: Cursor,
     /// Started on first use, so a resume does not read batches it then throws away.
-    loader: Option<ShardLoader>,
+    loader: Option<Loader>,
     spec: EncoderSpec,
     /// None when reading a latent cache (nothing to encode).
     encoders: Option<Encoders>,
@@ -113,55 +99,9 @@ fn encoder_spec(cfg: &Config, fc: &FluxConfig) -> EncoderSpec {
     }
 }
 
-impl DataFeed {
-    pub fn build(
-        cfg: &Config,
-        fc: &FluxConfig,
-        rank: usize,
-        world: usize,
-        device: &Device,
-    ) -> Result<Self> {
-        match cfg.data.source {
-            DataSource::Synthetic => Self::synthetic(cfg, fc, world, device),
-            DataSource::Shards => Self::shards(cfg, fc, rank, world, device),
-        }
-    }
-
-    /// The in-memory synthetic dataset, in world-size independent global batches.
-    fn synthetic(cfg: &Config, fc: &FluxConfig, world: usize, device: &Device) -> Result<Self> {
-        let d = &cfg.data;
-        let spec = SynthSpec {
-            samples: d.samples,
-            resolution: d.resolution,
-            ref_resolution: d.ref_resolution,
-            min_refs: d.min_refs,
-            max_refs: d.max_refs,
-            text_tokens: d.text_tokens,
-            context_dim: fc.context_dim,
-            pooled_dim: fc.pooled_dim,
-        };
-        let samples = synth::generate(&spec, cfg.run.seed, device)?;
-        let global = cfg.train.batch_size * world;
-        let loader = Loader::new(
-            samples.iter().map(|s| s.refs.len()).collect(),
-            global,
-            cfg.run.seed,
-        )
-        .map_err(|e| match e {
-            TrainerError::Config { .. } if world > 1 => TrainerError::config(
-                "train.batch_size",
-                format!(
-                    "{} per rank x {world} ranks = {global} samples per micro-batch is larger than every group of samples with equal reference counts; lower it or raise data.samples",
-                    cfg.train.batch_size
-                ),
-            ),
-            other => other,
-        })?;
-        Ok(Self::Synthetic { samples, loader })
-    }
-
+impl ShardFeed {
     /// This rank's part of the shards (or of their latent cache).
-    fn shards(
+    pub fn build(
         cfg: &Config,
         fc: &FluxConfig,
         rank: usize,
@@ -220,187 +160,23 @@ impl DataFeed {
         } else {
             Some(load_encoders(&spec, dtype, device)?)
         };
-        Ok(Self::Shards(Box::new(ShardFeed {
+        Ok(Self {
             url: d.url.clone(),
             loc,
             manifest,
             opts,
-            cursor: DataCursor::default(),
+            cursor: Cursor::default(),
             loader: None,
             spec,
             encoders,
             device: device.clone(),
             earlier: DataReport::default(),
-        })))
+        })
     }
 
-    /// For logs.
-    pub fn describe(&self) -> String {
-        match self {
-            Self::Synthetic { samples, .. } => {
-                format!("{} synthetic samples in memory", samples.len())
-            }
-            Self::Shards(f) => format!(
-                "{} rows in {} shard(s) at {}, {} {}",
-                f.manifest.total_rows,
-                f.manifest.shards.len(),
-                f.url,
-                if f.opts.cached {
-                    "latent cache"
-                } else {
-                    "encoders"
-                },
-                f.spec.describe()
-            ),
-        }
-    }
-
-    /// The in-memory samples of the synthetic source (tests change them).
-    pub fn in_memory(&self) -> Option<&[Sample]> {
-        match self {
-            Self::Synthetic { samples, .. } => Some(samples),
-            Self::Shards(_) => None,
-        }
-    }
-
-    pub fn in_memory_mut(&mut self) -> Option<&mut Vec<Sample>> {
-        match self {
-            Self::Synthetic { samples, .. } => Some(samples),
-            Self::Shards(_) => None,
-        }
-    }
-
-    /// This rank's next micro-batch of `batch` samples.
-    pub fn next_micro_batch(&mut self, rank: usize, batch: usize) -> Result<Vec<Sample>> {
-        match self {
-            Self::Synthetic { samples, loader } => {
-                let global = loader.next_batch();
-                Ok(global[rank * batch..(rank + 1) * batch]
-                    .iter()
-                    .map(|&i| samples[i].clone())
-                    .collect())
-            }
-            Self::Shards(f) => f.next_micro_batch(),
-        }
-    }
-
-    /// The synthetic source's global cursor (the default for shards).
-    pub fn global_cursor(&self) -> Cursor {
-        match self {
-            Self::Synthetic { loader, .. } => loader.cursor(),
-            Self::Shards(_) => Cursor::default(),
-        }
-    }
-
-    /// This rank's shard cursor (None for the synthetic source).
-    pub fn shard_cursor(&self) -> Option<DataCursor> {
-        match self {
-            Self::Synthetic { .. } => None,
-            Self::Shards(f) => Some(f.cursor),
-        }
-    }
-
-    /// Restores the synthetic source's global cursor.
-    pub fn restore_global(&mut self, cursor: Cursor) {
-        if let Self::Synthetic { loader, .. } = self {
-            loader.restore(cursor);
-        }
-    }
-
-    /// Restores this rank's shard position from the cursors of every rank of the checkpointed
-    /// run (`old_world` of them). With the same world size each rank continues exactly; with
-    /// another, each starts its epoch at the fraction rank 0 had reached (documented in
-    /// docs/data.md).
-    pub fn restore_shards(&mut self, cursors: &[DataCursor], old_world: usize) -> Result<()> {
-        let Self::Shards(f) = self else {
-            return Ok(());
-        };
-        let Some(&first) = cursors.first() else {
-            return Ok(());
-        };
-        let (rank, world) = (f.opts.plan.rank, f.opts.plan.world);
-        let cursor = if cursors.len() == world && old_world == world {
-            cursors[rank]
-        } else {
-            let mut old = f.opts.plan;
-            old.world = old_world.max(1);
-            old.rank = 0;
-            let old_batches = plan_epoch(&f.manifest, &old, first.epoch).batches.len();
-            let new_batches = plan_epoch(&f.manifest, &f.opts.plan, first.epoch)
-                .batches
-                .len();
-            let c = first.rescale(old_batches, new_batches);
-            tracing::warn!(
-                was = old_world,
-                now = world,
-                epoch = c.epoch,
-                "resuming with another world size: each rank starts at the fraction of the epoch rank 0 had reached; within this epoch samples may repeat or be missed"
-            );
-            c
-        };
-        if let Some(l) = f.loader.take() {
-            merge(&mut f.earlier, l.report());
-        }
-        f.cursor = cursor;
-        Ok(())
-    }
-
-    /// This rank's data report so far (None for the synthetic source).
-    pub fn report(&self) -> Option<DataReport> {
-        match self {
-            Self::Synthetic { .. } => None,
-            Self::Shards(f) => {
-                let mut r = f.earlier.clone();
-                if let Some(l) = &f.loader {
-                    merge(&mut r, l.report());
-                }
-                Some(r)
-            }
-        }
-    }
-
-    /// Writes this rank's data report into `dir` (shards only) and logs its summary.
-    pub fn write_report_into(&self, dir: &std::path::Path, rank: usize) -> Result<()> {
-        let Some(report) = self.report() else {
-            return Ok(());
-        };
-        std::fs::create_dir_all(dir).map_err(|e| TrainerError::io(dir, e))?;
-        if let Some(path) = self.write_report(dir, rank)? {
-            tracing::info!(report = %path.display(), "data: {}", report.summary());
-        }
-        Ok(())
-    }
-
-    /// Writes this rank's data report as JSON into `dir` (shards only).
-    pub fn write_report(&self, dir: &std::path::Path, rank: usize) -> Result<Option<PathBuf>> {
-        let Some(r) = self.report() else {
-            return Ok(None);
-        };
-        let path = dir.join(format!("data_report.rank{rank}.json"));
-        let text = serde_json::to_string_pretty(&r).map_err(|e| TrainerError::Serialize {
-            what: "the data report",
-            source: Box::new(e),
-        })?;
-        std::fs::write(&path, text).map_err(|e| TrainerError::io(&path, e))?;
-        Ok(Some(path))
-    }
-}
-
-fn merge(into: &mut DataReport, r: DataReport) {
-    for (k, n) in r.skipped_by_kind {
-        *into.skipped_by_kind.entry(k).or_default() += n;
-    }
-    into.skipped_total += r.skipped_total;
-    into.batches_dropped += r.batches_dropped;
-    into.samples_read += r.samples_read;
-    into.tail_rows_dropped.extend(r.tail_rows_dropped);
-    into.skipped.extend(r.skipped);
-}
-
-impl ShardFeed {
-    fn next_micro_batch(&mut self) -> Result<Vec<Sample>> {
+    fn next_batch_of_rank(&mut self) -> Result<Vec<Sample>> {
         if self.loader.is_none() {
-            self.loader = Some(ShardLoader::start(
+            self.loader = Some(Loader::start(
                 self.loc.clone(),
                 self.manifest.clone(),
                 self.opts.clone(),
@@ -512,6 +288,71 @@ impl ShardFeed {
                 })
             })
             .collect()
+    }
+}
+
+impl ShardFeed {
+    /// Restores this rank's position from the cursors of every rank of the checkpointed run
+    /// (`old_world` of them). With the same world size each rank continues exactly; with
+    /// another, each starts its epoch at the fraction rank 0 had reached (docs/data.md).
+    pub fn restore(&mut self, cursors: &[Cursor], old_world: usize) {
+        let f = self;
+        let Some(&first) = cursors.first() else {
+            return;
+        };
+        let (rank, world) = (f.opts.plan.rank, f.opts.plan.world);
+        let cursor = if cursors.len() == world && old_world == world {
+            cursors[rank]
+        } else {
+            let mut old = f.opts.plan;
+            old.world = old_world.max(1);
+            old.rank = 0;
+            let old_batches = plan_epoch(&f.manifest, &old, first.epoch).batches.len();
+            let new_batches = plan_epoch(&f.manifest, &f.opts.plan, first.epoch)
+                .batches
+                .len();
+            let c = first.rescale(old_batches, new_batches);
+            tracing::warn!(
+                was = old_world,
+                now = world,
+                epoch = c.epoch,
+                "resuming with another world size: each rank starts at the fraction of the epoch rank 0 had reached; within this epoch samples may repeat or be missed"
+            );
+            c
+        };
+        if let Some(l) = f.loader.take() {
+            f.earlier.merge(l.report());
+        }
+        f.cursor = cursor;
+    }
+}
+
+impl Source for ShardFeed {
+    fn describe(&self) -> String {
+        format!(
+            "{} rows in {} shard(s) at {}, {} {}",
+            self.manifest.total_rows,
+            self.manifest.shards.len(),
+            self.url,
+            if self.opts.cached {
+                "latent cache"
+            } else {
+                "encoders"
+            },
+            self.spec.describe()
+        )
+    }
+
+    fn next_micro_batch(&mut self, _rank: usize, _batch: usize) -> Result<Vec<Sample>> {
+        self.next_batch_of_rank()
+    }
+
+    fn report(&self) -> Option<DataReport> {
+        let mut r = self.earlier.clone();
+        if let Some(l) = &self.loader {
+            r.merge(l.report());
+        }
+        Some(r)
     }
 }
 

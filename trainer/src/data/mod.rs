@@ -1,0 +1,154 @@
+//! Where a rank's micro-batches come from: a [`Source`] of [`Sample`]s in latent space.
+//!
+//! - `shards` ([`shards`]): SemAlign-MS shards (a folder or an object-store URL) read by the
+//!   datasets crate, encoded here or read from a latent cache; a per-rank cursor.
+//! - `synthetic` ([`synthetic`]): a small dataset generated in memory in latent space (no
+//!   files, no encoders), batched globally ([`batches`]) so results do not depend on the
+//!   number of ranks; the equivalence tests of data parallelism use it.
+
+pub mod batches;
+pub mod sample;
+pub mod shards;
+pub mod synthetic;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use datasets::{Cursor, DataReport};
+use flux::config::FluxConfig;
+
+use crate::config::{Config, DataSource};
+use crate::error::{Result, TrainerError};
+pub use sample::{RefSample, Sample};
+use shards::ShardFeed;
+use synthetic::InMemory;
+
+/// What the loop needs of a data source.
+pub trait Source {
+    /// For logs.
+    fn describe(&self) -> String;
+    /// This rank's next micro-batch of `batch` samples.
+    fn next_micro_batch(&mut self, rank: usize, batch: usize) -> Result<Vec<Sample>>;
+    /// The data report so far: samples read, skipped and why (None where nothing is read from
+    /// files).
+    fn report(&self) -> Option<DataReport>;
+}
+
+/// The run's source, as configured by `data.source`.
+pub enum DataFeed {
+    Synthetic(InMemory),
+    Shards(Box<ShardFeed>),
+}
+
+impl DataFeed {
+    pub fn build(
+        cfg: &Config,
+        fc: &FluxConfig,
+        rank: usize,
+        world: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        Ok(match cfg.data.source {
+            DataSource::Synthetic => Self::Synthetic(InMemory::build(cfg, fc, world, device)?),
+            DataSource::Shards => {
+                Self::Shards(Box::new(ShardFeed::build(cfg, fc, rank, world, device)?))
+            }
+        })
+    }
+
+    fn source(&self) -> &dyn Source {
+        match self {
+            Self::Synthetic(s) => s,
+            Self::Shards(f) => f.as_ref(),
+        }
+    }
+
+    /// For logs.
+    pub fn describe(&self) -> String {
+        self.source().describe()
+    }
+
+    /// This rank's next micro-batch of `batch` samples.
+    pub fn next_micro_batch(&mut self, rank: usize, batch: usize) -> Result<Vec<Sample>> {
+        match self {
+            Self::Synthetic(s) => s.next_micro_batch(rank, batch),
+            Self::Shards(f) => f.next_micro_batch(rank, batch),
+        }
+    }
+
+    /// This rank's data report so far (None for the synthetic source).
+    pub fn report(&self) -> Option<DataReport> {
+        self.source().report()
+    }
+
+    /// The in-memory samples of the synthetic source (tests change them).
+    pub fn in_memory(&self) -> Option<&[Sample]> {
+        match self {
+            Self::Synthetic(s) => Some(&s.samples),
+            Self::Shards(_) => None,
+        }
+    }
+
+    pub fn in_memory_mut(&mut self) -> Option<&mut Vec<Sample>> {
+        match self {
+            Self::Synthetic(s) => Some(&mut s.samples),
+            Self::Shards(_) => None,
+        }
+    }
+
+    /// The synthetic source's global cursor (the default for shards).
+    pub fn global_cursor(&self) -> Cursor {
+        match self {
+            Self::Synthetic(s) => s.batches.cursor(),
+            Self::Shards(_) => Cursor::default(),
+        }
+    }
+
+    /// This rank's shard cursor (None for the synthetic source).
+    pub fn shard_cursor(&self) -> Option<Cursor> {
+        match self {
+            Self::Synthetic(_) => None,
+            Self::Shards(f) => Some(f.cursor),
+        }
+    }
+
+    /// Restores the synthetic source's global cursor.
+    pub fn restore_global(&mut self, cursor: Cursor) {
+        if let Self::Synthetic(s) = self {
+            s.batches.restore(cursor);
+        }
+    }
+
+    /// Restores this rank's shard position (see [`ShardFeed::restore`]).
+    pub fn restore_shards(&mut self, cursors: &[Cursor], old_world: usize) {
+        if let Self::Shards(f) = self {
+            f.restore(cursors, old_world);
+        }
+    }
+
+    /// Writes this rank's data report into `dir` (shards only) and logs its summary.
+    pub fn write_report_into(&self, dir: &Path, rank: usize) -> Result<()> {
+        let Some(report) = self.report() else {
+            return Ok(());
+        };
+        std::fs::create_dir_all(dir).map_err(|e| TrainerError::io(dir, e))?;
+        if let Some(path) = self.write_report(dir, rank)? {
+            tracing::info!(report = %path.display(), "data: {}", report.summary());
+        }
+        Ok(())
+    }
+
+    /// Writes this rank's data report as JSON into `dir` (shards only).
+    pub fn write_report(&self, dir: &Path, rank: usize) -> Result<Option<PathBuf>> {
+        let Some(r) = self.report() else {
+            return Ok(None);
+        };
+        let path = dir.join(format!("data_report.rank{rank}.json"));
+        let text = serde_json::to_string_pretty(&r).map_err(|e| TrainerError::Serialize {
+            what: "the data report",
+            source: Box::new(e),
+        })?;
+        std::fs::write(&path, text).map_err(|e| TrainerError::io(&path, e))?;
+        Ok(Some(path))
+    }
+}
