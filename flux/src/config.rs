@@ -161,10 +161,7 @@ impl FluxConfig {
             1
         }
         let text = std::fs::read_to_string(path).map_err(|e| FluxError::io(path, e))?;
-        let raw: Raw = serde_json::from_str(&text).map_err(|e| FluxError::Parse {
-            file: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+        let raw: Raw = serde_json::from_str(&text).map_err(|e| FluxError::read(path, e))?;
         if raw.patch_size != 1 {
             return Err(FluxError::ModelConfig {
                 field: "patch_size".into(),

@@ -37,11 +37,25 @@ pub enum FluxError {
     Candle(#[from] candle_core::Error),
     #[error(transparent)]
     Kernel(#[from] kernels::KernelError),
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
+    },
+    /// A file whose content could not be read (JSON, safetensors, ...).
+    #[error("cannot read {}", file.display())]
+    Read {
+        file: PathBuf,
+        #[source]
+        source: BoxError,
+    },
+    /// A file that could not be written or serialised.
+    #[error("cannot write {}", file.display())]
+    Write {
+        file: PathBuf,
+        #[source]
+        source: BoxError,
     },
     #[error("{}: {reason}", file.display())]
     Parse { file: PathBuf, reason: String },
@@ -70,6 +84,22 @@ impl FluxError {
         }
     }
 
+    /// `file`'s content could not be read because of `source`.
+    pub fn read(file: &Path, source: impl Into<BoxError>) -> Self {
+        Self::Read {
+            file: file.to_path_buf(),
+            source: source.into(),
+        }
+    }
+
+    /// `file` could not be written because of `source`.
+    pub fn write(file: &Path, source: impl Into<BoxError>) -> Self {
+        Self::Write {
+            file: file.to_path_buf(),
+            source: source.into(),
+        }
+    }
+
     pub fn setting(setting: Setting, reason: impl Into<String>) -> Self {
         Self::Setting {
             setting,
@@ -79,3 +109,34 @@ impl FluxError {
 }
 
 pub type Result<T> = std::result::Result<T, FluxError>;
+
+/// Any error, as the cause of one of ours.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// `e` and every cause below it, "outer: inner: innermost", as anyhow's `{:#}` prints them:
+/// for logs and reports, where an error is shown without the binary's error printer.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_chain_shows_every_cause_once() {
+        let e = FluxError::read(
+            Path::new("a/config.json"),
+            std::io::Error::other("bad byte"),
+        );
+        assert_eq!(e.to_string(), "cannot read a/config.json");
+        assert_eq!(chain(&e), "cannot read a/config.json: bad byte");
+    }
+}

@@ -21,7 +21,7 @@ pub mod transformer;
 pub mod weights;
 
 pub use config::FluxConfig;
-pub use error::{FluxError, Result, Setting};
+pub use error::{chain, BoxError, FluxError, Result, Setting};
 pub use lora::{Lora, LoraInit, LoraSpec, LoraView};
 pub use transformer::{BlockId, Flux, ForwardOut, ModelInputs, RefInputs, RowBlocks};
 pub use weights::Weights;

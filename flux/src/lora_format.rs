@@ -444,19 +444,14 @@ pub fn write_safetensors(
 ) -> Result<()> {
     let bytes =
         safetensors::tensor::serialize(tensors.iter().map(|(n, t)| (n.clone(), t)), Some(metadata))
-            .map_err(|e| FluxError::Parse {
-                file: path.to_path_buf(),
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| FluxError::write(path, e))?;
     std::fs::write(path, bytes).map_err(|e| FluxError::io(path, e))
 }
 
 /// Reads a LoRA file of any supported layout.
 pub fn load(path: &Path) -> Result<LoraTensors> {
-    let map = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| FluxError::Parse {
-        file: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+    let map =
+        candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| FluxError::read(path, e))?;
     read(&map, path)
 }
 

@@ -276,7 +276,7 @@ pub fn index_files(index: &Path) -> Result<Vec<String>> {
         reason,
     };
     let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| parse(format!("not JSON: {e}")))?;
+        serde_json::from_str(&text).map_err(|e| FluxError::read(index, e))?;
     let map = json
         .get("weight_map")
         .and_then(|m| m.as_object())
@@ -291,10 +291,8 @@ pub fn index_files(index: &Path) -> Result<Vec<String>> {
 fn mmap(files: &[PathBuf]) -> Result<MmapedSafetensors> {
     // SAFETY: the files are opened read-only; like every mmap user we rely on nobody truncating
     // them while training runs.
-    unsafe { MmapedSafetensors::multi(files) }.map_err(|e| FluxError::Parse {
-        file: files.first().cloned().unwrap_or_default(),
-        reason: format!("not a readable safetensors file: {e}"),
-    })
+    unsafe { MmapedSafetensors::multi(files) }
+        .map_err(|e| FluxError::read(files.first().map_or(Path::new(""), |f| f.as_path()), e))
 }
 
 /// How one stored tensor becomes one or more diffusers tensors.

@@ -24,11 +24,12 @@ const POLL: Duration = Duration::from_millis(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot listen on {addr}: {err}{hint}")]
+    #[error("cannot listen on {addr}{hint}")]
     Bind {
         addr: String,
         hint: &'static str,
-        err: std::io::Error,
+        #[source]
+        source: std::io::Error,
     },
     #[error("could not reach the rendezvous store at {addr} within {waited:?} ({attempts} attempts; last error: {last}); check that node 0's launcher is running and that MASTER_ADDR/--master-addr names it")]
     Unreachable {
@@ -45,10 +46,14 @@ pub enum StoreError {
         waited: Duration,
         hint: String,
     },
-    #[error("rendezvous store connection to {addr} failed: {err}")]
-    Io { addr: String, err: std::io::Error },
-    #[error("malformed store message: {0}")]
-    Protocol(String),
+    #[error("rendezvous store connection to {addr} failed")]
+    Io {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("malformed store message")]
+    Protocol(#[source] std::io::Error),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -179,17 +184,17 @@ impl StoreServer {
             } else {
                 ""
             },
-            err: source,
+            source,
         })?;
         let local = listener.local_addr().map_err(|source| StoreError::Io {
             addr: addr.to_string(),
-            err: source,
+            source,
         })?;
         listener
             .set_nonblocking(true)
             .map_err(|source| StoreError::Io {
                 addr: addr.to_string(),
-                err: source,
+                source,
             })?;
         let stop = Arc::new(AtomicBool::new(false));
         let state = Arc::new(State::default());
@@ -200,7 +205,7 @@ impl StoreServer {
             .spawn(move || accept_loop(listener, state, token, stop2))
             .map_err(|source| StoreError::Io {
                 addr: addr.to_string(),
-                err: source,
+                source,
             })?;
         Ok(Self {
             addr: local,
@@ -374,7 +379,7 @@ impl StoreClient {
         };
         let io = |source| StoreError::Io {
             addr: addr.to_string(),
-            err: source,
+            source,
         };
         stream.set_nodelay(true).map_err(io)?;
         let mut c = Self {
@@ -399,7 +404,7 @@ impl StoreClient {
             .map(|a| a.ip())
             .map_err(|source| StoreError::Io {
                 addr: self.addr.clone(),
-                err: source,
+                source,
             })
     }
 
@@ -413,7 +418,7 @@ impl StoreClient {
     ) -> Result<(u8, Vec<u8>, i64)> {
         let io = |addr: &str, source| StoreError::Io {
             addr: addr.to_string(),
-            err: source,
+            source,
         };
         // The server answers a Get after at most `wait`; allow for the network on top.
         let timeout = wait.unwrap_or_default() + Duration::from_secs(30);
@@ -425,7 +430,7 @@ impl StoreClient {
         let body = read_frame(&mut self.stream).map_err(|e| io(&self.addr, e))?;
         let mut f = Fields(&body);
         let parsed = (|| -> std::io::Result<_> { Ok((f.u8()?, f.bytes()?.to_vec(), f.i64()?)) })();
-        parsed.map_err(|e| StoreError::Protocol(e.to_string()))
+        parsed.map_err(StoreError::Protocol)
     }
 
     pub fn set(&mut self, key: &str, value: &[u8]) -> Result<()> {

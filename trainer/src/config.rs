@@ -350,10 +350,8 @@ impl Config {
     /// Parses TOML text with overrides `KEY=VALUE`, then validates. `origin` names the file in
     /// errors.
     pub fn from_toml(text: &str, origin: &Path, overrides: &[String]) -> Result<Self> {
-        let mut table: toml::Table = toml::from_str(text).map_err(|e| TrainerError::Parse {
-            file: origin.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+        let mut table: toml::Table =
+            toml::from_str(text).map_err(|e| TrainerError::read(origin, e))?;
         for o in overrides {
             let (k, v) = o
                 .split_once('=')

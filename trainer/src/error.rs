@@ -22,9 +22,20 @@ pub enum TrainerError {
     Data(#[from] datasets::DataError),
     #[error(transparent)]
     Dist(#[from] crate::ddp::DistError),
-    #[error("{path}: {err}")]
-    Io { path: PathBuf, err: std::io::Error },
-    #[error("{file}: {reason}")]
+    #[error("{}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file whose content could not be read (TOML, JSON, safetensors, ...).
+    #[error("cannot read {}", file.display())]
+    Read {
+        file: PathBuf,
+        #[source]
+        source: flux::BoxError,
+    },
+    #[error("{}: {reason}", file.display())]
     Parse { file: PathBuf, reason: String },
     /// A checkpoint that cannot be written, read or used, naming the file and what is wrong.
     #[error("checkpoint {path}: {reason}")]
@@ -83,7 +94,15 @@ impl TrainerError {
     pub fn io(path: &Path, source: std::io::Error) -> Self {
         Self::Io {
             path: path.to_path_buf(),
-            err: source,
+            source,
+        }
+    }
+
+    /// `file`'s content could not be read because of `source`.
+    pub fn read(file: &Path, source: impl Into<flux::BoxError>) -> Self {
+        Self::Read {
+            file: file.to_path_buf(),
+            source: source.into(),
         }
     }
 

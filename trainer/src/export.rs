@@ -223,9 +223,9 @@ fn write_peft_config(
         "task_type": null,
     });
     let p = out.join(PEFT_CONFIG);
-    let text = serde_json::to_string_pretty(&peft).map_err(|e| TrainerError::Parse {
-        file: p.clone(),
-        reason: e.to_string(),
+    let text = serde_json::to_string_pretty(&peft).map_err(|e| TrainerError::Serialize {
+        what: "the PEFT adapter config",
+        source: Box::new(e),
     })?;
     std::fs::write(&p, text).map_err(|e| TrainerError::io(&p, e))?;
     Ok(p)

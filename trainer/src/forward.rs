@@ -58,10 +58,8 @@ pub fn forward_file(
     let device = Device::Cpu;
     let (cfg, w) = weights::load(weights_path, dtype, &device, axes)?;
     let model = Flux::new(cfg.clone(), &w, RowBlocks::default())?;
-    let map = candle_core::safetensors::load(inputs, &device).map_err(|e| TrainerError::Parse {
-        file: inputs.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+    let map = candle_core::safetensors::load(inputs, &device)
+        .map_err(|e| TrainerError::read(inputs, e))?;
     let img = take(&map, "hidden_states")?.to_dtype(dtype)?;
     let b = img.dim(0)?;
     let guidance = match map.get("guidance") {

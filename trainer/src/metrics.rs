@@ -75,9 +75,9 @@ impl MetricsLog {
     }
 
     pub fn write(&mut self, m: &StepMetrics) -> Result<()> {
-        let line = serde_json::to_string(m).map_err(|e| TrainerError::Parse {
-            file: self.path.clone(),
-            reason: e.to_string(),
+        let line = serde_json::to_string(m).map_err(|e| TrainerError::Serialize {
+            what: "a metrics line",
+            source: Box::new(e),
         })?;
         writeln!(self.file, "{line}").map_err(|e| TrainerError::io(&self.path, e))?;
         self.file

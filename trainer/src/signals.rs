@@ -13,7 +13,7 @@ pub fn stop_flag() -> Result<Arc<AtomicBool>> {
     let flag = Arc::new(AtomicBool::new(false));
     install(&flag).map_err(|e| TrainerError::Io {
         path: "signal handlers".into(),
-        err: e,
+        source: e,
     })?;
     Ok(flag)
 }

@@ -1,4 +1,4 @@
-//! Integration tests of the trainer, one binary (design.md §9).
+//! Integration tests of the trainer, one binary (design.md §10).
 
 // A test reads top to bottom as one scenario; the length limit is for the library.
 #![allow(clippy::too_many_lines)]

@@ -146,20 +146,26 @@ pub fn list(root: &Location) -> Result<Vec<(u64, String)>> {
 type FileBytes = (String, Vec<u8>);
 
 /// Serialized files of a snapshot and the state.json that lists their sha256.
-fn serialize(snap: &Snapshot, at: &Path) -> Result<(Vec<FileBytes>, Vec<u8>)> {
+fn serialize(snap: &Snapshot) -> Result<(Vec<FileBytes>, Vec<u8>)> {
     let mut state = snap.state.clone();
     let mut files = Vec::new();
     for (file, tensors) in &snap.files {
         let bytes =
             safetensors::tensor::serialize(tensors.iter().map(|(n, t)| (n.clone(), t)), None)
-                .map_err(|e| ckpt_err(&at.join(file), e.to_string()))?;
+                .map_err(|e| TrainerError::Serialize {
+                    what: "a checkpoint's tensors",
+                    source: Box::new(e),
+                })?;
         state.files.insert(file.to_string(), sha256_hex(&bytes));
         files.push((file.to_string(), bytes));
     }
     let config = snap.config_toml.as_bytes().to_vec();
     state.files.insert(CONFIG.to_string(), sha256_hex(&config));
     files.push((CONFIG.to_string(), config));
-    let json = serde_json::to_vec_pretty(&state).map_err(|e| ckpt_err(at, e.to_string()))?;
+    let json = serde_json::to_vec_pretty(&state).map_err(|e| TrainerError::Serialize {
+        what: "a checkpoint's state.json",
+        source: Box::new(e),
+    })?;
     Ok((files, json))
 }
 
@@ -185,7 +191,7 @@ pub fn write(root: &Location, snap: &Snapshot, keep: usize) -> Result<PathBuf> {
             Location::Remote(r) => r.delete_dir(&old).map_err(TrainerError::from),
         };
         if let Err(e) = removed {
-            tracing::warn!(%e, "could not remove an old checkpoint");
+            tracing::warn!(error = %flux::chain(&e), "could not remove an old checkpoint");
         }
     }
     Ok(written)
@@ -196,7 +202,7 @@ pub fn write(root: &Location, snap: &Snapshot, keep: usize) -> Result<PathBuf> {
 /// LATEST.
 fn write_remote(r: &Remote, name: &str, snap: &Snapshot) -> Result<PathBuf> {
     let at = PathBuf::from(format!("{}/{name}", r.url()));
-    let (files, state) = serialize(snap, &at)?;
+    let (files, state) = serialize(snap)?;
     for (file, bytes) in files {
         r.put(&format!("{name}/{file}"), bytes)?;
     }
@@ -221,7 +227,7 @@ fn write_into(root: &Path, tmp: &Path, name: &str, snap: &Snapshot) -> Result<Pa
         std::fs::remove_dir_all(tmp).map_err(|e| TrainerError::io(tmp, e))?;
     }
     std::fs::create_dir_all(tmp).map_err(|e| TrainerError::io(tmp, e))?;
-    let (files, state) = serialize(snap, tmp)?;
+    let (files, state) = serialize(snap)?;
     for (file, bytes) in files {
         write_synced(&tmp.join(file), &bytes)?;
     }
@@ -327,7 +333,7 @@ pub fn load(root: &Location, name: &str) -> Result<Loaded> {
             config_toml = String::from_utf8_lossy(&bytes).into_owned();
         } else {
             let map = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-                .map_err(|e| ckpt_err(&path, e.to_string()))?;
+                .map_err(|e| TrainerError::read(&path, e))?;
             tensors.insert(file.clone(), map);
         }
     }
@@ -385,7 +391,7 @@ pub fn latest_valid(root: &Location) -> Result<Option<Loaded>> {
                 }
                 return Ok(Some(l));
             }
-            Err(e) => problems.push(e.to_string()),
+            Err(e) => problems.push(flux::chain(&e)),
         }
     }
     Err(TrainerError::Checkpoint {

@@ -35,14 +35,28 @@ pub enum DistError {
         peer: usize,
         waited: std::time::Duration,
     },
-    #[error("{op}: the connection to rank {peer} failed: {err}")]
+    #[error("{op}: the connection to rank {peer} failed")]
     Peer {
         op: &'static str,
         peer: usize,
-        err: std::io::Error,
+        #[source]
+        source: std::io::Error,
     },
     #[error("rendezvous: {0}")]
     Rendezvous(String),
+    #[error("cannot connect to rank {peer} at {addr}")]
+    Connect {
+        peer: usize,
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("ring setup: {what}")]
+    Socket {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Store(#[from] rendezvous::StoreError),
     #[error(transparent)]

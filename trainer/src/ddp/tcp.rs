@@ -34,8 +34,17 @@ fn io_err(op: &'static str, peer: usize, timeout: Duration, e: std::io::Error) -
             peer,
             waited: timeout,
         },
-        _ => DistError::Peer { op, peer, err: e },
+        _ => DistError::Peer {
+            op,
+            peer,
+            source: e,
+        },
     }
+}
+
+/// A failed socket operation of the ring setup.
+fn socket(what: &'static str, source: std::io::Error) -> DistError {
+    DistError::Socket { what, source }
 }
 
 /// Connects to the next rank at `addr`, retrying until `timeout` after `started`.
@@ -45,7 +54,6 @@ fn connect_next(
     started: Instant,
     timeout: Duration,
 ) -> DistResult<TcpStream> {
-    let rdv = |what: String| DistError::Rendezvous(what);
     loop {
         match TcpStream::connect_timeout(&next_addr, Duration::from_secs(5)) {
             Ok(s) => return Ok(s),
@@ -54,9 +62,11 @@ fn connect_next(
                 std::thread::sleep(Duration::from_millis(50));
             }
             Err(e) => {
-                return Err(rdv(format!(
-                    "cannot connect to rank {next_rank} at {next_addr}: {e}"
-                )))
+                return Err(DistError::Connect {
+                    peer: next_rank,
+                    addr: next_addr,
+                    source: e,
+                })
             }
         }
     }
@@ -69,7 +79,6 @@ fn accept_prev(
     started: Instant,
     timeout: Duration,
 ) -> DistResult<TcpStream> {
-    let rdv = |what: String| DistError::Rendezvous(what);
     loop {
         match listener.accept() {
             Ok((s, _)) => return Ok(s),
@@ -83,7 +92,7 @@ fn accept_prev(
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
-            Err(e) => return Err(rdv(format!("accept failed: {e}"))),
+            Err(e) => return Err(socket("accept failed", e)),
         }
     }
 }
@@ -110,10 +119,10 @@ impl TcpRing {
         }
         let rdv = |what: String| DistError::Rendezvous(what);
         let listener = TcpListener::bind("0.0.0.0:0")
-            .map_err(|e| rdv(format!("cannot open a listening socket: {e}")))?;
+            .map_err(|e| socket("cannot open a listening socket", e))?;
         let port = listener
             .local_addr()
-            .map_err(|e| rdv(e.to_string()))?
+            .map_err(|e| socket("cannot read the listening address", e))?
             .port();
         let ip = store.local_ip()?;
         store.set(
@@ -136,12 +145,12 @@ impl TcpRing {
             .map_err(|e| io_err("ring setup", next_rank, timeout, e))?;
         listener
             .set_nonblocking(true)
-            .map_err(|e| rdv(e.to_string()))?;
+            .map_err(|e| socket("cannot configure the listening socket", e))?;
         let mut prev = accept_prev(&listener, prev_rank, started, timeout)?;
         prev.set_nonblocking(false)
-            .map_err(|e| rdv(e.to_string()))?;
+            .map_err(|e| socket("cannot configure the ring socket", e))?;
         prev.set_read_timeout(Some(timeout))
-            .map_err(|e| rdv(e.to_string()))?;
+            .map_err(|e| socket("cannot configure the ring socket", e))?;
         let mut hello = [0u8; 8];
         prev.read_exact(&mut hello)
             .map_err(|e| io_err("ring setup", prev_rank, timeout, e))?;
@@ -152,11 +161,10 @@ impl TcpRing {
             )));
         }
         for s in [&next, &prev] {
-            s.set_nodelay(true).map_err(|e| rdv(e.to_string()))?;
-            s.set_write_timeout(Some(op_timeout))
-                .map_err(|e| rdv(e.to_string()))?;
-            s.set_read_timeout(Some(op_timeout))
-                .map_err(|e| rdv(e.to_string()))?;
+            let configure = |e| socket("cannot configure the ring socket", e);
+            s.set_nodelay(true).map_err(configure)?;
+            s.set_write_timeout(Some(op_timeout)).map_err(configure)?;
+            s.set_read_timeout(Some(op_timeout)).map_err(configure)?;
         }
         Ok(Self {
             rank,
