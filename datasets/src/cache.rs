@@ -684,7 +684,7 @@ pub fn encode_one(
 ) -> std::result::Result<CachedSample, SampleProblem> {
     let fail = |e: crate::encode::EncodeError| SampleProblem::Invalid {
         what: "encoders".into(),
-        reason: e.to_string(),
+        reason: flux::chain(&e),
     };
     let pick = |t: candle_core::Tensor| {
         t.get(0).map_err(|e| SampleProblem::Invalid {

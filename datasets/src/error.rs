@@ -44,17 +44,35 @@ impl SampleProblem {
     }
 }
 
+/// Any error, as the cause of one of ours.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What went wrong with the data. Each variant says where (`at`: a file, object, shard, line or
+/// field); the why is its source (an I/O, object-store or Parquet error, or our own text), so
+/// `flux::chain` or anyhow's `{:#}` print "where: why".
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     /// An object store or local file operation failed (after retries).
-    #[error("{at}: {reason}")]
-    Store { at: String, reason: String },
+    #[error("{at}")]
+    Store {
+        at: String,
+        #[source]
+        source: BoxError,
+    },
     /// A manifest that cannot be used.
-    #[error("manifest {at}: {reason}")]
-    Manifest { at: String, reason: String },
+    #[error("manifest {at}")]
+    Manifest {
+        at: String,
+        #[source]
+        source: BoxError,
+    },
     /// A shard (or one of its row groups) that cannot be read.
-    #[error("{at}: {reason}")]
-    Shard { at: String, reason: String },
+    #[error("{at}")]
+    Shard {
+        at: String,
+        #[source]
+        source: BoxError,
+    },
     /// A sample refused in strict mode, or while writing.
     #[error("sample `{sample_id}` ({at}): {problem}")]
     Sample {
@@ -63,39 +81,49 @@ pub enum DataError {
         problem: SampleProblem,
     },
     /// A user input (listing file, flag, config value) that is wrong.
-    #[error("{at}: {reason}")]
-    Input { at: String, reason: String },
+    #[error("{at}")]
+    Input {
+        at: String,
+        #[source]
+        source: BoxError,
+    },
     #[error(transparent)]
     Tokens(#[from] crate::tokens::TokensError),
 }
 
 impl DataError {
-    pub fn store(at: impl Into<String>, reason: impl std::fmt::Display) -> Self {
+    /// `why`: a foreign error or our own text.
+    pub fn store(at: impl Into<String>, why: impl Into<BoxError>) -> Self {
         Self::Store {
             at: at.into(),
-            reason: reason.to_string(),
+            source: why.into(),
         }
     }
 
-    pub fn input(at: impl Into<String>, reason: impl std::fmt::Display) -> Self {
+    pub fn input(at: impl Into<String>, why: impl Into<BoxError>) -> Self {
         Self::Input {
             at: at.into(),
-            reason: reason.to_string(),
+            source: why.into(),
         }
     }
 
-    pub fn shard(at: impl Into<String>, reason: impl std::fmt::Display) -> Self {
+    pub fn shard(at: impl Into<String>, why: impl Into<BoxError>) -> Self {
         Self::Shard {
             at: at.into(),
-            reason: reason.to_string(),
+            source: why.into(),
         }
     }
 
-    pub fn manifest(at: impl Into<String>, reason: impl std::fmt::Display) -> Self {
+    pub fn manifest(at: impl Into<String>, why: impl Into<BoxError>) -> Self {
         Self::Manifest {
             at: at.into(),
-            reason: reason.to_string(),
+            source: why.into(),
         }
+    }
+
+    /// The whole message: where, then why (the error chain).
+    pub fn message(&self) -> String {
+        flux::chain(self)
     }
 }
 

@@ -666,10 +666,8 @@ impl Fetcher {
                 let shard = &self.manifest.shards[s as usize];
                 e.insert(match read_footer(&self.loc, shard) {
                     Ok(f) => Ok(f),
-                    Err(DataError::Store { at, reason }) => {
-                        return Err(DataError::Store { at, reason })
-                    }
-                    Err(other) => Err(other.to_string()),
+                    Err(e @ DataError::Store { .. }) => return Err(e),
+                    Err(other) => Err(other.message()),
                 });
             }
         }
@@ -760,12 +758,12 @@ impl Fetcher {
         };
         let (bytes, mismatch) = match fetch_row_group(&self.loc, shard, g as usize) {
             Ok(b) => b,
-            Err(DataError::Store { at, reason }) => return Err(DataError::Store { at, reason }),
+            Err(e @ DataError::Store { .. }) => return Err(e),
             Err(e) => {
                 return Ok(all_bad(
                     vec![],
                     SampleProblem::Shard {
-                        reason: e.to_string(),
+                        reason: e.message(),
                     },
                 ))
             }
@@ -782,7 +780,7 @@ impl Fetcher {
                 return Ok(all_bad(
                     ids_only(),
                     SampleProblem::Shard {
-                        reason: e.to_string(),
+                        reason: e.message(),
                     },
                 ))
             }

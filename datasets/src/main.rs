@@ -310,8 +310,8 @@ fn write_cmd(args: WriteArgs) -> Result<()> {
             Ok(()) => Ok(()),
             Err(e) if strict => Err(e),
             Err(e) => {
-                eprintln!("skipped: {e}");
-                skipped.push(e.to_string());
+                eprintln!("skipped: {}", e.message());
+                skipped.push(e.message());
                 Ok(())
             }
         }

@@ -328,7 +328,7 @@ mod tests {
             "a new size is hashed again"
         );
         let e = file_sha256(&dir.path().join("missing"), &cache).unwrap_err();
-        assert!(e.to_string().contains("missing"), "{e}");
+        assert!(e.message().contains("missing"), "{}", e.message());
     }
 
     #[test]
@@ -344,7 +344,7 @@ mod tests {
             f.file("vae/config.json").unwrap(),
             dir.path().join("vae/config.json")
         );
-        let e = f.file("text_encoder/config.json").unwrap_err().to_string();
+        let e = f.file("text_encoder/config.json").unwrap_err().message();
         assert!(
             e.contains("text_encoder/config.json") && e.contains("not found"),
             "{e}"
@@ -352,7 +352,7 @@ mod tests {
         let e = ModelFolder::open("/no/such/models", dir.path())
             .err()
             .unwrap();
-        assert!(e.to_string().contains("/no/such/models"), "{e}");
+        assert!(e.message().contains("/no/such/models"), "{}", e.message());
         let (parent, name) = ModelFolder::open_file(
             &dir.path().join("vae/config.json").display().to_string(),
             dir.path(),

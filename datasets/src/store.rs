@@ -43,8 +43,8 @@ impl std::fmt::Debug for Location {
     }
 }
 
-fn err(at: &str, reason: impl std::fmt::Display) -> DataError {
-    DataError::store(at, reason)
+fn err(at: &str, why: impl Into<crate::error::BoxError>) -> DataError {
+    DataError::store(at, why)
 }
 
 /// The runtime every remote location's blocking calls run on.
@@ -183,7 +183,7 @@ impl Location {
                     f.read_exact(&mut buf)?;
                     Ok(buf)
                 };
-                read().map_err(|e| err(&self.name(rel), format!("bytes {range:?}: {e}")))
+                read().map_err(|e| err(&format!("{} bytes {range:?}", self.name(rel)), e))
             }
             Self::Remote(r) => r.get_range(rel, range),
         }
@@ -325,7 +325,7 @@ impl Remote {
                 self.store.get_opts(&path, opts).await?.bytes().await
             })
         });
-        let bytes = got.map_err(|e| err(&at, format!("bytes {range:?}: {e}")))?;
+        let bytes = got.map_err(|e| err(&format!("{at} bytes {range:?}"), e))?;
         if bytes.len() as u64 != range.end - range.start {
             return Err(err(
                 &at,
@@ -412,7 +412,7 @@ mod tests {
             Location::Local(p) => assert_eq!(p, PathBuf::from("/tmp/ck")),
             _ => panic!("file:// is local"),
         }
-        let e = Location::parse("ftp://host/x").err().unwrap().to_string();
+        let e = Location::parse("ftp://host/x").err().unwrap().message();
         assert!(e.contains("unsupported scheme `ftp`"), "{e}");
     }
 }

@@ -275,7 +275,7 @@ pub fn import(opts: &ImportOptions, writer: &mut ShardWriter) -> Result<ImportRe
                 match import_row(opts, &name, index, r, &at, &mut report) {
                     Ok(sample) => match writer.add(sample) {
                         Ok(()) => report.kept += 1,
-                        Err(e) => report.skipped.push(format!("{at}: {e}")),
+                        Err(e) => report.skipped.push(format!("{at}: {}", e.message())),
                     },
                     Err(e) => report.skipped.push(format!("{at}: {e}")),
                 }

@@ -61,7 +61,7 @@ fn expect_skipped(bad: RawSample, kind: &str, reason: &str) {
         DataError::Sample { sample_id, .. } => assert_eq!(sample_id, &id),
         other => panic!("strict mode: {other}"),
     }
-    assert!(err.to_string().contains(reason), "{err}");
+    assert!(err.message().contains(reason), "{}", err.message());
 }
 
 fn named(id: &str) -> RawSample {
@@ -141,7 +141,7 @@ fn missing_column() {
     .write(&loc)
     .unwrap();
     let mut l = open(&loc, loader_opts(1, 0, 1), Cursor::default());
-    let err = l.next_batch().unwrap_err().to_string();
+    let err = l.next_batch().unwrap_err().message();
     assert!(err.contains("epoch 0 had no usable batch"), "{err}");
     assert!(err.contains("bad-column 6"), "{err}");
     let r = l.report();

@@ -126,7 +126,7 @@ fn manifests_without_or_with_wrong_target_sizes() {
     let e = datasets::Loader::start(loc.clone(), m.clone().into(), o, Cursor::default())
         .err()
         .unwrap()
-        .to_string();
+        .message();
     assert!(e.contains("aspect buckets"), "{e}");
 
     // A manifest from before aspect buckets records no sizes.
@@ -144,7 +144,7 @@ fn manifests_without_or_with_wrong_target_sizes() {
     )
     .err()
     .unwrap()
-    .to_string();
+    .message();
     assert!(
         e.contains("manifest.json") && e.contains("records no target sizes"),
         "{e}"

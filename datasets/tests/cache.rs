@@ -97,7 +97,7 @@ fn a_cache_for_other_encoders_or_another_dataset_is_refused() {
         &cache::fingerprint(&other, &opts.transform).unwrap(),
     )
     .unwrap_err()
-    .to_string();
+    .message();
     assert!(
         err.contains("other encoders or transforms") && err.contains("seed10"),
         "{err}"
@@ -110,7 +110,7 @@ fn a_cache_for_other_encoders_or_another_dataset_is_refused() {
         &cache::fingerprint(&opts.encoders, &opts.transform).unwrap(),
     )
     .unwrap_err()
-    .to_string();
+    .message();
     assert!(err.contains("another version of the dataset"), "{err}");
     assert!(Manifest::load(&out).is_ok());
 }
@@ -166,7 +166,7 @@ fn precompute_in_parts_makes_the_same_cache_and_resumes() {
     other.encoders.weights = EncoderWeights::TinyRandom { seed: 10 };
     let e = cache::precompute(&data, &split, &other)
         .unwrap_err()
-        .to_string();
+        .message();
     assert!(e.contains("precompute/part-0000-of-0002.json"), "{e}");
     let mut bad = options();
     bad.part = (2, 2);

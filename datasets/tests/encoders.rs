@@ -241,7 +241,7 @@ fn load_err(folder: &Path, vae: Option<String>, pooled_dim: usize) -> String {
     s.pooled_dim = pooled_dim;
     match load_encoders(&s, DType::F32, &Device::Cpu) {
         Ok(_) => panic!("loaded"),
-        Err(e) => e.to_string(),
+        Err(e) => flux::chain(&e),
     }
 }
 

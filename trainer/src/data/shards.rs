@@ -130,7 +130,8 @@ impl ShardFeed {
                 TrainerError::config(
                     "data.cache",
                     format!(
-                        "{e}\n({} makes a matching one)",
+                        "{}\n({} makes a matching one)",
+                        e.message(),
                         precompute_command(d, &spec)
                     ),
                 )
@@ -140,7 +141,7 @@ impl ShardFeed {
         opts.decode_threads = if opts.cached { 1 } else { opts.decode_threads };
         let manifest = Arc::new(manifest);
         opts.check(&manifest, &d.url)
-            .map_err(|e| TrainerError::config("data.aspect_buckets", e.to_string()))?;
+            .map_err(|e| TrainerError::config("data.aspect_buckets", e.message()))?;
         if plan_epoch(&manifest, &opts.plan, 0).batches.is_empty() {
             return Err(TrainerError::config(
                 "train.batch_size",
