@@ -35,9 +35,13 @@ pub enum EncodeError {
     Candle(#[from] candle_core::Error),
     #[error("encoders: {0}")]
     Spec(String),
-    /// A model file (weights, config, tokenizer) that cannot be used.
-    #[error("{at}: {reason}")]
-    File { at: String, reason: String },
+    /// A model file (weights, config, tokenizer) that cannot be used; the source says why.
+    #[error("{at}")]
+    File {
+        at: String,
+        #[source]
+        source: crate::BoxError,
+    },
     /// A file of a sharded checkpoint that cannot be used (its index, for example).
     #[error(transparent)]
     Weights(#[from] crate::FluxError),
@@ -47,10 +51,11 @@ pub enum EncodeError {
 }
 
 impl EncodeError {
-    pub fn file(at: impl Into<String>, reason: impl std::fmt::Display) -> Self {
+    /// `why`: a foreign error or our own text.
+    pub fn file(at: impl Into<String>, why: impl Into<crate::BoxError>) -> Self {
         Self::File {
             at: at.into(),
-            reason: reason.to_string(),
+            source: why.into(),
         }
     }
 
@@ -60,7 +65,7 @@ impl EncodeError {
         while let candle_core::Error::WithBacktrace { inner, .. } = e {
             e = inner;
         }
-        Self::file(at, e)
+        Self::file(at, e.to_string())
     }
 }
 
