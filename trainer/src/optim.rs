@@ -233,15 +233,7 @@ mod tests {
     fn spec() -> OptimSpec {
         OptimSpec {
             lr: 0.1,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.01,
-            grad_clip: 1.0,
-            warmup_steps: 0,
-            schedule: Schedule::Constant,
-            min_lr_ratio: 0.0,
-            ema_decay: 0.99,
+            ..OptimSpec::default()
         }
     }
 

@@ -15,7 +15,8 @@
 //! checkpoint is skipped with a warning in favour of the newest older one that verifies.
 //!
 //! Random state: every draw (noise, t, points, shuffles) is a pure function of (seed, purpose,
-//! step, sample slot) (`rng.rs`), so the seed and the step are the whole RNG state of every rank.
+//! step, sample slot) (`flux::rng`), so the seed and the step are the whole RNG state of every
+//! rank.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -71,7 +72,7 @@ pub struct State {
 }
 
 pub const RNG_SCHEME: &str =
-    "stateless: ChaCha8 streams keyed by (seed, purpose, step, sample slot), see trainer/src/rng.rs";
+    "stateless: ChaCha8 streams keyed by (seed, purpose, step, sample slot), see flux/src/rng.rs";
 
 /// What a checkpoint holds, detached from the live run (tensors copied to the CPU), so a
 /// background thread can write it while training goes on.
