@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::checks::{non_negative, positive};
 use crate::error::{Result, TrainerError};
 
 use flux::FluxConfig;
@@ -300,16 +301,6 @@ impl Default for DataSection {
             text_tokens: 16,
         }
     }
-}
-
-/// v > 0; false for NaN, so a NaN in the config is refused.
-fn positive(v: f64) -> bool {
-    v > 0.0
-}
-
-/// v >= 0; false for NaN.
-fn non_negative(v: f64) -> bool {
-    v >= 0.0
 }
 
 /// The most references MOSAIC handles (design.md §2).

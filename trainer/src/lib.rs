@@ -6,6 +6,7 @@ pub mod alloc;
 pub mod bench;
 pub mod bench_rows;
 pub mod checkpoint;
+mod checks;
 pub mod config;
 pub mod data;
 pub mod ddp;

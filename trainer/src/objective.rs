@@ -12,6 +12,7 @@ use rand_distr::{Distribution, Normal, StandardNormal};
 
 use serde::{Deserialize, Serialize};
 
+use crate::checks::{non_negative, positive};
 use crate::data::sample::Sample;
 use crate::error::{Result, TrainerError};
 use flux::embed::{grid_ids, reference_ids, text_ids};
@@ -172,16 +173,6 @@ impl LossSpec {
             plain: self.rows == RowsImpl::Plain,
         }
     }
-}
-
-/// v > 0; false for NaN.
-fn positive(v: f64) -> bool {
-    v > 0.0
-}
-
-/// v >= 0; false for NaN.
-fn non_negative(v: f64) -> bool {
-    v >= 0.0
 }
 
 /// What the objective reads from a run config: its `[loss]` and `[conditioning]` sections.

@@ -4,6 +4,7 @@
 
 use candle_core::{DType, Tensor, Var};
 
+use crate::checks::{non_negative, positive};
 use crate::error::{Result, TrainerError};
 
 /// The learning-rate shape after warmup.
@@ -98,16 +99,6 @@ impl OptimSpec {
         }
         Ok(())
     }
-}
-
-/// v > 0; false for NaN.
-fn positive(v: f64) -> bool {
-    v > 0.0
-}
-
-/// v >= 0; false for NaN.
-fn non_negative(v: f64) -> bool {
-    v >= 0.0
 }
 
 /// Learning rate of optimizer step `step` (0-based) of `max_steps`: linear warmup from lr/warmup

@@ -3,7 +3,7 @@
 //! identical on every rank), the data feed, AdamW, EMA and the gradient buckets.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -163,12 +163,17 @@ impl Run {
 
     /// Writes `lora.safetensors` (and `lora_ema.safetensors` with EMA on) into `run_dir`.
     pub fn save_loras(&self, run_dir: &Path) -> Result<()> {
-        self.save_lora(&run_dir.join("lora.safetensors"), false)?;
+        self.save_lora(&lora_path(run_dir), false)?;
         if self.ema.is_some() {
             self.save_lora(&run_dir.join("lora_ema.safetensors"), true)?;
         }
         Ok(())
     }
+}
+
+/// Where a run writes its final LoRA.
+pub fn lora_path(run_dir: &Path) -> PathBuf {
+    run_dir.join("lora.safetensors")
 }
 
 pub fn lora_vars(lora: &Lora) -> Vec<&Var> {

@@ -15,7 +15,7 @@ use crate::ddp::{self, Dist, DistError};
 use crate::error::{Result, TrainerError};
 use crate::metrics::{MetricsLog, StepMetrics};
 use crate::objective::LossParts;
-use crate::run::{device_of, Run};
+use crate::run::{device_of, lora_path, Run};
 
 /// What a finished run reports.
 pub struct TrainOutcome {
@@ -132,7 +132,7 @@ pub fn train_with(
     bar.finish_and_clear();
     run.data.write_report_into(&run_dir, rank)?;
     let done = run.start_step + losses.len() as u64;
-    let lora_path = run_dir.join("lora.safetensors");
+    let lora_path = lora_path(&run_dir);
     if let Some(c) = &mut checkpointer {
         c.finish(&run, done)?;
         run.save_loras(&run_dir)?;

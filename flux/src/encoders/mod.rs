@@ -22,7 +22,7 @@ use candle_transformers::models::clip::text_model::ClipTextTransformer;
 use candle_transformers::models::flux::autoencoder::Encoder as VaeEncoder;
 use candle_transformers::models::t5::T5EncoderModel;
 
-pub use files::{LocalFolder, ModelFiles};
+pub use files::ModelFiles;
 pub use pretrained::{Files, VaeAt};
 use tokenize::TextTokenizer;
 

@@ -11,7 +11,7 @@ pub mod sample;
 pub mod shards;
 pub mod synthetic;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::Device;
 use datasets::{Cursor, DataReport};
@@ -126,29 +126,19 @@ impl DataFeed {
         }
     }
 
-    /// Writes this rank's data report into `dir` (shards only) and logs its summary.
+    /// Writes this rank's data report as JSON into `dir` (shards only) and logs its summary.
     pub fn write_report_into(&self, dir: &Path, rank: usize) -> Result<()> {
         let Some(report) = self.report() else {
             return Ok(());
         };
         std::fs::create_dir_all(dir).map_err(|e| TrainerError::io(dir, e))?;
-        if let Some(path) = self.write_report(dir, rank)? {
-            tracing::info!(report = %path.display(), "data: {}", report.summary());
-        }
-        Ok(())
-    }
-
-    /// Writes this rank's data report as JSON into `dir` (shards only).
-    pub fn write_report(&self, dir: &Path, rank: usize) -> Result<Option<PathBuf>> {
-        let Some(r) = self.report() else {
-            return Ok(None);
-        };
         let path = dir.join(format!("data_report.rank{rank}.json"));
-        let text = serde_json::to_string_pretty(&r).map_err(|e| TrainerError::Serialize {
+        let text = serde_json::to_string_pretty(&report).map_err(|e| TrainerError::Serialize {
             what: "the data report",
             source: Box::new(e),
         })?;
         std::fs::write(&path, text).map_err(|e| TrainerError::io(&path, e))?;
-        Ok(Some(path))
+        tracing::info!(report = %path.display(), "data: {}", report.summary());
+        Ok(())
     }
 }

@@ -39,6 +39,17 @@ struct Watchdog {
 }
 
 impl Watchdog {
+    fn new(limit: Duration, abort: Option<AbortHandle>, rank: usize, world: usize) -> Arc<Self> {
+        Arc::new(Self {
+            running: Mutex::new(None),
+            limit,
+            abort: Mutex::new(abort),
+            poisoned: AtomicBool::new(false),
+            rank,
+            world,
+        })
+    }
+
     fn running(&self) -> Option<(&'static str, Instant)> {
         *self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -151,14 +162,7 @@ impl Dist {
             rank,
             world,
             backend,
-            watchdog: Arc::new(Watchdog {
-                running: Mutex::new(None),
-                limit: timeout.saturating_add(GRACE),
-                abort: Mutex::new(abort),
-                poisoned: AtomicBool::new(false),
-                rank,
-                world,
-            }),
+            watchdog: Watchdog::new(timeout.saturating_add(GRACE), abort, rank, world),
             _keep: Vec::new(),
         })
     }
@@ -173,14 +177,7 @@ impl Dist {
             rank: 0,
             world: 1,
             backend: "single",
-            watchdog: Arc::new(Watchdog {
-                running: Mutex::new(None),
-                limit: Duration::MAX,
-                abort: Mutex::new(None),
-                poisoned: AtomicBool::new(false),
-                rank: 0,
-                world: 1,
-            }),
+            watchdog: Watchdog::new(Duration::MAX, None, 0, 1),
             _keep: Vec::new(),
         })
     }
