@@ -337,6 +337,66 @@ mod tests {
             .unwrap()
     }
 
+    /// The CUDA forward (NVRTC kernel) and the composed backward on a GPU against the CPU op,
+    /// at FLUX.1-dev's head count and head dim. Built with the `cuda` feature; says it did not
+    /// run where no CUDA device opens.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_rows_and_gradients_match_the_cpu() {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("not run: no CUDA device");
+            return;
+        };
+        let (h, n_ref, n_tgt, d) = (24, 1024, 1031, 128);
+        let picked: Vec<u32> = (0..150u32).map(|i| (i * 37) % n_ref as u32).collect();
+        let scale = 1.0 / (d as f64).sqrt();
+        for (dt, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+            let q = randn((h, n_ref, d), 7, dt);
+            let k = randn((h, n_tgt, d), 8, dt);
+            let cpu = attention_rows(&q, &k, &idx(&picked), scale).unwrap();
+            let on_gpu = |t: &Tensor| t.to_device(&gpu).unwrap();
+            let got = attention_rows(&on_gpu(&q), &on_gpu(&k), &on_gpu(&idx(&picked)), scale)
+                .unwrap()
+                .to_device(&Device::Cpu)
+                .unwrap();
+            let diff = max_diff(&cpu, &got);
+            eprintln!("rows {dt:?}: max |cuda - cpu| = {diff:.3e} (bound {tol:.0e})");
+            assert!(diff < tol, "{dt:?}: {diff}");
+        }
+        // Gradients of a weighted sum of the rows, f32.
+        let w = randn((1, 150, n_tgt), 9, DType::F32).squeeze(0).unwrap();
+        let grads = |dev: &Device| {
+            let q = Var::from_tensor(&randn((h, n_ref, d), 7, DType::F32).to_device(dev).unwrap())
+                .unwrap();
+            let k = Var::from_tensor(&randn((h, n_tgt, d), 8, DType::F32).to_device(dev).unwrap())
+                .unwrap();
+            let rows = attention_rows(
+                q.as_tensor(),
+                k.as_tensor(),
+                &idx(&picked).to_device(dev).unwrap(),
+                scale,
+            )
+            .unwrap();
+            let loss = (rows * w.to_device(dev).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let g = loss.backward().unwrap();
+            let take = |v: &Var| {
+                g.get(v.as_tensor())
+                    .unwrap()
+                    .to_device(&Device::Cpu)
+                    .unwrap()
+            };
+            (take(&q), take(&k))
+        };
+        let (cq, ck) = grads(&Device::Cpu);
+        let (gq, gk) = grads(&gpu);
+        let (dq, dk) = (max_diff(&cq, &gq), max_diff(&ck, &gk));
+        eprintln!("gradients f32: max |cuda - cpu| dq = {dq:.3e}, dk = {dk:.3e} (bound 1e-5)");
+        assert!(dq < 1e-5 && dk < 1e-5, "dq {dq}, dk {dk}");
+    }
+
     #[test]
     fn matches_the_plain_composition_in_every_dtype() {
         // N_tgt 37: not a multiple of any block size; a repeated index.
