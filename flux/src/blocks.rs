@@ -11,9 +11,10 @@
 
 use candle_core::Tensor;
 
+use crate::attention::{attention, Attention, GroupMask};
 use crate::error::Result;
 use crate::lora::LoraView;
-use crate::ops::{apply_rope, attention, frozen_linear, layer_norm, modulate, rms_norm};
+use crate::ops::{apply_rope, frozen_linear, layer_norm, modulate, rms_norm};
 use crate::weights::Weights;
 
 /// FLUX uses eps 1e-6 in every LayerNorm and RMSNorm.
@@ -77,8 +78,11 @@ pub struct BlockCtx {
     /// RoPE tables of the whole sequence [text; target; references], [S, hd/2].
     pub cos: Tensor,
     pub sin: Tensor,
-    /// Additive attention mask [S, S], or none when every token sees every token.
-    pub mask: Option<Tensor>,
+    /// Which tokens may not see which (references isolated from each other), or none when
+    /// every token sees every token.
+    pub mask: Option<GroupMask>,
+    /// How attention is computed (memory-linear chunks by default).
+    pub attention: Attention,
     /// Per batch element, the sampled reference tokens (indices into the reference stream)
     /// whose attention rows the losses need.
     pub row_queries: Option<Vec<Tensor>>,
@@ -163,7 +167,7 @@ fn joint_attention(
         )?),
         _ => None,
     };
-    let o = attention(&q, &k, &v, ctx.mask.as_ref())?;
+    let o = attention(&q, &k, &v, ctx.mask.as_ref(), ctx.attention)?;
     let (b, h, s, hd) = o.dims4()?;
     let o = o.transpose(1, 2)?.reshape((b, s, h * hd))?;
     let mut outputs = Vec::with_capacity(lens.len());

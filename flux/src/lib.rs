@@ -7,6 +7,7 @@
 //! The crate reads local files only: fetching from object stores, data pipelines and
 //! distributed training live in the crates above it (docs/design.md, "Crates").
 
+pub mod attention;
 pub mod blocks;
 pub mod config;
 pub mod embed;
@@ -20,6 +21,7 @@ pub mod rng;
 pub mod transformer;
 pub mod weights;
 
+pub use attention::{Attention, GroupMask};
 pub use config::FluxConfig;
 pub use error::{chain, BoxError, FluxError, Result, Setting};
 pub use lora::{Lora, LoraInit, LoraSpec, LoraView};

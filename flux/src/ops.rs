@@ -106,7 +106,7 @@ pub fn frozen_linear(x: &Tensor, w_oi: &Tensor, b_o: Option<&Tensor>) -> Result<
 }
 
 /// The dtype normalisation statistics are computed in: f32 for half types, else the input's.
-fn stats_dtype(dtype: DType) -> DType {
+pub(crate) fn stats_dtype(dtype: DType) -> DType {
     match dtype {
         DType::F16 | DType::BF16 => DType::F32,
         d => d,
@@ -163,26 +163,6 @@ pub fn apply_rope(q_bhsd: &Tensor, cos_sk: &Tensor, sin_sk: &Tensor) -> Result<T
     Ok(Tensor::cat(&[r0, r1], 4)?
         .reshape((b, h, s, d))?
         .to_dtype(dtype)?)
-}
-
-/// softmax(Q K^T / sqrt(d) + mask) V, scores and softmax in f32 for half inputs.
-/// `mask_ss` is additive (0 or -inf), broadcast over batch and heads.
-pub fn attention(
-    q_bhsd: &Tensor,
-    k_bhsd: &Tensor,
-    v_bhsd: &Tensor,
-    mask_ss: Option<&Tensor>,
-) -> Result<Tensor> {
-    let dtype = q_bhsd.dtype();
-    let d = q_bhsd.dim(D::Minus1)?;
-    let q = q_bhsd.to_dtype(stats_dtype(dtype))?;
-    let k = k_bhsd.to_dtype(stats_dtype(dtype))?;
-    let mut scores = (q.matmul(&k.t()?.contiguous()?)? / (d as f64).sqrt())?;
-    if let Some(mask) = mask_ss {
-        scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
-    }
-    let probs = softmax_last(&scores)?.to_dtype(dtype)?;
-    Ok(probs.matmul(&v_bhsd.contiguous()?)?)
 }
 
 #[cfg(test)]
@@ -308,26 +288,5 @@ mod tests {
         for (p, q) in y.iter().zip(e) {
             assert!((p - q).abs() < 1e-12, "{y:?}");
         }
-    }
-
-    #[test]
-    fn masked_attention_ignores_masked_keys() {
-        let q = randn(&[1, 1, 2, 4], 6);
-        let k = randn(&[1, 1, 2, 4], 7);
-        let v = Tensor::new(
-            &[[10.0f64, 0.0, 0.0, 0.0], [0.0, 20.0, 0.0, 0.0]],
-            &Device::Cpu,
-        )
-        .unwrap()
-        .reshape((1, 1, 2, 4))
-        .unwrap();
-        let mask = Tensor::new(&[[0.0f64, f64::NEG_INFINITY], [0.0, 0.0]], &Device::Cpu).unwrap();
-        let out: Vec<f64> = attention(&q, &k, &v, Some(&mask))
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        assert!((out[0] - 10.0).abs() < 1e-12 && out[1].abs() < 1e-12);
     }
 }

@@ -6,6 +6,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::attention::{Attention, GroupMask};
 use crate::blocks::{BlockCtx, DoubleBlock, Linear, SingleBlock, Streams};
 use crate::config::{FluxConfig, TIME_FEATURES};
 use crate::embed::{rope_tables, timestep_features};
@@ -84,6 +85,8 @@ pub struct Flux {
     double: Vec<DoubleBlock>,
     single: Vec<SingleBlock>,
     pub row_blocks: RowBlocks,
+    /// How the blocks compute attention (chunked by default).
+    pub attention: Attention,
 }
 
 /// Output of a full forward.
@@ -147,6 +150,7 @@ impl Flux {
                 .map(|i| SingleBlock::load(weights, i, cfg.num_heads))
                 .collect::<Result<_>>()?,
             row_blocks,
+            attention: Attention::default(),
             cfg,
         })
     }
@@ -194,30 +198,6 @@ impl Flux {
         Ok((temb + text)?)
     }
 
-    /// Additive mask: reference i does not see reference j != i.
-    fn reference_mask(&self, text: usize, target: usize, ref_lens: &[usize]) -> Result<Tensor> {
-        let m: usize = ref_lens.iter().sum();
-        let s = text + target + m;
-        let mut mask = vec![0f32; s * s];
-        let mut starts = Vec::with_capacity(ref_lens.len());
-        let mut acc = text + target;
-        for &len in ref_lens {
-            starts.push((acc, len));
-            acc += len;
-        }
-        for (i, &(ri, li)) in starts.iter().enumerate() {
-            for (j, &(rj, lj)) in starts.iter().enumerate() {
-                if i == j {
-                    continue;
-                }
-                for row in ri..ri + li {
-                    mask[row * s + rj..row * s + rj + lj].fill(f32::NEG_INFINITY);
-                }
-            }
-        }
-        Ok(Tensor::from_vec(mask, (s, s), &self.device)?)
-    }
-
     /// Everything the blocks share that carries no trainable weight.
     pub fn prepare(&self, inp: &ModelInputs) -> Result<BlockCtx> {
         let b = inp.img.dim(0)?;
@@ -241,7 +221,11 @@ impl Flux {
                 ids.extend_from_slice(&r.ids);
                 let t = self.conditioning(&r.timestep, &r.guidance, &inp.pooled)?;
                 let mask = if inp.isolate_refs && r.lens.len() > 1 {
-                    Some(self.reference_mask(inp.txt_ids.len(), inp.img_ids.len(), &r.lens)?)
+                    Some(GroupMask::references(
+                        inp.txt_ids.len() + inp.img_ids.len(),
+                        &r.lens,
+                        &self.device,
+                    )?)
                 } else {
                     None
                 };
@@ -266,6 +250,7 @@ impl Flux {
             mask,
             row_queries,
             plain_rows: self.row_blocks.plain,
+            attention: self.attention,
         })
     }
 

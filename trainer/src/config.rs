@@ -177,6 +177,57 @@ pub struct ModelSection {
     pub device: DeviceName,
     /// RoPE split, needed only for BFL files whose head dim has no default.
     pub axes_dims: Option<[usize; 3]>,
+    /// How random weights are drawn (no `weights` given): per-tensor seeded streams on the
+    /// host, the same on every machine, or the device's own generator (fast, for benchmarks).
+    pub init: InitName,
+    /// How blocks compute attention: memory-linear chunks, or the full maps (the reference).
+    pub attention: AttentionName,
+    /// Query rows per chunk of chunked attention.
+    pub attention_chunk: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InitName {
+    Portable,
+    Device,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttentionName {
+    Chunked,
+    Full,
+}
+
+impl ModelSection {
+    /// The attention the model runs, from `attention` and `attention_chunk`.
+    pub fn attention(&self) -> flux::Attention {
+        match self.attention {
+            AttentionName::Chunked => flux::Attention::Chunked {
+                chunk: self.attention_chunk,
+            },
+            AttentionName::Full => flux::Attention::Full,
+        }
+    }
+
+    /// Range checks, naming the key.
+    pub fn validate(&self) -> Result<()> {
+        if self.attention_chunk == 0 {
+            return Err(TrainerError::config(
+                "model.attention_chunk",
+                "must be at least 1",
+            ));
+        }
+        if self.init == InitName::Device && self.device == DeviceName::Cpu {
+            return Err(TrainerError::config(
+                "model.init",
+                "\"device\" draws with the GPU's generator and needs model.device = \"cuda\" \
+                 (use \"portable\" on the CPU)",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for ModelSection {
@@ -187,6 +238,9 @@ impl Default for ModelSection {
             dtype: DTypeName::F32,
             device: DeviceName::Cpu,
             axes_dims: None,
+            init: InitName::Portable,
+            attention: AttentionName::Chunked,
+            attention_chunk: flux::attention::DEFAULT_CHUNK,
         }
     }
 }
@@ -402,6 +456,7 @@ impl Config {
 
     /// Every range check, naming the key.
     pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
         self.lora.validate()?;
         self.loss.validate()?;
         self.conditioning.validate()?;

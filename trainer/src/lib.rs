@@ -5,11 +5,14 @@
 pub mod alloc;
 pub mod bench;
 pub mod bench_rows;
+pub mod bench_step;
 pub mod checkpoint;
 mod checks;
 pub mod config;
 pub mod data;
 pub mod ddp;
+pub mod device_check;
+pub mod device_memory;
 pub mod error;
 pub mod export;
 pub mod forward;

@@ -61,6 +61,20 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         reps: usize,
     },
+    /// Time, peak memory and model FLOP utilisation of training steps of one config (any
+    /// model, device, dtype), as a markdown row; `--json` appends the numbers as a JSON line.
+    BenchStep(BenchStepArgs),
+    /// One step's losses and LoRA gradients on the config's device against the CPU, from the
+    /// same weights and batch (synthetic data); fails when they differ beyond the tolerance.
+    CheckDevice {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Append the result as a JSON line to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Bandwidth of the CPU (TCP ring) all-reduce between ranks of this process on loopback.
     BenchAllreduce {
         /// Rank counts, comma-separated.
@@ -93,6 +107,32 @@ struct TrainArgs {
     /// Start from scratch even if the run has checkpoints.
     #[arg(long)]
     no_resume: bool,
+}
+
+#[derive(clap::Args)]
+struct BenchStepArgs {
+    #[arg(long)]
+    config: PathBuf,
+    /// Override a config key by its dotted path.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// The case's name in the table.
+    #[arg(long, default_value = "step")]
+    label: String,
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Measured steps (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Peak dense TFLOP/s of the device for MFU (989: H100/H200 SXM bf16).
+    #[arg(long, default_value_t = 989.0)]
+    peak_tflops: f64,
+    /// Append the result as a JSON line to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Print the table header first.
+    #[arg(long)]
+    header: bool,
 }
 
 #[derive(clap::Args)]
@@ -180,6 +220,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
         }
         Command::Export(args) => export_cmd(args)?,
+        Command::BenchStep(args) => bench_step_cmd(args)?,
+        Command::CheckDevice { config, set, json } => {
+            let cfg = Config::load(&config, &set)
+                .with_context(|| format!("loading config {}", config.display()))?;
+            let c = trainer::device_check::check(&cfg).context("device check failed")?;
+            println!(
+                "{}\n{}",
+                trainer::device_check::DeviceCheck::HEADER,
+                c.row()
+            );
+            if let Some(path) = json {
+                append_json(&path, &c)?;
+            }
+            if !c.pass {
+                return Ok(ExitCode::from(2));
+            }
+        }
         Command::BenchRows { reps } => {
             print!(
                 "{}",
@@ -206,6 +263,37 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// `trainer train`: prints the outcome; a run stopped by a signal exits with
 /// `train.signal_exit_code`.
+/// Appends `value` as one JSON line to `path`.
+fn append_json<T: serde::Serialize>(path: &std::path::Path, value: &T) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let line = serde_json::to_string(value)?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    writeln!(f, "{line}").with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn bench_step_cmd(a: BenchStepArgs) -> anyhow::Result<()> {
+    if a.steps == 0 {
+        anyhow::bail!("--steps must be at least 1");
+    }
+    let cfg = Config::load(&a.config, &a.set)
+        .with_context(|| format!("loading config {}", a.config.display()))?;
+    let r = trainer::bench_step::measure(&a.label, cfg, a.warmup, a.steps, a.peak_tflops)
+        .with_context(|| format!("benchmark case `{}` failed", a.label))?;
+    if a.header {
+        println!("{}", trainer::bench_step::StepBench::HEADER);
+    }
+    println!("{}", r.row());
+    if let Some(path) = a.json {
+        append_json(&path, &r)?;
+    }
+    Ok(())
+}
+
 fn train_cmd(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let TrainArgs {
         config,

@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Var};
 use flux::grad::readiness_order;
 use flux::{Flux, Lora, Weights};
 
-use crate::config::{Config, DeviceName};
+use crate::config::{Config, DeviceName, InitName};
 use crate::data::DataFeed;
 use crate::ddp::consistency::{check_same, sync_lora, text};
 use crate::ddp::{BucketPlan, Dist};
@@ -62,10 +62,11 @@ pub fn base_weights(cfg: &Config, device: &Device) -> Result<(flux::FluxConfig, 
     let dtype = cfg.model.dtype.dtype();
     if cfg.model.weights.is_empty() {
         let fc = cfg.model.preset.config();
-        Ok((
-            fc.clone(),
-            Weights::random(&fc, cfg.run.seed, dtype, device)?,
-        ))
+        let weights = match cfg.model.init {
+            InitName::Portable => Weights::random(&fc, cfg.run.seed, dtype, device)?,
+            InitName::Device => Weights::random_on_device(&fc, cfg.run.seed, dtype, device)?,
+        };
+        Ok((fc, weights))
     } else {
         Ok(flux::weights::load(
             Path::new(&cfg.model.weights),
@@ -94,7 +95,8 @@ impl Run {
             text,
         )?;
         let (fc, weights) = base_weights(&cfg, &device)?;
-        let model = Flux::new(fc.clone(), &weights, cfg.loss.row_blocks())?;
+        let mut model = Flux::new(fc.clone(), &weights, cfg.loss.row_blocks())?;
+        model.attention = cfg.model.attention();
         let lora_dtype = if cfg.model.dtype.dtype() == candle_core::DType::F64 {
             candle_core::DType::F64
         } else {

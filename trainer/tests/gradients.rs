@@ -9,6 +9,20 @@ use trainer::run::Run;
 
 use crate::common::{max_abs, max_abs_diff, randn_like, randomize_lora_b, tiny_config};
 
+/// `base`'s config changed by `change`, built in `dir`, with the same LoRA B.
+fn variant(
+    base: &Run,
+    dir: &std::path::Path,
+    change: impl FnOnce(&mut trainer::config::Config),
+) -> Run {
+    let mut cfg = base.cfg.clone();
+    change(&mut cfg);
+    cfg.run.dir = dir.display().to_string();
+    let run = Run::build(cfg).unwrap();
+    randomize_lora_b(&run.lora, 11);
+    run
+}
+
 /// Every module of the reference branch adapted, two references per sample (so MDL is active),
 /// batch of two, both losses on, rows from a double and a single block.
 fn gradient_run(dtype: &str, dir: &std::path::Path) -> Run {
@@ -33,6 +47,8 @@ fn gradient_run(dtype: &str, dir: &std::path::Path) -> Run {
             "loss.single_blocks=[0]",
             "loss.scal_weight=0.4",
             "loss.mdl_weight=0.6",
+            // Chunked attention (the default) with a chunk that divides no stream length nor S.
+            "model.attention_chunk=7",
         ],
     );
     let run = Run::build(cfg).unwrap();
@@ -169,26 +185,41 @@ fn checkpointing_gives_equal_gradients() {
 fn fused_rows_give_the_plain_composition_s_losses_and_gradients() {
     let tmp = tempfile::tempdir().unwrap();
     let fused = gradient_run("f64", &tmp.path().join("fused"));
-    let plain = {
-        let mut cfg = fused.cfg.clone();
-        cfg.loss.rows = trainer::objective::RowsImpl::Plain;
-        cfg.run.dir = tmp.path().join("plain").display().to_string();
-        let run = Run::build(cfg).unwrap();
-        randomize_lora_b(&run.lora, 11);
-        run
-    };
-    let prep = prepared(&fused);
+    let plain = variant(&fused, &tmp.path().join("plain"), |c| {
+        c.loss.rows = trainer::objective::RowsImpl::Plain;
+    });
+    assert_same_losses_and_gradients(&fused, &plain);
+}
+
+#[test]
+fn chunked_attention_gives_full_attention_s_losses_and_gradients() {
+    let tmp = tempfile::tempdir().unwrap();
+    let chunked = gradient_run("f64", &tmp.path().join("chunked"));
+    let full = variant(&chunked, &tmp.path().join("full"), |c| {
+        c.model.attention = trainer::config::AttentionName::Full;
+    });
+    assert_same_losses_and_gradients(&chunked, &full);
+}
+
+/// Losses to 1e-12 and every LoRA gradient to 1e-9 (relative) on one prepared batch.
+fn assert_same_losses_and_gradients(a: &Run, b: &Run) {
+    let prep = prepared(a);
     let go = |r: &Run| {
         objective::loss_and_lora_grads(&r.model, &r.lora, &prep, &r.objective(), 0, false).unwrap()
     };
-    let ((pf, gf), (pp, gp)) = (go(&fused), go(&plain));
-    for (a, b) in [(pf.scal, pp.scal), (pf.mdl, pp.mdl), (pf.total, pp.total)] {
-        assert!((a - b).abs() < 1e-12 * a.abs().max(1.0), "{pf:?} vs {pp:?}");
+    let ((pa, ga), (pb, gb)) = (go(a), go(b));
+    for (x, y) in [
+        (pa.diff, pb.diff),
+        (pa.scal, pb.scal),
+        (pa.mdl, pb.mdl),
+        (pa.total, pb.total),
+    ] {
+        assert!((x - y).abs() < 1e-12 * x.abs().max(1.0), "{pa:?} vs {pb:?}");
     }
-    let worst = gf
+    let worst = ga
         .iter()
-        .zip(&gp)
-        .map(|(a, b)| max_abs_diff(a, b) / max_abs(b).max(1e-12))
+        .zip(&gb)
+        .map(|(x, y)| max_abs_diff(x, y) / max_abs(y).max(1e-12))
         .fold(0f64, f64::max);
     assert!(worst < 1e-9, "gradients differ by {worst} (relative)");
 }

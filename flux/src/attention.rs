@@ -1,0 +1,512 @@
+//! Joint attention softmax(Q K^T / sqrt(d) + mask) V, in two forms with the same values:
+//!
+//! - [`Attention::Full`] composes candle ops. Its graph keeps the [B, H, S, S] scores and
+//!   probabilities of every call until the backward: the reference form.
+//! - [`Attention::Chunked`] (the default) is memory-linear. The forward runs over chunks of
+//!   query rows and keeps only the output and each row's logsumexp. The backward recomputes
+//!   each chunk's probabilities from them (as FlashAttention does, but with candle's matmuls,
+//!   so cuBLAS on the GPU). One call holds O(H x chunk x S) attention values at a time instead
+//!   of O(H x S x S).
+//!
+//! The reference isolation mask ([`GroupMask`]) is generated per chunk on the device from one
+//! group id per token, so no [S, S] mask is ever stored.
+//!
+//! Scores, softmax and the chunked backward run in f32 for half-precision inputs
+//! (f64 stays f64); the output has the inputs' dtype.
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor, D};
+
+use crate::error::Result;
+use crate::ops::stats_dtype;
+
+/// How a block computes attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attention {
+    /// Scores and probabilities of all rows at once (kept for the backward).
+    Full,
+    /// Query rows in chunks of this many, probabilities recomputed in the backward.
+    Chunked { chunk: usize },
+}
+
+impl Default for Attention {
+    fn default() -> Self {
+        Attention::Chunked {
+            chunk: DEFAULT_CHUNK,
+        }
+    }
+}
+
+/// Query rows per chunk by default: at FLUX.1-dev width (24 heads) and 1024 px with six
+/// references (S = 10752) one f32 [H, chunk, S] buffer is 0.5 GB.
+pub const DEFAULT_CHUNK: usize = 512;
+
+/// Which tokens may attend to which: one group id per token of the joint sequence. Group 0
+/// (text and target) sees and is seen by everyone; a token of group g > 0 (reference g) does
+/// not see tokens of another group h > 0.
+#[derive(Debug, Clone)]
+pub struct GroupMask {
+    /// [S] u32 group ids on the model's device.
+    groups: Tensor,
+}
+
+impl GroupMask {
+    /// `shared` leading tokens in group 0, then one group per entry of `ref_lens`.
+    pub fn references(shared: usize, ref_lens: &[usize], device: &Device) -> Result<Self> {
+        let mut ids = vec![0u32; shared];
+        for (g, &len) in ref_lens.iter().enumerate() {
+            ids.extend(std::iter::repeat_n(g as u32 + 1, len));
+        }
+        let n = ids.len();
+        Ok(Self {
+            groups: Tensor::from_vec(ids, n, device)?,
+        })
+    }
+
+    /// Tokens covered.
+    pub fn len(&self) -> usize {
+        self.groups.dim(0).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The additive mask of query rows `start..start + len` against every key, [len, S], with
+    /// 0 where attention is allowed and -inf where it is not.
+    pub fn rows(&self, start: usize, len: usize, dtype: DType) -> Result<Tensor> {
+        let s = self.len();
+        let q = self.groups.narrow(0, start, len)?.unsqueeze(1)?;
+        let k = self.groups.unsqueeze(0)?;
+        let q_ref = q.gt(0u32)?.broadcast_as((len, s))?;
+        let k_ref = k.gt(0u32)?.broadcast_as((len, s))?;
+        let other = q.broadcast_ne(&k)?;
+        let blocked = ((other * q_ref)? * k_ref)?;
+        let device = self.groups.device();
+        let neg = Tensor::new(f32::NEG_INFINITY, device)?
+            .to_dtype(dtype)?
+            .broadcast_as((len, s))?;
+        let zero = Tensor::zeros((), dtype, device)?.broadcast_as((len, s))?;
+        Ok(blocked.where_cond(&neg, &zero)?)
+    }
+}
+
+/// softmax(Q K^T / sqrt(d) + mask) V for `q`, `k`, `v` [B, H, S, hd].
+pub fn attention(
+    q_bhsd: &Tensor,
+    k_bhsd: &Tensor,
+    v_bhsd: &Tensor,
+    mask: Option<&GroupMask>,
+    kind: Attention,
+) -> Result<Tensor> {
+    match kind {
+        Attention::Full => full(q_bhsd, k_bhsd, v_bhsd, mask),
+        Attention::Chunked { chunk } => chunked(q_bhsd, k_bhsd, v_bhsd, mask, chunk.max(1)),
+    }
+}
+
+/// The reference form: every score at once, the backward through candle's graph.
+pub fn full(
+    q_bhsd: &Tensor,
+    k_bhsd: &Tensor,
+    v_bhsd: &Tensor,
+    mask: Option<&GroupMask>,
+) -> Result<Tensor> {
+    let dtype = q_bhsd.dtype();
+    let cdt = stats_dtype(dtype);
+    let (_, _, s, d) = q_bhsd.dims4()?;
+    let q = q_bhsd.to_dtype(cdt)?;
+    let k = k_bhsd.to_dtype(cdt)?;
+    let mut scores = (q.matmul(&k.t()?.contiguous()?)? / (d as f64).sqrt())?;
+    if let Some(mask) = mask {
+        scores = scores.broadcast_add(&mask.rows(0, s, cdt)?)?;
+    }
+    let probs = crate::ops::softmax_last(&scores)?.to_dtype(dtype)?;
+    Ok(probs.matmul(&v_bhsd.contiguous()?)?)
+}
+
+/// The inputs of one chunked call, detached from the graph and in the compute dtype.
+struct Operands {
+    dtype: DType,
+    scale: f64,
+    /// K^T [B, H, hd, S], compute dtype.
+    k_t: Tensor,
+    mask: Option<GroupMask>,
+}
+
+impl Operands {
+    fn new(k_bhsd: &Tensor, dtype: DType, mask: Option<&GroupMask>) -> Result<Self> {
+        let cdt = stats_dtype(dtype);
+        let d = k_bhsd.dim(3)?;
+        Ok(Self {
+            dtype,
+            scale: 1.0 / (d as f64).sqrt(),
+            k_t: k_bhsd.detach().to_dtype(cdt)?.t()?.contiguous()?,
+            mask: mask.cloned(),
+        })
+    }
+
+    /// Masked, scaled scores of query rows `start..start + len`, [B, H, len, S].
+    fn scores(&self, q_bhsd: &Tensor, start: usize, len: usize) -> Result<Tensor> {
+        let cdt = self.k_t.dtype();
+        let qc = q_bhsd.narrow(2, start, len)?.to_dtype(cdt)?;
+        let scores = (qc.matmul(&self.k_t)? * self.scale)?;
+        Ok(match &self.mask {
+            Some(m) => scores.broadcast_add(&m.rows(start, len, cdt)?)?,
+            None => scores,
+        })
+    }
+}
+
+/// (start, len) of each chunk of `s` rows.
+fn chunks(s: usize, chunk: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..s)
+        .step_by(chunk)
+        .map(move |start| (start, chunk.min(s - start)))
+}
+
+/// The memory-linear form (module docs).
+pub fn chunked(
+    q_bhsd: &Tensor,
+    k_bhsd: &Tensor,
+    v_bhsd: &Tensor,
+    mask: Option<&GroupMask>,
+    chunk: usize,
+) -> Result<Tensor> {
+    let dtype = q_bhsd.dtype();
+    let ops = Operands::new(k_bhsd, dtype, mask)?;
+    let q = q_bhsd.detach();
+    let v = v_bhsd.detach().contiguous()?;
+    let s = q.dim(2)?;
+    let mut outs = Vec::new();
+    let mut lses = Vec::new();
+    for (start, len) in chunks(s, chunk) {
+        let scores = ops.scores(&q, start, len)?;
+        let max = scores.max_keepdim(D::Minus1)?;
+        let e = scores.broadcast_sub(&max)?.exp()?;
+        let sum = e.sum_keepdim(D::Minus1)?;
+        let p = e.broadcast_div(&sum)?;
+        outs.push(p.to_dtype(dtype)?.matmul(&v)?);
+        lses.push((max + sum.log()?)?);
+    }
+    let out = Tensor::cat(&outs, 2)?.contiguous()?;
+    let lse = Tensor::cat(&lses, 2)?;
+    let op = ChunkedAttention {
+        ops,
+        chunk,
+        lse,
+        out: Mutex::new(Some(out)),
+    };
+    Ok(q_bhsd.apply_op3(k_bhsd, v_bhsd, op)?)
+}
+
+/// The graph node of a chunked call. The forward was computed before the node was made (with
+/// candle ops, on any device); the node hands that output over once and keeps the logsumexp
+/// for the backward.
+struct ChunkedAttention {
+    ops: Operands,
+    chunk: usize,
+    /// [B, H, S, 1] logsumexp of each row's masked, scaled scores (compute dtype).
+    lse: Tensor,
+    /// The output, taken by the forward.
+    out: Mutex<Option<Tensor>>,
+}
+
+impl ChunkedAttention {
+    fn take_out(&self) -> candle_core::Result<Tensor> {
+        let out = self
+            .out
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("chunked attention: poisoned lock".into()))?
+            .take();
+        out.ok_or_else(|| candle_core::Error::Msg("chunked attention: forward ran twice".into()))
+    }
+}
+
+/// The output's storage, which must be contiguous from offset 0 (a fresh `cat`).
+fn whole_storage(t: &Tensor) -> candle_core::Result<(Storage, Shape)> {
+    let (storage, layout) = t.storage_and_layout();
+    if !layout.is_contiguous() || layout.start_offset() != 0 {
+        candle_core::bail!("chunked attention: output is not a fresh contiguous tensor");
+    }
+    Ok((storage.try_clone(layout)?, layout.shape().clone()))
+}
+
+impl CustomOp3 for ChunkedAttention {
+    fn name(&self) -> &'static str {
+        "chunked-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        match whole_storage(&self.take_out()?)? {
+            (Storage::Cpu(s), shape) => Ok((s, shape)),
+            _ => candle_core::bail!("chunked attention: output is not on the CPU"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        match whole_storage(&self.take_out()?)? {
+            (Storage::Cuda(s), shape) => Ok((s, shape)),
+            _ => candle_core::bail!("chunked attention: output is not on the GPU"),
+        }
+    }
+
+    /// Per chunk: P = exp(scores - lse); dV += P^T dO; dS = P * (dO V^T - rowsum(dO * O));
+    /// dQ = dS K * scale; dK += dS^T Q * scale.
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let to_candle = |e: crate::FluxError| candle_core::Error::Msg(format!("{e}"));
+        let cdt = self.ops.k_t.dtype();
+        let (q, k) = (q.detach(), k.detach().to_dtype(cdt)?);
+        let v_t = v.detach().to_dtype(cdt)?.t()?.contiguous()?;
+        let (o, g) = (res.detach().to_dtype(cdt)?, grad_res.to_dtype(cdt)?);
+        let s = q.dim(2)?;
+        let mut dq = Vec::new();
+        let mut dk = k.zeros_like()?;
+        let mut dv = k.zeros_like()?;
+        for (start, len) in chunks(s, self.chunk) {
+            let scores = self.ops.scores(&q, start, len).map_err(to_candle)?;
+            let p = scores
+                .broadcast_sub(&self.lse.narrow(2, start, len)?)?
+                .exp()?;
+            let gc = g.narrow(2, start, len)?.contiguous()?;
+            let delta = (&gc * o.narrow(2, start, len)?)?.sum_keepdim(D::Minus1)?;
+            dv = (dv + p.t()?.matmul(&gc)?)?;
+            let ds = (p * gc.matmul(&v_t)?.broadcast_sub(&delta)?)?;
+            let qc = q.narrow(2, start, len)?.to_dtype(cdt)?;
+            dq.push((ds.matmul(&k)? * self.ops.scale)?);
+            dk = (dk + (ds.t()?.matmul(&qc)? * self.ops.scale)?)?;
+        }
+        let dtype = self.ops.dtype;
+        Ok((
+            Some(Tensor::cat(&dq, 2)?.to_dtype(dtype)?),
+            Some(dk.to_dtype(dtype)?),
+            Some(dv.to_dtype(dtype)?),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(|_| rng.random_range(-2.0..2.0)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// Independent slow attention: per row, a masked softmax in plain f64 loops.
+    fn slow(q: &Tensor, k: &Tensor, v: &Tensor, groups: &[u32]) -> Vec<f64> {
+        let (b, h, s, d) = q.dims4().unwrap();
+        let [q, k, v] = [q, k, v].map(|t| t.flatten_all().unwrap().to_vec1::<f64>().unwrap());
+        let mut out = vec![0.0; b * h * s * d];
+        for bh in 0..b * h {
+            let base = bh * s * d;
+            for i in 0..s {
+                let allowed = |j: usize| groups[i] == 0 || groups[j] == 0 || groups[i] == groups[j];
+                let sc: Vec<f64> = (0..s)
+                    .map(|j| {
+                        if !allowed(j) {
+                            return f64::NEG_INFINITY;
+                        }
+                        (0..d)
+                            .map(|c| q[base + i * d + c] * k[base + j * d + c])
+                            .sum::<f64>()
+                            / (d as f64).sqrt()
+                    })
+                    .collect();
+                let m = sc.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = sc.iter().map(|x| (x - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for c in 0..d {
+                    out[base + i * d + c] =
+                        (0..s).map(|j| e[j] / z * v[base + j * d + c]).sum::<f64>();
+                }
+            }
+        }
+        out
+    }
+
+    struct Case {
+        q: Var,
+        k: Var,
+        v: Var,
+        w: Tensor,
+        groups: Vec<u32>,
+        mask: GroupMask,
+    }
+
+    /// Two batch elements, 3 heads, 4 shared tokens then references of 5 and 4 tokens.
+    fn case() -> Case {
+        let (shared, refs) = (4, [5usize, 4]);
+        let s = shared + refs.iter().sum::<usize>();
+        let shape = [2, 3, s, 8];
+        let mask = GroupMask::references(shared, &refs, &Device::Cpu).unwrap();
+        let groups = mask.groups.to_vec1::<u32>().unwrap();
+        Case {
+            q: Var::from_tensor(&randn(&shape, 1)).unwrap(),
+            k: Var::from_tensor(&randn(&shape, 2)).unwrap(),
+            v: Var::from_tensor(&randn(&shape, 3)).unwrap(),
+            w: randn(&shape, 4),
+            groups,
+            mask,
+        }
+    }
+
+    fn loss_and_grads(c: &Case, kind: Attention) -> (Tensor, Vec<Tensor>) {
+        let o = attention(
+            c.q.as_tensor(),
+            c.k.as_tensor(),
+            c.v.as_tensor(),
+            Some(&c.mask),
+            kind,
+        )
+        .unwrap();
+        let grads = (&o * &c.w).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = [&c.q, &c.k, &c.v]
+            .iter()
+            .map(|x| grads.get(x.as_tensor()).unwrap().clone())
+            .collect();
+        (o, g)
+    }
+
+    #[test]
+    fn group_mask_blocks_only_other_references() {
+        let m = GroupMask::references(2, &[1, 2], &Device::Cpu).unwrap();
+        let rows: Vec<Vec<f32>> = m.rows(1, 3, DType::F32).unwrap().to_vec2().unwrap();
+        let inf = f32::NEG_INFINITY;
+        assert_eq!(rows[0], vec![0.0; 5]); // shared token sees all
+        assert_eq!(rows[1], vec![0.0, 0.0, 0.0, inf, inf]); // reference 1
+        assert_eq!(rows[2], vec![0.0, 0.0, inf, 0.0, 0.0]); // reference 2
+    }
+
+    #[test]
+    fn full_and_chunked_match_a_slow_reference() {
+        let c = case();
+        let expect = slow(c.q.as_tensor(), c.k.as_tensor(), c.v.as_tensor(), &c.groups);
+        for kind in [
+            Attention::Full,
+            Attention::Chunked { chunk: 1 },
+            Attention::Chunked { chunk: 4 },
+            Attention::Chunked { chunk: 5 },
+            Attention::Chunked { chunk: 13 },
+            Attention::Chunked { chunk: 100 },
+        ] {
+            let (o, _) = loss_and_grads(&c, kind);
+            let got = o.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let diff = got
+                .iter()
+                .zip(&expect)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
+            assert!(diff < 1e-12, "{kind:?}: {diff}");
+        }
+    }
+
+    #[test]
+    fn chunked_gradients_equal_full_for_odd_chunks() {
+        let c = case();
+        let (_, full) = loss_and_grads(&c, Attention::Full);
+        for chunk in [1, 3, 7, 13, 64] {
+            let (_, got) = loss_and_grads(&c, Attention::Chunked { chunk });
+            for (name, (a, b)) in ["q", "k", "v"].iter().zip(got.iter().zip(&full)) {
+                let d = max_diff(a, b);
+                assert!(d < 1e-10, "chunk {chunk}, d{name}: {d}");
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_gradients_match_finite_differences() {
+        let c = case();
+        let kind = Attention::Chunked { chunk: 5 };
+        let (_, grads) = loss_and_grads(&c, kind);
+        let loss = |q: &Tensor, k: &Tensor, v: &Tensor| -> f64 {
+            let o = attention(q, k, v, Some(&c.mask), kind).unwrap();
+            (o * &c.w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let eps = 1e-6;
+        let vars = [&c.q, &c.k, &c.v];
+        for (which, g) in grads.iter().enumerate() {
+            let g = g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            for idx in [0usize, 17, 101, 300, g.len() - 1] {
+                let bump = |sign: f64| {
+                    let mut x = vars[which]
+                        .as_tensor()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f64>()
+                        .unwrap();
+                    x[idx] += sign * eps;
+                    let t = Tensor::from_vec(x, vars[which].shape(), &Device::Cpu).unwrap();
+                    let mut args: Vec<Tensor> =
+                        vars.iter().map(|v| v.as_tensor().detach()).collect();
+                    args[which] = t;
+                    loss(&args[0], &args[1], &args[2])
+                };
+                let fd = (bump(1.0) - bump(-1.0)) / (2.0 * eps);
+                assert!(
+                    (fd - g[idx]).abs() < 1e-6 * (1.0 + fd.abs()),
+                    "input {which} element {idx}: fd {fd} vs {}",
+                    g[idx]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_chunked_is_close_to_full() {
+        let c = case();
+        let [q, k, v] = [&c.q, &c.k, &c.v].map(|x| x.as_tensor().to_dtype(DType::BF16).unwrap());
+        let a = full(&q, &k, &v, Some(&c.mask)).unwrap();
+        let b = chunked(&q, &k, &v, Some(&c.mask), 4).unwrap();
+        assert_eq!(b.dtype(), DType::BF16);
+        assert!(max_diff(&a, &b) < 2e-2);
+    }
+}

@@ -1,0 +1,85 @@
+//! Peak memory of a measured span: the host heap above its level at the start (the counting
+//! allocator the `trainer` binary installs) on the CPU, and the high-water mark of the device's
+//! memory pool on a GPU (candle allocates through cudarc's stream-ordered allocator, which
+//! draws from that pool).
+
+use candle_core::{Device, DeviceLocation};
+
+use crate::alloc;
+
+/// A peak measurement started by [`PeakMemory::start`].
+pub struct PeakMemory {
+    /// The CUDA ordinal, on a GPU.
+    gpu: Option<usize>,
+    host_before: usize,
+}
+
+impl PeakMemory {
+    /// Resets the peak on `device` and starts measuring.
+    pub fn start(device: &Device) -> Self {
+        alloc::reset_peak();
+        let gpu = match device.location() {
+            DeviceLocation::Cuda { gpu_id } => Some(gpu_id),
+            _ => None,
+        };
+        #[cfg(feature = "cuda")]
+        if let Some(g) = gpu {
+            cuda::reset_high_water(g);
+        }
+        Self {
+            gpu,
+            host_before: alloc::current(),
+        }
+    }
+
+    /// Bytes at the peak since the start, or `None` where nothing measures them (a CPU run
+    /// outside the `trainer` binary, a GPU whose pool cannot be read).
+    pub fn peak(&self) -> Option<usize> {
+        match self.gpu {
+            #[cfg(feature = "cuda")]
+            Some(g) => cuda::high_water(g),
+            #[cfg(not(feature = "cuda"))]
+            Some(_) => None,
+            None => Some(alloc::peak().saturating_sub(self.host_before)).filter(|&b| b > 0),
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use cudarc::driver::sys::{self, CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH};
+
+    fn pool(ordinal: usize) -> Option<sys::CUmemoryPool> {
+        let dev = cudarc::driver::result::device::get(ordinal as i32).ok()?;
+        let mut pool = std::ptr::null_mut();
+        // SAFETY: `pool` is a valid out-pointer and `dev` a device handle from the driver.
+        let r = unsafe { sys::cuDeviceGetMemPool(&mut pool, dev) };
+        (r == sys::CUresult::CUDA_SUCCESS).then_some(pool)
+    }
+
+    /// Sets the pool's high-water mark back to its current use.
+    pub fn reset_high_water(ordinal: usize) {
+        if let Some(p) = pool(ordinal) {
+            let mut zero = 0u64;
+            // SAFETY: USED_MEM_HIGH takes a cuuint64_t; resetting it to 0 is documented.
+            unsafe {
+                sys::cuMemPoolSetAttribute(
+                    p,
+                    CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                    (&raw mut zero).cast(),
+                );
+            }
+        }
+    }
+
+    /// The most bytes the pool held in use since the last reset.
+    pub fn high_water(ordinal: usize) -> Option<usize> {
+        let p = pool(ordinal)?;
+        let mut v = 0u64;
+        // SAFETY: USED_MEM_HIGH writes one cuuint64_t into `v`.
+        let r = unsafe {
+            sys::cuMemPoolGetAttribute(p, CU_MEMPOOL_ATTR_USED_MEM_HIGH, (&raw mut v).cast())
+        };
+        (r == sys::CUresult::CUDA_SUCCESS && v > 0).then_some(v as usize)
+    }
+}
