@@ -289,4 +289,60 @@ mod tests {
             assert!((p - q).abs() < 1e-12, "{y:?}");
         }
     }
+
+    /// The frozen-linear op on a GPU against the CPU at a FLUX.1-dev projection size: output
+    /// and input gradient, no weight gradient. Built with the `cuda` feature; says it did not
+    /// run where no CUDA device opens.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_frozen_linear_matches_the_cpu() {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("not run: no CUDA device");
+            return;
+        };
+        let x = (randn(&[2, 333, 3072], 1) * 0.5).unwrap();
+        let w = (randn(&[1024, 3072], 2) * 0.02).unwrap();
+        let b = randn(&[1024], 3);
+        for (dt, tol) in [(DType::F32, 1e-4), (DType::BF16, 2e-2)] {
+            let run = |dev: &Device| {
+                let on = |t: &Tensor| t.to_dtype(dt).unwrap().to_device(dev).unwrap();
+                let xv = Var::from_tensor(&on(&x)).unwrap();
+                let wv = Var::from_tensor(&on(&w)).unwrap();
+                let y = frozen_linear(xv.as_tensor(), wv.as_tensor(), Some(&on(&b))).unwrap();
+                let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+                assert!(
+                    g.get(wv.as_tensor()).is_none(),
+                    "a frozen weight got a gradient"
+                );
+                let back = |t: &Tensor| {
+                    t.to_device(&Device::Cpu)
+                        .unwrap()
+                        .to_dtype(DType::F64)
+                        .unwrap()
+                };
+                (back(&y), back(g.get(xv.as_tensor()).unwrap()))
+            };
+            let ((y0, g0), (y1, g1)) = (run(&Device::Cpu), run(&gpu));
+            for (name, a, c) in [("y", &y0, &y1), ("dx", &g0, &g1)] {
+                let scale = a
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                let d = (a - c)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+                    / scale.max(1e-12);
+                eprintln!("frozen linear {dt:?} {name}: max |cuda - cpu| / max |cpu| = {d:.3e} (bound {tol:.0e})");
+                assert!(d < tol, "{dt:?} {name}: {d}");
+            }
+        }
+    }
 }

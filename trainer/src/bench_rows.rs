@@ -1,20 +1,28 @@
 //! `trainer bench-rows`: the attention rows the losses need, at FLUX.1-dev sizes (24 heads,
 //! head dim 128), computed (a) as the official code does (whole reference-to-target maps,
 //! softmax over target tokens, head mean, then gather the sampled rows) and (b) with the fused
-//! `kernels::attention_rows`, forward and forward + backward, with peak heap. One selected block;
-//! the loss is linear in the number of selected blocks for both.
+//! `kernels::attention_rows`, forward and forward + backward, with peak memory (the heap on the
+//! CPU, the memory pool on a GPU). One selected block; the loss is linear in the number of
+//! selected blocks for both.
 
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 
-use crate::alloc;
+use crate::device_memory::PeakMemory;
 use crate::error::Result;
 
 const HEADS: usize = 24;
 const HEAD_DIM: usize = 128;
-/// Above this estimate the official approach is not run (its peak is computed instead).
-const MAX_MEASURED_BYTES: usize = 23_000_000_000;
+/// Above this estimate the official approach is not run (its peak is computed instead): the
+/// CPU machines this runs on have 24 GB, the GPUs 80 GB.
+fn max_measured_bytes(device: &Device) -> usize {
+    if device.is_cpu() {
+        23_000_000_000
+    } else {
+        70_000_000_000
+    }
+}
 
 struct Case {
     n_tgt: usize,
@@ -39,15 +47,14 @@ fn fused(q: &Tensor, k: &Tensor, idx: &Tensor, scale: f64) -> Result<Tensor> {
 type RowsFn = fn(&Tensor, &Tensor, &Tensor, f64) -> Result<Tensor>;
 
 /// (forward s, forward+backward s, peak heap bytes of forward+backward).
-fn measure(f: RowsFn, case: &Case, reps: usize) -> Result<(f64, f64, usize)> {
-    let dev = Device::Cpu;
+fn measure(f: RowsFn, case: &Case, reps: usize, dev: &Device) -> Result<(f64, f64, usize)> {
     let n_ref = case.n_tgt * case.refs;
-    let q = Var::from_tensor(&(Tensor::randn(0f32, 1.0, (HEADS, n_ref, HEAD_DIM), &dev)?))?;
-    let k = Var::from_tensor(&(Tensor::randn(0f32, 1.0, (HEADS, case.n_tgt, HEAD_DIM), &dev)?))?;
+    let q = Var::from_tensor(&(Tensor::randn(0f32, 1.0, (HEADS, n_ref, HEAD_DIM), dev)?))?;
+    let k = Var::from_tensor(&(Tensor::randn(0f32, 1.0, (HEADS, case.n_tgt, HEAD_DIM), dev)?))?;
     let p = case.points * case.refs;
     let idx: Vec<u32> = (0..p).map(|i| ((i * 7919) % n_ref) as u32).collect();
-    let idx = Tensor::new(idx.as_slice(), &dev)?;
-    let w = Tensor::randn(0f32, 1.0, (p, case.n_tgt), &dev)?;
+    let idx = Tensor::new(idx.as_slice(), dev)?;
+    let w = Tensor::randn(0f32, 1.0, (p, case.n_tgt), dev)?;
     let scale = 1.0 / (HEAD_DIM as f64).sqrt();
     let (mut fwd, mut both, mut peak) = (f64::MAX, f64::MAX, 0usize);
     for _ in 0..reps {
@@ -56,24 +63,24 @@ fn measure(f: RowsFn, case: &Case, reps: usize) -> Result<(f64, f64, usize)> {
         let _ = rows.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         fwd = fwd.min(t.elapsed().as_secs_f64());
         drop(rows);
-        let before = alloc::current();
-        alloc::reset_peak();
+        dev.synchronize()?;
+        let memory = PeakMemory::start(dev);
         let t = Instant::now();
         let rows = f(q.as_tensor(), k.as_tensor(), &idx, scale)?;
         let grads = (rows * &w)?.sum_all()?.backward()?;
         let _ = grads.get(q.as_tensor()).map(|g| g.sum_all());
+        dev.synchronize()?;
         both = both.min(t.elapsed().as_secs_f64());
-        peak = peak.max(alloc::peak().saturating_sub(before));
+        peak = peak.max(memory.peak().unwrap_or(0));
     }
     Ok((fwd, both, peak))
 }
 
 /// Seconds for SCAL + both MDL variants, forward and backward, on a rows tensor of `refs`
 /// references x `points` rows over `n_tgt` target tokens (the composed candle ops).
-fn losses_time(refs: usize, points: usize, n_tgt: usize) -> Result<f64> {
-    let dev = Device::Cpu;
+fn losses_time(refs: usize, points: usize, n_tgt: usize, dev: &Device) -> Result<f64> {
     let p = refs * points;
-    let logits = Var::from_tensor(&Tensor::randn(0f32, 1.0, (p, n_tgt), &dev)?)?;
+    let logits = Var::from_tensor(&Tensor::randn(0f32, 1.0, (p, n_tgt), dev)?)?;
     let segments = kernels::RefSegments(vec![points; refs]);
     let tgt: Vec<u32> = (0..p).map(|i| ((i * 31) % n_tgt) as u32).collect();
     let mut best = f64::MAX;
@@ -85,6 +92,7 @@ fn losses_time(refs: usize, points: usize, n_tgt: usize) -> Result<f64> {
             + kernels::mdl_loss(kernels::MdlVariant::OfficialJsd, &rows, &segments)?)?;
         let g = l.backward()?;
         let _ = g.get(logits.as_tensor()).map(|g| g.sum_all());
+        dev.synchronize()?;
         best = best.min(t.elapsed().as_secs_f64());
     }
     Ok(best)
@@ -102,7 +110,7 @@ fn official_bytes(c: &Case) -> usize {
 }
 
 /// The markdown table of every case.
-pub fn report(reps: usize) -> Result<String> {
+pub fn report(reps: usize, device: &Device) -> Result<String> {
     let mut cases = Vec::new();
     for n_tgt in [1024, 4096] {
         for refs in [1, 2, 3, 6] {
@@ -119,9 +127,9 @@ pub fn report(reps: usize) -> Result<String> {
         "| N_tgt | refs | P per ref | (a) official fwd | (a) fwd+bwd | (a) peak | (b) fused fwd | (b) fwd+bwd | (b) peak | fwd+bwd speedup | memory ratio |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for c in &cases {
-        let (bf, bb, bp) = measure(fused, c, reps)?;
-        let a = if official_bytes(c) <= MAX_MEASURED_BYTES {
-            Some(measure(official, c, reps)?)
+        let (bf, bb, bp) = measure(fused, c, reps, device)?;
+        let a = if official_bytes(c) <= max_measured_bytes(device) {
+            Some(measure(official, c, reps, device)?)
         } else {
             None
         };
@@ -143,7 +151,7 @@ pub fn report(reps: usize) -> Result<String> {
     for (n, refs, points) in [(1024, 2, 150), (1024, 6, 200), (4096, 6, 200)] {
         out += &format!(
             "| {n} | {refs} | {points} | {:.2} ms |\n",
-            losses_time(refs, points, n)? * 1e3
+            losses_time(refs, points, n, device)? * 1e3
         );
     }
     Ok(out)

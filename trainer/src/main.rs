@@ -60,6 +60,9 @@ enum Command {
         /// Repetitions per case (the fastest is reported).
         #[arg(long, default_value_t = 1)]
         reps: usize,
+        /// cpu, or cuda (a build with --features cuda).
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// Time, peak memory and model FLOP utilisation of training steps of one config (any
     /// model, device, dtype), as a markdown row; `--json` appends the numbers as a JSON line.
@@ -237,10 +240,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(2));
             }
         }
-        Command::BenchRows { reps } => {
+        Command::BenchRows { reps, device } => {
+            let device = match device.as_str() {
+                "cpu" => candle_core::Device::Cpu,
+                "cuda" => candle_core::Device::new_cuda(0).context(
+                    "--device cuda: cannot open CUDA device 0 (build with --features cuda)",
+                )?,
+                other => anyhow::bail!("--device: expected cpu or cuda, got `{other}`"),
+            };
             print!(
                 "{}",
-                trainer::bench_rows::report(reps.max(1)).context("rows benchmark failed")?
+                trainer::bench_rows::report(reps.max(1), &device)
+                    .context("rows benchmark failed")?
             );
         }
         Command::BenchAllreduce {
