@@ -37,12 +37,13 @@ for line in sys.stdin:
 '
 }
 
+mib() { python3 -c "import os,sys;print(f'{os.path.getsize(sys.argv[1])/2**20:.1f}')" "$1"; }
 pack() { # NAME PATH
   strip "$2" -o "$KIT/$1"
+  local stripped
+  stripped=$(mib "$KIT/$1")
   xz -T0 -6 -f "$KIT/$1"
-  printf '  %-14s %6.1f MiB stripped -> %5.1f MiB packed\n' "$1" \
-    "$(python3 -c "import os;print(os.path.getsize('$2')/2**20)")" \
-    "$(python3 -c "import os;print(os.path.getsize('$KIT/$1.xz')/2**20)")"
+  echo "  $1: $stripped MiB stripped -> $(mib "$KIT/$1.xz") MiB packed"
 }
 
 echo "== CUDA trainer and launcher"

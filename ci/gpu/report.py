@@ -10,6 +10,7 @@ Records: {"kind": "step"} for each step's status; bench-step and torch_baseline.
 """
 import datetime
 import json
+import os
 import sys
 
 
@@ -80,9 +81,15 @@ def main():
             md.append("| case | s/step with losses | without | overhead |\n|---|---|---|---|")
             md.extend(overhead)
 
+    rows_log = os.path.join(os.path.dirname(res), "logs", "rows-vs-official.log")  # before logs.txt
+    if os.path.exists(rows_log):
+        table = [l for l in open(rows_log, errors="replace") if l.startswith("|") or not l.strip()]
+        if table:
+            md.append("\n## Loss rows: the official full maps (a) against the fused op (b), one block\n")
+            md.append("".join(table).strip())
     md.append(f"\n{len(failed)} step(s) failed or did not run: "
               + (", ".join(s["name"] for s in failed) if failed else "none") + ".")
-    md.append("Each step's log is under logs/.\n")
+    md.append("Every step's log is in logs.txt.\n")
     open(out_md, "w").write("\n".join(md) + "\n")
     json.dump({"mode": mode, "machine": open(machine).read().strip(), "when": when,
                "records": recs}, open(out_json, "w"), indent=1)

@@ -65,6 +65,9 @@ def main():
     ap.add_argument("--label", default="step")
     ap.add_argument("--json", default=None)
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--cudnn-sdpa", type=int, default=0,
+                    help="allow the cuDNN SDPA backend (off: flash/efficient kernels; the first "
+                         "device run hit an illegal memory access in a backward)")
     a = ap.parse_args()
 
     import torch
@@ -73,6 +76,8 @@ def main():
 
     if a.threads:
         torch.set_num_threads(a.threads)
+    if not a.cudnn_sdpa and hasattr(torch.backends.cuda, "enable_cudnn_sdp"):
+        torch.backends.cuda.enable_cudnn_sdp(False)
     torch.manual_seed(a.seed)
     heads, hd, nd, ns, ctx, pooled, axes = PRESETS[a.preset]
     text = a.text_tokens or (512 if a.preset == "flux-dev" else 16)

@@ -44,9 +44,14 @@ fn finish(acc: Vec<Option<Tensor>>, lora: &Lora) -> Result<Vec<Tensor>> {
         .collect()
 }
 
-/// Adds sum(a * b) to an optional running objective.
+/// Adds sum(a * b) to an optional running objective. Terms are summed in f32 (f64 stays f64):
+/// a bf16 block's outputs and its f32 loss rows meet in one objective.
 fn add_dot(obj: Option<Tensor>, a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
     let term = (a * b)?.sum_all()?;
+    let term = match term.dtype() {
+        candle_core::DType::F64 => term,
+        _ => term.to_dtype(candle_core::DType::F32)?,
+    };
     Ok(Some(match obj {
         None => term,
         Some(o) => (o + term)?,

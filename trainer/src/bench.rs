@@ -118,10 +118,12 @@ fn lora_params(cfg: &FluxConfig, r: usize) -> usize {
 /// - LoRA state: parameters x 20 bytes (f32 weight, gradient, two Adam moments, EMA);
 /// - kept block inputs with recomputation: blocks x S x D x 2 bytes;
 /// - one block's graph: about 30 D values per token (norm outputs, q/k/v, attention output,
-///   MLP input and 4D hidden before and after GELU) plus, with attention materialised, scores
-///   and probabilities in f32: 2 x heads x S^2 x 4 bytes;
+///   MLP input and 4D hidden before and after GELU), plus the attention: chunked,
+///   `attn_per_token` bytes per token (about five f32 [heads, chunk] rows per token live in the
+///   backward; `trainer bench-attention` measures it); materialised, scores and probabilities
+///   in f32: 2 x heads x S^2 x 4 bytes;
 /// - without recomputation every block keeps its graph.
-fn budget(r: usize) -> String {
+pub fn budget(r: usize, attn_per_token: f64) -> String {
     let cfg = FluxConfig::flux_dev();
     let d = cfg.hidden() as f64;
     let weights = flux::weights::expected_tensors(&cfg)
@@ -132,7 +134,7 @@ fn budget(r: usize) -> String {
     let lora = lora_params(&cfg, r) as f64 * 20.0;
     let blocks = (cfg.num_double + cfg.num_single) as f64;
     let mut out = String::new();
-    let _ = writeln!(out, "| px | refs | tokens S | weights | LoRA r={r} + Adam + EMA | kept inputs (recompute) | one block, fused attn | one block, materialised attn | total recompute + fused | total recompute + materialised | total no recompute + fused |");
+    let _ = writeln!(out, "| px | refs | tokens S | weights | LoRA r={r} + Adam + EMA | kept inputs (recompute) | one block, chunked attn | one block, materialised attn | total recompute + chunked | total recompute + materialised | total no recompute + chunked |");
     let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");
     for px in [512usize, 1024] {
         for refs in [1usize, 3, 6] {
@@ -140,8 +142,9 @@ fn budget(r: usize) -> String {
             let s = (512 + tok * (1 + refs)) as f64;
             let kept = blocks * s * d * 2.0;
             let block = 30.0 * s * d * 2.0;
+            let chunked = s * attn_per_token;
             let attn = 2.0 * cfg.num_heads as f64 * s * s * 4.0;
-            let fused = weights + lora + kept + block;
+            let fused = weights + lora + kept + block + chunked;
             let _ = writeln!(
                 out,
                 "| {px} | {refs} | {} | {:.1} GB | {:.1} GB | {:.1} GB | {:.1} GB | {:.1} GB | {:.1} GB{} | {:.1} GB | {:.1} GB |",
@@ -149,12 +152,12 @@ fn budget(r: usize) -> String {
                 weights / GB,
                 lora / GB,
                 kept / GB,
-                block / GB,
+                (block + chunked) / GB,
                 (block + attn) / GB,
                 fused / GB,
                 if fused <= 80.0 * GB { " (fits 80 GB)" } else { "" },
-                (fused + attn) / GB,
-                (weights + lora + blocks * block) / GB,
+                (weights + lora + kept + block + attn) / GB,
+                (weights + lora + blocks * block + chunked) / GB,
             );
         }
     }
@@ -166,6 +169,8 @@ pub fn report(base: &Path, steps: usize) -> Result<String> {
     let mut out = String::from("Measured on CPU (this machine), one run, side by side:\n\n");
     out.push_str(&measured(base, steps)?);
     out.push_str("\nComputed memory budget for FLUX.1-dev, batch 1, bf16 base, 512 text tokens (formulas in trainer/src/bench.rs):\n\n");
-    out.push_str(&budget(128));
+    let cfg = FluxConfig::flux_dev();
+    let estimate = 5.0 * (cfg.num_heads * flux::attention::DEFAULT_CHUNK * 4) as f64;
+    out.push_str(&budget(128, estimate));
     Ok(out)
 }

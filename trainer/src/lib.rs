@@ -4,6 +4,7 @@
 
 pub mod alloc;
 pub mod bench;
+pub mod bench_attention;
 pub mod bench_rows;
 pub mod bench_step;
 pub mod checkpoint;

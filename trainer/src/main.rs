@@ -64,6 +64,13 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// One block's attention at FLUX.1-dev's shape on the CPU, chunked against full, forward and
+    /// backward time and peak heap, and the memory budget from the measured bytes per token.
+    BenchAttention {
+        /// Query rows per chunk.
+        #[arg(long, default_value_t = flux::attention::DEFAULT_CHUNK)]
+        chunk: usize,
+    },
     /// Time, peak memory and model FLOP utilisation of training steps of one config (any
     /// model, device, dtype), as a markdown row; `--json` appends the numbers as a JSON line.
     BenchStep(BenchStepArgs),
@@ -224,36 +231,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Export(args) => export_cmd(args)?,
         Command::BenchStep(args) => bench_step_cmd(args)?,
-        Command::CheckDevice { config, set, json } => {
-            let cfg = Config::load(&config, &set)
-                .with_context(|| format!("loading config {}", config.display()))?;
-            let c = trainer::device_check::check(&cfg).context("device check failed")?;
-            println!(
-                "{}\n{}",
-                trainer::device_check::DeviceCheck::HEADER,
-                c.row()
-            );
-            if let Some(path) = json {
-                append_json(&path, &c)?;
+        Command::BenchAttention { chunk } => {
+            if chunk == 0 {
+                anyhow::bail!("--chunk must be at least 1");
             }
-            if !c.pass {
-                return Ok(ExitCode::from(2));
-            }
-        }
-        Command::BenchRows { reps, device } => {
-            let device = match device.as_str() {
-                "cpu" => candle_core::Device::Cpu,
-                "cuda" => candle_core::Device::new_cuda(0).context(
-                    "--device cuda: cannot open CUDA device 0 (build with --features cuda)",
-                )?,
-                other => anyhow::bail!("--device: expected cpu or cuda, got `{other}`"),
-            };
             print!(
                 "{}",
-                trainer::bench_rows::report(reps.max(1), &device)
-                    .context("rows benchmark failed")?
+                trainer::bench_attention::report(chunk).context("attention benchmark failed")?
             );
         }
+        Command::CheckDevice { config, set, json } => return check_device_cmd(&config, &set, json),
+        Command::BenchRows { reps, device } => bench_rows_cmd(reps, &device)?,
         Command::BenchAllreduce {
             ranks,
             sizes,
@@ -274,6 +262,43 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// `trainer train`: prints the outcome; a run stopped by a signal exits with
 /// `train.signal_exit_code`.
+fn check_device_cmd(
+    config: &std::path::Path,
+    set: &[String],
+    json: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let cfg = Config::load(config, set)
+        .with_context(|| format!("loading config {}", config.display()))?;
+    let c = trainer::device_check::check(&cfg).context("device check failed")?;
+    println!(
+        "{}\n{}",
+        trainer::device_check::DeviceCheck::HEADER,
+        c.row()
+    );
+    if let Some(path) = json {
+        append_json(&path, &c)?;
+    }
+    Ok(if c.pass {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}
+
+fn bench_rows_cmd(reps: usize, device: &str) -> anyhow::Result<()> {
+    let device = match device {
+        "cpu" => candle_core::Device::Cpu,
+        "cuda" => candle_core::Device::new_cuda(0)
+            .context("--device cuda: cannot open CUDA device 0 (build with --features cuda)")?,
+        other => anyhow::bail!("--device: expected cpu or cuda, got `{other}`"),
+    };
+    print!(
+        "{}",
+        trainer::bench_rows::report(reps.max(1), &device).context("rows benchmark failed")?
+    );
+    Ok(())
+}
+
 /// Appends `value` as one JSON line to `path`.
 fn append_json<T: serde::Serialize>(path: &std::path::Path, value: &T) -> anyhow::Result<()> {
     use std::io::Write as _;

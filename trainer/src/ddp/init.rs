@@ -29,13 +29,16 @@ pub struct DistOptions {
     pub connect_timeout: Duration,
 }
 
-/// Connects this process to the others described by `env`; world size 1 needs nothing.
+/// Connects this process to the others described by `env`. World size 1 needs nothing, unless
+/// `distributed.backend = "nccl"` asks for a one-rank NCCL communicator: it runs every
+/// collective through NCCL, which checks that path on a machine with one GPU (NCCL refuses two
+/// ranks on one device).
 ///
 /// Under `launcher`, MOSAIC_STORE names its store. Under another launcher (torchrun, a SLURM
 /// script) rank 0 hosts a store at MASTER_ADDR:MASTER_PORT+1, since MASTER_PORT itself belongs
 /// to that launcher.
 pub fn connect(env: &RankEnv, opts: &DistOptions, device: &Device) -> DistResult<Dist> {
-    if env.world_size == 1 {
+    if env.world_size == 1 && opts.backend != Backend::Nccl {
         return Ok(Dist::single());
     }
     let token = env.token.clone().unwrap_or_default();
