@@ -16,7 +16,7 @@ use parquet::file::metadata::ParquetMetaDataReader;
 use parquet::file::reader::{ChunkReader, Length};
 
 use crate::digest::sha256_hex;
-use crate::error::{DataError, Result};
+use crate::error::{BoxError, DataError, Result};
 use crate::manifest::{ShardInfo, Span};
 use crate::store::Location;
 
@@ -64,11 +64,11 @@ pub fn read_footer(loc: &Location, shard: &ShardInfo) -> Result<ShardFooter> {
         return Err(DataError::shard(&at, "not a Parquet file (no PAR1 magic)"));
     }
     let meta = ParquetMetaDataReader::decode_metadata(&bytes[..n - 8])
-        .map_err(|e| DataError::shard(&at, format!("footer: {e}")))?;
+        .map_err(|e| DataError::shard(format!("{at} footer"), e))?;
     crate::parquet_meta::check_metadata(&meta, shard.bytes)
-        .map_err(|e| DataError::shard(&at, format!("footer: {e}")))?;
+        .map_err(|e| DataError::shard(format!("{at} footer"), e))?;
     let arrow = ArrowReaderMetadata::try_new(Arc::new(meta), ArrowReaderOptions::new())
-        .map_err(|e| DataError::shard(&at, format!("footer: {e}")))?;
+        .map_err(|e| DataError::shard(format!("{at} footer"), e))?;
     Ok(ShardFooter { arrow })
 }
 
@@ -170,7 +170,7 @@ fn decode_projected(
     bytes: Bytes,
     projection: Option<ProjectionMask>,
 ) -> Result<RecordBatch> {
-    let what = |e: String| DataError::shard(at, format!("row group {g}: {e}"));
+    let what = |e: BoxError| DataError::shard(format!("{at} row group {g}"), e);
     let info = shard
         .row_groups
         .get(g)
@@ -190,10 +190,10 @@ fn decode_projected(
     if let Some(p) = projection {
         builder = builder.with_projection(p);
     }
-    let rows = builder.build().map_err(|e| what(e.to_string()))?;
+    let rows = builder.build().map_err(|e| what(e.into()))?;
     let mut batches = Vec::new();
     for b in rows {
-        batches.push(b.map_err(|e| what(e.to_string()))?);
+        batches.push(b.map_err(|e| what(e.into()))?);
     }
     let batch = match batches.len() {
         0 => return Err(what("no rows".into())),
@@ -201,18 +201,16 @@ fn decode_projected(
         _ => arrow_select_concat(&batches).map_err(what)?,
     };
     if batch.num_rows() != info.rows {
-        return Err(what(format!(
-            "{} rows, the manifest says {}",
-            batch.num_rows(),
-            info.rows
-        )));
+        return Err(what(
+            format!("{} rows, the manifest says {}", batch.num_rows(), info.rows).into(),
+        ));
     }
     Ok(batch)
 }
 
-fn arrow_select_concat(batches: &[RecordBatch]) -> std::result::Result<RecordBatch, String> {
+fn arrow_select_concat(batches: &[RecordBatch]) -> std::result::Result<RecordBatch, BoxError> {
     let schema = batches[0].schema();
-    arrow_select::concat::concat_batches(&schema, batches).map_err(|e| e.to_string())
+    Ok(arrow_select::concat::concat_batches(&schema, batches)?)
 }
 
 /// Decodes every row of a whole Parquet file in memory: each row is a sample (checked with
@@ -222,7 +220,8 @@ fn arrow_select_concat(batches: &[RecordBatch]) -> std::result::Result<RecordBat
 pub fn decode_file_rows(
     bytes: &[u8],
     transform: bool,
-) -> std::result::Result<Vec<std::result::Result<crate::RawSample, crate::SampleProblem>>, String> {
+) -> std::result::Result<Vec<std::result::Result<crate::RawSample, crate::SampleProblem>>, BoxError>
+{
     // The parquet crate has asserts (and, with debug assertions, overflow checks) that hostile
     // bytes reach; as in the loader, such a panic is an error for this file. Only the parquet
     // part is guarded, so the fuzz target still finds panics in this crate's own decoding.
@@ -250,19 +249,15 @@ pub fn decode_file_rows(
 }
 
 /// Every record batch of a whole Parquet file in memory, metadata checked first.
-fn parquet_batches(bytes: &[u8]) -> std::result::Result<Vec<RecordBatch>, String> {
+fn parquet_batches(bytes: &[u8]) -> std::result::Result<Vec<RecordBatch>, BoxError> {
     let data = Bytes::copy_from_slice(bytes);
-    let meta = ParquetMetaDataReader::new()
-        .parse_and_finish(&data)
-        .map_err(|e| e.to_string())?;
+    let meta = ParquetMetaDataReader::new().parse_and_finish(&data)?;
     crate::parquet_meta::check_metadata(&meta, bytes.len() as u64)?;
-    let arrow = ArrowReaderMetadata::try_new(Arc::new(meta), ArrowReaderOptions::new())
-        .map_err(|e| e.to_string())?;
+    let arrow = ArrowReaderMetadata::try_new(Arc::new(meta), ArrowReaderOptions::new())?;
     ParquetRecordBatchReaderBuilder::new_with_metadata(data, arrow)
         .with_batch_size(64)
-        .build()
-        .map_err(|e| e.to_string())?
-        .map(|b| b.map_err(|e| e.to_string()))
+        .build()?
+        .map(|b| b.map_err(BoxError::from))
         .collect()
 }
 

@@ -6,6 +6,7 @@
 //! `shard_bytes` bytes of payload, whichever comes first, and is uploaded whole; the manifest is
 //! written last, so a reader never sees a dataset whose shards are missing.
 
+use crate::error::BoxError;
 use std::collections::HashSet;
 
 use bytes::Bytes;
@@ -157,7 +158,7 @@ impl ShardWriter {
 pub fn encode_shard(
     rows: &[RawSample],
     row_group_rows: usize,
-) -> std::result::Result<Vec<u8>, String> {
+) -> std::result::Result<Vec<u8>, BoxError> {
     let props = WriterProperties::builder()
         .set_max_row_group_row_count(Some(row_group_rows))
         .set_compression(Compression::UNCOMPRESSED)
@@ -165,14 +166,13 @@ pub fn encode_shard(
         .set_created_by(format!("mosaic datasets {}", env!("CARGO_PKG_VERSION")))
         .build();
     let mut out = Vec::new();
-    let mut writer = ArrowWriter::try_new(&mut out, crate::schema::schema(), Some(props))
-        .map_err(|e| e.to_string())?;
+    let mut writer = ArrowWriter::try_new(&mut out, crate::schema::schema(), Some(props))?;
     for chunk in rows.chunks(row_group_rows) {
-        let batch = to_batch(chunk).map_err(|e| e.to_string())?;
-        writer.write(&batch).map_err(|e| e.to_string())?;
-        writer.flush().map_err(|e| e.to_string())?;
+        let batch = to_batch(chunk)?;
+        writer.write(&batch)?;
+        writer.flush()?;
     }
-    writer.close().map_err(|e| e.to_string())?;
+    writer.close()?;
     Ok(out)
 }
 
@@ -182,7 +182,7 @@ pub fn describe_shard(
     file: &str,
     bytes: &[u8],
     rows: &[RowMeta],
-) -> std::result::Result<ShardInfo, String> {
+) -> std::result::Result<ShardInfo, BoxError> {
     let len = bytes.len() as u64;
     if len < 12 {
         return Err("too short to be Parquet".into());
@@ -195,9 +195,7 @@ pub fn describe_shard(
     let footer_start = len
         .checked_sub(8 + meta_len)
         .ok_or("footer length past the start of the file")?;
-    let meta = ParquetMetaDataReader::new()
-        .parse_and_finish(&Bytes::copy_from_slice(bytes))
-        .map_err(|e| e.to_string())?;
+    let meta = ParquetMetaDataReader::new().parse_and_finish(&Bytes::copy_from_slice(bytes))?;
     crate::parquet_meta::check_metadata(&meta, len)?;
     let mut row_groups = Vec::new();
     let mut first_row = 0;
