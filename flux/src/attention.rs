@@ -315,25 +315,10 @@ mod tests {
     use super::*;
     use candle_core::Var;
 
-    fn randn(shape: &[usize], seed: u64) -> Tensor {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f64> = (0..n).map(|_| rng.random_range(-2.0..2.0)).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
+    use crate::test_util::max_diff;
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        crate::test_util::uniform(shape, seed, 2.0)
     }
 
     /// Independent slow attention: per row, a masked softmax in plain f64 loops.
@@ -560,14 +545,7 @@ mod tests {
         for (dt, tol) in [(DType::F32, 1e-4), (DType::BF16, 3e-2)] {
             let (cpu, cuda) = (run(&Device::Cpu, dt), run(&gpu, dt));
             for (name, (a, b)) in ["out", "dq", "dk", "dv"].iter().zip(cpu.iter().zip(&cuda)) {
-                let scale = a
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap();
-                let d = max_diff(a, b) / scale.max(1e-12);
+                let d = crate::test_util::rel_diff(a, b);
                 eprintln!("chunked attention {dt:?} {name}: max |cuda - cpu| / max |cpu| = {d:.3e} (bound {tol:.0e})");
                 assert!(d < tol, "{dt:?} {name}: {d}");
             }

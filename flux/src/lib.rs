@@ -18,6 +18,8 @@ pub mod lora;
 pub mod lora_format;
 pub mod ops;
 pub mod rng;
+#[cfg(test)]
+mod test_util;
 pub mod transformer;
 pub mod weights;
 

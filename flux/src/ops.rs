@@ -170,12 +170,10 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
+    use crate::test_util::max_diff;
+
     fn randn(shape: &[usize], seed: u64) -> Tensor {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f64> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+        crate::test_util::uniform(shape, seed, 1.0)
     }
 
     #[test]
@@ -190,14 +188,7 @@ mod tests {
             .unwrap()
             .broadcast_add(&b)
             .unwrap();
-        let diff = (y.clone() - &reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let diff = max_diff(&y, &reference);
         assert!(diff < 1e-12);
         let grads = (y.sqr().unwrap().sum_all().unwrap()).backward().unwrap();
         assert!(
@@ -213,14 +204,7 @@ mod tests {
             .backward()
             .unwrap();
         let gx_ref = ref_grads.get(x.as_tensor()).unwrap();
-        let diff = (gx - gx_ref)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let diff = max_diff(gx, gx_ref);
         assert!(diff < 1e-12);
     }
 
@@ -231,14 +215,7 @@ mod tests {
         let x = randn(&[2, 4], 5);
         let y = frozen_linear(&x, &w, None).unwrap();
         let reference = x.matmul(&w.t().unwrap()).unwrap();
-        let diff = (y - reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let diff = max_diff(&y, &reference);
         assert!(diff < 1e-12);
     }
 
@@ -324,22 +301,7 @@ mod tests {
             };
             let ((y0, g0), (y1, g1)) = (run(&Device::Cpu), run(&gpu));
             for (name, a, c) in [("y", &y0, &y1), ("dx", &g0, &g1)] {
-                let scale = a
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap();
-                let d = (a - c)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap()
-                    / scale.max(1e-12);
+                let d = crate::test_util::rel_diff(a, c);
                 eprintln!("frozen linear {dt:?} {name}: max |cuda - cpu| / max |cpu| = {d:.3e} (bound {tol:.0e})");
                 assert!(d < tol, "{dt:?} {name}: {d}");
             }
