@@ -185,7 +185,8 @@ impl Weights {
             let t = match e.init {
                 Init::Ones => Tensor::ones(e.shape.as_slice(), dtype, device)?,
                 Init::Linear { fan_in } => {
-                    let bound = 1.0 / (fan_in as f64).sqrt();
+                    // f32 draws (an f64 bound would make the temporary f64).
+                    let bound = 1.0 / (fan_in as f32).sqrt();
                     Tensor::rand(-bound, bound, e.shape.as_slice(), device)?.to_dtype(dtype)?
                 }
             };
