@@ -45,10 +45,11 @@ def main():
 
     if checks:
         md.append("\n## One training step on the device against the CPU\n")
-        md.append("| device | dtype | losses: max rel. diff | LoRA gradients: max rel. diff (worst tensor) | tolerance | result |")
-        md.append("|---|---|---|---|---|---|")
+        md.append("| device | dtype | recompute | losses: max rel. diff | LoRA gradients: max rel. diff (worst tensor) | tolerance | result |")
+        md.append("|---|---|---|---|---|---|---|")
         for c in checks:
-            md.append(f"| {c['device']} | {c['dtype']} | {c['loss_rel']:.2e} | {c['grad_rel']:.2e} "
+            rec = {True: "on", False: "off"}.get(c.get("recompute"), "?")
+            md.append(f"| {c['device']} | {c['dtype']} | {rec} | {c['loss_rel']:.2e} | {c['grad_rel']:.2e} "
                       f"({c['worst_tensor']}) | {c['tolerance']:.0e} | {'pass' if c['pass'] else 'FAIL'} |")
 
     if benches:
@@ -57,8 +58,8 @@ def main():
                   "F_attn = 4 S^2 D L (S tokens, width D, L blocks; the base is frozen, so its "
                   "backward needs input gradients only; recomputation is not counted). "
                   f"MFU = model FLOPs / (s/step x {benches[0]['peak_tflops']:.0f} TFLOP/s).\n")
-        md.append("| case | framework | dtype | tokens S | s/step | peak memory | model TFLOP/s | MFU | ours / PyTorch |")
-        md.append("|---|---|---|---|---|---|---|---|---|")
+        md.append("| case | framework | dtype | tokens S | s/step | of which fwd+bwd / update | peak memory | model TFLOP/s | MFU | ours / PyTorch |")
+        md.append("|---|---|---|---|---|---|---|---|---|---|")
         for label in sorted(set(ours) | set(torch), key=lambda l: (l.split("-")[0], l)):
             for side in (ours, torch):
                 b = side.get(label)
@@ -67,8 +68,10 @@ def main():
                 ratio = ""
                 if side is ours and label in torch:
                     ratio = f"{b['s_per_step'] / torch[label]['s_per_step']:.2f}x"
+                split = (f"{b['accumulate_s']:.4f} / {b['update_s']:.4f}"
+                         if "accumulate_s" in b else "")
                 md.append(f"| {label} | {b['framework']} | {b['dtype']} | {b['tokens']} | "
-                          f"{b['s_per_step']:.4f} | {gb(b['peak_bytes'])} | {b['tflops']:.3g} | "
+                          f"{b['s_per_step']:.4f} | {split} | {gb(b['peak_bytes'])} | {b['tflops']:.3g} | "
                           f"{100 * b['mfu']:.1f}% | {ratio} |")
         overhead = []
         for label, b in ours.items():

@@ -178,7 +178,7 @@ torch_bench() { # LABEL PX REFS LIMIT [extra args...]
   else
     args+=(--preset tiny --dtype f32 --rank 8 --text-tokens 16 --threads 2)
   fi
-  step "torch-$label" "$limit" env LD_LIBRARY_PATH="${ORIG_LD_LIBRARY_PATH-$LD_LIBRARY_PATH}" \
+  step "torch-$label" "$limit" env LD_LIBRARY_PATH="${ORIG_LD_LIBRARY_PATH-${LD_LIBRARY_PATH:-}}" \
     PYTHONPATH="$WORK/py${PYTHONPATH:+:$PYTHONPATH}" "$PY" ci/gpu/torch_baseline.py "${args[@]}" "$@"
 }
 if [ "$MODE" = gpu ] && ! python3 -c "import diffusers" 2>/dev/null; then

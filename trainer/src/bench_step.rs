@@ -23,6 +23,7 @@ use crate::config::Config;
 use crate::device_memory::PeakMemory;
 use crate::error::Result;
 use crate::run::Run;
+use crate::step::StepAgreement;
 
 /// One measured configuration.
 #[derive(Debug, Clone, Serialize)]
@@ -36,6 +37,10 @@ pub struct StepBench {
     pub batch: usize,
     /// Median over the measured steps.
     pub s_per_step: f64,
+    /// Of which: forward and backward over the micro-batches (with the gradient all-reduce),
+    /// and the agreement all-reduce plus the update (clipping, AdamW, EMA); medians.
+    pub accumulate_s: f64,
+    pub update_s: f64,
     pub steps: usize,
     /// Peak bytes during the measured steps (device pool on a GPU, heap on the CPU).
     pub peak_bytes: Option<usize>,
@@ -69,6 +74,26 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// One step as `Run::train_step` takes it (without its periodic weight check and metrics),
+/// with the device synchronised after each phase: (accumulate s, agree + update s).
+fn timed_step(run: &mut Run, step: u64) -> Result<(f64, f64)> {
+    let t = Instant::now();
+    let acc = run.accumulate(step)?;
+    run.device.synchronize()?;
+    let accumulate = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let agreed = StepAgreement::reach(
+        &run.dist,
+        &run.device,
+        &acc.parts,
+        false,
+        run.data.shard_cursor(),
+    )?;
+    run.update(step, acc.grads, &agreed)?;
+    run.device.synchronize()?;
+    Ok((accumulate, t.elapsed().as_secs_f64()))
+}
+
 /// Runs `warmup` steps, then `steps` measured ones, of the run `cfg` describes. Every rank's
 /// work is synchronised with the device before a step's clock stops.
 pub fn measure(
@@ -87,12 +112,12 @@ pub fn measure(
     }
     run.device.synchronize()?;
     let memory = PeakMemory::start(&run.device);
-    let mut times = Vec::with_capacity(steps);
+    let (mut times, mut acc_times, mut upd_times) = (Vec::new(), Vec::new(), Vec::new());
     for step in warmup as u64..(warmup + steps) as u64 {
-        let t = Instant::now();
-        run.train_step(step)?;
-        run.device.synchronize()?;
-        times.push(t.elapsed().as_secs_f64());
+        let (acc, upd) = timed_step(&mut run, step)?;
+        acc_times.push(acc);
+        upd_times.push(upd);
+        times.push(acc + upd);
     }
     let s_per_step = median(times);
     let flops = model_flops(&run.model.cfg, tokens, batch);
@@ -105,6 +130,8 @@ pub fn measure(
         tokens,
         batch,
         s_per_step,
+        accumulate_s: median(acc_times),
+        update_s: median(upd_times),
         steps,
         peak_bytes: memory.peak(),
         model_flops: flops,
@@ -115,7 +142,7 @@ pub fn measure(
 }
 
 impl StepBench {
-    pub const HEADER: &'static str = "| case | framework | device | dtype | tokens | s/step | peak memory | model TFLOP/s | MFU |\n|---|---|---|---|---|---|---|---|---|";
+    pub const HEADER: &'static str = "| case | framework | device | dtype | tokens | s/step | of which fwd+bwd / update | peak memory | model TFLOP/s | MFU |\n|---|---|---|---|---|---|---|---|---|---|";
 
     /// The result as a row under [`Self::HEADER`].
     pub fn row(&self) -> String {
@@ -123,13 +150,15 @@ impl StepBench {
             .peak_bytes
             .map_or("n/a".to_string(), |b| format!("{:.2} GB", b as f64 / 1e9));
         format!(
-            "| {} | {} | {} | {} | {} | {:.4} | {} | {:.2} | {:.1}% |",
+            "| {} | {} | {} | {} | {} | {:.4} | {:.4} / {:.4} | {} | {:.2} | {:.1}% |",
             self.label,
             self.framework,
             self.device,
             self.dtype,
             self.tokens,
             self.s_per_step,
+            self.accumulate_s,
+            self.update_s,
             mem,
             self.tflops,
             100.0 * self.mfu

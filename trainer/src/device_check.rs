@@ -17,6 +17,8 @@ use crate::run::Run;
 pub struct DeviceCheck {
     pub dtype: String,
     pub device: String,
+    /// Block-wise recomputation on (train.checkpointing).
+    pub recompute: bool,
     /// Largest relative difference of the loss parts (total, diffusion, SCAL, MDL).
     pub loss_rel: f64,
     /// Largest difference of a LoRA gradient relative to its largest element, over tensors.
@@ -106,6 +108,7 @@ pub fn check(cfg: &Config) -> Result<DeviceCheck> {
     Ok(DeviceCheck {
         dtype: format!("{dtype:?}").to_lowercase(),
         device: format!("{:?}", dev.device.location()),
+        recompute: cfg.train.checkpointing,
         loss_rel,
         grad_rel,
         worst_tensor,
@@ -118,13 +121,14 @@ pub fn check(cfg: &Config) -> Result<DeviceCheck> {
 }
 
 impl DeviceCheck {
-    pub const HEADER: &'static str = "| check | device | dtype | losses (rel. diff) | LoRA gradients (rel. diff, worst tensor) | tolerance | result |\n|---|---|---|---|---|---|---|";
+    pub const HEADER: &'static str = "| check | device | dtype | recompute | losses (rel. diff) | LoRA gradients (rel. diff, worst tensor) | tolerance | result |\n|---|---|---|---|---|---|---|---|";
 
     pub fn row(&self) -> String {
         format!(
-            "| one step vs CPU | {} | {} | {:.2e} | {:.2e} ({}, {} tensors) | {:.0e} | {} |",
+            "| one step vs CPU | {} | {} | {} | {:.2e} | {:.2e} ({}, {} tensors) | {:.0e} | {} |",
             self.device,
             self.dtype,
+            if self.recompute { "on" } else { "off" },
             self.loss_rel,
             self.grad_rel,
             self.worst_tensor,
