@@ -84,6 +84,11 @@ def main():
             md.append("| case | s/step with losses | without | overhead |\n|---|---|---|---|")
             md.extend(overhead)
 
+    for b in benches:
+        if b.get("phases"):
+            md.append(f"\n## Where the time goes: {b['label']} (device synchronised at every phase; phases nest)\n")
+            md.append("| phase | s per step |\n|---|---|")
+            md.extend(f"| {name} | {secs:.4f} |" for name, secs in b["phases"])
     rows_log = os.path.join(os.path.dirname(res), "logs", "rows-vs-official.log")  # before logs.txt
     if os.path.exists(rows_log):
         table = [l for l in open(rows_log, errors="replace") if l.startswith("|") or not l.strip()]

@@ -5,7 +5,8 @@
 #      rows kernel;
 #   b. a 30-step tiny run through `launcher` (NCCL, world size 1), stopped by SIGTERM and resumed;
 #   c. FLUX.1-dev steps (seeded random weights made on the GPU, bf16 base, f32 LoRA rank 128,
-#      recomputation on): 512 px with 1 and 3 references, losses on and off, and 1024 px with 6;
+#      recomputation on): 512 px with 1 and 3 references, losses on and off, a per-phase
+#      profile, and 1024 px with 6;
 #   d. the rows op against the official full maps at FLUX.1-dev sizes;
 #   e. the PyTorch baseline (ci/gpu/torch_baseline.py) at the same sizes.
 # Each step has its own time limit, cut to what is left of BUDGET_S (default 420 s on a GPU);
@@ -196,6 +197,7 @@ if [ "$MODE" = gpu ]; then
   torch_bench 512px-1ref 512 1 120
   bench 512px-3ref 512 3 120
   torch_bench 512px-3ref 512 3 120
+  bench 512px-1ref-profile 512 1 90 --profile --steps 2
   bench 512px-1ref-fullattention 512 1 90 --set 'model.attention="full"'
   bench 512px-1ref-norecompute 512 1 90 --set train.checkpointing=false
   bench 512px-3ref-nolosses 512 3 90 "${NO_LOSSES[@]}"
@@ -206,6 +208,7 @@ else
   bench 128px-1ref-nolosses 128 1 120 "${NO_LOSSES[@]}"
   torch_bench 128px-1ref 128 1 180
   bench 128px-2ref 128 2 120
+  bench 128px-2ref-profile 128 2 120 --profile --steps 2
   skip rows-vs-official "CPU mode: \`trainer bench-rows\` prints the CPU table (minutes at FLUX.1-dev sizes)"
 fi
 

@@ -137,9 +137,13 @@ pub fn loss_and_grads_into<T, E>(
 where
     E: From<FluxError> + From<candle_core::Error>,
 {
+    let dev = model.device().clone();
     if !checkpointing {
+        let fwd = crate::profile::phase("forward (graph)", &dev);
         let out = model.forward(inp, lora.view(true))?;
         let (total, extra) = loss_fn(&out.pred, out.rows.as_deref())?;
+        drop(fwd);
+        let _bwd = crate::profile::phase("backward", &dev);
         let store = total.backward()?;
         let mut acc = vec![None; lora.named_vars().len()];
         accumulate(&mut acc, lora, &store)?;
@@ -152,6 +156,7 @@ where
     let own = owners(lora);
 
     // 1. Forward without a graph, keeping each block's input.
+    let fwd = crate::profile::phase("forward (no graph)", &dev);
     let ctx = model.prepare(inp)?;
     let detached = lora.view(false);
     let ids = model.block_ids();
@@ -165,6 +170,8 @@ where
         s = next;
     }
     let selected = rows_acc.count();
+    drop(fwd);
+    let head = crate::profile::phase("loss head: forward + backward", &dev);
 
     // 2. The loss head, differentiated with respect to the last target stream and the rows.
     let last = Var::from_tensor(&s.tgt)?;
@@ -197,8 +204,15 @@ where
         None => None,
     };
 
+    drop(head);
+
     // 3. Blocks from the last: recompute with a graph, backprop the cotangents.
     for (&id, input) in ids.iter().zip(inputs).rev() {
+        let kind = match id {
+            BlockId::Double(_) => "double block: recompute + backward",
+            BlockId::Single(_) => "single block: recompute + backward",
+        };
+        let _block = crate::profile::phase(kind, &dev);
         let in_vars: Vec<Var> = input
             .as_vec()
             .into_iter()
@@ -244,6 +258,7 @@ where
     }
 
     // 4. The embeddings (x_embedder carries a LoRA on references).
+    let _emb = crate::profile::phase("embeddings: forward + backward", &dev);
     let emb = model.embed(inp, lora.view(true))?;
     let mut obj = None;
     for (o, c) in emb.as_vec().into_iter().zip(&cot) {

@@ -17,6 +17,7 @@ pub mod grad;
 pub mod lora;
 pub mod lora_format;
 pub mod ops;
+pub mod profile;
 pub mod rng;
 #[cfg(test)]
 mod test_util;

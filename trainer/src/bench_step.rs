@@ -50,6 +50,8 @@ pub struct StepBench {
     /// Fraction of `peak_tflops`.
     pub mfu: f64,
     pub peak_tflops: f64,
+    /// With profiling: seconds per step in each phase (phases may nest), by name.
+    pub phases: Vec<(String, f64)>,
 }
 
 /// Tokens of one sample under `cfg`'s data settings, with `data.max_refs` references.
@@ -102,6 +104,7 @@ pub fn measure(
     warmup: usize,
     steps: usize,
     peak_tflops: f64,
+    profile: bool,
 ) -> Result<StepBench> {
     let tokens = tokens_per_sample(&cfg);
     let batch = cfg.train.batch_size * cfg.train.grad_accum;
@@ -112,6 +115,7 @@ pub fn measure(
     }
     run.device.synchronize()?;
     let memory = PeakMemory::start(&run.device);
+    flux::profile::enable(profile);
     let (mut times, mut acc_times, mut upd_times) = (Vec::new(), Vec::new(), Vec::new());
     for step in warmup as u64..(warmup + steps) as u64 {
         let (acc, upd) = timed_step(&mut run, step)?;
@@ -119,6 +123,11 @@ pub fn measure(
         upd_times.push(upd);
         times.push(acc + upd);
     }
+    let phases = flux::profile::totals()
+        .into_iter()
+        .map(|(name, (secs, _))| (name.to_string(), secs / steps as f64))
+        .collect();
+    flux::profile::enable(false);
     let s_per_step = median(times);
     let flops = model_flops(&run.model.cfg, tokens, batch);
     let tflops = flops / s_per_step / 1e12;
@@ -138,6 +147,7 @@ pub fn measure(
         tflops,
         mfu: tflops / peak_tflops,
         peak_tflops,
+        phases,
     })
 }
 
@@ -163,6 +173,23 @@ impl StepBench {
             self.tflops,
             100.0 * self.mfu
         )
+    }
+}
+
+impl StepBench {
+    /// The profile as a markdown table (empty without `--profile`). Phases may nest, so the
+    /// shares need not add up to 100%; the device is synchronised at every phase boundary,
+    /// which slows the profiled steps.
+    pub fn profile_table(&self) -> String {
+        if self.phases.is_empty() {
+            return String::new();
+        }
+        let total: f64 = self.phases.iter().map(|(_, s)| s).sum::<f64>().max(1e-12);
+        let mut out = String::from("| phase | s per step | share of the phases |\n|---|---|---|\n");
+        for (name, s) in &self.phases {
+            out += &format!("| {name} | {s:.4} | {:.1}% |\n", 100.0 * s / total);
+        }
+        out
     }
 }
 

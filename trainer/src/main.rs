@@ -143,6 +143,9 @@ struct BenchStepArgs {
     /// Print the table header first.
     #[arg(long)]
     header: bool,
+    /// Time each phase of the step (device synchronised at every boundary) and print them.
+    #[arg(long)]
+    profile: bool,
 }
 
 #[derive(clap::Args)]
@@ -318,12 +321,16 @@ fn bench_step_cmd(a: BenchStepArgs) -> anyhow::Result<()> {
     }
     let cfg = Config::load(&a.config, &a.set)
         .with_context(|| format!("loading config {}", a.config.display()))?;
-    let r = trainer::bench_step::measure(&a.label, cfg, a.warmup, a.steps, a.peak_tflops)
-        .with_context(|| format!("benchmark case `{}` failed", a.label))?;
+    let r =
+        trainer::bench_step::measure(&a.label, cfg, a.warmup, a.steps, a.peak_tflops, a.profile)
+            .with_context(|| format!("benchmark case `{}` failed", a.label))?;
     if a.header {
         println!("{}", trainer::bench_step::StepBench::HEADER);
     }
     println!("{}", r.row());
+    if a.profile {
+        println!("\n{}", r.profile_table());
+    }
     if let Some(path) = a.json {
         append_json(&path, &r)?;
     }

@@ -218,6 +218,7 @@ impl Run {
         mut grads: Vec<Tensor>,
         agreed: &StepAgreement,
     ) -> Result<(f64, f64, bool)> {
+        let _phase = flux::profile::phase("update: clip, AdamW, EMA", &self.device);
         let lr = lr_at(&self.cfg.optim, step, self.cfg.train.max_steps);
         let norm = match self.cfg.optim.clip() {
             Some(max) if !agreed.any_nonfinite => clip_global_norm(&mut grads, max)?,
