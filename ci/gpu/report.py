@@ -58,7 +58,7 @@ def main():
                   "F_attn = 4 S^2 D L (S tokens, width D, L blocks; the base is frozen, so its "
                   "backward needs input gradients only; recomputation is not counted). "
                   f"MFU = model FLOPs / (s/step x {benches[0]['peak_tflops']:.0f} TFLOP/s).\n")
-        md.append("| case | framework | dtype | tokens S | s/step | of which fwd+bwd / update | peak memory | model TFLOP/s | MFU | ours / PyTorch |")
+        md.append("| case | framework | dtype | tokens S | s/step | of which fwd+bwd / update | peak memory (after build) | model TFLOP/s | MFU | ours / PyTorch |")
         md.append("|---|---|---|---|---|---|---|---|---|---|")
         for label in sorted(set(ours) | set(torch), key=lambda l: (l.split("-")[0], l)):
             for side in (ours, torch):
@@ -71,7 +71,7 @@ def main():
                 split = (f"{b['accumulate_s']:.4f} / {b['update_s']:.4f}"
                          if "accumulate_s" in b else "")
                 md.append(f"| {label} | {b['framework']} | {b['dtype']} | {b['tokens']} | "
-                          f"{b['s_per_step']:.4f} | {split} | {gb(b['peak_bytes'])} | {b['tflops']:.3g} | "
+                          f"{b['s_per_step']:.4f} | {split} | {gb(b['peak_bytes'])} ({gb(b.get('resident_bytes'))}) | {b['tflops']:.3g} | "
                           f"{100 * b['mfu']:.1f}% | {ratio} |")
         overhead = []
         for label, b in ours.items():

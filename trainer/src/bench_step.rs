@@ -44,6 +44,9 @@ pub struct StepBench {
     pub steps: usize,
     /// Peak bytes during the measured steps (device pool on a GPU, heap on the CPU).
     pub peak_bytes: Option<usize>,
+    /// Bytes in use once the run is built, before any step: the frozen weights, the LoRA, its
+    /// optimizer and EMA state, the data (what a step's peak starts from).
+    pub resident_bytes: Option<usize>,
     pub model_flops: f64,
     /// Achieved model FLOP/s over the median step, in TFLOP/s.
     pub tflops: f64,
@@ -110,6 +113,8 @@ pub fn measure(
     let batch = cfg.train.batch_size * cfg.train.grad_accum;
     let dtype = format!("{:?}", cfg.model.dtype).to_lowercase();
     let mut run = Run::build(cfg)?;
+    run.device.synchronize()?;
+    let resident_bytes = crate::device_memory::resident(&run.device);
     for step in 0..warmup as u64 {
         run.train_step(step)?;
     }
@@ -143,6 +148,7 @@ pub fn measure(
         update_s: median(upd_times),
         steps,
         peak_bytes: memory.peak(),
+        resident_bytes,
         model_flops: flops,
         tflops,
         mfu: tflops / peak_tflops,
@@ -152,13 +158,17 @@ pub fn measure(
 }
 
 impl StepBench {
-    pub const HEADER: &'static str = "| case | framework | device | dtype | tokens | s/step | of which fwd+bwd / update | peak memory | model TFLOP/s | MFU |\n|---|---|---|---|---|---|---|---|---|---|";
+    pub const HEADER: &'static str = "| case | framework | device | dtype | tokens | s/step | of which fwd+bwd / update | peak memory (after build) | model TFLOP/s | MFU |\n|---|---|---|---|---|---|---|---|---|---|";
 
     /// The result as a row under [`Self::HEADER`].
     pub fn row(&self) -> String {
-        let mem = self
-            .peak_bytes
-            .map_or("n/a".to_string(), |b| format!("{:.2} GB", b as f64 / 1e9));
+        let gb =
+            |b: Option<usize>| b.map_or("n/a".to_string(), |b| format!("{:.2} GB", b as f64 / 1e9));
+        let mem = format!(
+            "{} (built: {})",
+            gb(self.peak_bytes),
+            gb(self.resident_bytes)
+        );
         format!(
             "| {} | {} | {} | {} | {} | {:.4} | {:.4} / {:.4} | {} | {:.2} | {:.1}% |",
             self.label,

@@ -45,9 +45,24 @@ impl PeakMemory {
     }
 }
 
+/// Bytes in use now on `device`: the memory pool's current use on a GPU, the heap on the CPU
+/// (`None` where nothing measures them).
+pub fn resident(device: &Device) -> Option<usize> {
+    match device.location() {
+        #[cfg(feature = "cuda")]
+        DeviceLocation::Cuda { gpu_id } => cuda::used_now(gpu_id),
+        #[cfg(not(feature = "cuda"))]
+        DeviceLocation::Cuda { .. } => None,
+        _ => Some(alloc::current()).filter(|&b| b > 0),
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
-    use cudarc::driver::sys::{self, CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH};
+    use cudarc::driver::sys::{
+        self,
+        CUmemPool_attribute::{CU_MEMPOOL_ATTR_USED_MEM_CURRENT, CU_MEMPOOL_ATTR_USED_MEM_HIGH},
+    };
 
     fn pool(ordinal: usize) -> Option<sys::CUmemoryPool> {
         let dev = cudarc::driver::result::device::get(ordinal as i32).ok()?;
@@ -72,14 +87,21 @@ mod cuda {
         }
     }
 
-    /// The most bytes the pool held in use since the last reset.
-    pub fn high_water(ordinal: usize) -> Option<usize> {
+    fn attribute(ordinal: usize, attr: sys::CUmemPool_attribute) -> Option<usize> {
         let p = pool(ordinal)?;
         let mut v = 0u64;
-        // SAFETY: USED_MEM_HIGH writes one cuuint64_t into `v`.
-        let r = unsafe {
-            sys::cuMemPoolGetAttribute(p, CU_MEMPOOL_ATTR_USED_MEM_HIGH, (&raw mut v).cast())
-        };
+        // SAFETY: both USED_MEM attributes write one cuuint64_t into `v`.
+        let r = unsafe { sys::cuMemPoolGetAttribute(p, attr, (&raw mut v).cast()) };
         (r == sys::CUresult::CUDA_SUCCESS && v > 0).then_some(v as usize)
+    }
+
+    /// The most bytes the pool held in use since the last reset.
+    pub fn high_water(ordinal: usize) -> Option<usize> {
+        attribute(ordinal, CU_MEMPOOL_ATTR_USED_MEM_HIGH)
+    }
+
+    /// Bytes the pool holds in use now.
+    pub fn used_now(ordinal: usize) -> Option<usize> {
+        attribute(ordinal, CU_MEMPOOL_ATTR_USED_MEM_CURRENT)
     }
 }
