@@ -281,7 +281,8 @@ impl CustomOp3 for ChunkedAttention {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let to_candle = |e: crate::FluxError| candle_core::Error::Msg(format!("{e}"));
         let cdt = self.ops.k_t.dtype();
-        let (q, k) = (q.detach(), k.detach().to_dtype(cdt)?);
+        // Q in the compute dtype once: each chunk reads it for its scores and for dK.
+        let (q, k) = (q.detach().to_dtype(cdt)?, k.detach().to_dtype(cdt)?);
         let v_t = v.detach().to_dtype(cdt)?.t()?.contiguous()?;
         let (o, g) = (res.detach().to_dtype(cdt)?, grad_res.to_dtype(cdt)?);
         let s = q.dim(2)?;
@@ -297,7 +298,7 @@ impl CustomOp3 for ChunkedAttention {
             let delta = (&gc * o.narrow(2, start, len)?)?.sum_keepdim(D::Minus1)?;
             dv = (dv + p.t()?.matmul(&gc)?)?;
             let ds = (p * gc.matmul(&v_t)?.broadcast_sub(&delta)?)?;
-            let qc = q.narrow(2, start, len)?.to_dtype(cdt)?;
+            let qc = q.narrow(2, start, len)?;
             dq.push((ds.matmul(&k)? * self.ops.scale)?);
             dk = (dk + (ds.t()?.matmul(&qc)? * self.ops.scale)?)?;
         }

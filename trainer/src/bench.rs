@@ -52,9 +52,15 @@ fn cases() -> Vec<Case> {
     ]
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The median of `v` (the upper one of an even count).
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
+}
+
+/// Bytes in GB with two decimals, or "n/a" where nothing measured them.
+pub(crate) fn gb(b: Option<usize>) -> String {
+    b.map_or("n/a".into(), |b| format!("{:.2} GB", b as f64 / 1e9))
 }
 
 fn fmt_bytes(b: usize) -> String {

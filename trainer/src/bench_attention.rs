@@ -12,6 +12,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, Var};
 use flux::attention::{attention, Attention, GroupMask};
 
+use crate::bench::gb;
 use crate::device_memory::PeakMemory;
 use crate::error::Result;
 
@@ -55,10 +56,6 @@ fn measure(s: usize, refs: &[usize], kind: Attention) -> Result<(f64, Option<usi
         r?;
     }
     Ok((t.elapsed().as_secs_f64(), memory.peak()))
-}
-
-fn gb(b: Option<usize>) -> String {
-    b.map_or("n/a".into(), |b| format!("{:.2} GB", b as f64 / 1e9))
 }
 
 /// The cases: 512 text tokens, then (target, references) tokens of FLUX.1-dev at 512 and

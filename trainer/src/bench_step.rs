@@ -19,11 +19,11 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::bench::{gb, median};
 use crate::config::Config;
 use crate::device_memory::PeakMemory;
 use crate::error::Result;
 use crate::run::Run;
-use crate::step::StepAgreement;
 
 /// One measured configuration.
 #[derive(Debug, Clone, Serialize)]
@@ -74,27 +74,15 @@ pub fn model_flops(fc: &flux::FluxConfig, tokens: usize, batch: usize) -> f64 {
     batch as f64 * (2.0 * lin + 3.0 * attn)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-/// One step as `Run::train_step` takes it (without its periodic weight check and metrics),
-/// with the device synchronised after each phase: (accumulate s, agree + update s).
+/// One step as `Run::train_step` takes it, with the device synchronised after each part:
+/// (accumulate s, agree + update s).
 fn timed_step(run: &mut Run, step: u64) -> Result<(f64, f64)> {
     let t = Instant::now();
     let acc = run.accumulate(step)?;
     run.device.synchronize()?;
     let accumulate = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let agreed = StepAgreement::reach(
-        &run.dist,
-        &run.device,
-        &acc.parts,
-        false,
-        run.data.shard_cursor(),
-    )?;
-    run.update(step, acc.grads, &agreed)?;
+    run.finish_step(step, acc, t)?;
     run.device.synchronize()?;
     Ok((accumulate, t.elapsed().as_secs_f64()))
 }
@@ -162,8 +150,6 @@ impl StepBench {
 
     /// The result as a row under [`Self::HEADER`].
     pub fn row(&self) -> String {
-        let gb =
-            |b: Option<usize>| b.map_or("n/a".to_string(), |b| format!("{:.2} GB", b as f64 / 1e9));
         let mem = format!(
             "{} (built: {})",
             gb(self.peak_bytes),
@@ -184,9 +170,7 @@ impl StepBench {
             100.0 * self.mfu
         )
     }
-}
 
-impl StepBench {
     /// The profile as a markdown table (empty without `--profile`). Phases may nest, so the
     /// shares need not add up to 100%; the device is synchronised at every phase boundary,
     /// which slows the profiled steps.

@@ -6,7 +6,7 @@
 use candle_core::DType;
 use serde::Serialize;
 
-use crate::config::{Config, DataSource, DeviceName};
+use crate::config::{Config, DataSource, DeviceName, InitName};
 use crate::data::Sample;
 use crate::error::{Result, TrainerError};
 use crate::objective::{self, DrawAt, LossParts};
@@ -75,10 +75,9 @@ fn step(run: &Run) -> Result<(LossParts, Vec<candle_core::Tensor>)> {
 pub fn check(cfg: &Config) -> Result<DeviceCheck> {
     let mut cfg = cfg.clone();
     cfg.data.source = DataSource::Synthetic;
+    cfg.model.init = InitName::Portable;
     let mut cpu_cfg = cfg.clone();
     cpu_cfg.model.device = DeviceName::Cpu;
-    cpu_cfg.model.init = crate::config::InitName::Portable;
-    cfg.model.init = crate::config::InitName::Portable;
     let dev = Run::build(cfg.clone())?;
     let cpu = Run::build(cpu_cfg)?;
     let (pd, gd) = step(&dev)?;

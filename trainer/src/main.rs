@@ -60,9 +60,9 @@ enum Command {
         /// Repetitions per case (the fastest is reported).
         #[arg(long, default_value_t = 1)]
         reps: usize,
-        /// cpu, or cuda (a build with --features cuda).
-        #[arg(long, default_value = "cpu")]
-        device: String,
+        /// cuda needs a build with --features cuda.
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: trainer::config::DeviceName,
     },
     /// One block's attention at FLUX.1-dev's shape on the CPU, chunked against full, forward and
     /// backward time and peak heap, and the memory budget from the measured bytes per token.
@@ -244,7 +244,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
         }
         Command::CheckDevice { config, set, json } => return check_device_cmd(&config, &set, json),
-        Command::BenchRows { reps, device } => bench_rows_cmd(reps, &device)?,
+        Command::BenchRows { reps, device } => bench_rows_cmd(reps, device)?,
         Command::BenchAllreduce {
             ranks,
             sizes,
@@ -270,8 +270,7 @@ fn check_device_cmd(
     set: &[String],
     json: Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
-    let cfg = Config::load(config, set)
-        .with_context(|| format!("loading config {}", config.display()))?;
+    let cfg = load_config(config, set)?;
     let c = trainer::device_check::check(&cfg).context("device check failed")?;
     println!(
         "{}\n{}",
@@ -288,18 +287,19 @@ fn check_device_cmd(
     })
 }
 
-fn bench_rows_cmd(reps: usize, device: &str) -> anyhow::Result<()> {
-    let device = match device {
-        "cpu" => candle_core::Device::Cpu,
-        "cuda" => candle_core::Device::new_cuda(0)
-            .context("--device cuda: cannot open CUDA device 0 (build with --features cuda)")?,
-        other => anyhow::bail!("--device: expected cpu or cuda, got `{other}`"),
-    };
+fn bench_rows_cmd(reps: usize, device: trainer::config::DeviceName) -> anyhow::Result<()> {
+    let device = trainer::run::open_device(device, 0)
+        .context("--device: cannot open CUDA device 0 (build with --features cuda)")?;
     print!(
         "{}",
         trainer::bench_rows::report(reps.max(1), &device).context("rows benchmark failed")?
     );
     Ok(())
+}
+
+/// The config at `path` with `--set` overrides, naming the file when it cannot be used.
+fn load_config(path: &std::path::Path, set: &[String]) -> anyhow::Result<Config> {
+    Config::load(path, set).with_context(|| format!("loading config {}", path.display()))
 }
 
 /// Appends `value` as one JSON line to `path`.
@@ -319,8 +319,7 @@ fn bench_step_cmd(a: BenchStepArgs) -> anyhow::Result<()> {
     if a.steps == 0 {
         anyhow::bail!("--steps must be at least 1");
     }
-    let cfg = Config::load(&a.config, &a.set)
-        .with_context(|| format!("loading config {}", a.config.display()))?;
+    let cfg = load_config(&a.config, &a.set)?;
     let r =
         trainer::bench_step::measure(&a.label, cfg, a.warmup, a.steps, a.peak_tflops, a.profile)
             .with_context(|| format!("benchmark case `{}` failed", a.label))?;
@@ -353,8 +352,7 @@ fn train_cmd(args: TrainArgs) -> anyhow::Result<ExitCode> {
     if no_resume {
         set.push("checkpoint.resume=false".into());
     }
-    let cfg = Config::load(&config, &set)
-        .with_context(|| format!("loading config {}", config.display()))?;
+    let cfg = load_config(&config, &set)?;
     let exit_on_signal = cfg.train.signal_exit_code;
     let outcome = trainer::train::train_from_env(cfg).context("training failed")?;
     let first = outcome.losses.first().map(|l| l.total).unwrap_or(f64::NAN);

@@ -46,15 +46,20 @@ pub struct Run {
 
 /// The device of this rank: CUDA device `ordinal` (LOCAL_RANK) or the CPU.
 pub fn device_of(cfg: &Config, ordinal: usize) -> Result<Device> {
-    Ok(match cfg.model.device {
-        DeviceName::Cpu => Device::Cpu,
-        DeviceName::Cuda => Device::new_cuda(ordinal).map_err(|e| {
-            TrainerError::config(
-                "model.device",
-                format!("cannot open CUDA device {ordinal}: {e} (build with --features cuda)"),
-            )
-        })?,
+    open_device(cfg.model.device, ordinal).map_err(|e| {
+        TrainerError::config(
+            "model.device",
+            format!("cannot open CUDA device {ordinal}: {e} (build with --features cuda)"),
+        )
     })
+}
+
+/// The CPU, or CUDA device `ordinal`.
+pub fn open_device(name: DeviceName, ordinal: usize) -> candle_core::Result<Device> {
+    match name {
+        DeviceName::Cpu => Ok(Device::Cpu),
+        DeviceName::Cuda => Device::new_cuda(ordinal),
+    }
 }
 
 /// The frozen base: loaded from `model.weights`, or seeded random weights of `model.preset`.

@@ -119,6 +119,17 @@ impl Run {
     pub fn train_step(&mut self, step: u64) -> Result<(StepMetrics, LossParts)> {
         let started = Instant::now();
         let acc = self.accumulate(step)?;
+        self.finish_step(step, acc, started)
+    }
+
+    /// The rest of a step after [`Run::accumulate`]: the ranks agree, the update, the periodic
+    /// weight check, and the step's metrics timed from `started`.
+    pub fn finish_step(
+        &mut self,
+        step: u64,
+        acc: Accumulated,
+        started: Instant,
+    ) -> Result<(StepMetrics, LossParts)> {
         let agreed = StepAgreement::reach(
             &self.dist,
             &self.device,
