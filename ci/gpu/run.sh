@@ -82,6 +82,7 @@ for f in sorted(src.glob("*.xz")):
     print("unpacked", out.name, out.stat().st_size)
 EOF
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1
+  echo "profilers: nsys=$(command -v nsys || echo none) ncu=$(command -v ncu || echo none)" >> "$OUT/gpu.txt"
   DEVICE_SETS=(--set 'model.device="cuda"')
   PY=python3
   PYDEV=cuda
@@ -201,7 +202,6 @@ if [ "$MODE" = gpu ]; then
   bench 512px-1ref-fullattention 512 1 90 --set 'model.attention="full"'
   bench 512px-1ref-norecompute 512 1 90 --set train.checkpointing=false
   bench 512px-3ref-nolosses 512 3 90 "${NO_LOSSES[@]}"
-  bench 1024px-6ref 1024 6 150 --warmup 0 --steps 1
   step rows-vs-official 90 "$BIN/trainer" bench-rows --device cuda
 else
   bench 128px-1ref 128 1 120
@@ -211,6 +211,26 @@ else
   bench 128px-2ref-profile 128 2 120 --profile --steps 2
   skip rows-vs-official "CPU mode: \`trainer bench-rows\` prints the CPU table (minutes at FLUX.1-dev sizes)"
 fi
+
+# ---- the kernels behind one step, when the machine has Nsight Systems: the 40 that take the
+# most GPU time, as nsys' cuda_gpu_kern_sum table in $OUT/gpu-kernels.txt
+if [ "$MODE" = gpu ] && command -v nsys > /dev/null; then
+  nsys_step() {
+    nsys profile -q -t cuda -o "$WORK/step" --force-overwrite true "$BIN/trainer" bench-step "$@" &&
+      nsys stats -q -r cuda_gpu_kern_sum -f csv -o "$WORK/kern" "$WORK/step.nsys-rep" &&
+      head -41 "$WORK"/kern*.csv > "$OUT/gpu-kernels.txt"
+  }
+  export -f nsys_step
+  export WORK OUT
+  step nsys-512px-1ref 120 bash -c 'nsys_step "$@"' _ --config configs/flux-dev-512.toml --set 'model.weights=""' \
+    --set 'model.init="device"' --set 'data.source="synthetic"' --set 'data.cache=""' --set 'data.encoders=""' \
+    --set data.samples=4 --set train.progress=false --set "run.dir=\"$WORK/nsys\"" --set 'model.device="cuda"' \
+    --set data.min_refs=1 --set data.max_refs=1 --warmup 1 --steps 1 --label nsys
+else
+  skip nsys-512px-1ref "no GPU or no nsys"
+fi
+# The largest case last: a long step that may not fit.
+[ "$MODE" = gpu ] && bench 1024px-6ref 1024 6 200 --warmup 0 --steps 1
 
 # ---- a (last: the slowest check, and the one a runtime may refuse)
 if [ "$MODE" = gpu ] && command -v compute-sanitizer > /dev/null; then

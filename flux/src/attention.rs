@@ -19,6 +19,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor, D};
 
 use crate::error::Result;
+use crate::matmul::matmul_f32_out;
 use crate::ops::stats_dtype;
 
 /// How a block computes attention.
@@ -126,34 +127,34 @@ pub fn full(
     Ok(probs.matmul(&v_bhsd.contiguous()?)?)
 }
 
-/// The inputs of one chunked call, detached from the graph and in the compute dtype.
+/// The inputs of one chunked call, detached from the graph.
 struct Operands {
+    /// The inputs' dtype.
     dtype: DType,
     scale: f64,
-    /// K^T [B, H, hd, S], compute dtype.
-    k_t: Tensor,
+    /// K [B, H, S, hd] in the inputs' dtype, contiguous: products read K^T as a view.
+    k: Tensor,
     mask: Option<GroupMask>,
 }
 
 impl Operands {
     fn new(k_bhsd: &Tensor, dtype: DType, mask: Option<&GroupMask>) -> Result<Self> {
-        let cdt = stats_dtype(dtype);
         let d = k_bhsd.dim(3)?;
         Ok(Self {
             dtype,
             scale: 1.0 / (d as f64).sqrt(),
-            k_t: k_bhsd.detach().to_dtype(cdt)?.t()?.contiguous()?,
+            k: k_bhsd.detach().contiguous()?,
             mask: mask.cloned(),
         })
     }
 
-    /// Masked, scaled scores of query rows `start..start + len`, [B, H, len, S].
+    /// Masked, scaled scores of query rows `start..start + len`, [B, H, len, S], in the
+    /// compute dtype (f32 for half inputs, whose product runs in their own dtype).
     fn scores(&self, q_bhsd: &Tensor, start: usize, len: usize) -> Result<Tensor> {
-        let cdt = self.k_t.dtype();
-        let qc = q_bhsd.narrow(2, start, len)?.to_dtype(cdt)?;
-        let scores = (qc.matmul(&self.k_t)? * self.scale)?;
+        let qc = q_bhsd.narrow(2, start, len)?;
+        let scores = (matmul_f32_out(&qc, &self.k.t()?)? * self.scale)?;
         Ok(match &self.mask {
-            Some(m) => scores.broadcast_add(&m.rows(start, len, cdt)?)?,
+            Some(m) => scores.broadcast_add(&m.rows(start, len, scores.dtype())?)?,
             None => scores,
         })
     }
@@ -174,9 +175,10 @@ pub fn chunked(
     mask: Option<&GroupMask>,
     chunk: usize,
 ) -> Result<Tensor> {
+    let _phase = crate::profile::phase("op: attention forward", q_bhsd.device());
     let dtype = q_bhsd.dtype();
     let ops = Operands::new(k_bhsd, dtype, mask)?;
-    let q = q_bhsd.detach();
+    let q = q_bhsd.detach().contiguous()?;
     let v = v_bhsd.detach().contiguous()?;
     let s = q.dim(2)?;
     let mut outs = Vec::new();
@@ -186,8 +188,9 @@ pub fn chunked(
         let max = scores.max_keepdim(D::Minus1)?;
         let e = scores.broadcast_sub(&max)?.exp()?;
         let sum = e.sum_keepdim(D::Minus1)?;
-        let p = e.broadcast_div(&sum)?;
-        outs.push(p.to_dtype(dtype)?.matmul(&v)?);
+        // P in the inputs' dtype for its product with V, as FlashAttention does.
+        let p = e.broadcast_div(&sum)?.to_dtype(dtype)?;
+        outs.push(matmul_f32_out(&p, &v)?.to_dtype(dtype)?);
         lses.push((max + sum.log()?)?);
     }
     let out = Tensor::cat(&outs, 2)?.contiguous()?;
@@ -274,35 +277,42 @@ impl CustomOp3 for ChunkedAttention {
     fn bwd(
         &self,
         q: &Tensor,
-        k: &Tensor,
+        _k: &Tensor,
         v: &Tensor,
         res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _phase = crate::profile::phase("op: attention backward", q.device());
         let to_candle = |e: crate::FluxError| candle_core::Error::Msg(format!("{e}"));
-        let cdt = self.ops.k_t.dtype();
-        // Q in the compute dtype once: each chunk reads it for its scores and for dK.
-        let (q, k) = (q.detach().to_dtype(cdt)?, k.detach().to_dtype(cdt)?);
-        let v_t = v.detach().to_dtype(cdt)?.t()?.contiguous()?;
-        let (o, g) = (res.detach().to_dtype(cdt)?, grad_res.to_dtype(cdt)?);
+        let mm = |a: &Tensor, b: &Tensor| matmul_f32_out(a, b).map_err(to_candle);
+        let dtype = self.ops.dtype;
+        let cdt = stats_dtype(dtype);
+        // Products take operands in the inputs' dtype (P and dS are cast to it, as in
+        // FlashAttention) and give compute-dtype results; sums and the softmax stay in the
+        // compute dtype.
+        let (q, k, v) = (
+            q.detach().contiguous()?,
+            &self.ops.k,
+            v.detach().contiguous()?,
+        );
+        let (o, g) = (res.detach().to_dtype(cdt)?, grad_res.contiguous()?);
         let s = q.dim(2)?;
         let mut dq = Vec::new();
-        let mut dk = k.zeros_like()?;
-        let mut dv = k.zeros_like()?;
+        let mut dk = k.zeros_like()?.to_dtype(cdt)?;
+        let mut dv = dk.clone();
         for (start, len) in chunks(s, self.chunk) {
             let scores = self.ops.scores(&q, start, len).map_err(to_candle)?;
             let p = scores
                 .broadcast_sub(&self.lse.narrow(2, start, len)?)?
                 .exp()?;
-            let gc = g.narrow(2, start, len)?.contiguous()?;
-            let delta = (&gc * o.narrow(2, start, len)?)?.sum_keepdim(D::Minus1)?;
-            dv = (dv + p.t()?.matmul(&gc)?)?;
-            let ds = (p * gc.matmul(&v_t)?.broadcast_sub(&delta)?)?;
+            let gc = g.narrow(2, start, len)?;
+            let delta = (gc.to_dtype(cdt)? * o.narrow(2, start, len)?)?.sum_keepdim(D::Minus1)?;
+            dv = (dv + mm(&p.to_dtype(dtype)?.t()?, &gc)?)?;
+            let ds = (p * mm(&gc, &v.t()?)?.broadcast_sub(&delta)?)?.to_dtype(dtype)?;
             let qc = q.narrow(2, start, len)?;
-            dq.push((ds.matmul(&k)? * self.ops.scale)?);
-            dk = (dk + (ds.t()?.matmul(&qc)? * self.ops.scale)?)?;
+            dq.push((mm(&ds, k)? * self.ops.scale)?);
+            dk = (dk + (mm(&ds.t()?, &qc)? * self.ops.scale)?)?;
         }
-        let dtype = self.ops.dtype;
         Ok((
             Some(Tensor::cat(&dq, 2)?.to_dtype(dtype)?),
             Some(dk.to_dtype(dtype)?),
@@ -316,7 +326,7 @@ mod tests {
     use super::*;
     use candle_core::Var;
 
-    use crate::test_util::max_diff;
+    use crate::test_util::{max_diff, rel_diff};
 
     fn randn(shape: &[usize], seed: u64) -> Tensor {
         crate::test_util::uniform(shape, seed, 2.0)
@@ -494,6 +504,46 @@ mod tests {
         let b = chunked(&q, &k, &v, Some(&c.mask), 4).unwrap();
         assert_eq!(b.dtype(), DType::BF16);
         assert!(max_diff(&a, &b) < 2e-2);
+    }
+
+    /// bf16 chunked attention (products of bf16 operands, P and dS rounded to bf16 as in
+    /// FlashAttention) against f64 full attention of the same rounded inputs: the output and
+    /// the three input gradients within bf16's precision.
+    #[test]
+    fn bf16_chunked_gradients_are_close_to_f64() {
+        let c = case();
+        let half = [&c.q, &c.k, &c.v]
+            .map(|x| Var::from_tensor(&x.as_tensor().to_dtype(DType::BF16).unwrap()).unwrap());
+        let exact = half
+            .each_ref()
+            .map(|x| Var::from_tensor(&x.as_tensor().to_dtype(DType::F64).unwrap()).unwrap());
+        let run = |vars: &[Var; 3], o: Tensor| {
+            let o = o.to_dtype(DType::F64).unwrap();
+            let g = (&o * &c.w).unwrap().sum_all().unwrap().backward().unwrap();
+            let grads: Vec<Tensor> = vars
+                .iter()
+                .map(|x| g.get(x.as_tensor()).unwrap().to_dtype(DType::F64).unwrap())
+                .collect();
+            (o, grads)
+        };
+        let [q, k, v] = half.each_ref().map(|x| x.as_tensor());
+        let (o16, g16) = run(&half, chunked(q, k, v, Some(&c.mask), 4).unwrap());
+        let [q, k, v] = exact.each_ref().map(|x| x.as_tensor());
+        let (o64, g64) = run(&exact, full(q, k, v, Some(&c.mask)).unwrap());
+        assert!(
+            rel_diff(&o64, &o16) < 1e-2,
+            "output {}",
+            rel_diff(&o64, &o16)
+        );
+        for (name, a, b) in [
+            ("dq", &g64[0], &g16[0]),
+            ("dk", &g64[1], &g16[1]),
+            ("dv", &g64[2], &g16[2]),
+        ] {
+            let d = rel_diff(a, b);
+            eprintln!("bf16 chunked {name}: max |bf16 - f64| / max |f64| = {d:.2e}");
+            assert!(d < 1e-2, "{name}: {d}");
+        }
     }
 
     /// Chunked attention on a GPU against the CPU at FLUX.1-dev's head count and head dim,

@@ -192,6 +192,7 @@ pub fn attention_rows(
     queries: &[Tensor],
     plain: bool,
 ) -> Result<Vec<Tensor>> {
+    let _phase = crate::profile::phase("op: loss rows forward", q_bhsd.device());
     let scale = 1.0 / (q_bhsd.dim(3)? as f64).sqrt();
     let ref_len = q_bhsd.dim(2)? - ref_start;
     let k_t = k_bhsd.narrow(2, tgt_start, tgt_len)?;
@@ -208,7 +209,14 @@ pub fn attention_rows(
         .collect()
 }
 
+/// GELU with the tanh approximation (FLUX's feed-forward and single-block MLP).
+fn gelu(x: &Tensor) -> Result<Tensor> {
+    let _phase = crate::profile::phase("op: gelu forward", x.device());
+    Ok(x.gelu()?)
+}
+
 fn gated_add(x: &Tensor, gate_bd: &Tensor, y: &Tensor) -> Result<Tensor> {
+    let _phase = crate::profile::phase("op: modulate, gate forward", x.device());
     Ok((x + y.broadcast_mul(&gate_bd.unsqueeze(1)?)?)?)
 }
 
@@ -301,7 +309,7 @@ impl DoubleBlock {
             let w = if br.text { &self.text } else { &self.image };
             let x = gated_add(br.x, &m[2], &w.out.apply(a, br.lora)?)?;
             let h = modulate(&layer_norm(&x, NORM_EPS)?, &m[3], &m[4])?;
-            let ff = w.ff2.apply(&w.ff0.apply(&h, br.lora)?.gelu()?, br.lora)?;
+            let ff = w.ff2.apply(&gelu(&w.ff0.apply(&h, br.lora)?)?, br.lora)?;
             outs.push(gated_add(&x, &m[5], &ff)?);
         }
         Ok((Streams::from_vec(outs), joint.rows))
@@ -351,7 +359,7 @@ impl SingleBlock {
         for br in &brs {
             let m = self.norm.apply(br.temb, br.lora)?.chunk(3, 1)?;
             let h = modulate(&layer_norm(br.x, NORM_EPS)?, &m[0], &m[1])?;
-            let mlp = self.proj_mlp.apply(&h, br.lora)?.gelu()?;
+            let mlp = gelu(&self.proj_mlp.apply(&h, br.lora)?)?;
             qkv.push((
                 to_heads(&self.q.apply(&h, br.lora)?, self.heads, Some(&self.norm_q))?,
                 to_heads(&self.k.apply(&h, br.lora)?, self.heads, Some(&self.norm_k))?,

@@ -16,6 +16,7 @@ pub mod error;
 pub mod grad;
 pub mod lora;
 pub mod lora_format;
+pub mod matmul;
 pub mod ops;
 pub mod profile;
 pub mod rng;

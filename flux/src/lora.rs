@@ -249,6 +249,7 @@ impl LoraView<'_> {
         let Some(ad) = self.lora.adapters.get(module) else {
             return Ok(y);
         };
+        let _phase = crate::profile::phase("op: LoRA forward", x_bsi.device());
         let (a, b) = if self.tracked {
             (ad.a.as_tensor().clone(), ad.b.as_tensor().clone())
         } else {

@@ -88,6 +88,7 @@ impl CustomOp2 for FrozenMatmul {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let _phase = crate::profile::phase("op: frozen linear backward", x.device());
         let (n, k) = w.dims2()?;
         let m = x.elem_count() / k.max(1);
         let gx = grad_res.reshape((m, n))?.matmul(w)?.reshape(x.shape())?;
@@ -97,6 +98,7 @@ impl CustomOp2 for FrozenMatmul {
 
 /// y = x W^T + b for a frozen weight `w_oi` [out, in] and bias [out].
 pub fn frozen_linear(x: &Tensor, w_oi: &Tensor, b_o: Option<&Tensor>) -> Result<Tensor> {
+    let _phase = crate::profile::phase("op: frozen linear forward", x.device());
     let x = x.contiguous()?;
     let y = x.apply_op2(w_oi, FrozenMatmul)?;
     Ok(match b_o {
@@ -115,6 +117,7 @@ pub(crate) fn stats_dtype(dtype: DType) -> DType {
 
 /// LayerNorm over the last dim without affine parameters (FLUX's norm1/norm2/norm_out).
 pub fn layer_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
+    let _phase = crate::profile::phase("op: norms forward", x.device());
     let dtype = x.dtype();
     let x = x.to_dtype(stats_dtype(dtype))?;
     let mean = x.mean_keepdim(D::Minus1)?;
@@ -126,6 +129,7 @@ pub fn layer_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// RMSNorm over the last dim with a learned weight (the QK norms): x / sqrt(mean(x^2) + eps) * w.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let _phase = crate::profile::phase("op: norms forward", x.device());
     let dtype = x.dtype();
     let x = x.to_dtype(stats_dtype(dtype))?;
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
@@ -140,6 +144,7 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
 
 /// x * (1 + scale) + shift, with `scale`/`shift` [B, D] broadcast over tokens of `x_bsd`.
 pub fn modulate(x_bsd: &Tensor, shift_bd: &Tensor, scale_bd: &Tensor) -> Result<Tensor> {
+    let _phase = crate::profile::phase("op: modulate, gate forward", x_bsd.device());
     let scale = (scale_bd.unsqueeze(1)? + 1.0)?;
     Ok(x_bsd
         .broadcast_mul(&scale)?
@@ -149,6 +154,7 @@ pub fn modulate(x_bsd: &Tensor, shift_bd: &Tensor, scale_bd: &Tensor) -> Result<
 /// Rotates consecutive pairs (x_2k, x_2k+1) of the last dim by angles with `cos_sk`/`sin_sk`
 /// [S, hd/2] (design.md §3.4), in f32 (or f64), cast back to the input dtype.
 pub fn apply_rope(q_bhsd: &Tensor, cos_sk: &Tensor, sin_sk: &Tensor) -> Result<Tensor> {
+    let _phase = crate::profile::phase("op: rope forward", q_bhsd.device());
     let dtype = q_bhsd.dtype();
     let (b, h, s, d) = q_bhsd.dims4()?;
     let x = q_bhsd

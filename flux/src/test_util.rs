@@ -22,7 +22,6 @@ pub fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
 }
 
 /// max |a - b| / max |a| (how far `b` is from the reference `a`, relative to its scale).
-#[cfg(feature = "cuda")]
 pub fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
     let zero = a.zeros_like().expect("zeros of a's shape");
     max_diff(a, b) / max_diff(a, &zero).max(1e-12)

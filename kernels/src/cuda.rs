@@ -28,14 +28,23 @@ pub fn source() -> &'static str {
 
 fn ptx() -> candle_core::Result<&'static str> {
     static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-    PTX.get_or_init(|| {
+    compiled(&PTX, SOURCE, "attention_rows")
+}
+
+/// The PTX of `source`, compiled with NVRTC once per process (and the error, once).
+pub(crate) fn compiled(
+    cell: &'static OnceLock<std::result::Result<String, String>>,
+    source: &str,
+    what: &str,
+) -> candle_core::Result<&'static str> {
+    cell.get_or_init(|| {
         let opts = candle_core::cuda_backend::cudarc::nvrtc::CompileOptions {
             use_fast_math: Some(false),
             ..Default::default()
         };
-        candle_core::cuda_backend::cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts)
+        candle_core::cuda_backend::cudarc::nvrtc::compile_ptx_with_opts(source, opts)
             .map(|p| p.to_src())
-            .map_err(|e| format!("NVRTC could not compile the attention_rows kernel: {e:?}"))
+            .map_err(|e| format!("NVRTC could not compile the {what} kernels: {e:?}"))
     })
     .as_ref()
     .map(String::as_str)

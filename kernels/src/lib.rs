@@ -11,6 +11,8 @@ pub mod error;
 pub mod losses;
 pub mod rows;
 pub mod sampling;
+#[cfg(feature = "cuda")]
+pub mod softmax;
 
 pub use error::KernelError;
 pub use losses::{mdl_jsd_loss, mdl_kl_loss, mdl_loss, scal_loss, MdlVariant, RefSegments};

@@ -171,15 +171,16 @@ impl StepBench {
         )
     }
 
-    /// The profile as a markdown table (empty without `--profile`). Phases may nest, so the
-    /// shares need not add up to 100%; the device is synchronised at every phase boundary,
-    /// which slows the profiled steps.
+    /// The profile as a markdown table (empty without `--profile`). Phases nest: the `op:`
+    /// phases (single operations, wherever they run) lie inside the others, so shares need not
+    /// add up to 100%. The device is synchronised at every phase boundary, which slows the
+    /// profiled steps; shares are of the profiled step's time.
     pub fn profile_table(&self) -> String {
         if self.phases.is_empty() {
             return String::new();
         }
-        let total: f64 = self.phases.iter().map(|(_, s)| s).sum::<f64>().max(1e-12);
-        let mut out = String::from("| phase | s per step | share of the phases |\n|---|---|---|\n");
+        let total = self.s_per_step.max(1e-12);
+        let mut out = String::from("| phase | s per step | share of the step |\n|---|---|---|\n");
         for (name, s) in &self.phases {
             out += &format!("| {name} | {s:.4} | {:.1}% |\n", 100.0 * s / total);
         }
