@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compiles kernels/src/attention_rows.cu with NVRTC, as the trainer does at run time, on a
+# Compiles every kernels/src/*.cu with NVRTC, as the trainer does at run time, on a
 # machine without a GPU: NVRTC needs no driver. NVRTC comes from NVIDIA's CUDA 13.0 pip wheel
 # (nvidia-cuda-nvrtc), installed once into ~/.cache/mosaic-ci/nvrtc unless one is found under
 # $CUDA_PIP_CACHE. Not part of CI.
@@ -13,12 +13,14 @@ if [ -z "$lib" ]; then
 fi
 test -f "$lib" || { echo "no NVRTC found" >&2; exit 1; }
 cuda=$(dirname "$(dirname "$lib")")
-LD_LIBRARY_PATH="$cuda/lib" python3 - "$lib" kernels/src/attention_rows.cu <<'PY'
-import ctypes, sys
+for cu in kernels/src/*.cu; do
+echo "== $cu"
+LD_LIBRARY_PATH="$cuda/lib" python3 - "$lib" "$cu" <<'PY'
+import ctypes, os, sys
 lib = ctypes.CDLL(sys.argv[1])
 src = open(sys.argv[2], "rb").read()
 prog = ctypes.c_void_p()
-assert lib.nvrtcCreateProgram(ctypes.byref(prog), src, b"attention_rows.cu", 0, None, None) == 0
+assert lib.nvrtcCreateProgram(ctypes.byref(prog), src, os.path.basename(sys.argv[2]).encode(), 0, None, None) == 0
 for arch in (b"compute_80", b"compute_90"):
     opts = (ctypes.c_char_p * 1)(b"--gpu-architecture=" + arch)
     rc = lib.nvrtcCompileProgram(prog, 1, opts)
@@ -31,3 +33,4 @@ for arch in (b"compute_80", b"compute_90"):
     lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
     print(f"NVRTC {arch.decode()}: ok, {size.value} bytes of PTX")
 PY
+done

@@ -127,7 +127,11 @@ pub fn full(
     Ok(probs.matmul(&v_bhsd.contiguous()?)?)
 }
 
-/// The inputs of one chunked call, detached from the graph.
+/// The inputs of one chunked call, detached from the graph, and the softmax of a chunk.
+///
+/// On CUDA (f32 or bf16) the softmax runs in the fused kernels of `kernels::softmax`, which
+/// apply the scale and the mask on the fly; elsewhere it composes candle ops, the reference.
+/// Both give P in the inputs' dtype and dS = P (dP - delta) from that rounded P.
 struct Operands {
     /// The inputs' dtype.
     dtype: DType,
@@ -135,6 +139,9 @@ struct Operands {
     /// K [B, H, S, hd] in the inputs' dtype, contiguous: products read K^T as a view.
     k: Tensor,
     mask: Option<GroupMask>,
+    /// The fused CUDA kernels apply (a CUDA device, f32 or bf16).
+    #[cfg(feature = "cuda")]
+    fused: bool,
 }
 
 impl Operands {
@@ -145,18 +152,79 @@ impl Operands {
             scale: 1.0 / (d as f64).sqrt(),
             k: k_bhsd.detach().contiguous()?,
             mask: mask.cloned(),
+            #[cfg(feature = "cuda")]
+            fused: k_bhsd.device().is_cuda() && matches!(dtype, DType::F32 | DType::BF16),
         })
     }
 
-    /// Masked, scaled scores of query rows `start..start + len`, [B, H, len, S], in the
-    /// compute dtype (f32 for half inputs, whose product runs in their own dtype).
-    fn scores(&self, q_bhsd: &Tensor, start: usize, len: usize) -> Result<Tensor> {
-        let qc = q_bhsd.narrow(2, start, len)?;
-        let scores = (matmul_f32_out(&qc, &self.k.t()?)? * self.scale)?;
+    /// Q K^T of query rows `start..start + len`, [B, H, len, S], unscaled, in the compute
+    /// dtype (f32 for half inputs, whose product runs in their own dtype).
+    fn products(&self, q_bhsd: &Tensor, start: usize, len: usize) -> Result<Tensor> {
+        matmul_f32_out(&q_bhsd.narrow(2, start, len)?, &self.k.t()?)
+    }
+
+    /// Scaled and masked scores from `products` (the composed path).
+    fn scores(&self, products: Tensor, start: usize, len: usize) -> Result<Tensor> {
+        let scores = (products * self.scale)?;
         Ok(match &self.mask {
             Some(m) => scores.broadcast_add(&m.rows(start, len, scores.dtype())?)?,
             None => scores,
         })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn row_mask(&self, start: usize) -> Option<kernels::softmax::RowMask<'_>> {
+        self.mask.as_ref().map(|m| kernels::softmax::RowMask {
+            groups: &m.groups,
+            q_start: start,
+        })
+    }
+
+    /// P in the inputs' dtype and each row's logsumexp [B, H, len, 1] (compute dtype) of query
+    /// rows `start..start + len`.
+    fn forward_probs(&self, q_bhsd: &Tensor, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
+        let products = self.products(q_bhsd, start, len)?;
+        #[cfg(feature = "cuda")]
+        if self.fused {
+            let mask = self.row_mask(start);
+            let lse = kernels::softmax::row_logsumexp(&products, mask, self.scale)?;
+            let p = kernels::softmax::probs(&products, &lse, mask, self.scale, self.dtype)?;
+            return Ok((p, lse));
+        }
+        let scores = self.scores(products, start, len)?;
+        let max = scores.max_keepdim(D::Minus1)?;
+        let e = scores.broadcast_sub(&max)?.exp()?;
+        let sum = e.sum_keepdim(D::Minus1)?;
+        let p = e.broadcast_div(&sum)?.to_dtype(self.dtype)?;
+        Ok((p, (max + sum.log()?)?))
+    }
+
+    /// P of query rows `start..start + len` recomputed from their logsumexp [B, H, len, 1].
+    fn probs(&self, q_bhsd: &Tensor, start: usize, len: usize, lse: &Tensor) -> Result<Tensor> {
+        let products = self.products(q_bhsd, start, len)?;
+        #[cfg(feature = "cuda")]
+        if self.fused {
+            return Ok(kernels::softmax::probs(
+                &products,
+                lse,
+                self.row_mask(start),
+                self.scale,
+                self.dtype,
+            )?);
+        }
+        let scores = self.scores(products, start, len)?;
+        Ok(scores.broadcast_sub(lse)?.exp()?.to_dtype(self.dtype)?)
+    }
+
+    /// dS = P (dP - delta) in the inputs' dtype, for P in that dtype, dP [B, H, len, S] and
+    /// delta [B, H, len, 1] in the compute dtype.
+    fn softmax_grad(&self, p: &Tensor, dp: &Tensor, delta: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.fused {
+            return Ok(kernels::softmax::softmax_grad(p, dp, delta)?);
+        }
+        let ds = p.to_dtype(dp.dtype())? * dp.broadcast_sub(delta)?;
+        Ok(ds?.to_dtype(self.dtype)?)
     }
 }
 
@@ -184,14 +252,10 @@ pub fn chunked(
     let mut outs = Vec::new();
     let mut lses = Vec::new();
     for (start, len) in chunks(s, chunk) {
-        let scores = ops.scores(&q, start, len)?;
-        let max = scores.max_keepdim(D::Minus1)?;
-        let e = scores.broadcast_sub(&max)?.exp()?;
-        let sum = e.sum_keepdim(D::Minus1)?;
         // P in the inputs' dtype for its product with V, as FlashAttention does.
-        let p = e.broadcast_div(&sum)?.to_dtype(dtype)?;
+        let (p, lse) = ops.forward_probs(&q, start, len)?;
         outs.push(matmul_f32_out(&p, &v)?.to_dtype(dtype)?);
-        lses.push((max + sum.log()?)?);
+        lses.push(lse);
     }
     let out = Tensor::cat(&outs, 2)?.contiguous()?;
     let lse = Tensor::cat(&lses, 2)?;
@@ -301,14 +365,15 @@ impl CustomOp3 for ChunkedAttention {
         let mut dk = k.zeros_like()?.to_dtype(cdt)?;
         let mut dv = dk.clone();
         for (start, len) in chunks(s, self.chunk) {
-            let scores = self.ops.scores(&q, start, len).map_err(to_candle)?;
-            let p = scores
-                .broadcast_sub(&self.lse.narrow(2, start, len)?)?
-                .exp()?;
+            let lse = self.lse.narrow(2, start, len)?;
+            let p = self.ops.probs(&q, start, len, &lse).map_err(to_candle)?;
             let gc = g.narrow(2, start, len)?;
             let delta = (gc.to_dtype(cdt)? * o.narrow(2, start, len)?)?.sum_keepdim(D::Minus1)?;
-            dv = (dv + mm(&p.to_dtype(dtype)?.t()?, &gc)?)?;
-            let ds = (p * mm(&gc, &v.t()?)?.broadcast_sub(&delta)?)?.to_dtype(dtype)?;
+            dv = (dv + mm(&p.t()?, &gc)?)?;
+            let ds = self
+                .ops
+                .softmax_grad(&p, &mm(&gc, &v.t()?)?, &delta)
+                .map_err(to_candle)?;
             let qc = q.narrow(2, start, len)?;
             dq.push((mm(&ds, k)? * self.ops.scale)?);
             dk = (dk + (mm(&ds.t()?, &qc)? * self.ops.scale)?)?;

@@ -302,19 +302,15 @@ mod tests {
         let k = crate::test_util::uniform(&[1, 3, 70, 32], 6, 1.0);
         let p = crate::test_util::uniform(&[1, 3, 20, 70], 7, 1.0);
         for dt in [DType::BF16, DType::F16] {
-            let cases: Vec<(
-                &str,
-                Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> (Tensor, Tensor)>,
-            )> = vec![
-                (
-                    "chunk q @ k^T",
-                    Box::new(|q, k, _| (q.narrow(2, 33, 20).unwrap(), k.t().unwrap())),
-                ),
-                ("p @ v", Box::new(|_, k, p| (p.clone(), k.clone()))),
-                (
-                    "p^T @ chunk",
-                    Box::new(|q, _, p| (p.t().unwrap(), q.narrow(2, 10, 20).unwrap())),
-                ),
+            type Operands = fn(&Tensor, &Tensor, &Tensor) -> (Tensor, Tensor);
+            let cases: [(&str, Operands); 3] = [
+                ("chunk q @ k^T", |q, k, _| {
+                    (q.narrow(2, 33, 20).unwrap(), k.t().unwrap())
+                }),
+                ("p @ v", |_, k, p| (p.clone(), k.clone())),
+                ("p^T @ chunk", |q, _, p| {
+                    (p.t().unwrap(), q.narrow(2, 10, 20).unwrap())
+                }),
             ];
             for (name, make) in &cases {
                 let on = |d: &Device| {

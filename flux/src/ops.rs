@@ -115,9 +115,35 @@ pub(crate) fn stats_dtype(dtype: DType) -> DType {
     }
 }
 
-/// LayerNorm over the last dim without affine parameters (FLUX's norm1/norm2/norm_out).
+/// Whether the fused row ops (`kernels::fused`) take `x`: every float dtype on the CPU, f32
+/// and bf16 on CUDA. Otherwise the composed forms below run.
+fn fused_applies(x: &Tensor) -> bool {
+    x.device().is_cpu() || matches!(x.dtype(), DType::F32 | DType::BF16)
+}
+
+/// LayerNorm over the last dim without affine parameters (FLUX's norm1/norm2/norm_out): one
+/// fused op with a backward.
 pub fn layer_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
     let _phase = crate::profile::phase("op: norms forward", x.device());
+    if fused_applies(x) {
+        return Ok(kernels::fused::layer_norm(x, eps)?);
+    }
+    layer_norm_composed(x, eps)
+}
+
+/// RMSNorm over the last dim with a learned weight (the QK norms): x / sqrt(mean(x^2) + eps) * w,
+/// one fused op whose backward gives no weight gradient (the QK-norm weights are frozen base
+/// weights).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let _phase = crate::profile::phase("op: norms forward", x.device());
+    if fused_applies(x) {
+        return Ok(kernels::fused::rms_norm(x, w, eps)?);
+    }
+    rms_norm_composed(x, w, eps)
+}
+
+/// LayerNorm composed of candle ops: the reference of the fused op, and its fallback.
+pub(crate) fn layer_norm_composed(x: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let x = x.to_dtype(stats_dtype(dtype))?;
     let mean = x.mean_keepdim(D::Minus1)?;
@@ -127,9 +153,8 @@ pub fn layer_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(y.to_dtype(dtype)?)
 }
 
-/// RMSNorm over the last dim with a learned weight (the QK norms): x / sqrt(mean(x^2) + eps) * w.
-pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    let _phase = crate::profile::phase("op: norms forward", x.device());
+/// RMSNorm composed of candle ops: the reference of the fused op, and its fallback.
+pub(crate) fn rms_norm_composed(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let x = x.to_dtype(stats_dtype(dtype))?;
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
@@ -152,9 +177,18 @@ pub fn modulate(x_bsd: &Tensor, shift_bd: &Tensor, scale_bd: &Tensor) -> Result<
 }
 
 /// Rotates consecutive pairs (x_2k, x_2k+1) of the last dim by angles with `cos_sk`/`sin_sk`
-/// [S, hd/2] (design.md §3.4), in f32 (or f64), cast back to the input dtype.
+/// [S, hd/2] (design.md §3.4), in f32 (or f64), cast back to the input dtype: one fused op
+/// whose backward rotates the gradient back.
 pub fn apply_rope(q_bhsd: &Tensor, cos_sk: &Tensor, sin_sk: &Tensor) -> Result<Tensor> {
     let _phase = crate::profile::phase("op: rope forward", q_bhsd.device());
+    if fused_applies(q_bhsd) {
+        return Ok(kernels::fused::rope(q_bhsd, cos_sk, sin_sk)?);
+    }
+    rope_composed(q_bhsd, cos_sk, sin_sk)
+}
+
+/// RoPE composed of candle ops: the reference of the fused op, and its fallback.
+pub(crate) fn rope_composed(q_bhsd: &Tensor, cos_sk: &Tensor, sin_sk: &Tensor) -> Result<Tensor> {
     let dtype = q_bhsd.dtype();
     let (b, h, s, d) = q_bhsd.dims4()?;
     let x = q_bhsd
@@ -273,9 +307,174 @@ mod tests {
         }
     }
 
+    /// The three fused ops and their composed references on the same inputs: values and
+    /// gradients (a random cotangent), in f64 and (values) bf16.
+    type Fused = fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>;
+    fn fused_cases() -> [(&'static str, Fused, Fused); 3] {
+        [
+            (
+                "layer norm",
+                |x, _, _| layer_norm(x, 1e-6),
+                |x, _, _| layer_norm_composed(x, 1e-6),
+            ),
+            (
+                "rms norm",
+                |x, w, _| rms_norm(x, w, 1e-6),
+                |x, w, _| rms_norm_composed(x, w, 1e-6),
+            ),
+            (
+                "rope",
+                |x, c, s| apply_rope(x, c, s),
+                |x, c, s| rope_composed(x, c, s),
+            ),
+        ]
+    }
+
+    /// Inputs [2, 3, 5, 8]: x, the RMS weight [8] (also read as angles [5, 4] by RoPE).
+    fn fused_inputs() -> (Tensor, Tensor, Tensor, Tensor) {
+        let x = randn(&[2, 3, 5, 8], 11);
+        let w = (randn(&[8], 12) + 1.5).unwrap();
+        let angles = (randn(&[5, 4], 13) * 3.0).unwrap();
+        (x, w, angles.cos().unwrap(), angles.sin().unwrap())
+    }
+
+    #[test]
+    fn fused_ops_match_their_composed_references() {
+        let (x, w, cos, sin) = fused_inputs();
+        let g = randn(x.dims(), 14);
+        for (name, fused, composed) in fused_cases() {
+            let extra = |n: &str| if n == "rope" { (&cos, &sin) } else { (&w, &w) };
+            let (a1, a2) = extra(name);
+            let xv = Var::from_tensor(&x).unwrap();
+            let y = fused(xv.as_tensor(), a1, a2).unwrap();
+            let y_ref = composed(xv.as_tensor(), a1, a2).unwrap();
+            assert!(max_diff(&y, &y_ref) < 1e-12, "{name}: values");
+            let dx = |y: &Tensor| {
+                let grads = (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+                grads.get(xv.as_tensor()).unwrap().clone()
+            };
+            assert!(max_diff(&dx(&y), &dx(&y_ref)) < 1e-12, "{name}: gradients");
+            let xb = x.to_dtype(DType::BF16).unwrap();
+            let (b1, b2) = (
+                a1.to_dtype(DType::BF16).unwrap(),
+                a2.to_dtype(DType::BF16).unwrap(),
+            );
+            let yb = fused(&xb, &b1, &b2).unwrap();
+            assert_eq!(yb.dtype(), DType::BF16);
+            let yb_ref = composed(&xb, &b1, &b2).unwrap();
+            let d = max_diff(
+                &yb.to_dtype(DType::F64).unwrap(),
+                &yb_ref.to_dtype(DType::F64).unwrap(),
+            );
+            assert!(d < 5e-2, "{name}: bf16 values {d}");
+        }
+    }
+
+    #[test]
+    fn fused_op_gradients_match_finite_differences() {
+        let (x, w, cos, sin) = fused_inputs();
+        let g = randn(x.dims(), 15);
+        let h = 1e-6;
+        for (name, fused, _) in fused_cases() {
+            let (a1, a2) = if name == "rope" {
+                (&cos, &sin)
+            } else {
+                (&w, &w)
+            };
+            let loss = |x: &Tensor| -> f64 {
+                (fused(x, a1, a2).unwrap() * &g)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar()
+                    .unwrap()
+            };
+            let xv = Var::from_tensor(&x).unwrap();
+            let grads = (fused(xv.as_tensor(), a1, a2).unwrap() * &g)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let dx: Vec<f64> = grads
+                .get(xv.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let flat: Vec<f64> = x.flatten_all().unwrap().to_vec1().unwrap();
+            for i in (0..flat.len()).step_by(7) {
+                let bump = |d: f64| {
+                    let mut v = flat.clone();
+                    v[i] += d;
+                    Tensor::from_vec(v, x.dims(), &Device::Cpu).unwrap()
+                };
+                let fd = (loss(&bump(h)) - loss(&bump(-h))) / (2.0 * h);
+                assert!(
+                    (fd - dx[i]).abs() < 1e-6 * (1.0 + fd.abs()),
+                    "{name}[{i}]: fd {fd}, autograd {}",
+                    dx[i]
+                );
+            }
+        }
+    }
+
     /// The frozen-linear op on a GPU against the CPU at a FLUX.1-dev projection size: output
     /// and input gradient, no weight gradient. Built with the `cuda` feature; says it did not
     /// run where no CUDA device opens.
+    /// The fused ops on a GPU against the CPU at FLUX.1-dev row sizes (3072 for the block
+    /// norms, 128 for the QK norms and RoPE): values and input gradients, f32 and bf16. Built
+    /// with the `cuda` feature; says it did not run where no CUDA device opens.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_fused_ops_match_the_cpu() {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("not run: no CUDA device");
+            return;
+        };
+        let wide = randn(&[1, 77, 3072], 21);
+        let heads = randn(&[1, 24, 77, 128], 22);
+        let w = (randn(&[128], 23) + 1.5).unwrap();
+        let angles = (randn(&[77, 64], 24) * 3.0).unwrap();
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        for (dt, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+            for (name, fused, _) in fused_cases() {
+                let (x, a1, a2) = match name {
+                    "layer norm" => (&wide, &w, &w),
+                    "rms norm" => (&heads, &w, &w),
+                    _ => (&heads, &cos, &sin),
+                };
+                let g = randn(x.dims(), 25);
+                let run = |dev: &Device| {
+                    let on = |t: &Tensor| t.to_dtype(dt).unwrap().to_device(dev).unwrap();
+                    let xv = Var::from_tensor(&on(x)).unwrap();
+                    let (t1, t2) = if name == "rope" {
+                        (a1.to_device(dev).unwrap(), a2.to_device(dev).unwrap())
+                    } else {
+                        (on(a1), on(a2))
+                    };
+                    let y = fused(xv.as_tensor(), &t1, &t2).unwrap();
+                    let l = (y.to_dtype(DType::F64).unwrap() * g.to_device(dev).unwrap()).unwrap();
+                    let grads = l.sum_all().unwrap().backward().unwrap();
+                    let back = |t: &Tensor| {
+                        t.to_device(&Device::Cpu)
+                            .unwrap()
+                            .to_dtype(DType::F64)
+                            .unwrap()
+                    };
+                    (back(&y), back(grads.get(xv.as_tensor()).unwrap()))
+                };
+                let ((y0, g0), (y1, g1)) = (run(&Device::Cpu), run(&gpu));
+                for (what, a, b) in [("y", &y0, &y1), ("dx", &g0, &g1)] {
+                    let d = crate::test_util::rel_diff(a, b);
+                    eprintln!("fused {name} {dt:?} {what}: max |cuda - cpu| / max |cpu| = {d:.3e} (bound {tol:.0e})");
+                    assert!(d < tol, "{name} {dt:?} {what}: {d}");
+                }
+            }
+        }
+    }
+
     #[cfg(feature = "cuda")]
     #[test]
     fn cuda_frozen_linear_matches_the_cpu() {

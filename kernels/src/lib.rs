@@ -8,7 +8,10 @@
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod error;
+pub mod fused;
 pub mod losses;
+#[cfg(feature = "cuda")]
+pub mod optim;
 pub mod rows;
 pub mod sampling;
 #[cfg(feature = "cuda")]

@@ -360,3 +360,111 @@ impl CustomOp3 for SoftmaxGrad {
 pub fn softmax_grad(p: &Tensor, dp: &Tensor, delta: &Tensor) -> candle_core::Result<Tensor> {
     p.apply_op3_no_bwd(&dp.contiguous()?, &delta.contiguous()?, &SoftmaxGrad)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use rand::{Rng, SeedableRng};
+
+    /// The kernels against plain f64 loops, with a mask whose chunk straddles the shared
+    /// tokens and a reference, in f32 and bf16. Says it did not run where no CUDA device opens.
+    #[test]
+    fn cuda_softmax_kernels_match_plain_loops() {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("not run: no CUDA device");
+            return;
+        };
+        let (bh, l, s, q_start, scale) = (6usize, 7usize, 40usize, 8usize, 0.3f64);
+        let mut groups = vec![0u32; 10];
+        for (g, len) in [(1u32, 12usize), (2, 10), (3, 8)] {
+            groups.extend(std::iter::repeat_n(g, len));
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let raw: Vec<f32> = (0..bh * l * s)
+            .map(|_| rng.random_range(-6.0..6.0))
+            .collect();
+        let dp: Vec<f32> = (0..bh * l * s)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let delta: Vec<f32> = (0..bh * l).map(|_| rng.random_range(-1.0..1.0)).collect();
+        // Reference.
+        let blocked = |i: usize, j: usize| {
+            let (gq, gk) = (groups[q_start + i], groups[j]);
+            gq > 0 && gk > 0 && gq != gk
+        };
+        let mut lse_ref = vec![0f64; bh * l];
+        let mut p_ref = vec![0f64; bh * l * s];
+        for r in 0..bh * l {
+            let i = r % l;
+            let row = &raw[r * s..(r + 1) * s];
+            let sum: f64 = (0..s)
+                .filter(|&j| !blocked(i, j))
+                .map(|j| (row[j] as f64 * scale).exp())
+                .sum();
+            lse_ref[r] = sum.ln();
+            for j in 0..s {
+                if !blocked(i, j) {
+                    p_ref[r * s + j] = (row[j] as f64 * scale - lse_ref[r]).exp();
+                }
+            }
+        }
+        let on = |v: &[f32], shape: &[usize]| Tensor::from_slice(v, shape, &gpu).unwrap();
+        let scores = on(&raw, &[2, 3, l, s]);
+        let g = Tensor::from_slice(&groups, s, &gpu).unwrap();
+        let mask = Some(RowMask {
+            groups: &g,
+            q_start,
+        });
+        let back = |t: &Tensor| -> Vec<f64> {
+            t.to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let lse = row_logsumexp(&scores, mask, scale).unwrap();
+        assert_eq!(lse.dims(), &[2, 3, l, 1]);
+        let worst = |a: &[f64], b: &[f64]| {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f64::max)
+        };
+        let d = worst(&back(&lse), &lse_ref);
+        eprintln!("row logsumexp: max |cuda - f64| = {d:.2e}");
+        assert!(d < 1e-5, "lse {d}");
+        for (dt, tol) in [(DType::F32, 1e-6), (DType::BF16, 4e-3)] {
+            let p = probs(&scores, &lse, mask, scale, dt).unwrap();
+            assert_eq!(p.dtype(), dt);
+            let pv = back(&p);
+            let d = worst(&pv, &p_ref);
+            eprintln!("probs {dt:?}: max |cuda - f64| = {d:.2e} (bound {tol:.0e})");
+            assert!(d < tol, "probs {dt:?}: {d}");
+            // dS from the P the kernel rounded, as the composed path does.
+            let ds = softmax_grad(&p, &on(&dp, &[2, 3, l, s]), &on(&delta, &[2, 3, l, 1])).unwrap();
+            let ds_ref: Vec<f64> = (0..bh * l * s)
+                .map(|e| pv[e] * (dp[e] as f64 - delta[e / s] as f64))
+                .collect();
+            let d = worst(&back(&ds), &ds_ref);
+            eprintln!("softmax grad {dt:?}: max |cuda - f64| = {d:.2e} (bound {tol:.0e})");
+            assert!(d < tol, "dS {dt:?}: {d}");
+        }
+        // Without a mask every key counts.
+        let lse = row_logsumexp(&scores, None, scale).unwrap();
+        let first: f64 = raw[..s]
+            .iter()
+            .map(|&x| (x as f64 * scale).exp())
+            .sum::<f64>()
+            .ln();
+        assert!((back(&lse)[0] - first).abs() < 1e-5);
+        // Group ids that do not cover the keys are refused.
+        let short = Tensor::from_slice(&groups[..30], 30, &gpu).unwrap();
+        let bad = Some(RowMask {
+            groups: &short,
+            q_start,
+        });
+        assert!(row_logsumexp(&scores, bad, scale).is_err());
+    }
+}

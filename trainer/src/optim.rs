@@ -118,30 +118,27 @@ pub fn lr_at(spec: &OptimSpec, step: u64, max_steps: u64) -> f64 {
     }
 }
 
-/// sqrt(sum of squares) over all gradients, in f64.
+/// sqrt(sum of squares) over all gradients, in f64. Each tensor's sum stays on its device and
+/// one value is read back: a read per tensor would synchronise a GPU a thousand times a step.
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
-    let mut sq = 0f64;
-    for g in grads {
-        sq += g
-            .to_dtype(DType::F64)?
-            .sqr()?
-            .sum_all()?
-            .to_scalar::<f64>()?;
+    if grads.is_empty() {
+        return Ok(0.0);
     }
-    Ok(sq.sqrt())
+    let sums = grads
+        .iter()
+        .map(|g| g.to_dtype(DType::F64)?.sqr()?.sum_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let total = Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f64>()?;
+    Ok(total.sqrt())
 }
 
-/// Scales every gradient by max_norm / norm when the norm exceeds `max_norm`; returns the norm
-/// before clipping.
-pub fn clip_global_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
-    let norm = global_norm(grads)?;
-    if norm > max_norm {
-        let factor = max_norm / (norm + 1e-6);
-        for g in grads.iter_mut() {
-            *g = (&*g * factor)?;
-        }
+/// The factor global-norm clipping multiplies the gradients by: max_norm / norm when the norm
+/// exceeds `max_norm`, else 1 (and 1 without clipping).
+pub fn clip_factor(norm: f64, max_norm: Option<f64>) -> f64 {
+    match max_norm {
+        Some(max) if norm > max => max / (norm + 1e-6),
+        _ => 1.0,
     }
-    Ok(norm)
 }
 
 /// AdamW state: first and second moments per variable, in f32.
@@ -166,19 +163,44 @@ impl AdamW {
         })
     }
 
-    /// One decoupled-weight-decay Adam update with learning rate `lr`.
+    /// One decoupled-weight-decay Adam update with learning rate `lr`, the gradients first
+    /// multiplied by `grad_scale` (the clipping factor). On a GPU, f32 tensors are updated in
+    /// place by one kernel each (`kernels::optim`); elsewhere by composed ops, the reference.
     pub fn step(
         &mut self,
         spec: &OptimSpec,
         vars: &[&Var],
         grads: &[Tensor],
         lr: f64,
+        grad_scale: f64,
     ) -> Result<()> {
         self.t += 1;
         let bc1 = 1.0 - spec.beta1.powi(self.t as i32);
         let bc2 = 1.0 - spec.beta2.powi(self.t as i32);
         for (i, (var, g)) in vars.iter().zip(grads).enumerate() {
-            let g = g.to_dtype(DType::F32)?;
+            #[cfg(feature = "cuda")]
+            {
+                use kernels::optim::applies;
+                let w = var.as_tensor();
+                if [w, &self.m[i], &self.v[i], g].into_iter().all(applies) {
+                    let step = kernels::optim::AdamWStep {
+                        lr: lr as f32,
+                        beta1: spec.beta1 as f32,
+                        beta2: spec.beta2 as f32,
+                        bias_correction1: bc1 as f32,
+                        bias_correction2: bc2 as f32,
+                        eps: spec.eps as f32,
+                        weight_decay: spec.weight_decay as f32,
+                        grad_scale: grad_scale as f32,
+                    };
+                    kernels::optim::adamw_in_place(w, &self.m[i], &self.v[i], g, &step)?;
+                    continue;
+                }
+            }
+            let mut g = g.to_dtype(DType::F32)?;
+            if grad_scale != 1.0 {
+                g = (g * grad_scale)?;
+            }
             self.m[i] = ((&self.m[i] * spec.beta1)? + (&g * (1.0 - spec.beta1))?)?;
             self.v[i] = ((&self.v[i] * spec.beta2)? + (g.sqr()? * (1.0 - spec.beta2))?)?;
             let m_hat = (&self.m[i] / bc1)?;
@@ -207,8 +229,14 @@ impl Ema {
         Ok(Self { decay, shadow })
     }
 
+    /// shadow = shadow * decay + w * (1 - decay); in place on a GPU (as [`AdamW::step`]).
     pub fn update(&mut self, vars: &[&Var]) -> Result<()> {
         for (s, v) in self.shadow.iter_mut().zip(vars) {
+            #[cfg(feature = "cuda")]
+            if kernels::optim::applies(s) && kernels::optim::applies(v.as_tensor()) {
+                kernels::optim::ema_in_place(s, v.as_tensor(), self.decay as f32)?;
+                continue;
+            }
             let w = v.as_tensor().to_dtype(DType::F32)?;
             *s = ((&*s * self.decay)? + (w * (1.0 - self.decay))?)?;
         }
@@ -233,7 +261,7 @@ mod tests {
         let var = Var::new(&[1.0f32, -2.0], &Device::Cpu).unwrap();
         let mut opt = AdamW::new(&[&var]).unwrap();
         let g = Tensor::new(&[0.5f32, -0.25], &Device::Cpu).unwrap();
-        opt.step(&spec(), &[&var], &[g], 0.1).unwrap();
+        opt.step(&spec(), &[&var], &[g], 0.1, 1.0).unwrap();
         // Step 1: m_hat = g, v_hat = g^2, update = g/(|g| + eps) = sign(g).
         let w: Vec<f32> = var.as_tensor().to_vec1().unwrap();
         let e = [1.0 * (1.0 - 0.001) - 0.1, -2.0 * (1.0 - 0.001) + 0.1];
@@ -244,16 +272,34 @@ mod tests {
 
     #[test]
     fn clipping_rescales_to_the_max_norm() {
-        let mut g = vec![
+        let g = vec![
             Tensor::new(&[3.0f32], &Device::Cpu).unwrap(),
             Tensor::new(&[4.0f32], &Device::Cpu).unwrap(),
         ];
-        let norm = clip_global_norm(&mut g, 1.0).unwrap();
+        let norm = global_norm(&g).unwrap();
         assert!((norm - 5.0).abs() < 1e-9);
-        assert!((global_norm(&g).unwrap() - 1.0).abs() < 1e-5);
-        let mut small = vec![Tensor::new(&[0.3f32], &Device::Cpu).unwrap()];
-        clip_global_norm(&mut small, 1.0).unwrap();
-        assert_eq!(small[0].to_vec1::<f32>().unwrap(), vec![0.3]);
+        let factor = clip_factor(norm, Some(1.0));
+        let clipped: Vec<Tensor> = g.iter().map(|t| (t * factor).unwrap()).collect();
+        assert!((global_norm(&clipped).unwrap() - 1.0).abs() < 1e-5);
+        assert_eq!(clip_factor(0.3, Some(1.0)), 1.0);
+        assert_eq!(clip_factor(5.0, None), 1.0);
+        assert_eq!(global_norm(&[]).unwrap(), 0.0);
+    }
+
+    /// The gradient scale is the clipping factor applied before the moments: a step with
+    /// scale 0.5 equals a step on half the gradient.
+    #[test]
+    fn grad_scale_equals_a_scaled_gradient() {
+        let run = |g: [f32; 2], scale: f64| {
+            let var = Var::new(&[1.0f32, -2.0], &Device::Cpu).unwrap();
+            let mut opt = AdamW::new(&[&var]).unwrap();
+            for _ in 0..3 {
+                let g = Tensor::new(&g, &Device::Cpu).unwrap();
+                opt.step(&spec(), &[&var], &[g], 0.1, scale).unwrap();
+            }
+            var.as_tensor().to_vec1::<f32>().unwrap()
+        };
+        assert_eq!(run([0.5, -0.25], 0.5), run([0.25, -0.125], 1.0));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::ddp::{Dist, GradReducer, ReduceOp};
 use crate::error::{Result, TrainerError};
 use crate::metrics::StepMetrics;
 use crate::objective::{self, DrawAt, LossParts};
-use crate::optim::{clip_global_norm, global_norm, lr_at};
+use crate::optim::{clip_factor, global_norm, lr_at};
 use crate::run::{lora_vars, Run};
 
 /// What this rank computed in a step, before the ranks agree.
@@ -226,15 +226,12 @@ impl Run {
     pub fn update(
         &mut self,
         step: u64,
-        mut grads: Vec<Tensor>,
+        grads: Vec<Tensor>,
         agreed: &StepAgreement,
     ) -> Result<(f64, f64, bool)> {
         let _phase = flux::profile::phase("update: clip, AdamW, EMA", &self.device);
         let lr = lr_at(&self.cfg.optim, step, self.cfg.train.max_steps);
-        let norm = match self.cfg.optim.clip() {
-            Some(max) if !agreed.any_nonfinite => clip_global_norm(&mut grads, max)?,
-            _ => global_norm(&grads)?,
-        };
+        let norm = global_norm(&grads)?;
         let skipped = agreed.any_nonfinite || !norm.is_finite();
         if skipped {
             let what = format!("loss {}, grad norm {norm}", agreed.losses.total);
@@ -248,7 +245,9 @@ impl Run {
         }
         let _span = tracing::debug_span!("optimizer", step).entered();
         let vars = lora_vars(&self.lora);
-        self.opt.step(&self.cfg.optim, &vars, &grads, lr)?;
+        let grad_scale = clip_factor(norm, self.cfg.optim.clip());
+        self.opt
+            .step(&self.cfg.optim, &vars, &grads, lr, grad_scale)?;
         if let Some(ema) = &mut self.ema {
             ema.update(&vars)?;
         }

@@ -1,0 +1,124 @@
+// Fused row ops of the FLUX blocks on CUDA (kernels/src/fused.rs), compiled at run time with
+// NVRTC: no #include, bf16 as its raw 16 bits. Statistics are computed in f32 and each output
+// is rounded once.
+struct bf16_bits { unsigned short v; };
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(bf16_bits x) { return __uint_as_float(((unsigned)x.v) << 16); }
+__device__ __forceinline__ void store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store(bf16_bits* p, float v) {
+    unsigned u = __float_as_uint(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) { p->v = (unsigned short)((u >> 16) | 0x40u); return; }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    p->v = (unsigned short)(u >> 16);
+}
+
+// Block-wide sum through shared scratch (blockDim.x floats); every thread gets the result.
+__device__ float block_sum(float v, float* scratch) {
+    unsigned tid = threadIdx.x;
+    scratch[tid] = v;
+    __syncthreads();
+    for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (tid < s) scratch[tid] += scratch[tid + s];
+        __syncthreads();
+    }
+    float r = scratch[0];
+    __syncthreads();
+    return r;
+}
+
+// LayerNorm without affine parameters over rows of D; one block per row.
+template <typename T>
+__device__ void layer_norm_fwd(const T* x, T* y, int D, float eps) {
+    extern __shared__ float scratch[];
+    const T* xr = x + (long)blockIdx.x * D;
+    T* yr = y + (long)blockIdx.x * D;
+    float s = 0.f;
+    for (int j = threadIdx.x; j < D; j += blockDim.x) s += to_f(xr[j]);
+    float mean = block_sum(s, scratch) / D;
+    float q = 0.f;
+    for (int j = threadIdx.x; j < D; j += blockDim.x) { float c = to_f(xr[j]) - mean; q += c * c; }
+    float rstd = rsqrtf(block_sum(q, scratch) / D + eps);
+    for (int j = threadIdx.x; j < D; j += blockDim.x) store(yr + j, (to_f(xr[j]) - mean) * rstd);
+}
+// dx = rstd (dy - mean(dy) - xhat mean(dy xhat)).
+template <typename T>
+__device__ void layer_norm_bwd(const T* x, const T* dy, T* dx, int D, float eps) {
+    extern __shared__ float scratch[];
+    long off = (long)blockIdx.x * D;
+    const T* xr = x + off;
+    const T* gr = dy + off;
+    float s = 0.f;
+    for (int j = threadIdx.x; j < D; j += blockDim.x) s += to_f(xr[j]);
+    float mean = block_sum(s, scratch) / D;
+    float q = 0.f;
+    for (int j = threadIdx.x; j < D; j += blockDim.x) { float c = to_f(xr[j]) - mean; q += c * c; }
+    float rstd = rsqrtf(block_sum(q, scratch) / D + eps);
+    float sg = 0.f, sgx = 0.f;
+    for (int j = threadIdx.x; j < D; j += blockDim.x) {
+        float g = to_f(gr[j]);
+        sg += g;
+        sgx += g * (to_f(xr[j]) - mean) * rstd;
+    }
+    float mg = block_sum(sg, scratch) / D;
+    float mgx = block_sum(sgx, scratch) / D;
+    for (int j = threadIdx.x; j < D; j += blockDim.x) {
+        float xhat = (to_f(xr[j]) - mean) * rstd;
+        store(dx + off + j, rstd * (to_f(gr[j]) - mg - xhat * mgx));
+    }
+}
+
+// RMSNorm with a weight over rows of D: y = x rstd w; one block per row.
+template <typename T>
+__device__ void rms_norm_fwd(const T* x, const T* w, T* y, int D, float eps) {
+    extern __shared__ float scratch[];
+    long off = (long)blockIdx.x * D;
+    float q = 0.f;
+    for (int j = threadIdx.x; j < D; j += blockDim.x) { float v = to_f(x[off + j]); q += v * v; }
+    float rstd = rsqrtf(block_sum(q, scratch) / D + eps);
+    for (int j = threadIdx.x; j < D; j += blockDim.x) store(y + off + j, to_f(x[off + j]) * rstd * to_f(w[j]));
+}
+// dx = rstd (w dy - xhat mean(w dy xhat)), xhat = x rstd (the weight is frozen).
+template <typename T>
+__device__ void rms_norm_bwd(const T* x, const T* w, const T* dy, T* dx, int D, float eps) {
+    extern __shared__ float scratch[];
+    long off = (long)blockIdx.x * D;
+    float q = 0.f;
+    for (int j = threadIdx.x; j < D; j += blockDim.x) { float v = to_f(x[off + j]); q += v * v; }
+    float rstd = rsqrtf(block_sum(q, scratch) / D + eps);
+    float s = 0.f;
+    for (int j = threadIdx.x; j < D; j += blockDim.x)
+        s += to_f(w[j]) * to_f(dy[off + j]) * to_f(x[off + j]) * rstd;
+    float m = block_sum(s, scratch) / D;
+    for (int j = threadIdx.x; j < D; j += blockDim.x) {
+        float xhat = to_f(x[off + j]) * rstd;
+        store(dx + off + j, rstd * (to_f(w[j]) * to_f(dy[off + j]) - xhat * m));
+    }
+}
+
+// RoPE on consecutive pairs of the last dim of x [B, H, S, 2K] with angle tables cos, sin
+// [S, K] (f32): (x0 c - x1 s, x1 c + x0 s); sign -1 rotates back (the backward).
+template <typename T>
+__device__ void rope(const T* x, const float* cos, const float* sin, T* y, long pairs, int S, int K, float sign) {
+    for (long p = blockIdx.x * (long)blockDim.x + threadIdx.x; p < pairs; p += (long)gridDim.x * blockDim.x) {
+        long t = (p / K) % S;
+        int k = (int)(p % K);
+        float c = cos[t * K + k], s = sign * sin[t * K + k];
+        float x0 = to_f(x[2 * p]), x1 = to_f(x[2 * p + 1]);
+        store(y + 2 * p, x0 * c - x1 * s);
+        store(y + 2 * p + 1, x1 * c + x0 * s);
+    }
+}
+
+#define BOTH(NAME, PARAMS, ARGS) \
+    extern "C" __global__ void NAME##_f32 PARAMS(float) { NAME ARGS; } \
+    extern "C" __global__ void NAME##_bf16 PARAMS(bf16_bits) { NAME ARGS; }
+#define P_LN_FWD(T) (const T* x, T* y, int D, float eps)
+#define P_LN_BWD(T) (const T* x, const T* dy, T* dx, int D, float eps)
+#define P_RMS_FWD(T) (const T* x, const T* w, T* y, int D, float eps)
+#define P_RMS_BWD(T) (const T* x, const T* w, const T* dy, T* dx, int D, float eps)
+#define P_ROPE(T) (const T* x, const float* cos, const float* sin, T* y, long pairs, int S, int K, float sign)
+BOTH(layer_norm_fwd, P_LN_FWD, (x, y, D, eps))
+BOTH(layer_norm_bwd, P_LN_BWD, (x, dy, dx, D, eps))
+BOTH(rms_norm_fwd, P_RMS_FWD, (x, w, y, D, eps))
+BOTH(rms_norm_bwd, P_RMS_BWD, (x, w, dy, dx, D, eps))
+BOTH(rope, P_ROPE, (x, cos, sin, y, pairs, S, K, sign))
