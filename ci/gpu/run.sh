@@ -195,6 +195,7 @@ NO_LOSSES=(--set loss.scal_weight=0 --set loss.mdl_weight=0 --set 'loss.double_b
 if [ "$MODE" = gpu ]; then
   bench 512px-1ref 512 1 120
   bench 512px-1ref-nolosses 512 1 90 "${NO_LOSSES[@]}"
+  bench 512px-1ref-composed 512 1 90 --set 'model.kernels="composed"'
   torch_bench 512px-1ref 512 1 120
   bench 512px-3ref 512 3 120
   torch_bench 512px-3ref 512 3 120

@@ -153,7 +153,9 @@ impl Operands {
             k: k_bhsd.detach().contiguous()?,
             mask: mask.cloned(),
             #[cfg(feature = "cuda")]
-            fused: k_bhsd.device().is_cuda() && matches!(dtype, DType::F32 | DType::BF16),
+            fused: crate::fused::enabled()
+                && k_bhsd.device().is_cuda()
+                && matches!(dtype, DType::F32 | DType::BF16),
         })
     }
 

@@ -115,10 +115,12 @@ pub(crate) fn stats_dtype(dtype: DType) -> DType {
     }
 }
 
-/// Whether the fused row ops (`kernels::fused`) take `x`: every float dtype on the CPU, f32
-/// and bf16 on CUDA. Otherwise the composed forms below run.
+/// Whether the fused row ops (`kernels::fused`) take `x`: when they are enabled
+/// ([`crate::fused`]), every float dtype on the CPU, f32 and bf16 on CUDA. Otherwise the
+/// composed forms below run.
 fn fused_applies(x: &Tensor) -> bool {
-    x.device().is_cpu() || matches!(x.dtype(), DType::F32 | DType::BF16)
+    crate::fused::enabled()
+        && (x.device().is_cpu() || matches!(x.dtype(), DType::F32 | DType::BF16))
 }
 
 /// LayerNorm over the last dim without affine parameters (FLUX's norm1/norm2/norm_out): one

@@ -29,19 +29,20 @@ fn ptx() -> candle_core::Result<&'static str> {
     crate::cuda::compiled(&PTX, SOURCE, "optimizer")
 }
 
-/// One AdamW step's constants (bias corrections already computed for the step).
+/// One AdamW step's constants, in f64: the kernel gets them, and the complements 1 - beta
+/// and 1 - lr x weight_decay, rounded to f32 once (module `optim.cu`).
 #[derive(Debug, Clone, Copy)]
 pub struct AdamWStep {
-    pub lr: f32,
-    pub beta1: f32,
-    pub beta2: f32,
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
     /// 1 - beta1^t and 1 - beta2^t.
-    pub bias_correction1: f32,
-    pub bias_correction2: f32,
-    pub eps: f32,
-    pub weight_decay: f32,
+    pub bias_correction1: f64,
+    pub bias_correction2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
     /// Factor applied to the gradient first (global-norm clipping), 1 for none.
-    pub grad_scale: f32,
+    pub grad_scale: f64,
 }
 
 /// Whether `t` can take these kernels: an f32 tensor on a CUDA device, contiguous.
@@ -102,15 +103,28 @@ pub fn adamw_in_place(
         let n = views[0].len();
         let n_i = n as i64;
         let f = dev.get_or_load_custom_func("adamw_f32", MODULE, ptx()?)?;
+        let args = [
+            s.lr,
+            s.beta1,
+            1.0 - s.beta1,
+            s.beta2,
+            1.0 - s.beta2,
+            s.bias_correction1,
+            s.bias_correction2,
+            s.eps,
+            1.0 - s.lr * s.weight_decay,
+            s.grad_scale,
+        ]
+        .map(|x| x as f32);
         let mut b = f.builder();
         b.arg(&views[0])
             .arg(&views[1])
             .arg(&views[2])
             .arg(&views[3])
             .arg(&n_i);
-        b.arg(&s.lr).arg(&s.beta1).arg(&s.beta2);
-        b.arg(&s.bias_correction1).arg(&s.bias_correction2);
-        b.arg(&s.eps).arg(&s.weight_decay).arg(&s.grad_scale);
+        for a in &args {
+            b.arg(a);
+        }
         // Safety: four f32 arrays of n elements on this device, in the kernel's order; the
         // kernel writes w, m and v, which the caller owns (module docs).
         unsafe { b.launch(grid(n)) }.map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
@@ -119,13 +133,18 @@ pub fn adamw_in_place(
 }
 
 /// shadow = shadow * decay + w * (1 - decay), in place (f32, contiguous, one CUDA device).
-pub fn ema_in_place(shadow: &Tensor, w: &Tensor, decay: f32) -> candle_core::Result<()> {
+pub fn ema_in_place(shadow: &Tensor, w: &Tensor, decay: f64) -> candle_core::Result<()> {
     with_views("ema", &[shadow, w], |dev, views| {
         let n = views[0].len();
         let n_i = n as i64;
         let f = dev.get_or_load_custom_func("ema_f32", MODULE, ptx()?)?;
+        let (d, one_minus_d) = (decay as f32, (1.0 - decay) as f32);
         let mut b = f.builder();
-        b.arg(&views[0]).arg(&views[1]).arg(&n_i).arg(&decay);
+        b.arg(&views[0])
+            .arg(&views[1])
+            .arg(&n_i)
+            .arg(&d)
+            .arg(&one_minus_d);
         // Safety: two f32 arrays of n elements in the kernel's order; the kernel writes the
         // shadow, which the EMA owns.
         unsafe { b.launch(grid(n)) }.map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
@@ -173,17 +192,17 @@ mod tests {
         let ts = tw.copy().unwrap();
         for t in 1..=3 {
             let step = AdamWStep {
-                lr: lr as f32,
-                beta1: b1 as f32,
-                beta2: b2 as f32,
-                bias_correction1: (1.0 - f64::powi(b1, t)) as f32,
-                bias_correction2: (1.0 - f64::powi(b2, t)) as f32,
-                eps: eps as f32,
-                weight_decay: wd as f32,
-                grad_scale: scale as f32,
+                lr,
+                beta1: b1,
+                beta2: b2,
+                bias_correction1: 1.0 - f64::powi(b1, t),
+                bias_correction2: 1.0 - f64::powi(b2, t),
+                eps,
+                weight_decay: wd,
+                grad_scale: scale,
             };
             adamw_in_place(&tw, &tm, &tv, &on(&values(0.11 + t as f64)), &step).unwrap();
-            ema_in_place(&ts, &tw, decay as f32).unwrap();
+            ema_in_place(&ts, &tw, decay).unwrap();
         }
         for (name, r, t) in [
             ("weights", &w, &tw),

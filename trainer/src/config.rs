@@ -184,6 +184,16 @@ pub struct ModelSection {
     pub attention: AttentionName,
     /// Query rows per chunk of chunked attention.
     pub attention_chunk: usize,
+    /// Fused kernels for the block norms, RoPE, the attention softmax (CUDA) and the optimizer
+    /// update (CUDA), or the composed candle ops they are tested against.
+    pub kernels: KernelsName,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelsName {
+    Fused,
+    Composed,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -241,6 +251,7 @@ impl Default for ModelSection {
             init: InitName::Portable,
             attention: AttentionName::Chunked,
             attention_chunk: flux::attention::DEFAULT_CHUNK,
+            kernels: KernelsName::Fused,
         }
     }
 }

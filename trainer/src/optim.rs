@@ -118,15 +118,25 @@ pub fn lr_at(spec: &OptimSpec, step: u64, max_steps: u64) -> f64 {
     }
 }
 
-/// sqrt(sum of squares) over all gradients, in f64. Each tensor's sum stays on its device and
-/// one value is read back: a read per tensor would synchronise a GPU a thousand times a step.
+/// sqrt(sum of squares) over all gradients. Each tensor's sum stays on its device and one
+/// value is read back: a read per tensor would synchronise a GPU a thousand times a step.
+/// Squares are summed along the last dim first (in the gradient's dtype, f32 for LoRA; one
+/// GPU block per row) and those row sums in f64: candle reduces a whole tensor to one value
+/// with a single GPU block, slow for tensors of hundreds of thousands of values.
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
     if grads.is_empty() {
         return Ok(0.0);
     }
     let sums = grads
         .iter()
-        .map(|g| g.to_dtype(DType::F64)?.sqr()?.sum_all())
+        .map(|g| {
+            let rows = if g.rank() >= 2 {
+                g.sqr()?.sum(candle_core::D::Minus1)?
+            } else {
+                g.sqr()?
+            };
+            rows.to_dtype(DType::F64)?.sum_all()
+        })
         .collect::<candle_core::Result<Vec<_>>>()?;
     let total = Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f64>()?;
     Ok(total.sqrt())
@@ -182,16 +192,17 @@ impl AdamW {
             {
                 use kernels::optim::applies;
                 let w = var.as_tensor();
-                if [w, &self.m[i], &self.v[i], g].into_iter().all(applies) {
+                if flux::fused::enabled() && [w, &self.m[i], &self.v[i], g].into_iter().all(applies)
+                {
                     let step = kernels::optim::AdamWStep {
-                        lr: lr as f32,
-                        beta1: spec.beta1 as f32,
-                        beta2: spec.beta2 as f32,
-                        bias_correction1: bc1 as f32,
-                        bias_correction2: bc2 as f32,
-                        eps: spec.eps as f32,
-                        weight_decay: spec.weight_decay as f32,
-                        grad_scale: grad_scale as f32,
+                        lr,
+                        beta1: spec.beta1,
+                        beta2: spec.beta2,
+                        bias_correction1: bc1,
+                        bias_correction2: bc2,
+                        eps: spec.eps,
+                        weight_decay: spec.weight_decay,
+                        grad_scale,
                     };
                     kernels::optim::adamw_in_place(w, &self.m[i], &self.v[i], g, &step)?;
                     continue;
@@ -233,8 +244,11 @@ impl Ema {
     pub fn update(&mut self, vars: &[&Var]) -> Result<()> {
         for (s, v) in self.shadow.iter_mut().zip(vars) {
             #[cfg(feature = "cuda")]
-            if kernels::optim::applies(s) && kernels::optim::applies(v.as_tensor()) {
-                kernels::optim::ema_in_place(s, v.as_tensor(), self.decay as f32)?;
+            if flux::fused::enabled()
+                && kernels::optim::applies(s)
+                && kernels::optim::applies(v.as_tensor())
+            {
+                kernels::optim::ema_in_place(s, v.as_tensor(), self.decay)?;
                 continue;
             }
             let w = v.as_tensor().to_dtype(DType::F32)?;

@@ -58,7 +58,18 @@ pub fn device_of(cfg: &Config, ordinal: usize) -> Result<Device> {
 pub fn open_device(name: DeviceName, ordinal: usize) -> candle_core::Result<Device> {
     match name {
         DeviceName::Cpu => Ok(Device::Cpu),
-        DeviceName::Cuda => Device::new_cuda(ordinal),
+        DeviceName::Cuda => {
+            let device = Device::new_cuda(ordinal)?;
+            #[cfg(feature = "cuda")]
+            if let Device::Cuda(d) = &device {
+                // Safety: every kernel, copy and NCCL collective of this process runs on the
+                // device's one stream, so the events cudarc records to order several streams
+                // (two created per allocation, a wait per kernel argument) are pure host
+                // overhead. Called before anything is allocated on the device.
+                unsafe { d.disable_event_tracking() };
+            }
+            Ok(device)
+        }
     }
 }
 
@@ -99,6 +110,7 @@ impl Run {
             || Ok(cfg.fingerprint()?.into_bytes()),
             text,
         )?;
+        flux::fused::set_enabled(cfg.model.kernels == crate::config::KernelsName::Fused);
         let (fc, weights) = base_weights(&cfg, &device)?;
         let mut model = Flux::new(fc.clone(), &weights, cfg.loss.row_blocks())?;
         model.attention = cfg.model.attention();
