@@ -14,7 +14,7 @@ use candle_core::Tensor;
 use crate::attention::{attention, Attention, GroupMask};
 use crate::error::Result;
 use crate::lora::LoraView;
-use crate::ops::{apply_rope, frozen_linear, layer_norm, modulate, rms_norm};
+use crate::ops::{apply_rope, frozen_linear, gelu, layer_norm, modulate, rms_norm};
 use crate::weights::Weights;
 
 /// FLUX uses eps 1e-6 in every LayerNorm and RMSNorm.
@@ -207,12 +207,6 @@ pub fn attention_rows(
         .enumerate()
         .map(|(b, idx)| Ok(rows(&q_r.get(b)?, &k_t.get(b)?, idx, scale)?))
         .collect()
-}
-
-/// GELU with the tanh approximation (FLUX's feed-forward and single-block MLP).
-fn gelu(x: &Tensor) -> Result<Tensor> {
-    let _phase = crate::profile::phase("op: gelu forward", x.device());
-    Ok(x.gelu()?)
 }
 
 fn gated_add(x: &Tensor, gate_bd: &Tensor, y: &Tensor) -> Result<Tensor> {

@@ -109,6 +109,26 @@ __device__ void rope(const T* x, const float* cos, const float* sin, T* y, long 
     }
 }
 
+// GELU with the tanh approximation, and its derivative times dy.
+#define GELU_C 0.7978845608028654f  // sqrt(2 / pi)
+template <typename T>
+__device__ void gelu_fwd(const T* x, T* y, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float v = to_f(x[i]);
+        float t = tanhf(GELU_C * v * (1.f + 0.044715f * v * v));
+        store(y + i, 0.5f * v * (1.f + t));
+    }
+}
+template <typename T>
+__device__ void gelu_bwd(const T* x, const T* dy, T* dx, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float v = to_f(x[i]);
+        float t = tanhf(GELU_C * v * (1.f + 0.044715f * v * v));
+        float d = 0.5f * (1.f + t) + 0.5f * v * (1.f - t * t) * GELU_C * (1.f + 3.f * 0.044715f * v * v);
+        store(dx + i, d * to_f(dy[i]));
+    }
+}
+
 #define BOTH(NAME, PARAMS, ARGS) \
     extern "C" __global__ void NAME##_f32 PARAMS(float) { NAME ARGS; } \
     extern "C" __global__ void NAME##_bf16 PARAMS(bf16_bits) { NAME ARGS; }
@@ -122,3 +142,7 @@ BOTH(layer_norm_bwd, P_LN_BWD, (x, dy, dx, D, eps))
 BOTH(rms_norm_fwd, P_RMS_FWD, (x, w, y, D, eps))
 BOTH(rms_norm_bwd, P_RMS_BWD, (x, w, dy, dx, D, eps))
 BOTH(rope, P_ROPE, (x, cos, sin, y, pairs, S, K, sign))
+#define P_GELU_FWD(T) (const T* x, T* y, long n)
+#define P_GELU_BWD(T) (const T* x, const T* dy, T* dx, long n)
+BOTH(gelu_fwd, P_GELU_FWD, (x, y, n))
+BOTH(gelu_bwd, P_GELU_BWD, (x, dy, dx, n))

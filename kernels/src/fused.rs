@@ -1,5 +1,5 @@
 //! Fused row ops of the FLUX blocks, with their backward: LayerNorm without affine parameters,
-//! RMSNorm with a frozen weight (the QK norms), and RoPE.
+//! RMSNorm with a frozen weight (the QK norms), RoPE, and GELU with the tanh approximation.
 //!
 //! Composed from candle ops, each of these is eight to twelve elementwise kernels forward (an
 //! upcast, reductions, broadcasts, a downcast) and more in the backward, each writing a whole
@@ -9,7 +9,10 @@
 //! `fused.cu` (NVRTC) for f32 and bf16. The composed forms in flux's `ops` module are the
 //! reference they are tested against (by value and by finite differences there).
 //!
-//! Gradients: LayerNorm and RoPE have one differentiable input. RMSNorm returns no gradient
+//! GELU on the CPU runs in f32 (f64 for f64) over both cores (rayon): candle's is one scalar
+//! loop, and its backward a chain of eight ops.
+//!
+//! Gradients: LayerNorm, RoPE and GELU have one differentiable input. RMSNorm returns no gradient
 //! for its weight: FLUX's QK-norm weights belong to the frozen base.
 
 use candle_core::backend::BackendStorage;
@@ -367,6 +370,175 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tenso
     x.contiguous()?.apply_op3(&cos, &sin, Rope { sign: 1.0 })
 }
 
+const GELU_C: f64 = 0.797_884_560_802_865_4; // sqrt(2 / pi)
+
+/// GELU (tanh approximation) and its derivative at `v`, in f64.
+fn gelu_f64(v: f64) -> (f64, f64) {
+    let t = (GELU_C * v * (1.0 + 0.044715 * v * v)).tanh();
+    let d = 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * 0.044715 * v * v);
+    (0.5 * v * (1.0 + t), d)
+}
+
+/// The same in f32 (what f32, bf16 and f16 inputs compute in).
+fn gelu_f32(v: f32) -> (f32, f32) {
+    let c = GELU_C as f32;
+    let t = (c * v * (1.0 + 0.044715 * v * v)).tanh();
+    let d = 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * v * v);
+    (0.5 * v * (1.0 + t), d)
+}
+
+/// Elementwise over `x` (and `dy` for the backward), in parallel chunks: GELU when `dy` is
+/// None, else dy x GELU'(x).
+fn gelu_cpu(
+    x: &CpuStorage,
+    lx: &Layout,
+    dy: Option<(&CpuStorage, &Layout)>,
+) -> candle_core::Result<CpuStorage> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 14;
+    let range = |l: &Layout| {
+        l.contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("fused gelu: input must be contiguous".into()))
+    };
+    let (a, b) = range(lx)?;
+    macro_rules! run {
+        ($xs:expr, $gs:expr, $f:expr, $to:expr, $from:expr) => {{
+            let xs = &$xs[a..b];
+            let mut out = vec![$from(0.0); xs.len()];
+            match $gs {
+                None => out
+                    .par_chunks_mut(CHUNK)
+                    .zip(xs.par_chunks(CHUNK))
+                    .for_each(|(o, x)| {
+                        for (o, &x) in o.iter_mut().zip(x) {
+                            *o = $from($f($to(x)).0);
+                        }
+                    }),
+                Some(gs) => out
+                    .par_chunks_mut(CHUNK)
+                    .zip(xs.par_chunks(CHUNK).zip(gs.par_chunks(CHUNK)))
+                    .for_each(|(o, (x, g))| {
+                        for ((o, &x), &g) in o.iter_mut().zip(x).zip(g) {
+                            *o = $from($f($to(x)).1 * $to(g));
+                        }
+                    }),
+            }
+            out
+        }};
+    }
+    let grad = |l: &Layout| -> candle_core::Result<(usize, usize)> { range(l) };
+    Ok(match (x, dy) {
+        (CpuStorage::F32(v), None) => {
+            CpuStorage::F32(run!(v, None::<&[f32]>, gelu_f32, |x: f32| x, |x: f32| x))
+        }
+        (CpuStorage::F32(v), Some((CpuStorage::F32(g), lg))) => {
+            let (c, d) = grad(lg)?;
+            CpuStorage::F32(run!(v, Some(&g[c..d]), gelu_f32, |x: f32| x, |x: f32| x))
+        }
+        (CpuStorage::F64(v), None) => {
+            CpuStorage::F64(run!(v, None::<&[f64]>, gelu_f64, |x: f64| x, |x: f64| x))
+        }
+        (CpuStorage::F64(v), Some((CpuStorage::F64(g), lg))) => {
+            let (c, d) = grad(lg)?;
+            CpuStorage::F64(run!(v, Some(&g[c..d]), gelu_f64, |x: f64| x, |x: f64| x))
+        }
+        (CpuStorage::BF16(v), None) => CpuStorage::BF16(run!(
+            v,
+            None::<&[half::bf16]>,
+            gelu_f32,
+            |x: half::bf16| x.to_f32(),
+            half::bf16::from_f32
+        )),
+        (CpuStorage::BF16(v), Some((CpuStorage::BF16(g), lg))) => {
+            let (c, d) = grad(lg)?;
+            CpuStorage::BF16(run!(
+                v,
+                Some(&g[c..d]),
+                gelu_f32,
+                |x: half::bf16| x.to_f32(),
+                half::bf16::from_f32
+            ))
+        }
+        (CpuStorage::F16(v), None) => CpuStorage::F16(run!(
+            v,
+            None::<&[half::f16]>,
+            gelu_f32,
+            |x: half::f16| x.to_f32(),
+            half::f16::from_f32
+        )),
+        (CpuStorage::F16(v), Some((CpuStorage::F16(g), lg))) => {
+            let (c, d) = grad(lg)?;
+            CpuStorage::F16(run!(
+                v,
+                Some(&g[c..d]),
+                gelu_f32,
+                |x: half::f16| x.to_f32(),
+                half::f16::from_f32
+            ))
+        }
+        (x, _) => candle_core::bail!("fused gelu: takes one float dtype, got {:?}", x.dtype()),
+    })
+}
+
+struct Gelu;
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "fused-gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        Ok((gelu_cpu(s, l, None)?, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::elementwise("gelu_fwd", &[(s, l)])
+    }
+
+    fn bwd(&self, x: &Tensor, _: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&dy.contiguous()?, &GeluBwd)?))
+    }
+}
+
+struct GeluBwd;
+
+impl CustomOp2 for GeluBwd {
+    fn name(&self) -> &'static str {
+        "fused-gelu-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Ok((gelu_cpu(s1, l1, Some((s2, l2)))?, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::elementwise("gelu_bwd", &[(s1, l1), (s2, l2)])
+    }
+}
+
+/// GELU with the tanh approximation (candle's `gelu`), fused forward and backward.
+pub fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(Gelu)
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use std::sync::OnceLock;
@@ -456,6 +628,56 @@ mod cuda {
                 b.arg(&out).arg(&d_i).arg(&eps_f);
                 // Safety: inputs in the kernel's order (x, then w and/or dy), each contiguous
                 // with n elements (w: d), as the callers build them.
+                unsafe { b.launch(cfg) }.map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+                CudaStorage::wrap_cuda_slice(out, dev)
+            }};
+        }
+        let out = match dtype {
+            DType::F32 => run!(f32),
+            _ => run!(half::bf16),
+        };
+        Ok((out, l0.shape().clone()))
+    }
+
+    /// An elementwise kernel `name_{f32,bf16}(inputs..., out, n)` over contiguous inputs of one
+    /// size and dtype; the output is shaped like the first.
+    pub(super) fn elementwise(
+        name: &str,
+        inputs: &[(&CudaStorage, &Layout)],
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (first, l0) = inputs[0];
+        let n = l0.shape().elem_count();
+        let dtype = first.dtype();
+        let dev = first.device().clone();
+        let f =
+            dev.get_or_load_custom_func(&format!("{name}_{}", suffix(dtype)?), MODULE, ptx()?)?;
+        let blocks = n.div_ceil(256).clamp(1, 65_535 * 8) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let n_i = n as i64;
+        macro_rules! run {
+            ($t:ty) => {{
+                let views = inputs
+                    .iter()
+                    .map(|(s, l)| {
+                        let (a, b) = offsets(l)?;
+                        if s.dtype() != dtype || b - a != n {
+                            candle_core::bail!("fused {name}: inputs differ in dtype or size");
+                        }
+                        Ok(s.as_cuda_slice::<$t>()?.slice(a..b))
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                // Safety: the kernel writes every element.
+                let out = unsafe { dev.alloc::<$t>(n)? };
+                let mut b = f.builder();
+                for v in &views {
+                    b.arg(v);
+                }
+                b.arg(&out).arg(&n_i);
+                // Safety: contiguous inputs of n elements in the kernel's order.
                 unsafe { b.launch(cfg) }.map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
                 CudaStorage::wrap_cuda_slice(out, dev)
             }};
