@@ -129,8 +129,9 @@ pub fn full(
 
 /// The inputs of one chunked call, detached from the graph, and the softmax of a chunk.
 ///
-/// On CUDA (f32 or bf16) the softmax runs in the fused kernels of `kernels::softmax`, which
-/// apply the scale and the mask on the fly; elsewhere it composes candle ops, the reference.
+/// The softmax runs in the fused ops of `kernels::softmax` (CUDA kernels for f32 and bf16,
+/// parallel loops on the CPU), which apply the scale and the mask on the fly; with
+/// `model.kernels = "composed"` (or f16/f64 on CUDA) it composes candle ops, the reference.
 /// Both give P in the inputs' dtype and dS = P (dP - delta) from that rounded P.
 struct Operands {
     /// The inputs' dtype.
@@ -139,8 +140,7 @@ struct Operands {
     /// K [B, H, S, hd] in the inputs' dtype, contiguous: products read K^T as a view.
     k: Tensor,
     mask: Option<GroupMask>,
-    /// The fused CUDA kernels apply (a CUDA device, f32 or bf16).
-    #[cfg(feature = "cuda")]
+    /// The fused softmax applies: enabled, and on the CPU or (f32, bf16) on CUDA.
     fused: bool,
 }
 
@@ -152,10 +152,8 @@ impl Operands {
             scale: 1.0 / (d as f64).sqrt(),
             k: k_bhsd.detach().contiguous()?,
             mask: mask.cloned(),
-            #[cfg(feature = "cuda")]
             fused: crate::fused::enabled()
-                && k_bhsd.device().is_cuda()
-                && matches!(dtype, DType::F32 | DType::BF16),
+                && (k_bhsd.device().is_cpu() || matches!(dtype, DType::F32 | DType::BF16)),
         })
     }
 
@@ -174,7 +172,6 @@ impl Operands {
         })
     }
 
-    #[cfg(feature = "cuda")]
     fn row_mask(&self, start: usize) -> Option<kernels::softmax::RowMask<'_>> {
         self.mask.as_ref().map(|m| kernels::softmax::RowMask {
             groups: &m.groups,
@@ -186,7 +183,6 @@ impl Operands {
     /// rows `start..start + len`.
     fn forward_probs(&self, q_bhsd: &Tensor, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
         let products = self.products(q_bhsd, start, len)?;
-        #[cfg(feature = "cuda")]
         if self.fused {
             let mask = self.row_mask(start);
             let lse = kernels::softmax::row_logsumexp(&products, mask, self.scale)?;
@@ -204,7 +200,6 @@ impl Operands {
     /// P of query rows `start..start + len` recomputed from their logsumexp [B, H, len, 1].
     fn probs(&self, q_bhsd: &Tensor, start: usize, len: usize, lse: &Tensor) -> Result<Tensor> {
         let products = self.products(q_bhsd, start, len)?;
-        #[cfg(feature = "cuda")]
         if self.fused {
             return Ok(kernels::softmax::probs(
                 &products,
@@ -221,7 +216,6 @@ impl Operands {
     /// dS = P (dP - delta) in the inputs' dtype, for P in that dtype, dP [B, H, len, S] and
     /// delta [B, H, len, 1] in the compute dtype.
     fn softmax_grad(&self, p: &Tensor, dp: &Tensor, delta: &Tensor) -> Result<Tensor> {
-        #[cfg(feature = "cuda")]
         if self.fused {
             return Ok(kernels::softmax::softmax_grad(p, dp, delta)?);
         }

@@ -372,19 +372,21 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tenso
 
 const GELU_C: f64 = 0.797_884_560_802_865_4; // sqrt(2 / pi)
 
-/// GELU (tanh approximation) and its derivative at `v`, in f64.
+/// GELU (tanh approximation) and its derivative at `v`, in f64. With u = c v (1 + 0.044715 v^2),
+/// 0.5 v (1 + tanh u) = v s for s = sigmoid(2u), and 1 - tanh^2 u = 4 s (1 - s): one exp and
+/// one division instead of a tanh, which the CPU's libm computes several times slower.
 fn gelu_f64(v: f64) -> (f64, f64) {
-    let t = (GELU_C * v * (1.0 + 0.044715 * v * v)).tanh();
-    let d = 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * 0.044715 * v * v);
-    (0.5 * v * (1.0 + t), d)
+    let s = 1.0 / (1.0 + (-2.0 * GELU_C * v * (1.0 + 0.044715 * v * v)).exp());
+    let d = s + 2.0 * v * s * (1.0 - s) * GELU_C * (1.0 + 3.0 * 0.044715 * v * v);
+    (v * s, d)
 }
 
 /// The same in f32 (what f32, bf16 and f16 inputs compute in).
 fn gelu_f32(v: f32) -> (f32, f32) {
     let c = GELU_C as f32;
-    let t = (c * v * (1.0 + 0.044715 * v * v)).tanh();
-    let d = 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * v * v);
-    (0.5 * v * (1.0 + t), d)
+    let s = 1.0 / (1.0 + (-2.0 * c * v * (1.0 + 0.044715 * v * v)).exp());
+    let d = s + 2.0 * v * s * (1.0 - s) * c * (1.0 + 3.0 * 0.044715 * v * v);
+    (v * s, d)
 }
 
 /// Elementwise over `x` (and `dy` for the backward), in parallel chunks: GELU when `dy` is

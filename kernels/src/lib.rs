@@ -14,7 +14,6 @@ pub mod losses;
 pub mod optim;
 pub mod rows;
 pub mod sampling;
-#[cfg(feature = "cuda")]
 pub mod softmax;
 
 pub use error::KernelError;

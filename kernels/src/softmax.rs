@@ -1,4 +1,5 @@
-//! Chunked attention's softmax on CUDA, fused (kernels in `attention_softmax.cu`, NVRTC).
+//! Chunked attention's softmax, fused: CUDA kernels in `attention_softmax.cu` (NVRTC), and
+//! parallel loops on the CPU (rayon, statistics in f64).
 //!
 //! Composed from candle ops, one chunk's softmax is a dozen kernels that each read and write
 //! the whole [batch x heads x chunk, S] f32 score block: scale, the mask built and added, max,
@@ -12,17 +13,23 @@
 //! - [`softmax_grad`]: dS = P (dP - delta), delta = rowsum(dO * O), in P's dtype.
 //!
 //! No backward: chunked attention calls them on detached tensors inside its own backward. The
-//! CPU runs the same chunked attention from candle ops (flux's `attention` module), which is
-//! the reference these kernels are tested against.
-
-use std::sync::OnceLock;
+//! same chunked attention composed from candle ops (flux's `attention` module with
+//! `model.kernels = "composed"`) is the reference they are tested against.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-use candle_core::{CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
 
+#[cfg(feature = "cuda")]
+use candle_core::{
+    cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg},
+    CudaStorage,
+};
+
+#[cfg(feature = "cuda")]
 const MODULE: &str = "mosaic_attention_softmax";
 const SOURCE: &str = include_str!("attention_softmax.cu");
+#[cfg(feature = "cuda")]
 const THREADS: u32 = 256;
 
 /// The kernel source, for tools that compile it ahead of time.
@@ -30,9 +37,112 @@ pub fn source() -> &'static str {
     SOURCE
 }
 
+#[cfg(feature = "cuda")]
 fn ptx() -> candle_core::Result<&'static str> {
-    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+    static PTX: std::sync::OnceLock<std::result::Result<String, String>> =
+        std::sync::OnceLock::new();
     crate::cuda::compiled(&PTX, SOURCE, "attention softmax")
+}
+
+/// The group ids of a CPU storage.
+fn group_ids<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [u32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::U32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("attention softmax: group ids must be contiguous u32"),
+    }
+}
+
+/// The CPU work, in the scores' float type (f32 for f32 and half inputs, f64 for f64): a row's
+/// logsumexp, P from it, and dS. Rows run in parallel (rayon); a row whose query sees every key
+/// (no mask, or a text or target query) skips the mask test.
+trait RowFloat:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + std::ops::Mul<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Add<Output = Self>
+{
+    const NEG_INF: Self;
+    const ZERO: Self;
+    fn exp(self) -> Self;
+    fn ln(self) -> Self;
+    fn of(v: f64) -> Self;
+}
+
+impl RowFloat for f32 {
+    const NEG_INF: Self = f32::NEG_INFINITY;
+    const ZERO: Self = 0.0;
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+    fn ln(self) -> Self {
+        f32::ln(self)
+    }
+    fn of(v: f64) -> Self {
+        v as f32
+    }
+}
+
+impl RowFloat for f64 {
+    const NEG_INF: Self = f64::NEG_INFINITY;
+    const ZERO: Self = 0.0;
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    fn ln(self) -> Self {
+        f64::ln(self)
+    }
+    fn of(v: f64) -> Self {
+        v
+    }
+}
+
+/// Which keys of a row are seen: None when all are.
+fn row_groups(groups: &[u32], masked: bool, gq: u32) -> Option<(&[u32], u32)> {
+    (masked && gq != 0).then_some((groups, gq))
+}
+
+fn sees(mask: Option<(&[u32], u32)>, j: usize) -> bool {
+    match mask {
+        None => true,
+        Some((g, gq)) => g[j] == 0 || g[j] == gq,
+    }
+}
+
+fn row_lse<F: RowFloat>(row: &[F], scale: F, mask: Option<(&[u32], u32)>) -> F {
+    let mut m = F::NEG_INF;
+    for (j, &v) in row.iter().enumerate() {
+        let v = v * scale;
+        if sees(mask, j) && v > m {
+            m = v;
+        }
+    }
+    let mut sum = F::ZERO;
+    for (j, &v) in row.iter().enumerate() {
+        if sees(mask, j) {
+            sum = sum + (v * scale - m).exp();
+        }
+    }
+    m + sum.ln()
+}
+
+fn row_probs<F: RowFloat, T: Send>(
+    row: &[F],
+    out: &mut [T],
+    scale: F,
+    lse: F,
+    mask: Option<(&[u32], u32)>,
+    put: impl Fn(F) -> T,
+) {
+    for (j, (o, &v)) in out.iter_mut().zip(row).enumerate() {
+        *o = put(if sees(mask, j) {
+            (v * scale - lse).exp()
+        } else {
+            F::ZERO
+        });
+    }
 }
 
 /// Which keys each query row may see: the chunk's first row's token index and the group ids.
@@ -44,6 +154,7 @@ pub struct RowMask<'a> {
     pub q_start: usize,
 }
 
+#[cfg(feature = "cuda")]
 fn contiguous(op: &str, arg: &str, l: &Layout) -> candle_core::Result<(usize, usize)> {
     l.contiguous_offsets().ok_or_else(|| {
         candle_core::Error::Msg(format!(
@@ -53,17 +164,13 @@ fn contiguous(op: &str, arg: &str, l: &Layout) -> candle_core::Result<(usize, us
     })
 }
 
-fn cpu_refused(op: &str) -> candle_core::Error {
-    candle_core::Error::Msg(format!(
-        "{op}: a CUDA kernel was given CPU tensors (the CPU composes candle ops instead)"
-    ))
-}
-
+#[cfg(feature = "cuda")]
 fn launch_err(e: impl std::error::Error + Send + Sync + 'static) -> candle_core::Error {
     candle_core::Error::Cuda(Box::new(e))
 }
 
 /// Blocks for an elementwise grid-stride kernel over `n` elements.
+#[cfg(feature = "cuda")]
 fn grid(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(THREADS as usize).clamp(1, 65_535 * 8) as u32;
     LaunchConfig {
@@ -98,7 +205,7 @@ fn groups_or_dummy(
 struct RowLse {
     rows_per_chunk: usize,
     q_start: usize,
-    scale: f32,
+    scale: f64,
     has_mask: i32,
 }
 
@@ -109,14 +216,47 @@ impl CustomOp2 for RowLse {
 
     fn cpu_fwd(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
+        s: &CpuStorage,
+        ls: &Layout,
+        g: &CpuStorage,
+        lg: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Err(cpu_refused(self.name()))
+        let groups = group_ids(g, lg)?;
+        let keys = ls.dims()[ls.dims().len() - 1].max(1);
+        let (l, q0, masked) = (self.rows_per_chunk.max(1), self.q_start, self.has_mask != 0);
+        let (a, b) = ls.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg(format!("{}: scores must be contiguous", self.name()))
+        })?;
+        macro_rules! run {
+            ($v:expr, $f:ty) => {{
+                let x: &[$f] = &$v[a..b];
+                let scale = <$f as RowFloat>::of(self.scale);
+                let mut lse = vec![<$f as RowFloat>::ZERO; x.len() / keys];
+                lse.par_iter_mut()
+                    .zip(x.par_chunks(keys))
+                    .enumerate()
+                    .for_each(|(r, (out, row))| {
+                        let gq = if masked { groups[q0 + r % l] } else { 0 };
+                        *out = row_lse(row, scale, row_groups(groups, masked, gq));
+                    });
+                lse
+            }};
+        }
+        let out = match s {
+            CpuStorage::F32(v) => CpuStorage::F32(run!(v, f32)),
+            CpuStorage::F64(v) => CpuStorage::F64(run!(v, f64)),
+            other => candle_core::bail!(
+                "{}: scores are f32 or f64, not {:?}",
+                self.name(),
+                other.dtype()
+            ),
+        };
+        let mut shape = ls.dims().to_vec();
+        *shape.last_mut().expect("scores have dims") = 1;
+        Ok((out, Shape::from(shape)))
     }
 
+    #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
         s: &CudaStorage,
@@ -138,6 +278,8 @@ impl CustomOp2 for RowLse {
             g.as_cuda_slice::<u32>()?.slice(g0..g1),
         );
         let (l, n, q0) = (self.rows_per_chunk as i32, keys as i32, self.q_start as i32);
+        // Kernel arguments are read through pointers at the launch: bind them to locals.
+        let scale_f32 = self.scale as f32;
         let mut b = f.builder();
         b.arg(&sv)
             .arg(&gv)
@@ -145,7 +287,7 @@ impl CustomOp2 for RowLse {
             .arg(&l)
             .arg(&n)
             .arg(&q0)
-            .arg(&self.scale)
+            .arg(&scale_f32)
             .arg(&self.has_mask);
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
@@ -174,7 +316,7 @@ pub fn row_logsumexp(
         &RowLse {
             rows_per_chunk: scores.dim(scores.rank() - 2)?,
             q_start,
-            scale: scale as f32,
+            scale,
             has_mask,
         },
     )
@@ -183,7 +325,7 @@ pub fn row_logsumexp(
 struct Probs {
     rows_per_chunk: usize,
     q_start: usize,
-    scale: f32,
+    scale: f64,
     has_mask: i32,
     dtype: DType,
 }
@@ -195,16 +337,77 @@ impl CustomOp3 for Probs {
 
     fn cpu_fwd(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
+        s: &CpuStorage,
+        ls: &Layout,
+        lse: &CpuStorage,
+        ll: &Layout,
+        g: &CpuStorage,
+        lg: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Err(cpu_refused(self.name()))
+        let groups = group_ids(g, lg)?;
+        let keys = ls.dims()[ls.dims().len() - 1].max(1);
+        let (l, q0, masked) = (self.rows_per_chunk.max(1), self.q_start, self.has_mask != 0);
+        let offsets = |l: &Layout| {
+            l.contiguous_offsets().ok_or_else(|| {
+                candle_core::Error::Msg(format!("{}: inputs must be contiguous", self.name()))
+            })
+        };
+        let ((a, b), (c, d)) = (offsets(ls)?, offsets(ll)?);
+        if d - c != (b - a) / keys {
+            candle_core::bail!(
+                "{}: {} logsumexps for {} rows",
+                self.name(),
+                d - c,
+                (b - a) / keys
+            );
+        }
+        macro_rules! run {
+            ($x:expr, $lse:expr, $f:ty, $t:ty, $put:expr) => {{
+                let (x, lse): (&[$f], &[$f]) = (&$x[a..b], &$lse[c..d]);
+                let scale = <$f as RowFloat>::of(self.scale);
+                let mut p: Vec<$t> = Vec::with_capacity(x.len());
+                p.resize(x.len(), $put(<$f as RowFloat>::ZERO));
+                p.par_chunks_mut(keys)
+                    .zip(x.par_chunks(keys))
+                    .enumerate()
+                    .for_each(|(r, (out, row))| {
+                        let gq = if masked { groups[q0 + r % l] } else { 0 };
+                        row_probs(
+                            row,
+                            out,
+                            scale,
+                            lse[r],
+                            row_groups(groups, masked, gq),
+                            $put,
+                        );
+                    });
+                p
+            }};
+        }
+        let out = match (s, lse, self.dtype) {
+            (CpuStorage::F32(x), CpuStorage::F32(e), DType::F32) => {
+                CpuStorage::F32(run!(x, e, f32, f32, |v: f32| v))
+            }
+            (CpuStorage::F32(x), CpuStorage::F32(e), DType::BF16) => {
+                CpuStorage::BF16(run!(x, e, f32, half::bf16, half::bf16::from_f32))
+            }
+            (CpuStorage::F32(x), CpuStorage::F32(e), DType::F16) => {
+                CpuStorage::F16(run!(x, e, f32, half::f16, half::f16::from_f32))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(e), DType::F64) => {
+                CpuStorage::F64(run!(x, e, f64, f64, |v: f64| v))
+            }
+            (x, e, dt) => candle_core::bail!(
+                "{}: scores {:?} and logsumexps {:?} for P in {dt:?}",
+                self.name(),
+                x.dtype(),
+                e.dtype()
+            ),
+        };
+        Ok((out, ls.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
         s: &CudaStorage,
@@ -231,6 +434,7 @@ impl CustomOp3 for Probs {
         let sv = s.as_cuda_slice::<f32>()?.slice(i0..i1);
         let lv = lse.as_cuda_slice::<f32>()?.slice(l0..l1);
         let gv = g.as_cuda_slice::<u32>()?.slice(g0..g1);
+        let scale_f32 = self.scale as f32;
         let (n_i, l, k, q0) = (
             n as i64,
             self.rows_per_chunk as i32,
@@ -248,7 +452,7 @@ impl CustomOp3 for Probs {
                     .arg(&l)
                     .arg(&k)
                     .arg(&q0)
-                    .arg(&self.scale)
+                    .arg(&scale_f32)
                     .arg(&self.has_mask);
                 // Safety: argument types and order match the kernel; sizes checked above.
                 unsafe { b.launch(grid(n)) }.map_err(launch_err)?;
@@ -280,7 +484,7 @@ pub fn probs(
         &Probs {
             rows_per_chunk: scores.dim(scores.rank() - 2)?,
             q_start,
-            scale: scale as f32,
+            scale,
             has_mask,
             dtype,
         },
@@ -296,16 +500,84 @@ impl CustomOp3 for SoftmaxGrad {
 
     fn cpu_fwd(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
+        p: &CpuStorage,
+        lp: &Layout,
+        dp: &CpuStorage,
+        ldp: &Layout,
+        delta: &CpuStorage,
+        ld: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Err(cpu_refused(self.name()))
+        let offsets = |l: &Layout| {
+            l.contiguous_offsets().ok_or_else(|| {
+                candle_core::Error::Msg(format!("{}: inputs must be contiguous", self.name()))
+            })
+        };
+        let ((a, b), (c, d), (e, f)) = (offsets(lp)?, offsets(ldp)?, offsets(ld)?);
+        let keys = lp.dims()[lp.dims().len() - 1].max(1);
+        if b - a != d - c || f - e != (b - a) / keys {
+            candle_core::bail!(
+                "{}: p {:?}, dp {:?} and {} row sums do not agree",
+                self.name(),
+                lp.dims(),
+                ldp.dims(),
+                f - e
+            );
+        }
+        macro_rules! run {
+            ($p:expr, $dp:expr, $delta:expr, $t:ty, $f:ty, $get:expr, $put:expr) => {{
+                let (pv, dpv, dv): (&[$t], &[$f], &[$f]) = (&$p[a..b], &$dp[c..d], &$delta[e..f]);
+                let mut ds: Vec<$t> = Vec::with_capacity(pv.len());
+                ds.resize(pv.len(), $put(0.0));
+                ds.par_chunks_mut(keys)
+                    .zip(pv.par_chunks(keys).zip(dpv.par_chunks(keys)))
+                    .enumerate()
+                    .for_each(|(r, (out, (pr, dr)))| {
+                        for ((o, &x), &y) in out.iter_mut().zip(pr).zip(dr) {
+                            *o = $put($get(x) * (y - dv[r]));
+                        }
+                    });
+                ds
+            }};
+        }
+        let out = match (p, dp, delta) {
+            (CpuStorage::F32(x), CpuStorage::F32(y), CpuStorage::F32(z)) => {
+                CpuStorage::F32(run!(x, y, z, f32, f32, |v: f32| v, |v: f32| v))
+            }
+            (CpuStorage::BF16(x), CpuStorage::F32(y), CpuStorage::F32(z)) => {
+                CpuStorage::BF16(run!(
+                    x,
+                    y,
+                    z,
+                    half::bf16,
+                    f32,
+                    |v: half::bf16| v.to_f32(),
+                    half::bf16::from_f32
+                ))
+            }
+            (CpuStorage::F16(x), CpuStorage::F32(y), CpuStorage::F32(z)) => CpuStorage::F16(run!(
+                x,
+                y,
+                z,
+                half::f16,
+                f32,
+                |v: half::f16| v.to_f32(),
+                half::f16::from_f32
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(y), CpuStorage::F64(z)) => {
+                CpuStorage::F64(run!(x, y, z, f64, f64, |v: f64| v, |v: f64| v))
+            }
+            (x, y, z) => candle_core::bail!(
+                "{}: P {:?}, dP {:?} and delta {:?} do not go together",
+                self.name(),
+                x.dtype(),
+                y.dtype(),
+                z.dtype()
+            ),
+        };
+        Ok((out, lp.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
         p: &CudaStorage,
@@ -367,14 +639,26 @@ mod tests {
     use candle_core::Device;
     use rand::{Rng, SeedableRng};
 
-    /// The kernels against plain f64 loops, with a mask whose chunk straddles the shared
-    /// tokens and a reference, in f32 and bf16. Says it did not run where no CUDA device opens.
+    /// The CPU loops against plain f64 loops (`check_on`).
+    #[test]
+    fn softmax_ops_match_plain_loops_on_the_cpu() {
+        check_on(&Device::Cpu);
+    }
+
+    /// The CUDA kernels against plain f64 loops. Says it did not run where no CUDA device
+    /// opens.
     #[test]
     fn cuda_softmax_kernels_match_plain_loops() {
         let Ok(gpu) = Device::new_cuda(0) else {
             eprintln!("not run: no CUDA device");
             return;
         };
+        check_on(&gpu);
+    }
+
+    /// The three ops on `gpu` (any device) against plain f64 loops, with a mask whose chunk
+    /// straddles the shared tokens and a reference, in f32 and bf16.
+    fn check_on(gpu: &Device) {
         let (bh, l, s, q_start, scale) = (6usize, 7usize, 40usize, 8usize, 0.3f64);
         let mut groups = vec![0u32; 10];
         for (g, len) in [(1u32, 12usize), (2, 10), (3, 8)] {
@@ -409,9 +693,9 @@ mod tests {
                 }
             }
         }
-        let on = |v: &[f32], shape: &[usize]| Tensor::from_slice(v, shape, &gpu).unwrap();
+        let on = |v: &[f32], shape: &[usize]| Tensor::from_slice(v, shape, gpu).unwrap();
         let scores = on(&raw, &[2, 3, l, s]);
-        let g = Tensor::from_slice(&groups, s, &gpu).unwrap();
+        let g = Tensor::from_slice(&groups, s, gpu).unwrap();
         let mask = Some(RowMask {
             groups: &g,
             q_start,
@@ -460,7 +744,7 @@ mod tests {
             .ln();
         assert!((back(&lse)[0] - first).abs() < 1e-5);
         // Group ids that do not cover the keys are refused.
-        let short = Tensor::from_slice(&groups[..30], 30, &gpu).unwrap();
+        let short = Tensor::from_slice(&groups[..30], 30, gpu).unwrap();
         let bad = Some(RowMask {
             groups: &short,
             q_start,
