@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compiles every kernels/src/*.cu with NVRTC, as the trainer does at run time, on a
+# Compiles every kernels/src/*.cu (after common.cuh, as kernels/src/cuda.rs does) with NVRTC, as the trainer does at run time, on a
 # machine without a GPU: NVRTC needs no driver. NVRTC comes from NVIDIA's CUDA 13.0 pip wheel
 # (nvidia-cuda-nvrtc), installed once into ~/.cache/mosaic-ci/nvrtc unless one is found under
 # $CUDA_PIP_CACHE. Not part of CI.
@@ -18,7 +18,7 @@ echo "== $cu"
 LD_LIBRARY_PATH="$cuda/lib" python3 - "$lib" "$cu" <<'PY'
 import ctypes, os, sys
 lib = ctypes.CDLL(sys.argv[1])
-src = open(sys.argv[2], "rb").read()
+src = open(os.path.join(os.path.dirname(sys.argv[2]), "common.cuh"), "rb").read() + b"\n" + open(sys.argv[2], "rb").read()
 prog = ctypes.c_void_p()
 assert lib.nvrtcCreateProgram(ctypes.byref(prog), src, os.path.basename(sys.argv[2]).encode(), 0, None, None) == 0
 for arch in (b"compute_80", b"compute_90"):

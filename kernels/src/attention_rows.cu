@@ -1,29 +1,5 @@
-// The CUDA forward of kernels::rows::attention_rows, compiled at run time with NVRTC
-// (kernels/src/cuda.rs). No #include: NVRTC then needs no CUDA include path, and no math.h
-// (hence the bit patterns for -inf and bf16). bf16 arrives as its raw 16 bits, the high half
-// of an f32. ci/check-nvrtc.sh compiles this file with NVRTC on a machine without a GPU.
-struct bf16_bits { unsigned short v; };
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(bf16_bits x) { return __uint_as_float(((unsigned)x.v) << 16); }
-
-// Block-wide reduction through shared scratch; every thread gets the result.
-template <bool IS_MAX>
-__device__ float block_reduce(float v, float* scratch) {
-    unsigned tid = threadIdx.x;
-    scratch[tid] = v;
-    __syncthreads();
-    for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (tid < s) {
-            float a = scratch[tid], b = scratch[tid + s];
-            // fmaxf drops NaN; keep it so a NaN input yields a NaN row.
-            scratch[tid] = IS_MAX ? ((isnan(a) || a > b) ? a : b) : a + b;
-        }
-        __syncthreads();
-    }
-    float r = scratch[0];
-    __syncthreads();
-    return r;
-}
+// The CUDA forward of kernels::rows::attention_rows, compiled at run time with NVRTC after
+// common.cuh (kernels/src/cuda.rs). ci/check-nvrtc.sh compiles it on a machine without a GPU.
 
 template <typename T>
 __device__ void rows(const T* q, const T* k, const unsigned* idx, float* out,

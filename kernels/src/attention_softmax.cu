@@ -1,45 +1,15 @@
 // The elementwise and row work of chunked attention on CUDA (kernels/src/softmax.rs), compiled
-// at run time with NVRTC like attention_rows.cu: no #include, bf16 as its raw 16 bits.
+// at run time with NVRTC after common.cuh.
 //
 // Scores arrive raw (Q K^T, f32, [rows, S] with rows = batch x heads x chunk rows); the scale
 // and the reference isolation mask are applied here, so neither is ever stored. Query row r of
 // a chunk is token q_start + (r % L) of the joint sequence; token groups come as one u32 per
 // token (0: text and target, g > 0: reference g) and a query of group g > 0 may not see a key
 // of another group h > 0.
-struct bf16_bits { unsigned short v; };
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(bf16_bits x) { return __uint_as_float(((unsigned)x.v) << 16); }
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-// Round to nearest even, as candle's f32 -> bf16 cast; NaN stays NaN.
-__device__ __forceinline__ void store(bf16_bits* p, float v) {
-    unsigned u = __float_as_uint(v);
-    if ((u & 0x7fffffffu) > 0x7f800000u) { p->v = (unsigned short)((u >> 16) | 0x40u); return; }
-    u += 0x7fffu + ((u >> 16) & 1u);
-    p->v = (unsigned short)(u >> 16);
-}
-
 __device__ __forceinline__ bool blocked(const unsigned* groups, int has_mask, unsigned gq, int j) {
     if (!has_mask || gq == 0u) return false;
     unsigned gk = groups[j];
     return gk != 0u && gk != gq;
-}
-
-// Block-wide reduction through shared scratch; every thread gets the result.
-template <bool IS_MAX>
-__device__ float block_reduce(float v, float* scratch) {
-    unsigned tid = threadIdx.x;
-    scratch[tid] = v;
-    __syncthreads();
-    for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (tid < s) {
-            float a = scratch[tid], b = scratch[tid + s];
-            scratch[tid] = IS_MAX ? ((isnan(a) || a > b) ? a : b) : a + b;
-        }
-        __syncthreads();
-    }
-    float r = scratch[0];
-    __syncthreads();
-    return r;
 }
 
 // lse[r] = log sum_j exp(scale * s[r, j]) over the keys row r may see. One block per row; each

@@ -20,6 +20,8 @@ const THREADS: u32 = 256;
 const MAX_SHARED_BYTES: usize = 48 * 1024;
 
 const SOURCE: &str = include_str!("attention_rows.cu");
+/// The helpers every kernel source starts with (prepended at compile time).
+const COMMON: &str = include_str!("common.cuh");
 
 /// The kernel source, for tools that compile it ahead of time (a syntax check with nvcc).
 pub fn source() -> &'static str {
@@ -31,7 +33,8 @@ fn ptx() -> candle_core::Result<&'static str> {
     compiled(&PTX, SOURCE, "attention_rows")
 }
 
-/// The PTX of `source`, compiled with NVRTC once per process (and the error, once).
+/// The PTX of `source` after `common.cuh`, compiled with NVRTC once per process (and the
+/// error, once).
 pub(crate) fn compiled(
     cell: &'static OnceLock<std::result::Result<String, String>>,
     source: &str,
@@ -42,7 +45,8 @@ pub(crate) fn compiled(
             use_fast_math: Some(false),
             ..Default::default()
         };
-        candle_core::cuda_backend::cudarc::nvrtc::compile_ptx_with_opts(source, opts)
+        let full = format!("{COMMON}\n{source}");
+        candle_core::cuda_backend::cudarc::nvrtc::compile_ptx_with_opts(full, opts)
             .map(|p| p.to_src())
             .map_err(|e| format!("NVRTC could not compile the {what} kernels: {e:?}"))
     })
@@ -123,4 +127,14 @@ pub fn rows_fwd(
         CudaStorage::wrap_cuda_slice(out, dev),
         Shape::from((p, n_tgt)),
     ))
+}
+
+/// The launch of a grid-stride elementwise kernel over `n` items: 256 threads a block, at most
+/// 524k blocks (each thread loops over the rest).
+pub(crate) fn grid_stride(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(256).clamp(1, 65_535 * 8) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }

@@ -1,29 +1,15 @@
 // Fused row ops of the FLUX blocks on CUDA (kernels/src/fused.rs), compiled at run time with
-// NVRTC: no #include, bf16 as its raw 16 bits. Statistics are computed in f32 and each output
-// is rounded once.
-struct bf16_bits { unsigned short v; };
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(bf16_bits x) { return __uint_as_float(((unsigned)x.v) << 16); }
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(bf16_bits* p, float v) {
-    unsigned u = __float_as_uint(v);
-    if ((u & 0x7fffffffu) > 0x7f800000u) { p->v = (unsigned short)((u >> 16) | 0x40u); return; }
-    u += 0x7fffu + ((u >> 16) & 1u);
-    p->v = (unsigned short)(u >> 16);
-}
-
-// Block-wide sum through shared scratch (blockDim.x floats); every thread gets the result.
-__device__ float block_sum(float v, float* scratch) {
-    unsigned tid = threadIdx.x;
-    scratch[tid] = v;
-    __syncthreads();
-    for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (tid < s) scratch[tid] += scratch[tid + s];
-        __syncthreads();
-    }
-    float r = scratch[0];
-    __syncthreads();
-    return r;
+// NVRTC after common.cuh. Statistics are computed in f32 and each output is rounded once.
+// Mean and 1/sqrt(var + eps) of a row of D, in every thread of the block.
+template <typename T>
+__device__ void row_moments(const T* xr, int D, float eps, float* scratch, float* mean, float* rstd) {
+    float s = 0.f;
+    for (int j = threadIdx.x; j < D; j += blockDim.x) s += to_f(xr[j]);
+    float m = block_reduce<false>(s, scratch) / D;
+    float q = 0.f;
+    for (int j = threadIdx.x; j < D; j += blockDim.x) { float c = to_f(xr[j]) - m; q += c * c; }
+    *mean = m;
+    *rstd = rsqrtf(block_reduce<false>(q, scratch) / D + eps);
 }
 
 // LayerNorm without affine parameters over rows of D; one block per row.
@@ -32,12 +18,8 @@ __device__ void layer_norm_fwd(const T* x, T* y, int D, float eps) {
     extern __shared__ float scratch[];
     const T* xr = x + (long)blockIdx.x * D;
     T* yr = y + (long)blockIdx.x * D;
-    float s = 0.f;
-    for (int j = threadIdx.x; j < D; j += blockDim.x) s += to_f(xr[j]);
-    float mean = block_sum(s, scratch) / D;
-    float q = 0.f;
-    for (int j = threadIdx.x; j < D; j += blockDim.x) { float c = to_f(xr[j]) - mean; q += c * c; }
-    float rstd = rsqrtf(block_sum(q, scratch) / D + eps);
+    float mean, rstd;
+    row_moments(xr, D, eps, scratch, &mean, &rstd);
     for (int j = threadIdx.x; j < D; j += blockDim.x) store(yr + j, (to_f(xr[j]) - mean) * rstd);
 }
 // dx = rstd (dy - mean(dy) - xhat mean(dy xhat)).
@@ -47,20 +29,16 @@ __device__ void layer_norm_bwd(const T* x, const T* dy, T* dx, int D, float eps)
     long off = (long)blockIdx.x * D;
     const T* xr = x + off;
     const T* gr = dy + off;
-    float s = 0.f;
-    for (int j = threadIdx.x; j < D; j += blockDim.x) s += to_f(xr[j]);
-    float mean = block_sum(s, scratch) / D;
-    float q = 0.f;
-    for (int j = threadIdx.x; j < D; j += blockDim.x) { float c = to_f(xr[j]) - mean; q += c * c; }
-    float rstd = rsqrtf(block_sum(q, scratch) / D + eps);
+    float mean, rstd;
+    row_moments(xr, D, eps, scratch, &mean, &rstd);
     float sg = 0.f, sgx = 0.f;
     for (int j = threadIdx.x; j < D; j += blockDim.x) {
         float g = to_f(gr[j]);
         sg += g;
         sgx += g * (to_f(xr[j]) - mean) * rstd;
     }
-    float mg = block_sum(sg, scratch) / D;
-    float mgx = block_sum(sgx, scratch) / D;
+    float mg = block_reduce<false>(sg, scratch) / D;
+    float mgx = block_reduce<false>(sgx, scratch) / D;
     for (int j = threadIdx.x; j < D; j += blockDim.x) {
         float xhat = (to_f(xr[j]) - mean) * rstd;
         store(dx + off + j, rstd * (to_f(gr[j]) - mg - xhat * mgx));
@@ -74,7 +52,7 @@ __device__ void rms_norm_fwd(const T* x, const T* w, T* y, int D, float eps) {
     long off = (long)blockIdx.x * D;
     float q = 0.f;
     for (int j = threadIdx.x; j < D; j += blockDim.x) { float v = to_f(x[off + j]); q += v * v; }
-    float rstd = rsqrtf(block_sum(q, scratch) / D + eps);
+    float rstd = rsqrtf(block_reduce<false>(q, scratch) / D + eps);
     for (int j = threadIdx.x; j < D; j += blockDim.x) store(y + off + j, to_f(x[off + j]) * rstd * to_f(w[j]));
 }
 // dx = rstd (w dy - xhat mean(w dy xhat)), xhat = x rstd (the weight is frozen).
@@ -84,11 +62,11 @@ __device__ void rms_norm_bwd(const T* x, const T* w, const T* dy, T* dx, int D, 
     long off = (long)blockIdx.x * D;
     float q = 0.f;
     for (int j = threadIdx.x; j < D; j += blockDim.x) { float v = to_f(x[off + j]); q += v * v; }
-    float rstd = rsqrtf(block_sum(q, scratch) / D + eps);
+    float rstd = rsqrtf(block_reduce<false>(q, scratch) / D + eps);
     float s = 0.f;
     for (int j = threadIdx.x; j < D; j += blockDim.x)
         s += to_f(w[j]) * to_f(dy[off + j]) * to_f(x[off + j]) * rstd;
-    float m = block_sum(s, scratch) / D;
+    float m = block_reduce<false>(s, scratch) / D;
     for (int j = threadIdx.x; j < D; j += blockDim.x) {
         float xhat = to_f(x[off + j]) * rstd;
         store(dx + off + j, rstd * (to_f(w[j]) * to_f(dy[off + j]) - xhat * m));

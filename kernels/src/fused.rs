@@ -653,12 +653,7 @@ mod cuda {
         let dev = first.device().clone();
         let f =
             dev.get_or_load_custom_func(&format!("{name}_{}", suffix(dtype)?), MODULE, ptx()?)?;
-        let blocks = n.div_ceil(256).clamp(1, 65_535 * 8) as u32;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = crate::cuda::grid_stride(n);
         let n_i = n as i64;
         macro_rules! run {
             ($t:ty) => {{
@@ -714,12 +709,7 @@ mod cuda {
         let sv = sin.as_cuda_slice::<f32>()?.slice(s0..s1);
         let pairs = (n / 2) as i64;
         let (s_i, k_i, sign_f) = (s as i32, k as i32, sign as f32);
-        let blocks = (n / 2).div_ceil(256).clamp(1, 65_535 * 8) as u32;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = crate::cuda::grid_stride(n / 2);
         macro_rules! run {
             ($t:ty) => {{
                 let xv = x.as_cuda_slice::<$t>()?.slice(x0..x1);

@@ -12,12 +12,11 @@
 use std::sync::OnceLock;
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{CudaView, PushKernelArg};
 use candle_core::{DType, Storage, Tensor};
 
 const MODULE: &str = "mosaic_optim";
 const SOURCE: &str = include_str!("optim.cu");
-const THREADS: u32 = 256;
 
 /// The kernel source, for tools that compile it ahead of time.
 pub fn source() -> &'static str {
@@ -81,15 +80,6 @@ fn with_views<R>(
     f(&device, &views)
 }
 
-fn grid(n: usize) -> LaunchConfig {
-    let blocks = n.div_ceil(THREADS as usize).clamp(1, 65_535 * 8) as u32;
-    LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
 /// One AdamW step in place: `w`, `m` and `v` are updated from the gradient `g` (all f32,
 /// contiguous, one CUDA device, one size).
 pub fn adamw_in_place(
@@ -127,7 +117,8 @@ pub fn adamw_in_place(
         }
         // Safety: four f32 arrays of n elements on this device, in the kernel's order; the
         // kernel writes w, m and v, which the caller owns (module docs).
-        unsafe { b.launch(grid(n)) }.map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+        unsafe { b.launch(crate::cuda::grid_stride(n)) }
+            .map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
         Ok(())
     })
 }
@@ -147,7 +138,8 @@ pub fn ema_in_place(shadow: &Tensor, w: &Tensor, decay: f64) -> candle_core::Res
             .arg(&one_minus_d);
         // Safety: two f32 arrays of n elements in the kernel's order; the kernel writes the
         // shadow, which the EMA owns.
-        unsafe { b.launch(grid(n)) }.map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+        unsafe { b.launch(crate::cuda::grid_stride(n)) }
+            .map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
         Ok(())
     })
 }

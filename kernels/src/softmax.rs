@@ -71,33 +71,25 @@ trait RowFloat:
     fn of(v: f64) -> Self;
 }
 
-impl RowFloat for f32 {
-    const NEG_INF: Self = f32::NEG_INFINITY;
-    const ZERO: Self = 0.0;
-    fn exp(self) -> Self {
-        f32::exp(self)
-    }
-    fn ln(self) -> Self {
-        f32::ln(self)
-    }
-    fn of(v: f64) -> Self {
-        v as f32
-    }
+macro_rules! row_float {
+    ($t:ident) => {
+        impl RowFloat for $t {
+            const NEG_INF: Self = $t::NEG_INFINITY;
+            const ZERO: Self = 0.0;
+            fn exp(self) -> Self {
+                $t::exp(self)
+            }
+            fn ln(self) -> Self {
+                $t::ln(self)
+            }
+            fn of(v: f64) -> Self {
+                v as $t
+            }
+        }
+    };
 }
-
-impl RowFloat for f64 {
-    const NEG_INF: Self = f64::NEG_INFINITY;
-    const ZERO: Self = 0.0;
-    fn exp(self) -> Self {
-        f64::exp(self)
-    }
-    fn ln(self) -> Self {
-        f64::ln(self)
-    }
-    fn of(v: f64) -> Self {
-        v
-    }
-}
+row_float!(f32);
+row_float!(f64);
 
 /// Which keys of a row are seen: None when all are.
 fn row_groups(groups: &[u32], masked: bool, gq: u32) -> Option<(&[u32], u32)> {
@@ -167,17 +159,6 @@ fn contiguous(op: &str, arg: &str, l: &Layout) -> candle_core::Result<(usize, us
 #[cfg(feature = "cuda")]
 fn launch_err(e: impl std::error::Error + Send + Sync + 'static) -> candle_core::Error {
     candle_core::Error::Cuda(Box::new(e))
-}
-
-/// Blocks for an elementwise grid-stride kernel over `n` elements.
-#[cfg(feature = "cuda")]
-fn grid(n: usize) -> LaunchConfig {
-    let blocks = n.div_ceil(THREADS as usize).clamp(1, 65_535 * 8) as u32;
-    LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
 }
 
 /// The mask's group ids, or one dummy id when every row sees every key.
@@ -455,7 +436,7 @@ impl CustomOp3 for Probs {
                     .arg(&scale_f32)
                     .arg(&self.has_mask);
                 // Safety: argument types and order match the kernel; sizes checked above.
-                unsafe { b.launch(grid(n)) }.map_err(launch_err)?;
+                unsafe { b.launch(crate::cuda::grid_stride(n)) }.map_err(launch_err)?;
                 CudaStorage::wrap_cuda_slice(out, dev)
             }};
         }
@@ -614,7 +595,7 @@ impl CustomOp3 for SoftmaxGrad {
                 let mut b = f.builder();
                 b.arg(&pv).arg(&dpv).arg(&dv).arg(&out).arg(&n_i).arg(&k);
                 // Safety: argument types and order match the kernel; sizes checked above.
-                unsafe { b.launch(grid(n)) }.map_err(launch_err)?;
+                unsafe { b.launch(crate::cuda::grid_stride(n)) }.map_err(launch_err)?;
                 CudaStorage::wrap_cuda_slice(out, dev)
             }};
         }
