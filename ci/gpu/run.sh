@@ -196,6 +196,7 @@ if [ "$MODE" = gpu ]; then
   bench 512px-1ref 512 1 120
   bench 512px-1ref-nolosses 512 1 90 "${NO_LOSSES[@]}"
   bench 512px-1ref-composed 512 1 90 --set 'model.kernels="composed"'
+  bench 512px-1ref-plainrows 512 1 90 --set 'loss.rows="plain"'
   torch_bench 512px-1ref 512 1 120
   bench 512px-3ref 512 3 120
   torch_bench 512px-3ref 512 3 120

@@ -183,6 +183,7 @@ impl Operands {
     /// rows `start..start + len`.
     fn forward_probs(&self, q_bhsd: &Tensor, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
         let products = self.products(q_bhsd, start, len)?;
+        let _phase = crate::profile::phase("op: attention softmax", products.device());
         if self.fused {
             let mask = self.row_mask(start);
             let lse = kernels::softmax::row_logsumexp(&products, mask, self.scale)?;
@@ -200,6 +201,7 @@ impl Operands {
     /// P of query rows `start..start + len` recomputed from their logsumexp [B, H, len, 1].
     fn probs(&self, q_bhsd: &Tensor, start: usize, len: usize, lse: &Tensor) -> Result<Tensor> {
         let products = self.products(q_bhsd, start, len)?;
+        let _phase = crate::profile::phase("op: attention softmax", products.device());
         if self.fused {
             return Ok(kernels::softmax::probs(
                 &products,
@@ -216,6 +218,7 @@ impl Operands {
     /// dS = P (dP - delta) in the inputs' dtype, for P in that dtype, dP [B, H, len, S] and
     /// delta [B, H, len, 1] in the compute dtype.
     fn softmax_grad(&self, p: &Tensor, dp: &Tensor, delta: &Tensor) -> Result<Tensor> {
+        let _phase = crate::profile::phase("op: attention softmax", p.device());
         if self.fused {
             return Ok(kernels::softmax::softmax_grad(p, dp, delta)?);
         }
