@@ -11,8 +11,9 @@
 //! The reference isolation mask ([`GroupMask`]) is generated per chunk on the device from one
 //! group id per token, so no [S, S] mask is ever stored.
 //!
-//! Scores, softmax and the chunked backward run in f32 for half-precision inputs
-//! (f64 stays f64); the output has the inputs' dtype.
+//! Precision for half-precision inputs is FlashAttention's: the products take operands in the
+//! inputs' dtype (P and dS rounded to it) with f32 results ([`crate::matmul`]); scores,
+//! logsumexp, softmax and row sums are f32 (f64 stays f64); the output has the inputs' dtype.
 
 use std::sync::Mutex;
 
