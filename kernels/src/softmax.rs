@@ -221,7 +221,6 @@ pub struct RowMask<'a> {
     pub q_start: usize,
 }
 
-#[cfg(feature = "cuda")]
 fn contiguous(op: &str, arg: &str, l: &Layout) -> candle_core::Result<(usize, usize)> {
     l.contiguous_offsets().ok_or_else(|| {
         candle_core::Error::Msg(format!(
@@ -280,9 +279,7 @@ impl CustomOp2 for RowLse {
         let groups = group_ids(g, lg)?;
         let keys = ls.dims()[ls.dims().len() - 1].max(1);
         let (l, q0, masked) = (self.rows_per_chunk.max(1), self.q_start, self.has_mask != 0);
-        let (a, b) = ls.contiguous_offsets().ok_or_else(|| {
-            candle_core::Error::Msg(format!("{}: scores must be contiguous", self.name()))
-        })?;
+        let (a, b) = contiguous(self.name(), "scores", ls)?;
         macro_rules! run {
             ($v:expr, $f:ty) => {{
                 let x: &[$f] = &$v[a..b];
@@ -403,12 +400,8 @@ impl CustomOp3 for Probs {
         let groups = group_ids(g, lg)?;
         let keys = ls.dims()[ls.dims().len() - 1].max(1);
         let (l, q0, masked) = (self.rows_per_chunk.max(1), self.q_start, self.has_mask != 0);
-        let offsets = |l: &Layout| {
-            l.contiguous_offsets().ok_or_else(|| {
-                candle_core::Error::Msg(format!("{}: inputs must be contiguous", self.name()))
-            })
-        };
-        let ((a, b), (c, d)) = (offsets(ls)?, offsets(ll)?);
+        let (a, b) = contiguous(self.name(), "scores", ls)?;
+        let (c, d) = contiguous(self.name(), "lse", ll)?;
         if d - c != (b - a) / keys {
             candle_core::bail!(
                 "{}: {} logsumexps for {} rows",
@@ -563,12 +556,9 @@ impl CustomOp3 for SoftmaxGrad {
         delta: &CpuStorage,
         ld: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let offsets = |l: &Layout| {
-            l.contiguous_offsets().ok_or_else(|| {
-                candle_core::Error::Msg(format!("{}: inputs must be contiguous", self.name()))
-            })
-        };
-        let ((a, b), (c, d), (e, f)) = (offsets(lp)?, offsets(ldp)?, offsets(ld)?);
+        let (a, b) = contiguous(self.name(), "p", lp)?;
+        let (c, d) = contiguous(self.name(), "dp", ldp)?;
+        let (e, f) = contiguous(self.name(), "delta", ld)?;
         let keys = lp.dims()[lp.dims().len() - 1].max(1);
         if b - a != d - c || f - e != (b - a) / keys {
             candle_core::bail!(
