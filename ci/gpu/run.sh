@@ -160,7 +160,7 @@ bench() { # LABEL PX REFS EXTRA_LIMIT [extra trainer args...]
   local label=$1 px=$2 refs=$3 limit=$4
   shift 4
   if [ "$MODE" = gpu ]; then
-    local sets=(--config configs/flux-dev-512.toml --set 'model.weights=""' --set 'model.init="device"'
+    local sets=(--config configs/mosaic-paper-512.toml --set 'model.weights=""' --set 'model.init="device"'
       --set 'data.source="synthetic"' --set 'data.cache=""' --set 'data.encoders=""' --set data.samples=4)
   else
     local sets=(--config configs/tiny-cpu.toml --set 'model.preset="tiny"' --set 'data.source="synthetic"'
@@ -224,7 +224,7 @@ if [ "$MODE" = gpu ] && command -v nsys > /dev/null; then
   }
   export -f nsys_step
   export WORK OUT
-  step nsys-512px-1ref 120 bash -c 'nsys_step "$@"' _ --config configs/flux-dev-512.toml --set 'model.weights=""' \
+  step nsys-512px-1ref 120 bash -c 'nsys_step "$@"' _ --config configs/mosaic-paper-512.toml --set 'model.weights=""' \
     --set 'model.init="device"' --set 'data.source="synthetic"' --set 'data.cache=""' --set 'data.encoders=""' \
     --set data.samples=4 --set train.progress=false --set "run.dir=\"$WORK/nsys\"" --set 'model.device="cuda"' \
     --set data.min_refs=1 --set data.max_refs=1 --warmup 1 --steps 1 --label nsys

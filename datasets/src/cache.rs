@@ -28,6 +28,9 @@ use crate::store::Location;
 use crate::transform::{decode_sample, TransformSpec};
 
 pub const CACHE_INFO: &str = "cache.json";
+/// The empty caption's embeddings (`txt` [L, context_dim], `pooled` [pooled_dim], bf16 like
+/// every cached caption), which condition dropout feeds for a dropped caption.
+pub const EMPTY_CAPTION: &str = "empty_caption.safetensors";
 pub const CACHE_FORMAT: &str = "semalign-ms-cache";
 
 /// What a cache was made with; a trainer uses a cache only when this matches its own.
@@ -549,15 +552,7 @@ pub fn precompute(
             }
         }
         if enc.is_none() {
-            let dtype = if opts.device.is_cpu() {
-                candle_core::DType::F32
-            } else {
-                candle_core::DType::BF16
-            };
-            enc = Some(
-                load_encoders(&opts.encoders, dtype, &opts.device)
-                    .map_err(|e| DataError::input("encoders", e))?,
-            );
+            enc = Some(load_encoders_on(&opts.encoders, &opts.device)?);
         }
         let Some(enc) = enc.as_mut() else {
             continue;
@@ -587,6 +582,11 @@ pub fn precompute(
         ..manifest
     }
     .write(out)?;
+    let enc = match enc.as_mut() {
+        Some(enc) => enc,
+        None => enc.insert(load_encoders_on(&opts.encoders, &opts.device)?),
+    };
+    write_empty_caption(out, enc)?;
     let info = CacheInfo {
         format: CACHE_FORMAT.into(),
         version: 1,
@@ -597,6 +597,58 @@ pub fn precompute(
     put_json(out, CACHE_INFO, &info)?;
     report.complete = true;
     Ok(report)
+}
+
+/// The encoders of `spec` on `device`: f32 on the CPU, bf16 on a GPU.
+fn load_encoders_on(spec: &EncoderSpec, device: &candle_core::Device) -> Result<Encoders> {
+    let dtype = if device.is_cpu() {
+        candle_core::DType::F32
+    } else {
+        candle_core::DType::BF16
+    };
+    load_encoders(spec, dtype, device).map_err(|e| DataError::input("encoders", e))
+}
+
+/// Encodes the empty caption "" and writes [`EMPTY_CAPTION`].
+fn write_empty_caption(out: &Location, enc: &mut Encoders) -> Result<()> {
+    let at = out.name(EMPTY_CAPTION);
+    let fail = |e: &dyn std::fmt::Display| DataError::input(&at, e.to_string());
+    let (txt, pooled) = enc.encode_text(&[""]).map_err(|e| fail(&flux::chain(&e)))?;
+    let bf16 = |t: candle_core::Tensor| {
+        t.get(0)
+            .and_then(|t| t.to_dtype(candle_core::DType::BF16))
+            .map_err(|e| fail(&e))
+    };
+    let (txt, pooled) = (bf16(txt)?, bf16(pooled)?);
+    let bytes = safetensors::tensor::serialize([("txt", &txt), ("pooled", &pooled)], None)
+        .map_err(|e| fail(&e))?;
+    out.put(EMPTY_CAPTION, bytes)
+}
+
+/// The empty caption's embeddings of the cache at `cache` as f32 (txt, pooled); None for a
+/// cache made before they were stored.
+pub fn read_empty_caption(cache: &Location) -> Result<Option<(Stored, Stored)>> {
+    let Some(bytes) = cache.get(EMPTY_CAPTION)? else {
+        return Ok(None);
+    };
+    let at = cache.name(EMPTY_CAPTION);
+    let map = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu)
+        .map_err(|e| DataError::input(&at, e))?;
+    let get = |name: &str| -> Result<Stored> {
+        let t = map
+            .get(name)
+            .ok_or_else(|| DataError::input(&at, format!("has no tensor `{name}`")))?;
+        let values = t
+            .to_dtype(candle_core::DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(|e| DataError::input(&at, format!("tensor `{name}`: {e}")))?;
+        Ok(Stored {
+            shape: t.dims().to_vec(),
+            values,
+        })
+    };
+    Ok(Some((get("txt")?, get("pooled")?)))
 }
 
 fn put_json<T: Serialize>(out: &Location, rel: &str, value: &T) -> Result<()> {

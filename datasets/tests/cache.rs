@@ -67,6 +67,17 @@ fn cache_reads_back_in_plan_order_with_the_encoders_values() {
             assert_eq!(want.pairs, c.pairs);
         }
     }
+    // The empty caption's embeddings (for condition dropout) are those of "" to bf16.
+    let (txt, pooled) = cache::read_empty_caption(&out).unwrap().unwrap();
+    let (want_txt, want_pooled) = enc.encode_text(&[""]).unwrap();
+    for (want, got) in [(want_txt, &txt), (want_pooled, &pooled)] {
+        let want = want.get(0).unwrap();
+        assert_eq!(want.dims(), got.shape.as_slice());
+        let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+        for (x, y) in want.iter().zip(&got.values) {
+            assert!((x - y).abs() <= 1e-2 * x.abs().max(1.0), "{x} vs {y}");
+        }
+    }
     // The bad row is reported by both readers alike.
     let (ra, rb) = (raw.report(), cached.report());
     assert_eq!(ra.skipped_total, rb.skipped_total);

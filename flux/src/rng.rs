@@ -16,6 +16,7 @@ pub enum Purpose {
     Timestep = 5,
     Noise = 6,
     Points = 7,
+    Dropout = 8,
 }
 
 /// FNV-1a, a fixed hash for names (std's hasher is not stable across releases).

@@ -17,6 +17,8 @@ pub mod sampling;
 pub mod softmax;
 
 pub use error::KernelError;
-pub use losses::{mdl_jsd_loss, mdl_kl_loss, mdl_loss, scal_loss, MdlVariant, RefSegments};
+pub use losses::{
+    mdl_loss, scal_loss, Divergence, MdlSettings, RefSegments, ScalReduce, ScalSettings,
+};
 pub use rows::{attention_rows, attention_rows_plain};
 pub use sampling::{sample_points, RefPoints, Sampled};

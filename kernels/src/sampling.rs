@@ -39,7 +39,8 @@ impl Sampled {
     }
 }
 
-/// Draws up to `p` points per reference from `rng`: all usable pairs when fewer exist.
+/// Draws up to `p` points per reference from `rng`: all usable pairs when fewer exist. `p = 0`
+/// takes every usable pair in their given order, drawing nothing (the official recipe).
 pub fn sample_points(refs: &[RefPoints], p: usize, rng: &mut impl Rng) -> Result<Sampled> {
     let mut out = Sampled {
         ref_idx: Vec::new(),
@@ -82,9 +83,12 @@ pub fn sample_points(refs: &[RefPoints], p: usize, rng: &mut impl Rng) -> Result
                 .filter(|(u, _)| m[*u as usize])
                 .collect(),
         };
-        let n = usable.len().min(p);
-        let picked = rand::seq::index::sample(rng, usable.len(), n);
-        out.segments.push(n);
+        let picked: Vec<usize> = if p == 0 {
+            (0..usable.len()).collect()
+        } else {
+            rand::seq::index::sample(rng, usable.len(), usable.len().min(p)).into_vec()
+        };
+        out.segments.push(picked.len());
         for i in picked {
             let (u, t) = usable[i];
             out.ref_idx.push(offset + u);
@@ -98,7 +102,7 @@ pub fn sample_points(refs: &[RefPoints], p: usize, rng: &mut impl Rng) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::SeedableRng;
+    use rand::{Rng, SeedableRng};
 
     fn rng(seed: u64) -> rand_chacha::ChaCha8Rng {
         rand_chacha::ChaCha8Rng::seed_from_u64(seed)
@@ -148,6 +152,30 @@ mod tests {
             );
         }
         assert_eq!(s, sample_points(&refs, 4, &mut rng(1)).unwrap(), "seeded");
+    }
+
+    #[test]
+    fn zero_points_takes_every_pair_in_order_without_drawing() {
+        let a: Vec<(u32, u32)> = (0..5).map(|i| (4 - i, 10 + i)).collect();
+        let b: Vec<(u32, u32)> = vec![(1, 7), (1, 8)];
+        let refs = [
+            RefPoints {
+                pairs: &a,
+                ref_tokens: 6,
+                mask: None,
+            },
+            RefPoints {
+                pairs: &b,
+                ref_tokens: 2,
+                mask: None,
+            },
+        ];
+        let mut r = rng(3);
+        let s = sample_points(&refs, 0, &mut r).unwrap();
+        assert_eq!(s.segments, vec![5, 2]);
+        assert_eq!(s.ref_idx, vec![4, 3, 2, 1, 0, 7, 7]);
+        assert_eq!(s.tgt_idx, vec![10, 11, 12, 13, 14, 7, 8]);
+        assert_eq!(r.random::<u64>(), rng(3).random::<u64>(), "nothing drawn");
     }
 
     #[test]

@@ -21,7 +21,7 @@ use launcher::topology::{self, NodeArgs};
     name = "launcher",
     version,
     about = "Run MOSAIC training on every GPU (or several CPU ranks) of one or more nodes",
-    after_help = "Examples:\n  launcher --config configs/tiny-cpu.toml\n  launcher --nodes 2 --node-rank 0 --master-addr node0:29500 --config configs/flux-dev-512.toml\n  launcher --config c.toml -- --set train.max_steps=10\nUnder SLURM (one launcher per node), --nodes, --node-rank and --master-addr come from SLURM_*."
+    after_help = "Examples:\n  launcher --config configs/tiny-cpu.toml\n  launcher --nodes 2 --node-rank 0 --master-addr node0:29500 --config configs/mosaic-paper-512.toml\n  launcher --config c.toml -- --set train.max_steps=10\nUnder SLURM (one launcher per node), --nodes, --node-rank and --master-addr come from SLURM_*."
 )]
 struct Cli {
     /// Run config (TOML), passed to every rank as `trainer train --config FILE`.

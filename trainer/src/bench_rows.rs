@@ -87,9 +87,13 @@ fn losses_time(refs: usize, points: usize, n_tgt: usize, dev: &Device) -> Result
     for _ in 0..3 {
         let t = Instant::now();
         let rows = candle_nn::ops::softmax(logits.as_tensor(), D::Minus1)?;
-        let l = ((kernels::scal_loss(&rows, &tgt, &segments)?
-            + kernels::mdl_loss(kernels::MdlVariant::PaperKl, &rows, &segments)?)?
-            + kernels::mdl_loss(kernels::MdlVariant::OfficialJsd, &rows, &segments)?)?;
+        let jsd = kernels::MdlSettings {
+            divergence: kernels::Divergence::Jsd,
+            ..Default::default()
+        };
+        let l = ((kernels::scal_loss(&rows, &tgt, &segments, Default::default())?
+            + kernels::mdl_loss(&rows, &segments, Default::default())?)?
+            + kernels::mdl_loss(&rows, &segments, jsd)?)?;
         let g = l.backward()?;
         let _ = g.get(logits.as_tensor()).map(|g| g.sum_all());
         dev.synchronize()?;

@@ -342,6 +342,11 @@ pub struct DataSection {
     pub max_refs: usize,
     /// Text tokens per caption.
     pub text_tokens: usize,
+    /// Condition dropout (objective::dropout): the share of samples trained without their
+    /// references, without their caption, and without both (official 0.05 each).
+    pub drop_refs: f64,
+    pub drop_text: f64,
+    pub drop_both: f64,
 }
 
 impl Default for DataSection {
@@ -364,6 +369,20 @@ impl Default for DataSection {
             min_refs: 1,
             max_refs: 2,
             text_tokens: 16,
+            drop_refs: 0.0,
+            drop_text: 0.0,
+            drop_both: 0.0,
+        }
+    }
+}
+
+impl DataSection {
+    /// The condition dropout of `drop_refs`, `drop_text` and `drop_both`.
+    pub fn dropout(&self) -> crate::objective::DropoutSpec {
+        crate::objective::DropoutSpec {
+            refs: self.drop_refs,
+            text: self.drop_text,
+            both: self.drop_both,
         }
     }
 }
@@ -563,6 +582,7 @@ impl DataSection {
         if d.text_tokens == 0 {
             return err("data.text_tokens", "must be at least 1".into());
         }
+        d.dropout().validate()?;
         for (k, v) in [
             ("data.shuffle_rows", d.shuffle_rows),
             ("data.io_threads", d.io_threads),
@@ -618,7 +638,10 @@ mod tests {
         .unwrap();
         assert_eq!(c.train.max_steps, 40);
         assert_eq!(c.run.name, "abc");
-        assert_eq!(c.loss.double_blocks, vec![0, 1]);
+        assert_eq!(
+            c.loss.double_blocks,
+            crate::objective::BlockSelection::List(vec![0, 1])
+        );
         assert_eq!(c.run_dir(), PathBuf::from("runs/abc"));
     }
 
@@ -635,7 +658,8 @@ mod tests {
         for (set, key) in [
             ("lora.rank=0", "lora.rank"),
             ("data.max_refs=7", "data.max_refs"),
-            ("loss.points_per_ref=0", "loss.points_per_ref"),
+            ("loss.scal_eps=0", "loss.scal_eps"),
+            ("data.drop_text=1.5", "data.drop_text"),
             ("optim.lr=-1e-4", "optim.lr"),
             ("data.resolution=100", "data.resolution"),
         ] {
@@ -649,10 +673,36 @@ mod tests {
     #[test]
     fn the_shipped_configs_are_valid() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
-        for name in ["tiny-cpu.toml", "flux-dev-512.toml"] {
+        use crate::objective::{LossSpec, Recipe};
+        for (name, recipe) in [
+            ("tiny-cpu.toml", Recipe::Paper),
+            ("mosaic-paper-512.toml", Recipe::Paper),
+            ("mosaic-official-512.toml", Recipe::Official),
+        ] {
             let c = Config::load(&dir.join(name), &[]).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert_eq!(c.data.source, DataSource::Shards, "{name}");
+            assert_eq!(c.loss.recipe(), recipe, "{name}");
         }
+        // The code defaults are the paper config's loss settings.
+        let paper = Config::load(&dir.join("mosaic-paper-512.toml"), &[]).unwrap();
+        assert_eq!(paper.loss, LossSpec::default());
+        let official = Config::load(&dir.join("mosaic-official-512.toml"), &[]).unwrap();
+        let fc = flux::config::FluxConfig::flux_dev();
+        let blocks = official.loss.row_blocks(&fc);
+        assert_eq!(blocks.double.len(), 19, "all 19 double blocks");
+        assert_eq!(
+            paper.loss.row_blocks(&fc).double,
+            (0..10).collect::<Vec<_>>()
+        );
+        assert_eq!(official.loss.mdl_weight_at(10_500), 0.5);
+        assert_eq!(
+            (
+                official.data.drop_refs,
+                official.data.drop_text,
+                official.data.drop_both
+            ),
+            (0.05, 0.05, 0.05)
+        );
     }
 
     #[test]

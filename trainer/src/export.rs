@@ -231,6 +231,52 @@ fn write_peft_config(
     Ok(p)
 }
 
+/// What the run trained on, with the references per sample the data held: the shards'
+/// manifest counts them (rows outside data.min_refs..=max_refs were skipped); the synthetic
+/// source draws them evenly from that range.
+fn data_description(cfg: &Config) -> String {
+    let d = &cfg.data;
+    match d.source {
+        crate::config::DataSource::Synthetic => format!(
+            "synthetic scenes, {} to {} references per sample",
+            d.min_refs, d.max_refs
+        ),
+        crate::config::DataSource::Shards => {
+            let manifest =
+                datasets::Location::parse(&d.url).and_then(|loc| datasets::Manifest::load(&loc));
+            match manifest {
+                Ok(m) => {
+                    let mut counts = std::collections::BTreeMap::<usize, usize>::new();
+                    for g in m.shards.iter().flat_map(|s| &s.row_groups) {
+                        for row in g.row_meta() {
+                            if (d.min_refs..=d.max_refs).contains(&row.refs) {
+                                *counts.entry(row.refs).or_default() += 1;
+                            }
+                        }
+                    }
+                    let by: Vec<String> = counts
+                        .iter()
+                        .map(|(k, n)| format!("{n} with {k}"))
+                        .collect();
+                    format!(
+                        "SemAlign-MS shards ({}), rows by references: {}",
+                        d.url,
+                        if by.is_empty() {
+                            "none in range".to_string()
+                        } else {
+                            by.join(", ")
+                        }
+                    )
+                }
+                Err(e) => format!(
+                    "SemAlign-MS shards ({}; unreadable at export, so references per sample unknown: {e})",
+                    d.url
+                ),
+            }
+        }
+    }
+}
+
 fn model_card(
     cfg: &Config,
     loaded: &Loaded,
@@ -279,10 +325,10 @@ generic loaders apply it to every token, so use a MOSAIC pipeline for its intend
 | weights | {which} |
 | LoRA rank / alpha | {rank} / {alpha} (alpha/r folded into lora_B; files say alpha = r) |
 | target modules | {targets} |
-| loss | L_diff + {scal} L_SCA + {mdl} L_MD ({variant:?}), {points} points per reference |
+| loss | L_diff + {scal} L_SCA + {mdl} L_MD: {recipe} recipe (SCAL {scal_reduce}; MDL {divergence} of {mdl_rows} rows; {points}) |
 | optimizer | AdamW, lr {lr}, {schedule:?}, warmup {warmup}, weight decay {wd}, clip {clip} |
 | batch | {batch} per rank x {world} ranks x {accum} accumulation |
-| data | {source:?}, {res} px targets, {min_refs} to {max_refs} references |
+| data | {data}, {res} px targets |
 | seed | {seed} |
 | config fingerprint | `{fp}` |
 | export dtype | {dtype} |
@@ -301,8 +347,15 @@ generic loaders apply it to every token, so use a MOSAIC pipeline for its intend
         targets = cfg.lora.targets.join(", "),
         scal = l.scal_weight,
         mdl = l.mdl_weight,
-        variant = l.mdl_variant,
-        points = l.points_per_ref,
+        recipe = l.recipe(),
+        scal_reduce = l.scal_reduce.as_str(),
+        divergence = l.mdl_divergence.as_str(),
+        mdl_rows = l.mdl_rows.as_str(),
+        points = match l.points_per_ref {
+            0 => "every correspondence pair".to_string(),
+            p => format!("{p} points per reference"),
+        },
+        data = data_description(cfg),
         lr = cfg.optim.lr,
         schedule = cfg.optim.schedule,
         warmup = cfg.optim.warmup_steps,
@@ -311,10 +364,7 @@ generic loaders apply it to every token, so use a MOSAIC pipeline for its intend
         batch = t.batch_size,
         world = loaded.state.world_size,
         accum = t.grad_accum,
-        source = cfg.data.source,
         res = cfg.data.resolution,
-        min_refs = cfg.data.min_refs,
-        max_refs = cfg.data.max_refs,
         seed = cfg.run.seed,
         fp = loaded.state.fingerprint,
         dtype = dtype_name(opts.dtype),

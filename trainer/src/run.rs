@@ -112,7 +112,7 @@ impl Run {
         )?;
         flux::fused::set_enabled(cfg.model.kernels == crate::config::KernelsName::Fused);
         let (fc, weights) = base_weights(&cfg, &device)?;
-        let mut model = Flux::new(fc.clone(), &weights, cfg.loss.row_blocks())?;
+        let mut model = Flux::new(fc.clone(), &weights, cfg.loss.row_blocks(&fc))?;
         model.attention = cfg.model.attention();
         let lora_dtype = if cfg.model.dtype.dtype() == candle_core::DType::F64 {
             candle_core::DType::F64
@@ -177,6 +177,8 @@ impl Run {
         ObjectiveSpec {
             loss: &self.cfg.loss,
             conditioning: &self.cfg.conditioning,
+            dropout: self.cfg.data.dropout(),
+            empty_caption: self.data.empty_caption(),
         }
     }
 

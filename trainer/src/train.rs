@@ -165,6 +165,9 @@ fn log_built(run: &Run, run_dir: &std::path::Path) -> Result<()> {
         fingerprint = %run.cfg.fingerprint()?,
         "run built"
     );
+    if run.dist.rank() == 0 {
+        run.cfg.loss.log_recipe();
+    }
     Ok(())
 }
 

@@ -78,11 +78,126 @@ fn prepared(run: &Run) -> Prepared {
 fn finite_differences_match_autograd_for_every_lora_tensor() {
     let tmp = tempfile::tempdir().unwrap();
     let run = gradient_run("f64", tmp.path());
-    let prep = prepared(&run);
+    assert_eq!(run.cfg.loss.recipe(), objective::Recipe::Paper);
+    check_finite_differences(&run);
+}
+
+/// The official recipe: every pair, pooled SCAL, JSD of the mean rows of all reference tokens,
+/// with condition dropout on and the dropped samples still supervised.
+fn official(c: &mut trainer::config::Config) {
+    c.loss.points_per_ref = 0;
+    c.loss.scal_reduce = objective::ScalReduceName::Pooled;
+    c.loss.mdl_rows = objective::MdlRows::AllTokens;
+    c.loss.mdl_divergence = objective::DivergenceName::Jsd;
+    c.loss.supervise_dropped_refs = true;
+}
+
+#[test]
+fn finite_differences_match_autograd_under_the_official_recipe() {
+    let tmp = tempfile::tempdir().unwrap();
+    let paper = gradient_run("f64", &tmp.path().join("paper"));
+    let run = variant(&paper, &tmp.path().join("official"), official);
+    assert_eq!(run.cfg.loss.recipe(), objective::Recipe::Official);
+    check_finite_differences(&run);
+}
+
+#[test]
+fn all_token_rows_hold_the_pairs_rows() {
+    // SCAL read from the all-token rows (picked by index) equals SCAL on rows queried at the
+    // pairs directly; MDL's rows are every reference token.
+    let tmp = tempfile::tempdir().unwrap();
+    let paper = gradient_run("f64", &tmp.path().join("paper"));
+    let all = variant(&paper, &tmp.path().join("all"), official);
+    let points = variant(&paper, &tmp.path().join("points"), |c| {
+        official(c);
+        c.loss.mdl_rows = objective::MdlRows::Points;
+    });
+    let (pa, pp) = (prepared(&all), prepared(&points));
+    let data = all.data.in_memory().unwrap();
+    let queries = pa.inputs.row_queries.as_ref().unwrap();
+    for (b, q) in queries.iter().enumerate() {
+        let tokens: usize = data[b].refs.iter().map(|r| r.grid.len()).sum();
+        assert_eq!(q, &(0..tokens as u32).collect::<Vec<_>>());
+        let t = pa.row_targets[b].as_ref().unwrap();
+        let pairs: usize = data[b].refs.iter().map(|r| r.pairs.len()).sum();
+        assert_eq!(t.scal_tgt.len(), pairs, "points_per_ref = 0: every pair");
+        let lens: Vec<usize> = data[b].refs.iter().map(|r| r.grid.len()).collect();
+        assert_eq!(t.mdl_segments.0, lens);
+    }
+    let go = |r: &Run, p: &Prepared| {
+        objective::loss_and_lora_grads(&r.model, &r.lora, p, &r.objective(), 0, false)
+            .unwrap()
+            .0
+    };
+    let (a, p) = (go(&all, &pa), go(&points, &pp));
+    assert!(
+        (a.scal - p.scal).abs() < 1e-12 * a.scal.abs(),
+        "{a:?} vs {p:?}"
+    );
+    assert!((a.diff - p.diff).abs() < 1e-12, "{a:?} vs {p:?}");
+    assert!(
+        (a.mdl - p.mdl).abs() > 1e-6,
+        "all-token and point MDL differ: {a:?} vs {p:?}"
+    );
+}
+
+#[test]
+fn dropped_references_are_zeroed_and_left_out_of_the_row_losses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let paper = gradient_run("f64", &tmp.path().join("paper"));
+    let dropped = variant(&paper, &tmp.path().join("dropped"), |c| {
+        c.data.drop_both = 1.0;
+    });
+    let prep = prepared(&dropped);
+    assert!(prep.dropped.iter().all(|d| d.refs && d.text));
+    let refs = prep.inputs.refs.as_ref().unwrap();
+    assert_eq!(max_abs(&refs.latents), 0.0, "reference latents zeroed");
+    let empty = dropped.data.empty_caption().unwrap();
+    assert_eq!(
+        max_abs_diff(&prep.inputs.txt.get(0).unwrap(), &empty.txt),
+        0.0
+    );
+    assert_eq!(
+        max_abs_diff(&prep.inputs.pooled.get(1).unwrap(), &empty.pooled),
+        0.0
+    );
+    assert!(prep.row_targets.iter().all(Option::is_none));
+    let (parts, _) = objective::loss_and_lora_grads(
+        &dropped.model,
+        &dropped.lora,
+        &prep,
+        &dropped.objective(),
+        0,
+        false,
+    )
+    .unwrap();
+    assert_eq!((parts.scal, parts.mdl), (0.0, 0.0), "{parts:?}");
+    // The official behaviour supervises them anyway.
+    let supervised = variant(&paper, &tmp.path().join("supervised"), |c| {
+        c.data.drop_both = 1.0;
+        c.loss.supervise_dropped_refs = true;
+    });
+    let prep = prepared(&supervised);
+    assert!(prep.row_targets.iter().all(Option::is_some));
+    let (parts, _) = objective::loss_and_lora_grads(
+        &supervised.model,
+        &supervised.lora,
+        &prep,
+        &supervised.objective(),
+        0,
+        false,
+    )
+    .unwrap();
+    assert!(parts.scal > 0.0, "{parts:?}");
+}
+
+/// Central finite differences along one random direction per LoRA tensor against autograd.
+fn check_finite_differences(run: &Run) {
+    let prep = prepared(run);
     let loss = |r: &Run| {
         objective::loss_and_lora_grads(&r.model, &r.lora, &prep, &r.objective(), 0, false).unwrap()
     };
-    let (parts, grads) = loss(&run);
+    let (parts, grads) = loss(run);
     assert!(
         parts.scal > 0.0 && parts.mdl < 0.0,
         "both row losses must be active: {parts:?}"
@@ -109,9 +224,9 @@ fn finite_differences_match_autograd_for_every_lora_tensor() {
         // One random direction per tensor checks all of its elements at once.
         let d = randn_like(&w, 1.0, 100 + i as u64);
         var.set(&(&w + (&d * eps).unwrap()).unwrap()).unwrap();
-        let plus = loss(&run).0.total;
+        let plus = loss(run).0.total;
         var.set(&(&w - (&d * eps).unwrap()).unwrap()).unwrap();
-        let minus = loss(&run).0.total;
+        let minus = loss(run).0.total;
         var.set(&w).unwrap();
         let fd = (plus - minus) / (2.0 * eps);
         let analytic = (&grads[i].to_dtype(candle_core::DType::F64).unwrap()

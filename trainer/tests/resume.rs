@@ -31,7 +31,9 @@ fn read(root: &Location, rel: &str) -> Vec<u8> {
 
 /// The data of a test run: the in-memory synthetic source, or the shards whose URL is written
 /// next to the run folder (`<run dir>.data-url`), encoded while training at 64 px (cheap, yet
-/// slow enough for a stop to land in the middle of the run).
+/// slow enough for a stop to land in the middle of the run). The shards runs also train with
+/// condition dropout (the empty caption encoded at start) and the official loss settings, so
+/// their resume covers those draws and rows.
 fn data_sets(dir: &Path) -> Vec<String> {
     match std::fs::read_to_string(dir.with_extension("data-url")) {
         Ok(url) => vec![
@@ -40,6 +42,13 @@ fn data_sets(dir: &Path) -> Vec<String> {
             "data.cache=\"\"".into(),
             "data.resolution=64".into(),
             "data.ref_resolution=64".into(),
+            "data.drop_refs=0.2".into(),
+            "data.drop_text=0.2".into(),
+            "data.drop_both=0.2".into(),
+            "loss.points_per_ref=0".into(),
+            "loss.scal_reduce=\"pooled\"".into(),
+            "loss.mdl_rows=\"all-tokens\"".into(),
+            "loss.mdl_divergence=\"jsd\"".into(),
         ],
         Err(_) => vec!["data.source=\"synthetic\"".into()],
     }

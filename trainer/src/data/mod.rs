@@ -19,6 +19,7 @@ use flux::config::FluxConfig;
 
 use crate::config::{Config, DataSource};
 use crate::error::{Result, TrainerError};
+use crate::objective::EmptyCaption;
 pub use sample::{RefSample, Sample};
 use shards::ShardFeed;
 use synthetic::InMemory;
@@ -32,6 +33,9 @@ pub trait Source {
     /// The data report so far: samples read, skipped and why (None where nothing is read from
     /// files).
     fn report(&self) -> Option<DataReport>;
+    /// The embeddings of the empty caption, which condition dropout feeds for a dropped
+    /// caption (None when the source was built without them: no text dropout).
+    fn empty_caption(&self) -> Option<&EmptyCaption>;
 }
 
 /// The run's source, as configured by `data.source`.
@@ -74,6 +78,11 @@ impl DataFeed {
             Self::Synthetic(s) => s.next_micro_batch(rank, batch),
             Self::Shards(f) => f.next_micro_batch(rank, batch),
         }
+    }
+
+    /// The embeddings of the empty caption, where the source has them.
+    pub fn empty_caption(&self) -> Option<&EmptyCaption> {
+        self.source().empty_caption()
     }
 
     /// This rank's data report so far (None for the synthetic source).

@@ -15,6 +15,7 @@ use flux::embed::pack_latents;
 use super::{RefSample, Sample, Source};
 use crate::config::Config;
 use crate::error::{Result, TrainerError};
+use crate::objective::EmptyCaption;
 
 /// This rank's reader of the shards.
 pub struct ShardFeed {
@@ -31,6 +32,8 @@ pub struct ShardFeed {
     device: Device,
     /// Reports of loaders replaced by a restore, merged into the run's.
     earlier: DataReport,
+    /// With text dropout: the embeddings of "" (encoded here, or the cache's).
+    empty_caption: Option<EmptyCaption>,
 }
 
 /// The `datasets precompute` command that makes the cache a run with `d` and `spec` reads.
@@ -99,6 +102,37 @@ fn encoder_spec(cfg: &Config, fc: &FluxConfig) -> EncoderSpec {
     }
 }
 
+/// The empty caption's embeddings stored in the latent cache at `cache`.
+fn cached_empty_caption(
+    cfg: &Config,
+    spec: &EncoderSpec,
+    cache: &Location,
+    device: &Device,
+) -> Result<EmptyCaption> {
+    let tensor = |s: &datasets::cache::Stored| -> Result<Tensor> {
+        Ok(Tensor::from_vec(
+            s.values.clone(),
+            s.shape.as_slice(),
+            device,
+        )?)
+    };
+    match datasets::cache::read_empty_caption(cache)? {
+        Some((txt, pooled)) => Ok(EmptyCaption {
+            txt: tensor(&txt)?,
+            pooled: tensor(&pooled)?,
+        }),
+        None => Err(TrainerError::config(
+            "data.cache",
+            format!(
+                "{} has no {} (it predates condition dropout), which data.drop_text and data.drop_both need; make it again with {}",
+                cfg.data.cache,
+                datasets::cache::EMPTY_CAPTION,
+                precompute_command(&cfg.data, spec)
+            ),
+        )),
+    }
+}
+
 impl ShardFeed {
     /// This rank's part of the shards (or of their latent cache).
     pub fn build(
@@ -156,10 +190,21 @@ impl ShardFeed {
         } else {
             DType::BF16
         };
-        let encoders = if opts.cached {
+        let mut encoders = if opts.cached {
             None
         } else {
             Some(load_encoders(&spec, dtype, device)?)
+        };
+        let empty_caption = if !cfg.data.dropout().drops_text() {
+            None
+        } else if let Some(enc) = encoders.as_mut() {
+            let (txt, pooled) = enc.encode_text(&[""])?;
+            Some(EmptyCaption {
+                txt: txt.get(0)?,
+                pooled: pooled.get(0)?,
+            })
+        } else {
+            Some(cached_empty_caption(cfg, &spec, &loc, device)?)
         };
         Ok(Self {
             url: d.url.clone(),
@@ -172,6 +217,7 @@ impl ShardFeed {
             encoders,
             device: device.clone(),
             earlier: DataReport::default(),
+            empty_caption,
         })
     }
 
@@ -346,6 +392,10 @@ impl Source for ShardFeed {
 
     fn next_micro_batch(&mut self, _rank: usize, _batch: usize) -> Result<Vec<Sample>> {
         self.next_batch_of_rank()
+    }
+
+    fn empty_caption(&self) -> Option<&EmptyCaption> {
+        self.empty_caption.as_ref()
     }
 
     fn report(&self) -> Option<DataReport> {

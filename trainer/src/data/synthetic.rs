@@ -19,6 +19,7 @@ use super::batches::GlobalBatches;
 use super::{RefSample, Sample, Source};
 use crate::config::Config;
 use crate::error::{Result, TrainerError};
+use crate::objective::EmptyCaption;
 use datasets::DataReport;
 use flux::config::FluxConfig;
 use flux::embed::pack_latents;
@@ -137,8 +138,13 @@ fn packed(data: Vec<f32>, h: usize, w: usize, device: &Device) -> Result<Tensor>
     Ok(pack_latents(&t)?.squeeze(0)?)
 }
 
-/// Generates the dataset; the same (spec, seed) always gives the same samples.
-pub fn generate(spec: &SynthSpec, seed: u64, device: &Device) -> Result<Vec<Sample>> {
+/// Generates the dataset and the embeddings of its empty caption (padding only, pooled 0: the
+/// mean of no subject); the same (spec, seed) always gives the same samples.
+pub fn generate(
+    spec: &SynthSpec,
+    seed: u64,
+    device: &Device,
+) -> Result<(Vec<Sample>, EmptyCaption)> {
     let mut rng = stream(seed, Purpose::Dataset, &[0]);
     let kinds: Vec<Kind> = (0..KINDS)
         .map(|k| Kind {
@@ -209,7 +215,12 @@ pub fn generate(spec: &SynthSpec, seed: u64, device: &Device) -> Result<Vec<Samp
             refs,
         });
     }
-    Ok(out)
+    let (txt, pooled) = caption(spec, &kinds, &[], &pad_token);
+    let empty = EmptyCaption {
+        txt: Tensor::from_vec(txt, (spec.text_tokens, spec.context_dim), device)?,
+        pooled: Tensor::from_vec(pooled, spec.pooled_dim, device)?,
+    };
+    Ok((out, empty))
 }
 
 /// Points (ref_x, ref_y, tgt_x, tgt_y), normalised, of every reference cell of subject `i`
@@ -275,6 +286,7 @@ fn caption(
 pub struct InMemory {
     pub samples: Vec<Sample>,
     pub batches: GlobalBatches,
+    pub empty_caption: EmptyCaption,
 }
 
 impl InMemory {
@@ -291,7 +303,7 @@ impl InMemory {
             context_dim: fc.context_dim,
             pooled_dim: fc.pooled_dim,
         };
-        let samples = generate(&spec, cfg.run.seed, device)?;
+        let (samples, empty_caption) = generate(&spec, cfg.run.seed, device)?;
         let global = cfg.train.batch_size * world;
         let batches = GlobalBatches::new(
             samples.iter().map(|s| s.refs.len()).collect(),
@@ -308,7 +320,11 @@ impl InMemory {
             ),
             other => other,
         })?;
-        Ok(Self { samples, batches })
+        Ok(Self {
+            samples,
+            batches,
+            empty_caption,
+        })
     }
 }
 
@@ -327,6 +343,10 @@ impl Source for InMemory {
 
     fn report(&self) -> Option<DataReport> {
         None
+    }
+
+    fn empty_caption(&self) -> Option<&EmptyCaption> {
+        Some(&self.empty_caption)
     }
 }
 
@@ -349,8 +369,8 @@ mod tests {
 
     #[test]
     fn samples_are_deterministic_and_shaped() {
-        let a = generate(&spec(), 7, &Device::Cpu).unwrap();
-        let b = generate(&spec(), 7, &Device::Cpu).unwrap();
+        let (a, _) = generate(&spec(), 7, &Device::Cpu).unwrap();
+        let (b, _) = generate(&spec(), 7, &Device::Cpu).unwrap();
         for (x, y) in a.iter().zip(&b) {
             assert_eq!(
                 x.x0.to_vec2::<f32>().unwrap(),
@@ -366,7 +386,11 @@ mod tests {
 
     #[test]
     fn correspondences_link_matching_subject_pixels() {
-        let samples = generate(&spec(), 3, &Device::Cpu).unwrap();
+        let (samples, empty) = generate(&spec(), 3, &Device::Cpu).unwrap();
+        assert_eq!(empty.txt.dims(), samples[0].txt.dims());
+        assert_eq!(empty.pooled.dims(), samples[0].pooled.dims());
+        let pooled: Vec<f32> = empty.pooled.to_vec1().unwrap();
+        assert!(pooled.iter().all(|&v| v == 0.0), "no subject, no pooled");
         let mut total = 0;
         for s in &samples {
             for r in &s.refs {
