@@ -148,8 +148,26 @@ struct ImportSubjects200kArgs {
     /// JSONL of {"file", "row", "uid"}: the exact uids (see docs/data.md).
     #[arg(long)]
     uids: Option<PathBuf>,
+    /// Which correspondence pairs: `official` computes the official loader's pairs for a run at
+    /// --resolution/--ref-resolution (it averages the coordinate fields to that token grid
+    /// before checking the matchers agree); `grid64` the official pairs at 1024 px, which a run
+    /// at another resolution maps to its grid by patch centres.
+    #[arg(long, value_enum, default_value = "official")]
+    mapping: MappingName,
+    /// Target size in pixels of the run the official pairs are for (data.resolution).
+    #[arg(long, default_value_t = 512)]
+    resolution: usize,
+    /// Reference size in pixels of that run (data.ref_resolution).
+    #[arg(long, default_value_t = 512)]
+    ref_resolution: usize,
     #[command(flatten)]
     shards: ShardArgs,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum MappingName {
+    Official,
+    Grid64,
 }
 
 /// Cache VAE latents and caption embeddings of every sample (the trainer's `data.cache`).
@@ -413,8 +431,19 @@ fn import_subjects200k_cmd(args: ImportSubjects200kArgs) -> Result<()> {
         collection,
         min_quality,
         uids,
+        mapping,
+        resolution,
+        ref_resolution,
         shards,
     } = args;
+    let mapping = match mapping {
+        MappingName::Official => datasets::subjects200k::Mapping::Official {
+            resolution,
+            ref_resolution,
+        },
+        MappingName::Grid64 => datasets::subjects200k::Mapping::Grid64,
+    };
+    mapping.check().map_err(anyhow::Error::msg)?;
     let mut files = Vec::new();
     for p in parquet {
         if p.is_dir() {
@@ -447,9 +476,14 @@ fn import_subjects200k_cmd(args: ImportSubjects200kArgs) -> Result<()> {
             .as_deref()
             .map(datasets::subjects200k::read_uids)
             .transpose()?,
+        mapping,
     };
+    let (t, r) = mapping.sizes();
+    let made_by = format!(
+        "datasets import-subjects200k: official pairs for {t} px targets and {r} px references"
+    );
     let loc = Location::parse(&out)?;
-    let mut w = ShardWriter::new(loc, shards.options("datasets import-subjects200k".into()))?;
+    let mut w = ShardWriter::new(loc, shards.options(made_by))?;
     let report = datasets::subjects200k::import(&opts, &mut w)?;
     let m = w.finish()?;
     for s in &report.skipped {

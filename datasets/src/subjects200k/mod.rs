@@ -9,8 +9,9 @@
 //! does (collection `collection_2`, all three scores >= 5, configurable); a correspondence is
 //! kept where both matchers agree and the target mask is on (a missing mask counts as all on, a
 //! missing coordinate file gives a sample without correspondences, as in the official loader).
-//! Points go to the shards as patch centres, normalised, so the trainer's token mapping keeps
-//! the first target patch per reference token, as `build_ref2tgt_mapping` does.
+//! Which pairs: [`mapping`] (`--mapping official` at the run's resolution, the default, or
+//! `grid64`). They go to the shards as token centres, normalised, so the trainer's token
+//! mapping at that resolution gives back exactly those pairs.
 //!
 //! The uid naming the mask and coordinate files is sha256(f"{item}_{description_0}_{h8}") with
 //! h8 from the sha256 of the target crop *as Pillow encodes it to PNG*. Another PNG encoder
@@ -32,10 +33,13 @@ use crate::digest::sha256_hex;
 use crate::error::{DataError, Result};
 use crate::schema::{Quality, RawCorrespondence, RawRef, RawSample};
 use crate::writer::ShardWriter;
+pub use mapping::{official_pairs, Mapping, TargetMask};
+
+pub mod mapping;
 
 const PAD: u32 = 8;
 const PANEL: u32 = 512;
-const GRID: usize = 64;
+const GRID: usize = mapping::COORD_GRID;
 
 #[derive(Debug, Clone)]
 pub struct ImportOptions {
@@ -46,6 +50,8 @@ pub struct ImportOptions {
     pub min_quality: f64,
     /// (parquet file name, row) -> uid, from `--uids`.
     pub uids: Option<HashMap<(String, usize), String>>,
+    /// Which pairs to write.
+    pub mapping: Mapping,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -162,23 +168,16 @@ fn read_coords(path: &Path) -> std::result::Result<Vec<(i64, i64)>, String> {
     Ok(pairs)
 }
 
-/// Target mask on the 64 x 64 patch grid (nearest), or None when the file is missing.
-fn read_mask(path: &Path) -> std::result::Result<Option<Vec<bool>>, String> {
+/// The target mask, or None when the file is missing.
+fn read_mask(path: &Path) -> std::result::Result<Option<TargetMask>, String> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("{}: {e}", path.display())),
     };
-    let img = image::load_from_memory(&bytes)
-        .map_err(|e| format!("{}: {e}", path.display()))?
-        .to_luma8();
-    let small = image::imageops::resize(
-        &img,
-        GRID as u32,
-        GRID as u32,
-        image::imageops::FilterType::Nearest,
-    );
-    Ok(Some(small.pixels().map(|p| p.0[0] > 127).collect()))
+    TargetMask::decode(&bytes)
+        .map(Some)
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn png(img: &image::DynamicImage) -> Vec<u8> {
@@ -325,18 +324,13 @@ fn import_row(
     if dift.exists() && geo.exists() {
         report.with_coords += 1;
         let (a, b) = (read_coords(&dift)?, read_coords(&geo)?);
-        for (n, (pa, pb)) in a.iter().zip(&b).enumerate() {
-            if pa != pb || !mask.as_ref().is_none_or(|m| m[n]) {
-                continue;
-            }
-            let centre = |v: usize| (v as f32 + 0.5) / GRID as f32;
-            let (ty, tx) = (n / GRID, n % GRID);
-            points.push([
-                centre(pa.1 as usize),
-                centre(pa.0 as usize),
-                centre(tx),
-                centre(ty),
-            ]);
+        let (tgt_size, ref_size) = opts.mapping.sizes();
+        let (g, r) = (tgt_size / 16, ref_size / 16);
+        let centre = |v: u32, side: usize| (v as f32 + 0.5) / side as f32;
+        for (ref_token, tgt_token) in official_pairs(&a, &b, mask.as_ref(), tgt_size, ref_size) {
+            let (ry, rx) = (ref_token / r as u32, ref_token % r as u32);
+            let (ty, tx) = (tgt_token / g as u32, tgt_token % g as u32);
+            points.push([centre(rx, r), centre(ry, r), centre(tx, g), centre(ty, g)]);
         }
         report.points += points.len();
     }
