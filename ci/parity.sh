@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Regenerates the diffusers parity fixtures (trainer/tests/fixtures/parity). Creates a venv with
+# Regenerates the parity fixtures: diffusers' forward (trainer/tests/fixtures/parity) and the
+# official MOSAIC forward and losses (trainer/tests/fixtures/mosaic). Creates a venv with
 # torch and diffusers (CPU use only) under ci/.venv unless PARITY_PYTHON names an interpreter
 # that already has them. The Rust parity test reads the committed files and needs no Python.
 set -euo pipefail
@@ -9,9 +10,10 @@ if [ -z "$PY" ]; then
   if [ ! -x ci/.venv/bin/python ]; then
     python3 -m venv ci/.venv
     ci/.venv/bin/pip install -q --upgrade pip
-    ci/.venv/bin/pip install -q torch diffusers safetensors
+    ci/.venv/bin/pip install -q torch diffusers peft safetensors
   fi
   PY=ci/.venv/bin/python
 fi
-rm -rf trainer/tests/fixtures/parity
+rm -rf trainer/tests/fixtures/parity trainer/tests/fixtures/mosaic
 "$PY" ci/make_parity_fixtures.py trainer/tests/fixtures/parity
+"$PY" ci/make_mosaic_parity_fixtures.py trainer/tests/fixtures/mosaic

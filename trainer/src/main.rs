@@ -41,6 +41,17 @@ enum Command {
         /// RoPE split "a,b,c" for files that do not say it (BFL) and a non-FLUX head size.
         #[arg(long, value_parser = parse_axes)]
         axes_dims: Option<[usize; 3]>,
+        /// A LoRA (this project's, diffusers, PEFT, kohya or the released MOSAIC layout),
+        /// applied to the reference tokens at the scale the file gives.
+        #[arg(long)]
+        lora: Option<PathBuf>,
+        /// Double blocks whose attention rows are averaged, "0,1,2" (default: all).
+        #[arg(long, value_delimiter = ',')]
+        rows_blocks: Option<Vec<usize>>,
+        /// A TOML file with a [loss] table (a run config, or a shipped one such as
+        /// configs/mosaic-official-512.toml) for loss_scal and loss_mdl (default: the paper's).
+        #[arg(long)]
+        loss_config: Option<PathBuf>,
     },
     /// Step time and peak memory on CPU (tiny, medium; recomputation off/on) and the computed
     /// FLUX.1-dev memory budget, as markdown tables.
@@ -216,14 +227,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             out,
             dtype,
             axes_dims,
+            lora,
+            rows_blocks,
+            loss_config,
         } => {
             let dtype = match dtype {
                 DtypeArg::F32 => DTypeName::F32,
                 DtypeArg::Bf16 => DTypeName::Bf16,
                 DtypeArg::F64 => DTypeName::F64,
             };
-            trainer::forward::forward_cmd(&weights, &inputs, &out, dtype.dtype(), axes_dims)
-                .context("forward failed")?;
+            let opts = trainer::forward::ForwardOptions {
+                lora,
+                axes: axes_dims,
+                rows_blocks,
+                loss_config,
+                ..trainer::forward::ForwardOptions::new(&weights, &inputs, dtype.dtype())
+            };
+            trainer::forward::forward_cmd(&opts, &out).context("forward failed")?;
             println!("wrote {}", out.display());
         }
         Command::Bench { config, steps } => {

@@ -2,7 +2,7 @@
 //! diffusers layout (sharded, with an index) and the BFL single file.
 
 use candle_core::DType;
-use trainer::forward::forward_file;
+use trainer::forward::{forward_file, ForwardOptions};
 
 use crate::common::{fixtures, max_abs, max_abs_diff};
 
@@ -18,13 +18,13 @@ fn expected() -> candle_core::Tensor {
 #[test]
 fn diffusers_layout_matches_diffusers_forward() {
     let dir = fixtures().join("parity");
-    let out = forward_file(
+    let out = forward_file(&ForwardOptions::new(
         &dir.join("diffusers"),
         &dir.join("inputs.safetensors"),
         DType::F32,
-        None,
-    )
-    .unwrap();
+    ))
+    .unwrap()
+    .output;
     let err = max_abs_diff(&out, &expected());
     assert!(
         err <= 1e-4,
@@ -36,13 +36,13 @@ fn diffusers_layout_matches_diffusers_forward() {
 #[test]
 fn bfl_single_file_matches_diffusers_forward() {
     let dir = fixtures().join("parity");
-    let out = forward_file(
+    let out = forward_file(&ForwardOptions::new(
         &dir.join("bfl.safetensors"),
         &dir.join("inputs.safetensors"),
         DType::F32,
-        None,
-    )
-    .unwrap();
+    ))
+    .unwrap()
+    .output;
     let err = max_abs_diff(&out, &expected());
     assert!(err <= 1e-4, "max abs error {err}");
 }
@@ -50,13 +50,13 @@ fn bfl_single_file_matches_diffusers_forward() {
 #[test]
 fn bf16_forward_stays_close() {
     let dir = fixtures().join("parity");
-    let out = forward_file(
+    let out = forward_file(&ForwardOptions::new(
         &dir.join("diffusers"),
         &dir.join("inputs.safetensors"),
         DType::BF16,
-        None,
-    )
-    .unwrap();
+    ))
+    .unwrap()
+    .output;
     let err = max_abs_diff(&out, &expected());
     // bf16 keeps ~3 significant digits through 3 blocks.
     assert!(err <= 0.1 * max_abs(&expected()), "max abs error {err}");
@@ -68,11 +68,12 @@ fn forward_command_writes_output() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out.safetensors");
     trainer::forward::forward_cmd(
-        &dir.join("diffusers"),
-        &dir.join("inputs.safetensors"),
+        &ForwardOptions::new(
+            &dir.join("diffusers"),
+            &dir.join("inputs.safetensors"),
+            DType::F32,
+        ),
         &out,
-        DType::F32,
-        None,
     )
     .unwrap();
     let m = candle_core::safetensors::load(&out, &candle_core::Device::Cpu).unwrap();
@@ -89,9 +90,13 @@ fn missing_input_tensor_is_named() {
     m.remove("pooled_projections");
     let bad = tmp.path().join("in.safetensors");
     candle_core::safetensors::save(&m, &bad).unwrap();
-    let err = forward_file(&dir.join("diffusers"), &bad, DType::F32, None)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = forward_file(&ForwardOptions::new(
+        &dir.join("diffusers"),
+        &bad,
+        DType::F32,
+    ))
+    .err()
+    .unwrap()
+    .to_string();
     assert!(err.contains("pooled_projections"), "{err}");
 }

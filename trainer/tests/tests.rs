@@ -7,6 +7,7 @@ mod common;
 mod distributed;
 mod export;
 mod gradients;
+mod mosaic_parity;
 mod parity;
 mod resume;
 mod shards;

@@ -366,7 +366,7 @@ fn value(t: &Tensor) -> Result<f64> {
 /// SCAL and MDL of a micro-batch: each sample's, summed over the samples the losses supervise
 /// and divided by the batch size (a sample left out counts as 0, so condition dropout scales
 /// the losses' expected weight by the share of samples kept, whatever the batch size).
-fn row_losses(
+pub fn row_losses(
     rows: &[Tensor],
     targets: &[Option<RowTargets>],
     loss: &LossSpec,
