@@ -119,6 +119,13 @@ for dt in f32 bf16; do
       --set data.samples=4 --set data.min_refs=2 --set data.max_refs=2 --json "$RES"
   done
 done
+# The official recipe: every pair, pooled SCAL, JSD of the rows of every reference token (the
+# rows op with every reference token as a query).
+OFFICIAL=(--set loss.points_per_ref=0 --set 'loss.scal_reduce="pooled"' --set 'loss.mdl_rows="all-tokens"'
+  --set 'loss.mdl_divergence="jsd"' --set loss.supervise_dropped_refs=true)
+step "check-device-f32-official" 90 "$BIN/trainer" check-device "${TINY[@]}" "${DEVICE_SETS[@]}" "${OFFICIAL[@]}" \
+  --set 'model.dtype="f32"' --set "run.dir=\"$WORK/check-official\"" \
+  --set data.samples=4 --set data.min_refs=2 --set data.max_refs=2 --json "$RES"
 
 # ---- b. launcher: 30 steps, SIGTERM after 12 logged, resume to the end; the loss must fall
 resume_run() {
@@ -161,7 +168,8 @@ bench() { # LABEL PX REFS EXTRA_LIMIT [extra trainer args...]
   shift 4
   if [ "$MODE" = gpu ]; then
     local sets=(--config configs/mosaic-paper-512.toml --set 'model.weights=""' --set 'model.init="device"'
-      --set 'data.source="synthetic"' --set 'data.cache=""' --set 'data.encoders=""' --set data.samples=4)
+      --set 'data.source="synthetic"' --set 'data.cache=""' --set 'data.encoders=""' --set data.samples=4
+      --set data.drop_refs=0 --set data.drop_text=0 --set data.drop_both=0)
   else
     local sets=(--config configs/tiny-cpu.toml --set 'model.preset="tiny"' --set 'data.source="synthetic"'
       --set data.samples=4 --set lora.rank=8 --set train.checkpointing=true --set 'model.device="cpu"')
@@ -204,6 +212,7 @@ if [ "$MODE" = gpu ]; then
   bench 512px-1ref-fullattention 512 1 90 --set 'model.attention="full"'
   bench 512px-1ref-norecompute 512 1 90 --set train.checkpointing=false
   bench 512px-3ref-nolosses 512 3 90 "${NO_LOSSES[@]}"
+  bench 512px-3ref-official 512 3 120 "${OFFICIAL[@]}" --set 'loss.double_blocks="all"' --set loss.mdl_weight=1.0
   step rows-vs-official 90 "$BIN/trainer" bench-rows --device cuda
 else
   bench 128px-1ref 128 1 120
