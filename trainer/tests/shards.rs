@@ -100,6 +100,23 @@ fn a_latent_cache_trains_like_encoding_on_the_fly() {
     let cached = losses(&tmp.path().join("b"), &sets(&url, &cache));
     assert_close(&live, &cached);
 
+    // With condition dropout the cache's empty caption stands in for dropped captions, as the
+    // encoders' encoding of "" does on the fly.
+    let dropout = |mut s: Vec<String>| {
+        s.extend(["data.drop_text=0.5".into(), "data.drop_both=0.25".into()]);
+        s
+    };
+    let live = losses(&tmp.path().join("d"), &dropout(sets(&url, "")));
+    let cached = losses(&tmp.path().join("e"), &dropout(sets(&url, &cache)));
+    assert_close(&live, &cached);
+    // A cache made before it stored the empty caption is refused then, naming the command.
+    std::fs::remove_file(Path::new(&cache).join(datasets::cache::EMPTY_CAPTION)).unwrap();
+    let err = build_err(&tmp.path().join("f"), &dropout(sets(&url, &cache)));
+    assert!(
+        err.contains("data.cache") && err.contains("datasets precompute"),
+        "{err}"
+    );
+
     let mut other = sets(&url, &cache);
     other.push("run.seed=7".into());
     let err = build_err(&tmp.path().join("c"), &other);
