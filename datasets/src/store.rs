@@ -244,6 +244,34 @@ impl Location {
             Self::Remote(r) => r.put(rel, bytes),
         }
     }
+
+    /// Deletes one object (a file); one that does not exist is not an error.
+    pub fn delete(&self, rel: &str) -> Result<()> {
+        match self {
+            Self::Local(p) => match std::fs::remove_file(p.join(rel)) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(err(&self.name(rel), e)),
+            },
+            Self::Remote(r) => r.delete(rel),
+        }
+    }
+
+    /// Moves the folder (or every object below the prefix) `from` to `to`, both relative to
+    /// this location. A folder is renamed at once; objects are copied, then deleted, so an
+    /// interrupted move leaves every object in one place or the other, never lost.
+    pub fn rename_dir(&self, from: &str, to: &str) -> Result<()> {
+        match self {
+            Self::Local(p) => {
+                let dest = p.join(to);
+                if let Some(parent) = dest.parent() {
+                    std::fs::create_dir_all(parent).map_err(|e| err(&self.name(to), e))?;
+                }
+                std::fs::rename(p.join(from), &dest).map_err(|e| err(&self.name(from), e))
+            }
+            Self::Remote(r) => r.rename_dir(from, to),
+        }
+    }
 }
 
 /// Runs `op` until it succeeds, fails with an error that retrying cannot fix, or the retry
@@ -380,6 +408,61 @@ impl Remote {
             .iter()
             .filter_map(|p| p.filename().map(str::to_string))
             .collect())
+    }
+
+    /// Names (relative to this prefix) of the objects below `rel`.
+    pub fn list_prefix(&self, rel: &str) -> Result<Vec<String>> {
+        use futures::TryStreamExt;
+        let prefix = self.path(rel);
+        let n = self.prefix.parts().count();
+        let objects: Vec<_> = self
+            .rt
+            .block_on(self.store.list(Some(&prefix)).try_collect())
+            .map_err(|e| err(&format!("{}/{rel}", self.url), e))?;
+        Ok(objects
+            .iter()
+            .map(|o| {
+                o.location
+                    .parts()
+                    .skip(n)
+                    .map(|p| p.as_ref().to_string())
+                    .collect::<Vec<_>>()
+                    .join("/")
+            })
+            .collect())
+    }
+
+    /// Deletes one object; a missing one is not an error.
+    pub fn delete(&self, rel: &str) -> Result<()> {
+        let path = self.path(rel);
+        match self.rt.block_on(self.store.delete(&path)) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(err(&format!("{}/{rel}", self.url), e)),
+        }
+    }
+
+    /// Copies every object below `from` to the same place below `to`, then deletes the
+    /// originals.
+    pub fn rename_dir(&self, from: &str, to: &str) -> Result<()> {
+        use futures::TryStreamExt;
+        let (src, dest) = (self.path(from), self.path(to));
+        let n = src.parts().count();
+        self.rt
+            .block_on(async {
+                let objects: Vec<_> = self.store.list(Some(&src)).try_collect().await?;
+                for o in &objects {
+                    let mut target = dest.clone();
+                    for part in o.location.parts().skip(n) {
+                        target = target.join(part);
+                    }
+                    self.store.copy(&o.location, &target).await?;
+                }
+                for o in objects {
+                    self.store.delete(&o.location).await?;
+                }
+                Ok::<_, object_store::Error>(())
+            })
+            .map_err(|e| err(&format!("{}/{from}", self.url), e))
     }
 
     /// Deletes every object below `rel`.

@@ -7,6 +7,7 @@
 //! Shape legend: `a_ri` [rank, in], `b_or` [out, rank], `x_bsi` batch, tokens, in features.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 use rand::Rng;
@@ -234,6 +235,62 @@ impl Lora {
             tracked,
         }
     }
+}
+
+/// A [`crate::Lora`] holding exactly the adapters of `file` (read from `path`), each at the
+/// scale the file gives it (alpha/r where it carries alpha, else 1): for applying a finished
+/// LoRA rather than training one. Every module must exist in a model of `cfg`'s shape, and all
+/// adapters must share one rank.
+pub fn from_adapters(
+    cfg: &FluxConfig,
+    file: &crate::lora_format::LoraTensors,
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<Lora> {
+    let ranks: std::collections::BTreeSet<usize> = file
+        .values()
+        .map(crate::lora_format::ModuleLora::rank)
+        .collect();
+    let rank = match (ranks.len(), ranks.first()) {
+        (1, Some(&r)) => r,
+        (0, _) => {
+            return Err(FluxError::Weights {
+                file: path.to_path_buf(),
+                problems: vec!["holds no LoRA adapter".into()],
+            })
+        }
+        _ => {
+            return Err(FluxError::Weights {
+                file: path.to_path_buf(),
+                problems: vec![format!(
+                    "adapters of several ranks {ranks:?}: one rank is supported"
+                )],
+            })
+        }
+    };
+    let known = adaptable_modules(cfg);
+    let unknown: Vec<String> = file
+        .keys()
+        .filter(|m| !known.iter().any(|(k, _, _)| k == *m))
+        .map(|m| format!("{m}: no such module in the reference branch of this base"))
+        .collect();
+    if !unknown.is_empty() {
+        return Err(FluxError::Weights {
+            file: path.to_path_buf(),
+            problems: unknown,
+        });
+    }
+    let spec = LoraSpec {
+        rank,
+        alpha: rank as f64,
+        init: LoraInit::Gaussian,
+        targets: file.keys().cloned().collect(),
+        init_from: String::new(),
+    };
+    let lora = Lora::new(cfg, &spec, 0, dtype, device)?;
+    crate::lora_format::apply_to(&lora, file, path)?;
+    Ok(lora)
 }
 
 /// Applies the adapters to reference-branch activations.

@@ -436,52 +436,6 @@ pub fn apply_to(lora: &crate::Lora, file: &LoraTensors, path: &Path) -> Result<(
     Ok(())
 }
 
-/// A [`crate::Lora`] holding exactly the adapters of `file` (read from `path`), each at the
-/// scale the file gives it (alpha/r where it carries alpha, else 1): for applying a finished
-/// LoRA rather than training one. Every module must exist in a model of `cfg`'s shape, and all
-/// adapters must share one rank.
-pub fn to_lora(
-    cfg: &FluxConfig,
-    file: &LoraTensors,
-    path: &Path,
-    dtype: DType,
-    device: &Device,
-) -> Result<crate::Lora> {
-    let ranks: std::collections::BTreeSet<usize> = file.values().map(ModuleLora::rank).collect();
-    let rank = match (ranks.len(), ranks.first()) {
-        (1, Some(&r)) => r,
-        (0, _) => return Err(bad(path, "holds no LoRA adapter")),
-        _ => {
-            return Err(bad(
-                path,
-                format!("adapters of several ranks {ranks:?}: one rank is supported"),
-            ))
-        }
-    };
-    let known = crate::lora::adaptable_modules(cfg);
-    let unknown: Vec<String> = file
-        .keys()
-        .filter(|m| !known.iter().any(|(k, _, _)| k == *m))
-        .map(|m| format!("{m}: no such module in the reference branch of this base"))
-        .collect();
-    if !unknown.is_empty() {
-        return Err(FluxError::Weights {
-            file: path.to_path_buf(),
-            problems: unknown,
-        });
-    }
-    let spec = crate::lora::LoraSpec {
-        rank,
-        alpha: rank as f64,
-        init: crate::lora::LoraInit::Gaussian,
-        targets: file.keys().cloned().collect(),
-        init_from: String::new(),
-    };
-    let lora = crate::Lora::new(cfg, &spec, 0, dtype, device)?;
-    apply_to(&lora, file, path)?;
-    Ok(lora)
-}
-
 /// Serializes `tensors` with `metadata` and writes them to `path`.
 pub fn write_safetensors(
     path: &Path,

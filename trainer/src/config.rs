@@ -49,6 +49,10 @@ pub struct CheckpointSection {
     pub resume: bool,
     /// Resume from this checkpoint folder (`.../step-00000120`) instead of the newest.
     pub resume_from: String,
+    /// A start that would lose an earlier run's checkpoints or metrics (a start over, or
+    /// another config) first moves the run folder's contents, and the checkpoints, to
+    /// `previous-<time>/` instead of being refused (`trainer train --overwrite`).
+    pub overwrite: bool,
 }
 
 impl Default for CheckpointSection {
@@ -59,6 +63,7 @@ impl Default for CheckpointSection {
             dir: String::new(),
             resume: true,
             resume_from: String::new(),
+            overwrite: false,
         }
     }
 }

@@ -62,6 +62,12 @@ pub enum TrainerError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// Another process holds the run folder or the checkpoint location.
+    #[error("{what} is in use by {holder}: another trainer runs there (a job started twice, or requeued while the old one still runs); wait for it or stop it, or set another run.dir")]
+    RunInUse { what: String, holder: String },
+    /// Starting here would lose an earlier run's checkpoints or metrics.
+    #[error("run folder {}: {reason}; pass --overwrite to move its contents to {}/previous-<time>/ (nothing is deleted), or set another run.dir", dir.display(), dir.display())]
+    RunFolderTaken { dir: PathBuf, reason: String },
     #[error("loss is not finite at step {step} ({what}); stopping as configured (train.on_nonfinite = \"stop\")")]
     NonFinite { step: u64, what: String },
 }

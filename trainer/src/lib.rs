@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod objective;
 pub mod optim;
 pub mod run;
+pub mod run_dir;
 pub mod signals;
 pub mod step;
 pub mod storage;

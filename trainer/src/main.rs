@@ -125,9 +125,14 @@ struct TrainArgs {
     /// Continue from this checkpoint folder (default: the newest valid one of the run).
     #[arg(long, value_name = "DIR", conflicts_with = "no_resume")]
     resume: Option<PathBuf>,
-    /// Start from scratch even if the run has checkpoints.
+    /// Start from scratch (refused where the run folder holds an earlier run's checkpoints or
+    /// metrics, unless --overwrite).
     #[arg(long)]
     no_resume: bool,
+    /// Where starting would lose an earlier run's checkpoints or metrics (--no-resume, another
+    /// config), move them to RUN/previous-<time>/ first instead of refusing.
+    #[arg(long)]
+    overwrite: bool,
 }
 
 #[derive(clap::Args)]
@@ -362,6 +367,7 @@ fn train_cmd(args: TrainArgs) -> anyhow::Result<ExitCode> {
         mut set,
         resume,
         no_resume,
+        overwrite,
     } = args;
     if let Some(dir) = resume {
         set.push(format!(
@@ -372,6 +378,9 @@ fn train_cmd(args: TrainArgs) -> anyhow::Result<ExitCode> {
     if no_resume {
         set.push("checkpoint.resume=false".into());
     }
+    if overwrite {
+        set.push("checkpoint.overwrite=true".into());
+    }
     let cfg = load_config(&config, &set)?;
     let exit_on_signal = cfg.train.signal_exit_code;
     let outcome = trainer::train::train_from_env(cfg).context("training failed")?;
@@ -379,7 +388,7 @@ fn train_cmd(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let last = outcome.losses.last().map(|l| l.total).unwrap_or(f64::NAN);
     if outcome.rank == 0 && outcome.losses.is_empty() {
         println!(
-            "nothing to train: the run is already at step {} (pass --no-resume or another run.dir to train again); LoRA written to {}",
+            "nothing to train: the run is already at step {} (to train again: raise train.max_steps, or start over with --no-resume --overwrite, or another run.dir); LoRA written to {}",
             outcome.start_step,
             outcome.lora_path.display()
         );

@@ -42,6 +42,9 @@ pub struct Run {
     pub start_step: u64,
     /// Updates skipped for non-finite losses, over the whole run.
     pub skipped: u64,
+    /// The run's lineage (checkpoint::State::lineage): fresh here, the checkpoint's after a
+    /// resume.
+    pub lineage: String,
 }
 
 /// The device of this rank: CUDA device `ordinal` (LOCAL_RANK) or the CPU.
@@ -147,6 +150,11 @@ impl Run {
             stop_agreed: false,
             start_step: 0,
             skipped: 0,
+            lineage: format!(
+                "{:016x}{:08x}",
+                rand::random::<u64>(),
+                crate::run_dir::holder::now_s() as u32
+            ),
             cfg,
             device,
             model,

@@ -89,6 +89,7 @@ pub fn train_with(
 ) -> Result<TrainOutcome> {
     let run_dir = cfg.run_dir();
     let (rank, leader) = (dist.rank(), dist.rank() == 0);
+    let _ownership = take_run_folder(&cfg, &dist)?;
     if leader {
         write_resolved_config(&cfg, &run_dir)?;
     }
@@ -147,6 +148,30 @@ pub fn train_with(
         rank,
         start_step: run.start_step,
     })
+}
+
+/// Rank 0 takes the run folder and checks that the start loses nothing there
+/// ([`crate::run_dir`]); every rank learns the verdict, so a refusal stops them all at once.
+fn take_run_folder(cfg: &Config, dist: &Dist) -> Result<Option<crate::run_dir::Ownership>> {
+    let verdict = (dist.rank() == 0).then(|| {
+        let held = crate::run_dir::take(cfg, crate::run_dir::lease::LeaseTiming::default())?;
+        crate::run_dir::prepare(cfg)?;
+        Ok::<_, TrainerError>(held)
+    });
+    let refusal = match &verdict {
+        Some(Err(e)) => flux::chain(e).into_bytes(),
+        _ => Vec::new(),
+    };
+    let all = dist.call("run folder check", move |c| c.all_gather_bytes(&refusal))?;
+    match verdict {
+        Some(v) => v.map(Some),
+        None if all[0].is_empty() => Ok(None),
+        None => Err(DistError::Mismatch(format!(
+            "rank 0 refused to start: {}",
+            String::from_utf8_lossy(&all[0])
+        ))
+        .into()),
+    }
 }
 
 /// Writes the resolved config as `config.toml` in the run folder.

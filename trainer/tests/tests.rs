@@ -10,6 +10,7 @@ mod gradients;
 mod mosaic_parity;
 mod parity;
 mod resume;
+mod run_folder;
 mod shards;
 mod training;
 mod weights_errors;

@@ -29,8 +29,10 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 mod resume;
+mod retention;
 mod schedule;
 
+pub use retention::Retention;
 pub use schedule::Checkpointer;
 
 use crate::error::{Result, TrainerError};
@@ -69,6 +71,11 @@ pub struct State {
     pub skipped: u64,
     /// sha256 (hex) of every other file of the checkpoint.
     pub files: BTreeMap<String, String>,
+    /// The run this checkpoint continues: drawn when a run starts from scratch, kept by every
+    /// resume. Retention deletes only checkpoints of its own lineage. Empty in checkpoints
+    /// written before lineages existed.
+    #[serde(default)]
+    pub lineage: String,
 }
 
 pub const RNG_SCHEME: &str =
@@ -170,11 +177,17 @@ fn serialize(snap: &Snapshot) -> Result<(Vec<FileBytes>, Vec<u8>)> {
     Ok((files, json))
 }
 
-/// Writes `snap` under `root`, points LATEST at it and keeps the newest `keep`. Returns where
-/// it went. A failure (a full disk, an unreachable store) leaves the previous checkpoint and
-/// LATEST in charge.
-pub fn write(root: &Location, snap: &Snapshot, keep: usize) -> Result<PathBuf> {
+/// Writes `snap` under `root`, points LATEST at it and applies `retention` (the newest `keep`
+/// verified checkpoints of the snapshot's lineage stay). Returns where it went. A failure (a
+/// full disk, an unreachable store) leaves the previous checkpoint and LATEST in charge.
+pub fn write(
+    root: &Location,
+    snap: &Snapshot,
+    keep: usize,
+    retention: &mut Retention,
+) -> Result<PathBuf> {
     let name = step_dir_name(snap.state.step);
+    set_aside_existing(root, &name)?;
     let written = match root {
         Location::Local(dir) => write_local(dir, &name, snap),
         Location::Remote(r) => write_remote(r, &name, snap),
@@ -185,17 +198,48 @@ pub fn write(root: &Location, snap: &Snapshot, keep: usize) -> Result<PathBuf> {
             "could not be written ({e}); the previous checkpoint and LATEST are unchanged"
         ),
     })?;
-    for (_, old) in list(root)?.into_iter().skip(keep.max(1)) {
-        let removed = match root {
-            Location::Local(dir) => std::fs::remove_dir_all(dir.join(&old))
-                .map_err(|e| TrainerError::io(&dir.join(&old), e)),
-            Location::Remote(r) => r.delete_dir(&old).map_err(TrainerError::from),
-        };
-        if let Err(e) = removed {
-            tracing::warn!(error = %flux::chain(&e), "could not remove an old checkpoint");
-        }
-    }
+    retention.apply(root, &snap.state.lineage, keep)?;
     Ok(written)
+}
+
+/// A folder already named like the checkpoint about to be written (a damaged one the run
+/// resumed before, or another run's) is moved aside rather than overwritten: to
+/// `corrupt-<name>` when it does not verify, else to `replaced-<name>`.
+fn set_aside_existing(root: &Location, name: &str) -> Result<()> {
+    let exists = match root {
+        Location::Local(p) => p.join(name).exists(),
+        Location::Remote(r) => !r.list_prefix(name)?.is_empty(),
+    };
+    if !exists {
+        return Ok(());
+    }
+    match verify(root, name) {
+        Err(e) => set_aside(root, name, "corrupt", &flux::chain(&e)),
+        Ok(_) => set_aside(
+            root,
+            name,
+            "replaced",
+            "a checkpoint of the same step is being written",
+        ),
+    }
+    .map(|_| ())
+}
+
+/// Renames checkpoint `name` to `<prefix>-<name>` (numbered when taken), where no retention
+/// or resume looks; returns the new name.
+fn set_aside(root: &Location, name: &str, prefix: &str, why: &str) -> Result<String> {
+    let mut to = format!("{prefix}-{name}");
+    let mut n = 1;
+    while match root {
+        Location::Local(p) => p.join(&to).exists(),
+        Location::Remote(r) => !r.list_prefix(&to)?.is_empty(),
+    } {
+        n += 1;
+        to = format!("{prefix}-{name}.{n}");
+    }
+    root.rename_dir(name, &to)?;
+    tracing::warn!(checkpoint = %root.name(name), moved_to = %root.name(&to), "checkpoint set aside: {why}");
+    Ok(to)
 }
 
 /// On an object store each put is atomic but there is no rename: the files go first, then
@@ -252,15 +296,21 @@ fn write_into(root: &Path, tmp: &Path, name: &str, snap: &Snapshot) -> Result<Pa
 #[derive(Default)]
 pub struct Writer {
     pending: Option<JoinHandle<Result<PathBuf>>>,
+    /// What retention has verified so far, shared with the writing thread.
+    retention: std::sync::Arc<std::sync::Mutex<Retention>>,
 }
 
 impl Writer {
     /// Waits for the previous save, then starts writing `snap`.
     pub fn save(&mut self, root: Location, snap: Snapshot, keep: usize) -> Result<()> {
         self.wait()?;
+        let retention = self.retention.clone();
         let handle = std::thread::Builder::new()
             .name("checkpoint".into())
-            .spawn(move || write(&root, &snap, keep))
+            .spawn(move || {
+                let mut r = retention.lock().unwrap_or_else(|p| p.into_inner());
+                write(&root, &snap, keep, &mut r)
+            })
             .map_err(|e| TrainerError::io(Path::new("checkpoint thread"), e))?;
         self.pending = Some(handle);
         Ok(())
@@ -293,6 +343,46 @@ pub struct Loaded {
 /// Reads and verifies checkpoint `name` under `root`.
 pub fn load(root: &Location, name: &str) -> Result<Loaded> {
     let dir = root.child(name);
+    let mut tensors = HashMap::new();
+    let mut config_toml = String::new();
+    let state = read_verified(root, name, |file, bytes| {
+        if file == CONFIG {
+            config_toml = String::from_utf8_lossy(&bytes).into_owned();
+        } else {
+            let map = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+                .map_err(|e| TrainerError::read(&dir.join(file), e))?;
+            tensors.insert(file.to_string(), map);
+        }
+        Ok(())
+    })?;
+    Ok(Loaded {
+        dir,
+        state,
+        config_toml,
+        tensors,
+    })
+}
+
+/// Checks checkpoint `name` under `root` (state.json and every file's sha256) without keeping
+/// its contents; returns its state.
+pub fn verify(root: &Location, name: &str) -> Result<State> {
+    read_verified(root, name, |_, _| Ok(()))
+}
+
+/// The state.json of checkpoint `name`, unverified (None when it cannot be read).
+pub fn peek_state(root: &Location, name: &str) -> Option<State> {
+    let bytes = root.get(&format!("{name}/{STATE}")).ok()??;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// Reads checkpoint `name` under `root` file by file, checking each against the sha256 that
+/// state.json records before handing its bytes to `take`.
+fn read_verified(
+    root: &Location,
+    name: &str,
+    mut take: impl FnMut(&str, Vec<u8>) -> Result<()>,
+) -> Result<State> {
+    let dir = root.child(name);
     let read = |file: &str| -> Result<Vec<u8>> {
         let path = dir.join(file);
         match root {
@@ -318,8 +408,11 @@ pub fn load(root: &Location, name: &str) -> Result<Loaded> {
             ),
         ));
     }
-    let mut tensors = HashMap::new();
-    let mut config_toml = String::new();
+    for needed in [LORA_FILE, OPTIMIZER_FILE, CONFIG] {
+        if !state.files.contains_key(needed) {
+            return Err(ckpt_err(&dir, format!("state.json lists no {needed}")));
+        }
+    }
     for (file, want) in &state.files {
         let path = dir.join(file);
         let bytes = read(file)?;
@@ -330,25 +423,9 @@ pub fn load(root: &Location, name: &str) -> Result<Loaded> {
                 format!("sha256 {got} does not match {want} recorded in state.json (truncated or altered)"),
             ));
         }
-        if file == CONFIG {
-            config_toml = String::from_utf8_lossy(&bytes).into_owned();
-        } else {
-            let map = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-                .map_err(|e| TrainerError::read(&path, e))?;
-            tensors.insert(file.clone(), map);
-        }
+        take(file, bytes)?;
     }
-    for needed in [LORA_FILE, OPTIMIZER_FILE, CONFIG] {
-        if !state.files.contains_key(needed) {
-            return Err(ckpt_err(&dir, format!("state.json lists no {needed}")));
-        }
-    }
-    Ok(Loaded {
-        dir,
-        state,
-        config_toml,
-        tensors,
-    })
+    Ok(state)
 }
 
 /// A checkpoint folder given by its own path or URL (`.../step-00000120`).
@@ -530,6 +607,7 @@ mod tests {
                 adam_t: step,
                 skipped: 0,
                 files: BTreeMap::new(),
+                lineage: "lineage-a".into(),
             },
             config_toml: "[run]\nseed = 1\n".into(),
             files: vec![
@@ -562,6 +640,11 @@ mod tests {
         v
     }
 
+    /// Writes `snap` with a retention that has verified nothing yet.
+    fn save(root: &Location, snap: &Snapshot, keep: usize) -> Result<PathBuf> {
+        write(root, snap, keep, &mut Retention::default())
+    }
+
     fn read(root: &Location, rel: &str) -> Vec<u8> {
         match root {
             Location::Local(p) => std::fs::read(p.join(rel)).unwrap(),
@@ -584,7 +667,7 @@ mod tests {
     fn written_checkpoints_load_back_and_only_the_newest_are_kept() {
         for (root, _keep) in roots("kept") {
             for step in [10, 20, 30] {
-                write(&root, &snap(step), 2).unwrap();
+                save(&root, &snap(step), 2).unwrap();
             }
             let steps: Vec<u64> = list(&root).unwrap().iter().map(|(s, _)| *s).collect();
             assert_eq!(steps, vec![30, 20], "{root:?}");
@@ -600,8 +683,8 @@ mod tests {
     #[test]
     fn a_damaged_newest_checkpoint_falls_back_to_the_previous_one() {
         for (root, _keep) in roots("damaged") {
-            write(&root, &snap(1), 3).unwrap();
-            write(&root, &snap(2), 3).unwrap();
+            save(&root, &snap(1), 3).unwrap();
+            save(&root, &snap(2), 3).unwrap();
             let rel = format!("step-00000002/{LORA_FILE}");
             let mut bytes = read(&root, &rel);
             let last = bytes.len() - 1;
@@ -620,9 +703,80 @@ mod tests {
     }
 
     #[test]
+    fn retention_quarantines_damage_and_never_lets_it_push_out_a_good_checkpoint() {
+        for (root, _keep) in roots("quarantine") {
+            let mut retention = Retention::default();
+            write(&root, &snap(1), 2, &mut retention).unwrap();
+            write(&root, &snap(2), 2, &mut retention).unwrap();
+            let rel = format!("step-00000002/{LORA_FILE}");
+            let bytes = read(&root, &rel);
+            put(&root, &rel, &bytes[..bytes.len() / 2]);
+            // A resumed run (a new process: nothing verified yet) saves step 3 with keep = 2.
+            write(&root, &snap(3), 2, &mut Retention::default()).unwrap();
+            let steps: Vec<u64> = list(&root).unwrap().iter().map(|(s, _)| *s).collect();
+            assert_eq!(steps, vec![3, 1], "{root:?}: the good step 1 stays");
+            let moved = match &root {
+                Location::Local(p) => p.join("corrupt-step-00000002").join(LORA_FILE).is_file(),
+                Location::Remote(r) => r
+                    .exists(&format!("corrupt-step-00000002/{LORA_FILE}"))
+                    .unwrap(),
+            };
+            assert!(moved, "{root:?}: the damaged one is set aside, not deleted");
+        }
+    }
+
+    #[test]
+    fn writing_over_an_existing_step_sets_the_old_folder_aside() {
+        for (root, _keep) in roots("aside") {
+            save(&root, &snap(1), 3).unwrap();
+            save(&root, &snap(2), 3).unwrap();
+            let rel = format!("step-00000002/{LORA_FILE}");
+            let bytes = read(&root, &rel);
+            put(&root, &rel, &bytes[..8]);
+            // A run resumed from step 1 reaches step 2 again.
+            save(&root, &snap(2), 3).unwrap();
+            assert_eq!(latest_valid(&root).unwrap().unwrap().state.step, 2);
+            let kept = match &root {
+                Location::Local(p) => p.join("corrupt-step-00000002").join(LORA_FILE).is_file(),
+                Location::Remote(r) => r
+                    .exists(&format!("corrupt-step-00000002/{LORA_FILE}"))
+                    .unwrap(),
+            };
+            assert!(
+                kept,
+                "{root:?}: the damaged folder is set aside, not deleted"
+            );
+            // A good folder of the same step (another run's) is kept as replaced-.
+            save(&root, &snap(2), 3).unwrap();
+            let replaced = match &root {
+                Location::Local(p) => p.join("replaced-step-00000002").is_dir(),
+                Location::Remote(r) => !r.list_prefix("replaced-step-00000002").unwrap().is_empty(),
+            };
+            assert!(replaced, "{root:?}");
+        }
+    }
+
+    #[test]
+    fn retention_leaves_other_lineages_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = Location::local(tmp.path());
+        for step in [1, 2, 3] {
+            save(&root, &snap(step), 1).unwrap();
+        }
+        let mut other = snap(10);
+        other.state.lineage = "lineage-b".into();
+        save(&root, &other, 1).unwrap();
+        let mut other = snap(20);
+        other.state.lineage = "lineage-b".into();
+        save(&root, &other, 1).unwrap();
+        let steps: Vec<u64> = list(&root).unwrap().iter().map(|(s, _)| *s).collect();
+        assert_eq!(steps, vec![20, 3], "each lineage keeps its newest one");
+    }
+
+    #[test]
     fn a_writer_killed_midway_leaves_the_previous_checkpoint_in_charge() {
         for (root, _keep) in roots("killed") {
-            write(&root, &snap(5), 3).unwrap();
+            save(&root, &snap(5), 3).unwrap();
             // What a writer killed while writing step 7 leaves: some files and no state.json
             // (on an object store), or a folder renamed but never completed.
             put(&root, &format!("step-00000007/{LORA_FILE}"), b"partial");
@@ -641,13 +795,13 @@ mod tests {
     fn a_failed_write_leaves_the_previous_checkpoint_and_latest_alone() {
         let tmp = tempfile::tempdir().unwrap();
         let root = Location::local(tmp.path());
-        write(&root, &snap(1), 3).unwrap();
+        save(&root, &snap(1), 3).unwrap();
         // Something in the way of the temporary folder stands in for a full disk.
         let blocker = tmp
             .path()
             .join(format!(".tmp-step-00000002-{}", std::process::id()));
         std::fs::write(&blocker, b"x").unwrap();
-        let e = write(&root, &snap(2), 3).err().unwrap().to_string();
+        let e = save(&root, &snap(2), 3).err().unwrap().to_string();
         assert!(
             e.contains("step-00000002") && e.contains("unchanged"),
             "{e}"
@@ -661,7 +815,7 @@ mod tests {
     fn shape_and_dtype_mismatches_name_the_tensor_and_file() {
         let tmp = tempfile::tempdir().unwrap();
         let root = Location::local(tmp.path());
-        write(&root, &snap(1), 1).unwrap();
+        save(&root, &snap(1), 1).unwrap();
         let l = latest_valid(&root).unwrap().unwrap();
         let zeros = |n: usize, d: DType| Tensor::zeros(n, d, &Device::Cpu).unwrap();
         let e = l

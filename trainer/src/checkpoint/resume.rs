@@ -54,6 +54,7 @@ impl Run {
                 adam_t: self.opt.t,
                 skipped: self.skipped,
                 files: Default::default(),
+                lineage: self.lineage.clone(),
             },
             config_toml: self.cfg.to_toml()?,
             files,
@@ -163,6 +164,7 @@ impl Run {
         self.data_cursors = h.state.data_cursors.clone();
         self.start_step = h.state.step;
         self.skipped = h.state.skipped;
+        self.lineage = h.state.lineage.clone();
         check_lora(&self.dist, &self.lora, "after resuming")?;
         tracing::info!(from = %h.dir, step = h.state.step, "resumed");
         Ok(())

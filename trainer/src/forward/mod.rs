@@ -96,7 +96,7 @@ fn lora_of(opts: &ForwardOptions, cfg: &flux::FluxConfig, device: &Device) -> Re
     Ok(match &opts.lora {
         Some(path) => {
             let file = flux::lora_format::load(path)?;
-            flux::lora_format::to_lora(cfg, &file, path, DType::F32, device)?
+            flux::lora::from_adapters(cfg, &file, path, DType::F32, device)?
         }
         None => Lora::new(
             cfg,
