@@ -319,7 +319,7 @@ impl Loader {
                     }
                     self.delivered.1 += 1;
                     if let Ok(mut r) = self.report.lock() {
-                        r.samples_read += b.samples.len();
+                        r.samples_read += b.samples.len() + b.cached.len();
                     }
                     return Ok(b);
                 }
@@ -662,14 +662,19 @@ impl Fetcher {
             }
         }
         for &(s, _) in &wanted {
-            if let std::collections::hash_map::Entry::Vacant(e) = self.footers.entry(s) {
-                let shard = &self.manifest.shards[s as usize];
-                e.insert(match read_footer(&self.loc, shard) {
-                    Ok(f) => Ok(f),
-                    Err(e @ DataError::Store { .. }) => return Err(e),
-                    Err(other) => Err(other.message()),
-                });
+            if self.footers.contains_key(&s) {
+                continue;
             }
+            let shard = &self.manifest.shards[s as usize];
+            let footer = match read_footer(&self.loc, shard) {
+                Ok(f) => Ok(f),
+                Err(err @ DataError::Store { .. }) => match self.damaged(shard) {
+                    Some(reason) => Err(reason),
+                    None => return Err(err),
+                },
+                Err(other) => Err(other.message()),
+            };
+            self.footers.insert(s, footer);
         }
         let loaded: Vec<(UnitKey, Result<Vec<Row>>)> = std::thread::scope(|scope| {
             let handles: Vec<_> = wanted
@@ -703,6 +708,24 @@ impl Fetcher {
             );
         }
         Ok(())
+    }
+
+    /// Why a read of `shard` failed when the shard itself is at fault (missing, or not the size
+    /// the manifest records: truncated or replaced), rather than the store (a failure that
+    /// outlasted the retries stays an error).
+    fn damaged(&self, shard: &crate::manifest::ShardInfo) -> Option<String> {
+        match self.loc.size(&shard.file) {
+            Ok(n) if n != shard.bytes => Some(format!(
+                "{} is {n} bytes, the manifest says {} (truncated or replaced)",
+                self.loc.name(&shard.file),
+                shard.bytes
+            )),
+            Ok(_) => None,
+            Err(_) if matches!(self.loc.exists(&shard.file), Ok(false)) => {
+                Some(format!("{} does not exist", self.loc.name(&shard.file)))
+            }
+            Err(_) => None,
+        }
     }
 
     /// [`Self::load_unit`], with a panic in a decoder (a bug in a library on hostile bytes)
@@ -758,7 +781,10 @@ impl Fetcher {
         };
         let (bytes, mismatch) = match fetch_row_group(&self.loc, shard, g as usize) {
             Ok(b) => b,
-            Err(e @ DataError::Store { .. }) => return Err(e),
+            Err(e @ DataError::Store { .. }) => match self.damaged(shard) {
+                Some(reason) => return Ok(all_bad(vec![], SampleProblem::Shard { reason })),
+                None => return Err(e),
+            },
             Err(e) => {
                 return Ok(all_bad(
                     vec![],

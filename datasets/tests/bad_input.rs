@@ -282,3 +282,54 @@ fn fuzz_findings_do_not_panic() {
         let _ = datasets::shard::decode_file_rows(&bytes, true);
     }
 }
+
+/// A shard cut short after the manifest was written (a failed copy, a full disk), or gone:
+/// every row of it is skipped and reported with the reason, the other shards are read, and in
+/// strict mode the first of them is an error.
+#[test]
+fn a_truncated_or_missing_shard_is_skipped_and_reported() {
+    for damage in ["truncated", "missing"] {
+        let rows = good(16);
+        let dir = tempfile::tempdir().unwrap();
+        let loc = Location::local(dir.path());
+        write_unchecked(&loc, &rows);
+        let second = dir.path().join("shard-00001.parquet");
+        if damage == "truncated" {
+            let bytes = std::fs::read(&second).unwrap();
+            std::fs::write(&second, &bytes[..bytes.len() / 3]).unwrap();
+        } else {
+            std::fs::remove_file(&second).unwrap();
+        }
+        let (ids, report) = read_epoch0(&loc, false);
+        let mut want: Vec<String> = rows[..8].iter().map(|s| s.sample_id.clone()).collect();
+        want.sort();
+        let mut got = ids.clone();
+        got.sort();
+        got.dedup();
+        assert_eq!(got, want, "{damage}: the intact shard is read");
+        let bad = report
+            .skipped
+            .iter()
+            .filter(|s| s.at.starts_with("shard-00001.parquet"))
+            .count();
+        assert!(
+            bad >= 8,
+            "{damage}: every row of the shard is reported: {report:?}"
+        );
+        let reason = &report.skipped[0].reason;
+        let want_reason = if damage == "truncated" {
+            "truncated"
+        } else {
+            "does not exist"
+        };
+        assert!(reason.contains(want_reason), "{damage}: {reason}");
+        let mut opts = loader_opts(1, 0, 1);
+        opts.strict = true;
+        let mut l = open(&loc, opts, Cursor::default());
+        let e = (0..16)
+            .find_map(|_| l.next_batch().err())
+            .expect("strict mode stops at the damaged shard")
+            .to_string();
+        assert!(e.contains("shard-00001.parquet"), "{damage}: {e}");
+    }
+}

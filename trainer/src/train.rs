@@ -100,7 +100,7 @@ pub fn train_with(
     let mut metrics = leader
         .then(|| MetricsLog::open(&run_dir.join("metrics.jsonl"), resumed, run.start_step))
         .transpose()?;
-    let mut checkpointer = leader.then(|| Checkpointer::new(&run)).transpose()?;
+    let mut checkpointer = Checkpointer::new(&run)?;
     let max_steps = run.cfg.train.max_steps;
     let bar = progress_bar(max_steps, run.cfg.train.progress && leader);
     bar.set_position(run.start_step.min(max_steps));
@@ -113,9 +113,7 @@ pub fn train_with(
         if let Some(log) = &mut metrics {
             log.write(&m)?;
         }
-        if let Some(c) = &mut checkpointer {
-            c.after_step(&run, step + 1)?;
-        }
+        checkpointer.after_step(&run, step + 1)?;
         if leader && ((step + 1) % run.cfg.train.log_every == 0 || step + 1 == max_steps) {
             log_step(&m);
         }
@@ -134,8 +132,8 @@ pub fn train_with(
     run.data.write_report_into(&run_dir, rank)?;
     let done = run.start_step + losses.len() as u64;
     let lora_path = lora_path(&run_dir);
-    if let Some(c) = &mut checkpointer {
-        c.finish(&run, done)?;
+    checkpointer.finish(&run, done)?;
+    if leader {
         run.save_loras(&run_dir)?;
         tracing::info!(lora = %lora_path.display(), skipped = run.skipped, "training finished");
     }

@@ -76,6 +76,10 @@ pub struct State {
     /// written before lineages existed.
     #[serde(default)]
     pub lineage: String,
+    /// Every rank's data report so far (shards source), by rank: a resumed run's reports
+    /// continue from them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data_reports: Vec<datasets::DataReport>,
 }
 
 pub const RNG_SCHEME: &str =
@@ -608,6 +612,7 @@ mod tests {
                 skipped: 0,
                 files: BTreeMap::new(),
                 lineage: "lineage-a".into(),
+                data_reports: vec![],
             },
             config_toml: "[run]\nseed = 1\n".into(),
             files: vec![

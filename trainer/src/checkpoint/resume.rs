@@ -17,7 +17,11 @@ struct ResumeHeader {
 
 impl Run {
     /// Everything a checkpoint after `steps` completed steps holds, copied off the live state.
-    pub fn snapshot(&self, steps: u64) -> Result<Snapshot> {
+    pub fn snapshot(
+        &self,
+        steps: u64,
+        data_reports: Vec<datasets::DataReport>,
+    ) -> Result<Snapshot> {
         let named = self.lora.named_vars();
         let names: Vec<String> = named.iter().map(|(n, _)| n.clone()).collect();
         let lora = super::detached(named.iter().map(|(n, v)| (n.clone(), v.as_tensor())))?;
@@ -55,6 +59,7 @@ impl Run {
                 skipped: self.skipped,
                 files: Default::default(),
                 lineage: self.lineage.clone(),
+                data_reports,
             },
             config_toml: self.cfg.to_toml()?,
             files,
@@ -161,6 +166,8 @@ impl Run {
         self.data.restore_global(cursor);
         self.data
             .restore_shards(&h.state.data_cursors, h.state.world_size);
+        self.data
+            .restore_reports(&h.state.data_reports, self.dist.rank(), world);
         self.data_cursors = h.state.data_cursors.clone();
         self.start_step = h.state.step;
         self.skipped = h.state.skipped;

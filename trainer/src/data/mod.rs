@@ -135,6 +135,20 @@ impl DataFeed {
         }
     }
 
+    /// Continues this rank's data report from a checkpoint's (`reports` by old rank). With
+    /// fewer ranks than before, rank 0 also takes the reports of the ranks that are gone.
+    pub fn restore_reports(&mut self, reports: &[DataReport], rank: usize, world: usize) {
+        if let Self::Shards(f) = self {
+            let mut mine = reports.get(rank).cloned().unwrap_or_default();
+            if rank == 0 {
+                for r in reports.iter().skip(world) {
+                    mine.merge(r.clone());
+                }
+            }
+            f.continue_report(mine);
+        }
+    }
+
     /// Writes this rank's data report as JSON into `dir` (shards only) and logs its summary.
     pub fn write_report_into(&self, dir: &Path, rank: usize) -> Result<()> {
         let Some(report) = self.report() else {

@@ -339,6 +339,13 @@ impl ShardFeed {
 }
 
 impl ShardFeed {
+    /// Counts and ids from before a resume, which this rank's report continues.
+    pub fn continue_report(&mut self, before: DataReport) {
+        let mut r = before;
+        r.merge(std::mem::take(&mut self.earlier));
+        self.earlier = r;
+    }
+
     /// Restores this rank's position from the cursors of every rank of the checkpointed run
     /// (`old_world` of them). With the same world size each rank continues exactly; with
     /// another, each starts its epoch at the fraction rank 0 had reached (docs/data.md).
