@@ -436,7 +436,9 @@ pub fn apply_to(lora: &crate::Lora, file: &LoraTensors, path: &Path) -> Result<(
     Ok(())
 }
 
-/// Serializes `tensors` with `metadata` and writes them to `path`.
+/// Serializes `tensors` with `metadata` and writes them to `path`: the same inputs give the
+/// same bytes (the header's keys sorted), and a failed write (a full disk) leaves an earlier
+/// file at `path` whole (a temporary file, fsynced, then renamed).
 pub fn write_safetensors(
     path: &Path,
     tensors: &[(String, Tensor)],
@@ -445,7 +447,47 @@ pub fn write_safetensors(
     let bytes =
         safetensors::tensor::serialize(tensors.iter().map(|(n, t)| (n.clone(), t)), Some(metadata))
             .map_err(|e| FluxError::write(path, e))?;
-    std::fs::write(path, bytes).map_err(|e| FluxError::io(path, e))
+    let bytes = canonical_header(&bytes).ok_or_else(|| {
+        FluxError::write(path, "the serialized header is not valid JSON (internal)")
+    })?;
+    write_atomically(path, &bytes)
+}
+
+/// `bytes` (a serialized safetensors file) with its JSON header's keys in sorted order, padded
+/// with spaces to a multiple of 8 as the format asks; the tensor data stay as they are.
+fn canonical_header(bytes: &[u8]) -> Option<Vec<u8>> {
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
+    let header = bytes.get(8..8 + n)?;
+    // serde_json's map is a BTreeMap: keys come out sorted.
+    let value: serde_json::Value = serde_json::from_slice(header).ok()?;
+    let mut json = serde_json::to_vec(&value).ok()?;
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + json.len() + bytes.len() - 8 - n);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&bytes[8 + n..]);
+    Some(out)
+}
+
+/// Writes `bytes` to `path` through `path.tmp`, fsynced, then renamed over `path`.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp_name);
+    let written = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(FluxError::io(path, e));
+    }
+    Ok(())
 }
 
 /// Reads a LoRA file of any supported layout.
@@ -458,6 +500,50 @@ pub fn load(path: &Path) -> Result<LoraTensors> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn written_files_are_the_same_bytes_whatever_the_metadata_order() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = Tensor::arange(0f32, 6.0, &Device::Cpu)
+            .unwrap()
+            .reshape((2, 3))
+            .unwrap();
+        let tensors = vec![
+            ("b.weight".to_string(), t.clone()),
+            ("a.weight".to_string(), t),
+        ];
+        let files: Vec<Vec<u8>> = (0..2)
+            .map(|i| {
+                let mut meta = HashMap::new();
+                for k in 0..20 {
+                    let k = if i == 0 { k } else { 19 - k };
+                    meta.insert(format!("key{k}"), format!("value{k}"));
+                }
+                let p = tmp.path().join(format!("f{i}.safetensors"));
+                write_safetensors(&p, &tensors, meta).unwrap();
+                std::fs::read(&p).unwrap()
+            })
+            .collect();
+        assert_eq!(files[0], files[1]);
+        let back = candle_core::safetensors::load(tmp.path().join("f0.safetensors"), &Device::Cpu)
+            .unwrap();
+        assert_eq!(back["a.weight"].dims(), &[2, 3]);
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&files[0]).unwrap();
+        assert_eq!(meta.metadata().as_ref().unwrap()["key7"], "value7");
+    }
+
+    #[test]
+    fn a_failed_write_leaves_the_earlier_file_whole() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("lora.safetensors");
+        std::fs::write(&p, b"earlier").unwrap();
+        // The temporary file cannot be created: it is a folder (stands in for a full disk).
+        std::fs::create_dir(tmp.path().join("lora.safetensors.tmp")).unwrap();
+        let t = Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap();
+        let e = write_safetensors(&p, &[("x".into(), t)], HashMap::new());
+        assert!(e.is_err());
+        assert_eq!(std::fs::read(&p).unwrap(), b"earlier");
+    }
 
     fn adapters(cfg: &FluxConfig, rank: usize) -> LoraTensors {
         let dev = Device::Cpu;

@@ -392,6 +392,9 @@ impl DataSection {
     }
 }
 
+/// A config file longer than this is refused unread (a device or a wrong file).
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
 /// The most references MOSAIC handles (design.md §2).
 pub const MAX_REFS: usize = 6;
 
@@ -441,17 +444,48 @@ impl Config {
         let de = toml::Value::Table(table);
         let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
+            // Say where the offending key came from: a --set, or the file.
+            let from_set = overrides
+                .iter()
+                .filter_map(|o| o.split_once('='))
+                .any(|(k, _)| k.trim() == key || key.starts_with(&format!("{}.", k.trim())));
+            let place = if from_set {
+                format!("given with --set {key}=...")
+            } else {
+                format!("in {}", origin.display())
+            };
             TrainerError::Config {
                 key,
-                reason: format!("{} (in {})", e.inner(), origin.display()),
+                reason: format!("{} ({place})", e.inner()),
             }
         })?;
         cfg.validate()?;
         Ok(cfg)
     }
 
+    /// Reads the config file at `path` (at most [`MAX_CONFIG_BYTES`]) with `overrides`.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| TrainerError::io(path, e))?;
+        use std::io::Read;
+        let file = std::fs::File::open(path).map_err(|e| TrainerError::io(path, e))?;
+        let mut text = String::new();
+        file.take(MAX_CONFIG_BYTES + 1)
+            .read_to_string(&mut text)
+            .map_err(|e| TrainerError::io(path, e))?;
+        if text.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(TrainerError::Parse {
+                file: path.to_path_buf(),
+                reason: format!(
+                    "longer than {} KiB: not a run config",
+                    MAX_CONFIG_BYTES / 1024
+                ),
+            });
+        }
+        if text.trim().is_empty() {
+            tracing::warn!(
+                config = %path.display(),
+                "the config file is empty: every key takes its default (configs/tiny-cpu.toml documents them)"
+            );
+        }
         Self::from_toml(&text, path, overrides)
     }
 
@@ -651,11 +685,56 @@ mod tests {
     }
 
     #[test]
-    fn unknown_key_is_named_with_its_path() {
+    fn unknown_key_is_named_with_its_path_and_where_it_came_from() {
         let e = parse("[lora]\nrnak = 3\n", &[]).unwrap_err().to_string();
-        assert!(e.contains("lora.rnak"), "{e}");
+        assert!(e.contains("lora.rnak") && e.contains("in test.toml"), "{e}");
         let e = parse("", &["optim.lrr=1"]).unwrap_err().to_string();
-        assert!(e.contains("optim.lrr"), "{e}");
+        assert!(
+            e.contains("optim.lrr") && e.contains("given with --set optim.lrr"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_file_too_long_for_a_config_is_refused_unread() {
+        let e = Config::load(Path::new("/dev/zero"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/dev/zero") && e.contains("not a run config"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn tiny_cpu_toml_documents_every_key() {
+        fn keys(prefix: &str, t: &toml::Table, out: &mut Vec<String>) {
+            for (k, v) in t {
+                let key = format!("{prefix}{k}");
+                match v {
+                    toml::Value::Table(t) => keys(&format!("{key}."), t, out),
+                    _ => out.push(key),
+                }
+            }
+        }
+        let all: toml::Table = toml::from_str(&parse("", &[]).unwrap().to_toml().unwrap()).unwrap();
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/tiny-cpu.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let (mut want, mut have) = (Vec::new(), Vec::new());
+        keys("", &all, &mut want);
+        let documented: toml::Table = toml::from_str(&text).unwrap();
+        keys("", &documented, &mut have);
+        // Keys whose default is a list of patterns are documented in a comment.
+        let missing: Vec<&String> = want
+            .iter()
+            .filter(|k| {
+                !have.contains(k) && !text.contains(&format!("# {}", k.rsplit('.').next().unwrap()))
+            })
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "tiny-cpu.toml does not document {missing:?}"
+        );
     }
 
     #[test]

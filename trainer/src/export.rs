@@ -139,6 +139,7 @@ pub fn export(ckpt: &Path, out: &Path, opts: &ExportOptions) -> Result<Vec<PathB
     let cfg = Config::from_toml(&loaded.config_toml, &loaded.dir.join("config.toml"), &[])?;
     let adapters = adapters(&loaded, &cfg, opts.ema)?;
     std::fs::create_dir_all(out).map_err(|e| TrainerError::io(out, e))?;
+    refuse_foreign_card(out)?;
     let r = cfg.lora.rank;
     let base = base_model(&cfg, opts);
     let metadata = file_metadata(&cfg, &loaded, opts, &base);
@@ -165,10 +166,28 @@ pub fn export(ckpt: &Path, out: &Path, opts: &ExportOptions) -> Result<Vec<PathB
     }
     written.push(write_peft_config(out, &adapters, r, &base)?);
     let p = out.join(CARD);
-    std::fs::write(&p, model_card(&cfg, &loaded, opts, &base, &written))
-        .map_err(|e| TrainerError::io(&p, e))?;
+    lora_format::write_atomically(
+        &p,
+        model_card(&cfg, &loaded, opts, &base, &written).as_bytes(),
+    )?;
     written.push(p);
     Ok(written)
+}
+
+/// What every model card this tool writes says, so it knows its own.
+const CARD_MARK: &str = "trained with mosaic-rs";
+
+/// A README.md in `out` that this tool did not write is somebody's: refused rather than
+/// replaced.
+fn refuse_foreign_card(out: &Path) -> Result<()> {
+    let p = out.join(CARD);
+    match std::fs::read_to_string(&p) {
+        Ok(text) if !text.contains(CARD_MARK) => Err(TrainerError::Input {
+            name: p.display().to_string(),
+            reason: "exists and was not written by `trainer export`; the export would replace it (move it, or export to another --out)".into(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// The metadata every exported safetensors file carries.

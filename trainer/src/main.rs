@@ -220,6 +220,11 @@ fn init_tracing() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour only on a terminal (a log file gets plain text), and never under NO_COLOR.
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none(),
+        )
         .init();
 }
 
@@ -390,6 +395,15 @@ fn train_cmd(args: TrainArgs) -> anyhow::Result<ExitCode> {
         println!(
             "nothing to train: the run is already at step {} (to train again: raise train.max_steps, or start over with --no-resume --overwrite, or another run.dir); LoRA written to {}",
             outcome.start_step,
+            outcome.lora_path.display()
+        );
+    } else if outcome.rank == 0 && outcome.stopped_by_signal {
+        println!(
+            "stopped by a signal after step {} of {} ({} steps this time, loss {first:.4} -> {last:.4}, {} skipped); checkpoint saved: started again, the run resumes there; LoRA so far written to {}",
+            outcome.start_step + outcome.losses.len() as u64,
+            outcome.max_steps,
+            outcome.losses.len(),
+            outcome.skipped,
             outcome.lora_path.display()
         );
     } else if outcome.rank == 0 {

@@ -29,6 +29,8 @@ pub struct TrainOutcome {
     pub rank: usize,
     /// The step the run started from (a resumed run: its checkpoint's step).
     pub start_step: u64,
+    /// train.max_steps.
+    pub max_steps: u64,
 }
 
 fn progress_bar(steps: u64, show: bool) -> ProgressBar {
@@ -145,6 +147,7 @@ pub fn train_with(
         stopped_by_signal,
         rank,
         start_step: run.start_step,
+        max_steps,
     })
 }
 
@@ -180,6 +183,12 @@ fn write_resolved_config(cfg: &Config, run_dir: &std::path::Path) -> Result<()> 
 }
 
 fn log_built(run: &Run, run_dir: &std::path::Path) -> Result<()> {
+    if run.cfg.data.source == crate::config::DataSource::Synthetic && run.dist.rank() == 0 {
+        tracing::warn!(
+            "training on {} generated synthetic samples (data.source = \"synthetic\"), not on a dataset; for real data set data.source = \"shards\" and data.url",
+            run.cfg.data.samples
+        );
+    }
     tracing::info!(
         run_dir = %run_dir.display(),
         lora_params = run.lora.num_params(),

@@ -118,6 +118,40 @@ fn every_export_format_loads_back_to_the_trained_deltas() {
 }
 
 #[test]
+fn two_exports_are_the_same_bytes_and_a_foreign_readme_is_not_replaced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    trained_run(&run);
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let files_a = export(&run, &a, &options(Format::All)).unwrap();
+    export(&run, &b, &options(Format::All)).unwrap();
+    for f in &files_a {
+        let name = f.file_name().unwrap();
+        assert!(
+            std::fs::read(f).unwrap() == std::fs::read(b.join(name)).unwrap(),
+            "{name:?} differs between two exports"
+        );
+    }
+    // Exporting again over our own files is fine; somebody's README.md is refused, unchanged.
+    export(&run, &a, &options(Format::All)).unwrap();
+    let c = tmp.path().join("c");
+    std::fs::create_dir_all(&c).unwrap();
+    std::fs::write(c.join("README.md"), "# my project\n").unwrap();
+    let e = export(&run, &c, &options(Format::All))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("README.md") && e.contains("another --out"),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(c.join("README.md")).unwrap(),
+        "# my project\n"
+    );
+}
+
+#[test]
 fn training_continues_from_an_exported_file_with_the_same_deltas() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");

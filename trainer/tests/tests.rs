@@ -3,6 +3,7 @@
 // A test reads top to bottom as one scenario; the length limit is for the library.
 #![allow(clippy::too_many_lines)]
 
+mod cli;
 mod common;
 mod distributed;
 mod export;
