@@ -207,32 +207,26 @@ impl Group {
         Ok(failed)
     }
 
-    /// Among failed ranks, the likeliest cause: one killed by a signal, else one whose status
-    /// is not 1 (the status a rank exits with when a peer vanished), else the first seen.
+    /// Among failed ranks, the likeliest cause ([`likeliest_cause`]); `first` when none stands
+    /// out.
     fn root_cause(&self, first: usize) -> usize {
-        #[cfg(unix)]
-        {
-            use std::os::unix::process::ExitStatusExt;
-            let failed = |p: &&RankProc| p.status.is_some_and(|s| !s.success());
-            let idx = |p: &RankProc| self.procs.iter().position(|q| q.rank == p.rank);
-            if let Some(p) = self
-                .procs
-                .iter()
-                .filter(failed)
-                .find(|p| p.status.is_some_and(|s| s.signal().is_some()))
-            {
-                return idx(p).unwrap_or(first);
-            }
-            if let Some(p) = self
-                .procs
-                .iter()
-                .filter(failed)
-                .find(|p| p.status.and_then(|s| s.code()) != Some(1))
-            {
-                return idx(p).unwrap_or(first);
-            }
-        }
-        first
+        let candidates: Vec<Candidate> = self
+            .procs
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.status.is_some_and(|s| !s.success()))
+            .map(|(i, p)| Candidate {
+                index: i,
+                status: p.status.unwrap_or_default(),
+                last_error: p
+                    .tail
+                    .lines()
+                    .into_iter()
+                    .rev()
+                    .find(|l| l.contains("error")),
+            })
+            .collect();
+        likeliest_cause(&candidates).unwrap_or(first)
     }
 
     fn all_exited(&self) -> bool {
@@ -301,6 +295,50 @@ fn detach(cmd: &mut Command) {
     let _ = cmd;
 }
 
+/// A failed rank, as the root-cause search sees it.
+struct Candidate {
+    index: usize,
+    status: ExitStatus,
+    /// The last line of its output that mentions an error.
+    last_error: Option<String>,
+}
+
+/// Error messages that report a peer's failure rather than a failure of their own.
+const SECONDARY: [&str; 8] = [
+    "connection to rank",
+    "cannot connect to rank",
+    "waiting for rank",
+    "has not completed after",
+    "communication thread has stopped",
+    "refused to start",
+    "ranks disagree",
+    "is stuck or gone",
+];
+
+/// The likeliest cause among failed ranks: one killed by a signal, else one whose status is not
+/// 1 (the status a rank exits with when a peer vanished), else one whose own error is not about
+/// a peer; None when none stands out.
+fn likeliest_cause(failed: &[Candidate]) -> Option<usize> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(c) = failed.iter().find(|c| c.status.signal().is_some()) {
+            return Some(c.index);
+        }
+        if let Some(c) = failed.iter().find(|c| c.status.code() != Some(1)) {
+            return Some(c.index);
+        }
+    }
+    failed
+        .iter()
+        .find(|c| {
+            c.last_error
+                .as_deref()
+                .is_some_and(|l| !SECONDARY.iter().any(|m| l.contains(m)))
+        })
+        .map(|c| c.index)
+}
+
 /// Runs the job on this node until it ends. `signals` delivers signals the launcher received
 /// (SIGTERM, SIGINT, SIGUSR1), which are forwarded to the ranks.
 pub fn run(spec: &LaunchSpec, signals: &Receiver<i32>) -> Result<Finished, LaunchError> {
@@ -320,7 +358,7 @@ pub fn run(spec: &LaunchSpec, signals: &Receiver<i32>) -> Result<Finished, Launc
         )
     };
     let mut store = StoreClient::connect(&store_addr, &spec.token, spec.connect_timeout)?;
-    eprintln!(
+    crate::say!(
         "launcher: node {}/{} ({}), {} ranks per node, world size {}, store {}",
         topo.node_rank,
         topo.nodes,
@@ -351,7 +389,7 @@ pub fn run(spec: &LaunchSpec, signals: &Receiver<i32>) -> Result<Finished, Launc
                 let interrupted = signals.try_recv().is_ok();
                 if generation < spec.max_restarts && !interrupted {
                     generation += 1;
-                    eprintln!(
+                    crate::say!(
                         "launcher: {what}; restarting the group (restart {generation} of {})",
                         spec.max_restarts
                     );
@@ -405,11 +443,11 @@ fn watch(
             *n += 1;
             #[cfg(unix)]
             if sig == libc::SIGINT && *n > 1 {
-                eprintln!("launcher: second interrupt: killing all ranks");
+                crate::say!("launcher: second interrupt: killing all ranks");
                 group.signal_live(libc::SIGKILL);
                 continue;
             }
-            eprintln!("launcher: forwarding signal {sig} to the ranks");
+            crate::say!("launcher: forwarding signal {sig} to the ranks");
             group.signal_live(sig);
         }
         if let Some(first) = group.poll()? {
@@ -487,5 +525,48 @@ fn wait_count(
             .into());
         }
         std::thread::sleep(TICK);
+    }
+}
+
+#[cfg(all(test, unix))]
+mod cause_tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    fn failed(index: usize, code: i32, last: &str) -> Candidate {
+        Candidate {
+            index,
+            status: ExitStatus::from_raw(code << 8),
+            last_error: Some(last.to_string()),
+        }
+    }
+
+    #[test]
+    fn a_rank_reporting_its_own_error_is_blamed_over_one_reporting_a_peer() {
+        let ranks = [
+            failed(
+                0,
+                1,
+                "trainer: error: training failed: all_reduce: the connection to rank 3 failed",
+            ),
+            failed(
+                3,
+                1,
+                "trainer: error: training failed: config key `train.batch_size`: too large",
+            ),
+        ];
+        assert_eq!(likeliest_cause(&ranks), Some(3));
+        let killed = Candidate {
+            index: 5,
+            status: ExitStatus::from_raw(9),
+            last_error: None,
+        };
+        assert_eq!(
+            likeliest_cause(&[failed(0, 1, "error: x"), killed]),
+            Some(5),
+            "a signal first"
+        );
+        let only_peers = [failed(0, 1, "error: waiting for rank 1 timed out")];
+        assert_eq!(likeliest_cause(&only_peers), None);
     }
 }

@@ -3,6 +3,16 @@
 //! rank environment, relays their output and signals, and stops or restarts the group when a
 //! rank fails ([`agent`]).
 
+/// Writes a line to stderr, ignoring a closed stream: the launcher's output is often piped
+/// (`| head`, a log collector that went away), and a message must never take the job down.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 pub mod agent;
 pub mod hostlist;
 pub mod logs;

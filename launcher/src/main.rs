@@ -251,12 +251,12 @@ fn main() -> ExitCode {
     match result {
         Ok(done) => {
             if done.restarts > 0 {
-                eprintln!("launcher: finished after {} restart(s)", done.restarts);
+                launcher::say!("launcher: finished after {} restart(s)", done.restarts);
             }
             ExitCode::from(u8::try_from(done.exit_code).unwrap_or(1))
         }
         Err(e) => {
-            eprintln!("launcher: error: {e:#}");
+            launcher::say!("launcher: error: {e:#}");
             ExitCode::from(1)
         }
     }

@@ -201,3 +201,26 @@ fn an_unreachable_master_fails_after_a_bounded_wait() {
         "{stderr}"
     );
 }
+
+/// With its output piped into a reader that went away (`launcher ... | head`), the launcher
+/// still ends with its own status, never a panic on the closed pipe.
+#[test]
+#[cfg(unix)]
+fn a_closed_output_pipe_does_not_panic_the_launcher() {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0i32; 2];
+    // Safety: pipe(2) fills two descriptors; the read end is closed at once, the write end is
+    // handed to the child as both outputs (each Stdio owns a duplicate).
+    let write_end = unsafe {
+        assert_eq!(libc::pipe(fds.as_mut_ptr()), 0);
+        libc::close(fds[0]);
+        std::fs::File::from_raw_fd(fds[1])
+    };
+    let out = Command::new(env!("CARGO_BIN_EXE_launcher"))
+        .args(["--nproc-per-node", "0", "--config", "no-such.toml"])
+        .stdout(write_end.try_clone().unwrap())
+        .stderr(write_end)
+        .status()
+        .unwrap();
+    assert_eq!(out.code(), Some(1), "the error status, not a panic (101)");
+}
