@@ -72,14 +72,26 @@ impl Client {
         })
     }
 
+    /// Whether `url` is on the Hub endpoint itself (same scheme, host and port): only there
+    /// does the token go. LFS storage URLs the Hub hands out (pre-signed, often another host)
+    /// get no Authorization header, as huggingface_hub does.
+    fn is_hub(&self, url: &str) -> bool {
+        match (
+            reqwest::Url::parse(url),
+            reqwest::Url::parse(&self.endpoint),
+        ) {
+            (Ok(a), Ok(b)) => a.origin() == b.origin(),
+            _ => false,
+        }
+    }
+
     fn post_json(&self, url: &str, body: &Value, accept: Option<&str>) -> Result<Value> {
         let kind = accept.unwrap_or("application/json");
-        let mut req = self
-            .http
-            .post(url)
-            .bearer_auth(&self.token)
-            .header("Content-Type", kind)
-            .body(body.to_string());
+        let mut req = self.http.post(url);
+        if self.is_hub(url) {
+            req = req.bearer_auth(&self.token);
+        }
+        let mut req = req.header("Content-Type", kind).body(body.to_string());
         if let Some(a) = accept {
             req = req.header("Accept", a);
         }

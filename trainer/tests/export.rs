@@ -220,12 +220,16 @@ struct Seen {
 }
 
 /// A stand-in for the Hub's HTTP API: answers create, preupload (safetensors via LFS), the LFS
-/// batch (upload to the stub itself) and commit, recording every request.
-fn hub_stub() -> (String, Arc<Mutex<Vec<Seen>>>) {
+/// batch (upload to the stub itself, or with `storage` to that base URL, with a verify action)
+/// and commit, recording every request.
+fn hub_stub_with(storage: Option<String>) -> (String, Arc<Mutex<Vec<Seen>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let (log, base2) = (seen.clone(), base.clone());
+    let (log, base2) = (
+        seen.clone(),
+        storage.clone().unwrap_or_else(|| base.clone()),
+    );
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
             let mut r = BufReader::new(stream.try_clone().unwrap());
@@ -280,9 +284,15 @@ fn hub_stub() -> (String, Arc<Mutex<Vec<Seen>>>) {
                     .unwrap()
                     .iter()
                     .map(|o| {
-                        serde_json::json!({"oid": o["oid"], "size": o["size"], "actions": {
-                            "upload": {"href": format!("{base2}/lfs-upload/{}", o["oid"].as_str().unwrap()),
-                                       "header": {"x-stub": "1"}}}})
+                        let oid = o["oid"].as_str().unwrap();
+                        let mut actions = serde_json::json!({
+                            "upload": {"href": format!("{base2}/lfs-upload/{oid}"),
+                                       "header": {"x-stub": "1"}}});
+                        if storage.is_some() {
+                            actions["verify"] =
+                                serde_json::json!({"href": format!("{base2}/lfs-verify/{oid}")});
+                        }
+                        serde_json::json!({"oid": o["oid"], "size": o["size"], "actions": actions})
                     })
                     .collect();
                 serde_json::json!({ "objects": objects }).to_string()
@@ -305,6 +315,58 @@ fn hub_stub() -> (String, Arc<Mutex<Vec<Seen>>>) {
         }
     });
     (base, seen)
+}
+
+fn hub_stub() -> (String, Arc<Mutex<Vec<Seen>>>) {
+    hub_stub_with(None)
+}
+
+/// The export pushed to the Hub at `endpoint` with `token`.
+fn push(run: &Path, out: &Path, endpoint: &str, token: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args(["export", "--checkpoint"])
+        .arg(run)
+        .arg("--out")
+        .arg(out)
+        .args(["--format", "all", "--push-to-hub", "someone/mosaic-test"])
+        .env("HF_ENDPOINT", endpoint)
+        .env("HF_TOKEN", token)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn the_token_never_goes_to_a_storage_host_the_hub_hands_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    trained_run(&run);
+    // Storage on another host (the same machine under another name and port).
+    let (storage, stored) = hub_stub();
+    let storage = storage.replace("127.0.0.1", "localhost");
+    let (endpoint, hub) = hub_stub_with(Some(storage));
+    let token = "hf_stub_secret_foreign";
+    let out = push(&run, &tmp.path().join("export"), &endpoint, token);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stored = stored.lock().unwrap().clone();
+    assert!(
+        stored.iter().any(|s| s.path.starts_with("/lfs-upload/"))
+            && stored.iter().any(|s| s.path.starts_with("/lfs-verify/")),
+        "{stored:?}"
+    );
+    for s in &stored {
+        assert_eq!(
+            s.auth, None,
+            "the token went to the storage host: {}",
+            s.path
+        );
+    }
+    for s in hub.lock().unwrap().iter() {
+        assert_eq!(s.auth.as_deref(), Some(format!("Bearer {token}").as_str()));
+    }
 }
 
 #[test]
