@@ -46,6 +46,11 @@ pub struct LaunchSpec {
     pub connect_timeout: Duration,
     /// Extra environment for the ranks.
     pub env: Vec<(String, String)>,
+    /// The address node 0's store listens on (default: 127.0.0.1 for one node, else the
+    /// address the master's name resolves to).
+    pub bind: Option<String>,
+    /// A node or rank whose heartbeat stops this long fails the group.
+    pub heartbeat_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -149,6 +154,10 @@ impl Group {
                 .env(vars::TOKEN, &spec.token)
                 .env(vars::RUN_ID, &spec.run_id)
                 .env(vars::RESTART, generation.to_string())
+                .env(
+                    vars::CONNECT_TIMEOUT,
+                    spec.connect_timeout.as_secs().max(1).to_string(),
+                )
                 .envs(spec.env.iter().map(|(k, v)| (k, v)))
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
@@ -339,15 +348,88 @@ fn likeliest_cause(failed: &[Candidate]) -> Option<usize> {
         .map(|c| c.index)
 }
 
+/// The address node 0's store listens on: `--bind`, else 127.0.0.1 for a one-node job (nothing
+/// outside the machine needs it), else the first non-loopback address the master's name
+/// resolves to (the interface the other nodes reach), else every interface, with a warning.
+fn store_bind_ip(spec: &LaunchSpec) -> String {
+    use std::net::ToSocketAddrs;
+    if let Some(b) = &spec.bind {
+        return b.clone();
+    }
+    if spec.topology.nodes == 1 {
+        return "127.0.0.1".into();
+    }
+    let resolved = (spec.topology.master_host.as_str(), 0)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.find(|a| !a.ip().is_loopback()));
+    match resolved {
+        Some(a) => a.ip().to_string(),
+        None => {
+            crate::say!(
+                "launcher: {} resolves to no non-loopback address here: the store listens on every interface (pass --bind ADDR to choose one)",
+                spec.topology.master_host
+            );
+            "0.0.0.0".into()
+        }
+    }
+}
+
+/// Binds node 0's store; returns it and the address clients use.
+fn host_store(spec: &LaunchSpec) -> Result<(StoreServer, String), LaunchError> {
+    let topo = &spec.topology;
+    let port = topo.master_port.unwrap_or(0);
+    let ip = store_bind_ip(spec);
+    let s = match StoreServer::bind(&format!("{ip}:{port}"), &spec.token) {
+        Ok(s) => s,
+        Err(e) if spec.bind.is_none() && ip != "0.0.0.0" && ip != "127.0.0.1" => {
+            crate::say!("launcher: cannot listen on {ip} ({e}); listening on every interface");
+            StoreServer::bind(&format!("0.0.0.0:{port}"), &spec.token)?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let host = if topo.nodes == 1 {
+        "127.0.0.1"
+    } else {
+        topo.master_host.as_str()
+    };
+    let addr = format!("{host}:{}", s.local_addr().port());
+    Ok((s, addr))
+}
+
+/// Connects to the store, for at most `spec.connect_timeout`, giving up at once on a signal.
+fn connect_store(
+    spec: &LaunchSpec,
+    addr: &str,
+    signals: &Receiver<i32>,
+) -> Result<StoreClient, LaunchError> {
+    let started = Instant::now();
+    loop {
+        let left = spec.connect_timeout.saturating_sub(started.elapsed());
+        match StoreClient::connect(addr, &spec.token, left.min(Duration::from_secs(1))) {
+            Ok(c) => return Ok(c),
+            Err(e @ StoreError::Refused { .. }) => return Err(e.into()),
+            Err(e) if left.is_zero() => return Err(e.into()),
+            Err(_) => {}
+        }
+        if let Ok(sig) = signals.try_recv() {
+            return Err(LaunchError::Failed {
+                what: format!(
+                    "launcher: signal {sig} while waiting for the store at {addr}; nothing was started"
+                ),
+                tail: String::new(),
+            });
+        }
+    }
+}
+
 /// Runs the job on this node until it ends. `signals` delivers signals the launcher received
 /// (SIGTERM, SIGINT, SIGUSR1), which are forwarded to the ranks.
 pub fn run(spec: &LaunchSpec, signals: &Receiver<i32>) -> Result<Finished, LaunchError> {
     let topo = &spec.topology;
     let mut server = None;
     let store_addr = if topo.node_rank == 0 {
-        let port = topo.master_port.unwrap_or(0);
-        let s = StoreServer::bind(&format!("0.0.0.0:{port}"), &spec.token)?;
-        let addr = format!("{}:{}", topo.master_host, s.local_addr().port());
+        let (s, addr) = host_store(spec)?;
         server = Some(s);
         addr
     } else {
@@ -357,7 +439,7 @@ pub fn run(spec: &LaunchSpec, signals: &Receiver<i32>) -> Result<Finished, Launc
             topo.master_port.unwrap_or(crate::topology::DEFAULT_PORT)
         )
     };
-    let mut store = StoreClient::connect(&store_addr, &spec.token, spec.connect_timeout)?;
+    let mut store = connect_store(spec, &store_addr, signals)?;
     crate::say!(
         "launcher: node {}/{} ({}), {} ranks per node, world size {}, store {}",
         topo.node_rank,
@@ -377,17 +459,24 @@ pub fn run(spec: &LaunchSpec, signals: &Receiver<i32>) -> Result<Finished, Launc
                     restarts: generation,
                 });
             }
-            Outcome::Failed { what, tail } => {
-                let stopped = format!("launcher/gen{generation}/stopped");
-                store.add(&stopped, 1)?;
-                wait_count(
-                    &mut store,
-                    &stopped,
-                    topo.nodes,
-                    spec.connect_timeout + spec.stop_timeout,
-                )?;
-                let interrupted = signals.try_recv().is_ok();
-                if generation < spec.max_restarts && !interrupted {
+            Outcome::Failed {
+                what,
+                tail,
+                store_lost,
+            } => {
+                let mut interrupted = signals.try_recv().is_ok();
+                if !store_lost && !interrupted {
+                    // Every node stops its group before any restarts; a node that does not
+                    // report within the heartbeat timeout is gone and is not waited for.
+                    let stopped = format!("launcher/gen{generation}/stopped");
+                    let bound = spec.heartbeat_timeout + spec.stop_timeout;
+                    interrupted = store
+                        .add(&stopped, 1)
+                        .map_err(LaunchError::from)
+                        .and_then(|_| wait_count(&mut store, &stopped, topo.nodes, bound, signals))
+                        .unwrap_or(false);
+                }
+                if generation < spec.max_restarts && !interrupted && !store_lost {
                     generation += 1;
                     crate::say!(
                         "launcher: {what}; restarting the group (restart {generation} of {})",
@@ -397,6 +486,8 @@ pub fn run(spec: &LaunchSpec, signals: &Receiver<i32>) -> Result<Finished, Launc
                 }
                 let why = if interrupted {
                     "a signal asked the launcher to stop".to_string()
+                } else if store_lost {
+                    "no restart without node 0's store".to_string()
                 } else {
                     format!("no restarts left (--max-restarts {})", spec.max_restarts)
                 };
@@ -407,23 +498,94 @@ pub fn run(spec: &LaunchSpec, signals: &Receiver<i32>) -> Result<Finished, Launc
             }
         }
     };
-    let _ = store.add("launcher/exit", 1);
-    if server.is_some() {
-        // Other nodes still talk to the store until they are done: keep it up, bounded.
-        let _ = wait_count(
-            &mut store,
-            "launcher/exit",
-            topo.nodes,
-            spec.connect_timeout,
-        );
+    if store.add("launcher/exit", 1).is_ok() && server.is_some() {
+        // Other nodes still talk to the store until they are done: keep it up, bounded, and
+        // not past a signal.
+        let bound = spec.heartbeat_timeout + spec.stop_timeout;
+        let _ = wait_count(&mut store, "launcher/exit", topo.nodes, bound, signals);
     }
     drop(server);
     result
 }
 
+/// The heartbeats this node sends and watches: its own, every node's launcher, and its ranks'.
+struct Beats {
+    mine: String,
+    /// Key -> (what beats there, last value, when it last changed).
+    watched: HashMap<String, (String, i64, Instant)>,
+    last_sent: Instant,
+}
+
+impl Beats {
+    fn new(spec: &LaunchSpec, generation: u32, group: &Group) -> Self {
+        let node = spec.topology.node_rank;
+        let mut watched = HashMap::new();
+        let now = Instant::now();
+        for n in (0..spec.topology.nodes).filter(|&n| n != node) {
+            watched.insert(
+                format!("launcher/gen{generation}/beat/node{n}"),
+                (format!("node {n}"), i64::MIN, now),
+            );
+        }
+        let prefix = format!("{}/gen{generation}", spec.run_id);
+        for p in &group.procs {
+            watched.insert(
+                vars::rank_beat_key(&prefix, p.rank),
+                (format!("rank {}", p.rank), i64::MIN, now),
+            );
+        }
+        Self {
+            mine: format!("launcher/gen{generation}/beat/node{node}"),
+            watched,
+            last_sent: now - vars::HEARTBEAT_EVERY,
+        }
+    }
+
+    /// Beats, then returns what has not beaten for `timeout` (None: all alive). A rank that
+    /// has not beaten yet (still starting) or has exited is not judged; a node is judged from
+    /// the start of the generation.
+    fn check(
+        &mut self,
+        store: &mut StoreClient,
+        group: &Group,
+        timeout: Duration,
+    ) -> Result<Option<String>, StoreError> {
+        if self.last_sent.elapsed() >= vars::HEARTBEAT_EVERY {
+            store.add(&self.mine, 1)?;
+            self.last_sent = Instant::now();
+        }
+        let exited: Vec<String> = group
+            .procs
+            .iter()
+            .filter(|p| p.status.is_some())
+            .map(|p| format!("rank {}", p.rank))
+            .collect();
+        for (key, (who, last, since)) in &mut self.watched {
+            let now = store.add(key, 0)?;
+            if now != *last {
+                (*last, *since) = (now, Instant::now());
+                continue;
+            }
+            let started = now > 0 || who.starts_with("node");
+            if started && !exited.contains(who) && since.elapsed() > timeout {
+                return Ok(Some(format!(
+                    "{who} sent no heartbeat for {timeout:?} (it died, froze or was cut off)"
+                )));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// How one generation ended on this node.
 enum Outcome {
     Done(i32),
-    Failed { what: String, tail: String },
+    Failed {
+        what: String,
+        tail: String,
+        /// The store (node 0) is gone: nothing more can be agreed through it.
+        store_lost: bool,
+    },
 }
 
 /// Watches one generation until every rank exits or the group fails somewhere.
@@ -436,6 +598,7 @@ fn watch(
 ) -> Result<Outcome, LaunchError> {
     let failed_key = format!("launcher/gen{generation}/failed");
     let mut forwarded: HashMap<i32, u32> = HashMap::new();
+    let mut beats = Beats::new(spec, generation, group);
     let mut last_store_check = Instant::now();
     loop {
         while let Ok(sig) = signals.try_recv() {
@@ -463,9 +626,11 @@ fn watch(
                     spec.topology.node_rank,
                     describe(&status.unwrap_or_default())
                 );
-                if store.try_get(&failed_key)?.is_none() {
-                    store.set(&failed_key, what.as_bytes())?;
-                }
+                let store_lost = match store.try_get(&failed_key) {
+                    Ok(None) => store.set(&failed_key, what.as_bytes()).is_err(),
+                    Ok(Some(_)) => false,
+                    Err(_) => true,
+                };
                 group.stop(spec.stop_timeout)?;
                 let tail = group.procs[i]
                     .tail
@@ -477,6 +642,7 @@ fn watch(
                 return Ok(Outcome::Failed {
                     what,
                     tail: format!("last lines of rank {rank}:\n{tail}"),
+                    store_lost,
                 });
             }
             // After a forwarded signal a non-zero status is the requested stop, not a crash.
@@ -489,32 +655,55 @@ fn watch(
         }
         if last_store_check.elapsed() >= TICK * 5 {
             last_store_check = Instant::now();
-            if let Some(what) = store.try_get(&failed_key)? {
-                let what = String::from_utf8_lossy(&what).into_owned();
-                group.stop(spec.stop_timeout)?;
-                return Ok(Outcome::Failed {
-                    what,
-                    tail: "(the failed rank ran on another node; its launcher shows its output)"
-                        .into(),
-                });
-            }
+            let verdict = store.try_get(&failed_key).and_then(|failed| match failed {
+                Some(what) => Ok(Some(String::from_utf8_lossy(&what).into_owned())),
+                None => beats
+                    .check(store, group, spec.heartbeat_timeout)
+                    .map(|silent| {
+                        silent.inspect(|what| {
+                            let _ = store.set(&failed_key, what.as_bytes());
+                        })
+                    }),
+            });
+            let (what, store_lost) = match verdict {
+                Ok(None) => {
+                    std::thread::sleep(TICK);
+                    continue;
+                }
+                Ok(Some(what)) => (what, false),
+                Err(e) => (
+                    format!("the rendezvous store on node 0 is unreachable ({e}); node 0 died or the network is cut"),
+                    true,
+                ),
+            };
+            group.stop(spec.stop_timeout)?;
+            return Ok(Outcome::Failed {
+                what,
+                tail: "(see the failed node's launcher for its ranks' output)".into(),
+                store_lost,
+            });
         }
         std::thread::sleep(TICK);
     }
 }
 
-/// Waits until counter `key` reaches `n`.
+/// Waits until counter `key` reaches `n`, for at most `wait`; returns early, with `true`, when
+/// a signal arrives.
 fn wait_count(
     store: &mut StoreClient,
     key: &str,
     n: usize,
     wait: Duration,
-) -> Result<(), LaunchError> {
+    signals: &Receiver<i32>,
+) -> Result<bool, LaunchError> {
     let started = Instant::now();
     loop {
+        if signals.try_recv().is_ok() {
+            return Ok(true);
+        }
         let have = store.add(key, 0)?;
         if have as usize >= n {
-            return Ok(());
+            return Ok(false);
         }
         if started.elapsed() > wait {
             return Err(StoreError::Timeout {

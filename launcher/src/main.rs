@@ -54,6 +54,10 @@ struct Cli {
     /// Seconds to wait for node 0 and for the other nodes.
     #[arg(long, default_value_t = 300.0)]
     connect_timeout: f64,
+    /// The address node 0's store listens on (default: 127.0.0.1 for one node, else the
+    /// address the master's name resolves to here).
+    #[arg(long)]
+    bind: Option<String>,
     /// The trainer binary (default: `trainer` next to this launcher).
     #[arg(long)]
     trainer: Option<PathBuf>,
@@ -90,26 +94,51 @@ fn find_trainer(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     })
 }
 
-/// `model.device` of the config, after any `--set model.device=...` among the trainer args.
-fn config_device(config: &Path, extra: &[String]) -> anyhow::Result<String> {
+/// Config key `key` (dotted) of the config file, after any `--set key=...` among the trainer
+/// args; None when neither sets it.
+fn config_value(config: &Path, extra: &[String], key: &str) -> anyhow::Result<Option<String>> {
     let text = std::fs::read_to_string(config)
         .with_context(|| format!("reading config {}", config.display()))?;
     let table: toml::Table =
         toml::from_str(&text).with_context(|| format!("parsing config {}", config.display()))?;
-    let mut device = table
-        .get("model")
-        .and_then(|m| m.get("device"))
-        .and_then(|d| d.as_str())
-        .unwrap_or("cpu")
-        .to_string();
+    let mut v: Option<&toml::Value> = None;
+    let mut t = Some(&table);
+    for part in key.split('.') {
+        v = t.and_then(|t| t.get(part));
+        t = v.and_then(|v| v.as_table());
+    }
+    let mut value = v.map(|v| match v {
+        toml::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    });
     for pair in extra.windows(2) {
         if pair[0] == "--set" {
-            if let Some(v) = pair[1].strip_prefix("model.device=") {
-                device = v.trim_matches('"').to_string();
+            if let Some(v) = pair[1].strip_prefix(&format!("{key}=")) {
+                value = Some(v.trim_matches('"').to_string());
             }
         }
     }
-    Ok(device)
+    Ok(value)
+}
+
+/// `model.device` of the config (default "cpu").
+fn config_device(config: &Path, extra: &[String]) -> anyhow::Result<String> {
+    Ok(config_value(config, extra, "model.device")?.unwrap_or_else(|| "cpu".into()))
+}
+
+/// `distributed.heartbeat_timeout_s` of the config (default 30 s; a config the launcher cannot
+/// read is left for the ranks to report).
+fn heartbeat_timeout(config: &Path, extra: &[String]) -> anyhow::Result<Duration> {
+    let key = "distributed.heartbeat_timeout_s";
+    let s = match config_value(config, extra, key).unwrap_or(None) {
+        None => 30.0,
+        Some(v) => v
+            .parse::<f64>()
+            .ok()
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .with_context(|| format!("{key} = {v}: expected a positive number of seconds"))?,
+    };
+    Ok(Duration::from_secs_f64(s))
 }
 
 /// Visible GPUs: CUDA_VISIBLE_DEVICES if set, else `nvidia-smi -L`.
@@ -215,6 +244,8 @@ fn spec(cli: &Cli) -> anyhow::Result<LaunchSpec> {
         stop_timeout: secs("--stop-timeout", cli.stop_timeout)?,
         connect_timeout: secs("--connect-timeout", cli.connect_timeout)?,
         env: extra_env,
+        bind: cli.bind.clone(),
+        heartbeat_timeout: heartbeat_timeout(&cli.config, &cli.trainer_args)?,
     })
 }
 

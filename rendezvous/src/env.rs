@@ -10,6 +10,15 @@ pub const STORE: &str = "MOSAIC_STORE";
 pub const RUN_ID: &str = "MOSAIC_RUN_ID";
 /// How many times the launcher restarted the group (0 at first); namespaces store keys.
 pub const RESTART: &str = "MOSAIC_RESTART";
+/// The launcher's --connect-timeout in seconds: a rank waits for its peers no longer.
+pub const CONNECT_TIMEOUT: &str = "MOSAIC_CONNECT_TIMEOUT_S";
+/// Store key under which rank `rank` of a group beats (a counter it adds to every
+/// [`HEARTBEAT_EVERY`]), `prefix` being "<run id>/gen<restart>".
+pub fn rank_beat_key(prefix: &str, rank: usize) -> String {
+    format!("{prefix}/beat/rank{rank}")
+}
+/// How often ranks and launchers beat.
+pub const HEARTBEAT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Where this process sits in the job. A process started by hand (no variables) is rank 0 of 1.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +33,8 @@ pub struct RankEnv {
     pub store: Option<String>,
     pub run_id: Option<String>,
     pub restart: u32,
+    /// The launcher's bound on waiting for peers, in seconds.
+    pub connect_timeout_s: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -57,6 +68,7 @@ impl RankEnv {
             store: None,
             run_id: None,
             restart: 0,
+            connect_timeout_s: None,
         }
     }
 
@@ -141,6 +153,7 @@ impl RankEnv {
             store: get(STORE),
             run_id: get(RUN_ID),
             restart: num(&get, RESTART, "restart count (non-negative integer)")?.unwrap_or(0),
+            connect_timeout_s: num(&get, CONNECT_TIMEOUT, "seconds (non-negative integer)")?,
         })
     }
 }

@@ -12,13 +12,22 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Messages above this size are refused (the store holds small values only).
 const MAX_MESSAGE: usize = 16 << 20;
+/// The first message, before the token is checked: a hello is a few hundred bytes, so a
+/// stranger cannot make the server buffer more than this.
+const MAX_HELLO: usize = 4 << 10;
+/// Connections that have not said hello yet, at most; more are closed at once.
+const MAX_PENDING: usize = 64;
+/// Connections in all, at most (every rank and launcher holds one or two).
+const MAX_CONNECTIONS: usize = 16_384;
+/// A connection must say hello within this.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a blocked accept or wait re-checks for shutdown.
 const POLL: Duration = Duration::from_millis(20);
 
@@ -98,13 +107,18 @@ fn write_frame(w: &mut impl Write, body: &[u8]) -> std::io::Result<()> {
 }
 
 fn read_frame(r: &mut impl Read) -> std::io::Result<Vec<u8>> {
+    read_frame_within(r, MAX_MESSAGE)
+}
+
+/// A frame of at most `limit` bytes; a longer one is refused before anything is allocated.
+fn read_frame_within(r: &mut impl Read, limit: usize) -> std::io::Result<Vec<u8>> {
     let mut len = [0u8; 4];
     r.read_exact(&mut len)?;
     let len = u32::from_le_bytes(len) as usize;
-    if len > MAX_MESSAGE {
+    if len > limit {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
-            format!("store message of {len} bytes exceeds {MAX_MESSAGE}"),
+            format!("store message of {len} bytes exceeds {limit}"),
         ));
     }
     let mut body = vec![0u8; len];
@@ -233,16 +247,49 @@ impl Drop for StoreServer {
     }
 }
 
+/// Counts of open connections, and of those not yet past the hello.
+#[derive(Default)]
+struct Counts {
+    open: AtomicUsize,
+    pending: AtomicUsize,
+}
+
+/// Decrements a counter when dropped (however the connection's thread ends).
+struct Held<'a>(&'a AtomicUsize);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 fn accept_loop(listener: TcpListener, state: Arc<State>, token: Vec<u8>, stop: Arc<AtomicBool>) {
+    let counts = Arc::new(Counts::default());
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
             Ok((stream, _)) => {
-                let (state, token, stop) = (state.clone(), token.clone(), stop.clone());
-                let _ = std::thread::Builder::new()
-                    .name("store-conn".into())
-                    .spawn(move || {
-                        let _ = serve(stream, &state, &token, &stop);
-                    });
+                if counts.open.load(Ordering::SeqCst) >= MAX_CONNECTIONS
+                    || counts.pending.load(Ordering::SeqCst) >= MAX_PENDING
+                {
+                    // Closed unread: a flood of connections costs no thread and no memory.
+                    drop(stream);
+                    continue;
+                }
+                counts.open.fetch_add(1, Ordering::SeqCst);
+                counts.pending.fetch_add(1, Ordering::SeqCst);
+                let (state, token, stop, held) =
+                    (state.clone(), token.clone(), stop.clone(), counts.clone());
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("store-conn".into())
+                        .spawn(move || {
+                            let _open = Held(&held.open);
+                            let _ = serve(stream, &state, &token, &stop, Held(&held.pending));
+                        });
+                if spawned.is_err() {
+                    counts.open.fetch_sub(1, Ordering::SeqCst);
+                    counts.pending.fetch_sub(1, Ordering::SeqCst);
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(POLL),
             Err(_) => std::thread::sleep(POLL),
@@ -250,13 +297,20 @@ fn accept_loop(listener: TcpListener, state: Arc<State>, token: Vec<u8>, stop: A
     }
 }
 
-/// Serves one connection until it closes or the server stops.
-fn serve(mut s: TcpStream, state: &State, token: &[u8], stop: &AtomicBool) -> std::io::Result<()> {
+/// Serves one connection until it closes or the server stops. `pending` counts it among the
+/// connections not yet past the hello until it is dropped.
+fn serve(
+    mut s: TcpStream,
+    state: &State,
+    token: &[u8],
+    stop: &AtomicBool,
+    pending: Held,
+) -> std::io::Result<()> {
     s.set_nonblocking(false)?;
     s.set_nodelay(true)?;
-    // A client must say hello promptly; idle connections later are fine.
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let hello = read_frame(&mut s)?;
+    // A client must say hello promptly, in a small frame; idle connections later are fine.
+    s.set_read_timeout(Some(HELLO_TIMEOUT))?;
+    let hello = read_frame_within(&mut s, MAX_HELLO)?;
     let mut f = Fields(&hello);
     let op = f.u8()?;
     let _key = f.bytes()?;
@@ -269,6 +323,7 @@ fn serve(mut s: TcpStream, state: &State, token: &[u8], stop: &AtomicBool) -> st
         return Ok(());
     }
     write_frame(&mut s, &reply(OK, b"", 0))?;
+    drop(pending);
     // Blocking reads from here: the thread ends when the client disconnects (or the process
     // exits); a Get in progress also ends when the server stops.
     s.set_read_timeout(None)?;
@@ -527,6 +582,48 @@ mod tests {
         assert_eq!(a.add("n", 2).unwrap(), 2);
         assert_eq!(b.add("n", 3).unwrap(), 5);
         assert_eq!(a.add("n", 0).unwrap(), 5);
+    }
+
+    /// Whether the server closed `s` (EOF or reset) within `within`.
+    fn closed(s: &mut TcpStream, within: Duration) -> bool {
+        s.set_read_timeout(Some(within)).unwrap();
+        let mut b = [0u8; 1];
+        match s.read(&mut b) {
+            Ok(n) => n == 0,
+            // A timeout is not a close; a reset is.
+            Err(e) => !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+        }
+    }
+
+    #[test]
+    fn a_huge_first_frame_is_refused_before_anything_is_allocated() {
+        let (_s, addr) = server();
+        let mut junk = TcpStream::connect(&addr).unwrap();
+        // Claims 1 GiB: the server must not wait for (or allocate) it.
+        junk.write_all(&(1u32 << 30).to_le_bytes()).unwrap();
+        assert!(closed(&mut junk, Duration::from_secs(2)));
+        let mut c = StoreClient::connect(&addr, "secret", Duration::from_secs(5)).unwrap();
+        c.set("still", b"serving").unwrap();
+    }
+
+    #[test]
+    fn connections_that_never_say_hello_are_capped() {
+        let (_s, addr) = server();
+        let idle: Vec<TcpStream> = (0..MAX_PENDING)
+            .map(|_| TcpStream::connect(&addr).unwrap())
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        // One more is closed at once, unread.
+        let mut extra = TcpStream::connect(&addr).unwrap();
+        assert!(closed(&mut extra, Duration::from_secs(2)), "the cap holds");
+        // Once the idle ones are gone, clients connect again.
+        drop(idle);
+        std::thread::sleep(Duration::from_millis(300));
+        let mut c = StoreClient::connect(&addr, "secret", Duration::from_secs(10)).unwrap();
+        c.set("k", b"v").unwrap();
     }
 
     #[test]

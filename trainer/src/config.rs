@@ -82,6 +82,9 @@ pub struct DistributedSection {
     pub connect_timeout_s: f64,
     /// Every this many steps, check that all ranks hold identical LoRA weights (0: never).
     pub check_weights_every: u64,
+    /// A node or rank whose heartbeat stops this long (seconds) fails the group; read by the
+    /// launcher (docs/distributed.md, "Failure detection").
+    pub heartbeat_timeout_s: f64,
 }
 
 impl Default for DistributedSection {
@@ -92,6 +95,7 @@ impl Default for DistributedSection {
             timeout_s: 600.0,
             connect_timeout_s: 120.0,
             check_weights_every: 100,
+            heartbeat_timeout_s: 30.0,
         }
     }
 }
@@ -578,6 +582,7 @@ impl DistributedSection {
             ("distributed.bucket_mb", d.bucket_mb),
             ("distributed.timeout_s", d.timeout_s),
             ("distributed.connect_timeout_s", d.connect_timeout_s),
+            ("distributed.heartbeat_timeout_s", d.heartbeat_timeout_s),
         ] {
             if !positive(v) || !v.is_finite() {
                 return err(k, format!("{v} must be a positive number"));

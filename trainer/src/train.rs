@@ -70,7 +70,12 @@ pub fn train_from_env(cfg: Config) -> Result<TrainOutcome> {
             cfg.train.signal_exit_code,
         );
     }
-    let dist = ddp::connect(&env, &cfg.distributed.options(), &device)?;
+    let mut opts = cfg.distributed.options();
+    // The launcher's --connect-timeout bounds this rank's wait for its peers too.
+    if let Some(s) = env.connect_timeout_s {
+        opts.connect_timeout = opts.connect_timeout.min(std::time::Duration::from_secs(s));
+    }
+    let dist = ddp::connect(&env, &opts, &device)?;
     tracing::info!(
         rank = dist.rank(),
         world_size = dist.world_size(),

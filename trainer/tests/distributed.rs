@@ -278,6 +278,8 @@ pub fn trainer_spec(
         stop_timeout: Duration::from_secs(5),
         connect_timeout: Duration::from_secs(60),
         env: vec![("NO_COLOR".into(), "1".into())],
+        bind: Some("127.0.0.1".into()),
+        heartbeat_timeout: Duration::from_secs(30),
     }
 }
 
@@ -315,6 +317,7 @@ fn two_launchers_on_loopback_run_as_two_nodes_of_two_ranks() {
                     .env_remove("SLURM_JOB_ID")
                     .args(["--nodes", "2", "--node-rank", &node.to_string()])
                     .args(["--master-addr", &format!("127.0.0.1:{port}")])
+                    .args(["--bind", "127.0.0.1"])
                     .args([
                         "--nproc-per-node",
                         "2",
@@ -355,7 +358,7 @@ fn two_launchers_on_loopback_run_as_two_nodes_of_two_ranks() {
 }
 
 /// Pid of the trainer process of `rank` in generation `generation` of run `run_id` (Linux).
-fn find_rank_pid(run_id: &str, rank: usize, generation: u32) -> Option<i32> {
+pub fn find_rank_pid(run_id: &str, rank: usize, generation: u32) -> Option<i32> {
     let want = [
         format!("MOSAIC_RUN_ID={run_id}"),
         format!("RANK={rank}"),

@@ -7,6 +7,7 @@ mod cli;
 mod common;
 mod distributed;
 mod export;
+mod failures;
 mod gradients;
 mod mosaic_parity;
 mod parity;

@@ -75,11 +75,8 @@ pub fn connect(env: &RankEnv, opts: &DistOptions, device: &Device) -> DistResult
             format!("{host}:{port}")
         }
     };
-    let prefix = format!(
-        "{}/gen{}",
-        env.run_id.as_deref().unwrap_or("run"),
-        env.restart
-    );
+    let prefix = prefix_of(env);
+    let (beat_addr, beat_token) = (store_addr.clone(), token.clone());
     let use_nccl = match opts.backend {
         Backend::Auto => device.is_cuda(),
         Backend::Tcp => false,
@@ -97,8 +94,8 @@ pub fn connect(env: &RankEnv, opts: &DistOptions, device: &Device) -> DistResult
             Ok(Box::new(TcpRing::connect(
                 &mut store,
                 &prefix,
-                rank,
-                world,
+                &token,
+                (rank, world),
                 connect_timeout,
                 timeout,
             )?))
@@ -108,7 +105,55 @@ pub fn connect(env: &RankEnv, opts: &DistOptions, device: &Device) -> DistResult
     if let Some(server) = hosted {
         dist.keep(Box::new(server));
     }
+    let key = rendezvous::env::rank_beat_key(&prefix_of(env), rank);
+    dist.keep(Box::new(Heartbeat::start(&beat_addr, &beat_token, key)?));
     Ok(dist)
+}
+
+/// The store key prefix of the group `env` belongs to.
+fn prefix_of(env: &RankEnv) -> String {
+    format!(
+        "{}/gen{}",
+        env.run_id.as_deref().unwrap_or("run"),
+        env.restart
+    )
+}
+
+/// This rank's heartbeat: a thread adding to its store counter every
+/// [`rendezvous::env::HEARTBEAT_EVERY`], so launchers tell a frozen or cut-off rank from a busy
+/// one. It stops with the process, or quietly when the store is gone (the job is ending).
+struct Heartbeat {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Heartbeat {
+    fn start(addr: &str, token: &str, key: String) -> DistResult<Self> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let mut store = StoreClient::connect(addr, token, Duration::from_secs(30))?;
+        let flag = stop.clone();
+        std::thread::Builder::new()
+            .name("heartbeat".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    if store.add(&key, 1).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(rendezvous::env::HEARTBEAT_EVERY);
+                }
+            })
+            .map_err(|e| DistError::Socket {
+                what: "cannot start the heartbeat thread",
+                source: e,
+            })?;
+        Ok(Self { stop })
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 #[cfg(feature = "cuda")]

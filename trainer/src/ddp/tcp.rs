@@ -6,6 +6,13 @@
 //! fixed order and then copied, so every rank ends with identical bits. Sending and receiving
 //! run at the same time (a scoped thread sends) so large messages cannot deadlock the ring on
 //! full socket buffers.
+//!
+//! Joining the ring proves knowledge of the job token without sending it: the accepting rank
+//! sends a random nonce, the connecting one answers with its rank and an HMAC-SHA256, keyed by
+//! the token, over the nonce, both ranks and the run's prefix. A connection that answers wrong
+//! (a stranger, a process of another job) is dropped and the rank keeps waiting for its real
+//! neighbour. The listening socket is bound to the address this rank reaches the store from,
+//! 127.0.0.1 for a single-node job.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -16,6 +23,68 @@ use half::bf16;
 use rendezvous::StoreClient;
 
 use super::{Collective, DistError, DistResult, ReduceOp};
+
+type HmacSha256 = hmac::Hmac<sha2::Sha256>;
+
+/// The HMAC state of what a ring handshake proves: (token, prefix, nonce, from, to).
+fn ring_mac(token: &str, prefix: &str, nonce: &[u8; 32], from: usize, to: usize) -> HmacSha256 {
+    use hmac::Mac;
+    // HMAC accepts keys of any length, so this cannot fail.
+    let mut mac = <HmacSha256 as hmac::digest::KeyInit>::new_from_slice(token.as_bytes())
+        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+    mac.update(b"mosaic ring v1\0");
+    mac.update(prefix.as_bytes());
+    mac.update(&[0]);
+    mac.update(nonce);
+    mac.update(&(from as u64).to_le_bytes());
+    mac.update(&(to as u64).to_le_bytes());
+    mac
+}
+
+/// The setup of one ring link, as both ends know it.
+struct Handshake<'a> {
+    token: &'a str,
+    prefix: &'a str,
+    timeout: Duration,
+}
+
+impl Handshake<'_> {
+    /// The connecting side: reads the nonce, answers with `from` and the MAC.
+    fn answer(&self, s: &mut TcpStream, from: usize, to: usize) -> DistResult<()> {
+        let t = self.timeout;
+        s.set_read_timeout(Some(t))
+            .map_err(|e| socket("cannot configure the ring socket", e))?;
+        let mut nonce = [0u8; 32];
+        s.read_exact(&mut nonce)
+            .map_err(|e| io_err("ring setup", to, t, e))?;
+        use hmac::Mac;
+        let mut msg = (from as u64).to_le_bytes().to_vec();
+        let mac = ring_mac(self.token, self.prefix, &nonce, from, to).finalize();
+        msg.extend_from_slice(&mac.into_bytes());
+        s.write_all(&msg)
+            .map_err(|e| io_err("ring setup", to, t, e))
+    }
+
+    /// The accepting side: whether the peer on `s` is rank `from` of this job.
+    fn check(&self, s: &mut TcpStream, from: usize, to: usize) -> std::io::Result<bool> {
+        use hmac::Mac;
+        s.set_nonblocking(false)?;
+        // A stranger that connects and says nothing costs this rank a few seconds at most.
+        s.set_read_timeout(Some(self.timeout.min(Duration::from_secs(10))))?;
+        let nonce: [u8; 32] = rand::random();
+        s.write_all(&nonce)?;
+        let mut got = [0u8; 40];
+        s.read_exact(&mut got)?;
+        let rank = u64::from_le_bytes(got[..8].try_into().unwrap_or([0xff; 8]));
+        if rank != from as u64 {
+            return Ok(false);
+        }
+        // verify_slice compares in constant time.
+        Ok(ring_mac(self.token, self.prefix, &nonce, from, to)
+            .verify_slice(&got[8..])
+            .is_ok())
+    }
+}
 
 pub struct TcpRing {
     rank: usize,
@@ -72,39 +141,49 @@ fn connect_next(
     }
 }
 
-/// Accepts the previous rank's connection, until `timeout` after `started`.
+/// Accepts the previous rank's connection, until `timeout` after `started`; connections that
+/// fail the handshake are dropped and waiting goes on.
 fn accept_prev(
     listener: &TcpListener,
-    prev_rank: usize,
+    hs: &Handshake,
+    (prev_rank, rank): (usize, usize),
     started: Instant,
     timeout: Duration,
 ) -> DistResult<TcpStream> {
     loop {
         match listener.accept() {
-            Ok((s, _)) => return Ok(s),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if started.elapsed() > timeout {
-                    return Err(DistError::Timeout {
-                        op: "ring setup",
-                        peer: prev_rank,
-                        waited: timeout,
-                    });
+            Ok((mut s, peer)) => match hs.check(&mut s, prev_rank, rank) {
+                Ok(true) => return Ok(s),
+                Ok(false) | Err(_) => {
+                    tracing::warn!(
+                        %peer,
+                        "refused a ring connection that is not rank {prev_rank} of this job (wrong job token or rank)"
+                    );
                 }
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(socket("accept failed", e)),
         }
+        if started.elapsed() > timeout {
+            return Err(DistError::Timeout {
+                op: "ring setup",
+                peer: prev_rank,
+                waited: timeout,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
 impl TcpRing {
     /// Connects rank `rank` of `world` into the ring, exchanging listening addresses through the
-    /// store under `prefix`. `timeout` bounds the setup, `op_timeout` every later operation.
+    /// store under `prefix` and proving `token` to each neighbour. `timeout` bounds the setup,
+    /// `op_timeout` every later operation.
     pub fn connect(
         store: &mut StoreClient,
         prefix: &str,
-        rank: usize,
-        world: usize,
+        token: &str,
+        (rank, world): (usize, usize),
         timeout: Duration,
         op_timeout: Duration,
     ) -> DistResult<Self> {
@@ -118,13 +197,14 @@ impl TcpRing {
             });
         }
         let rdv = |what: String| DistError::Rendezvous(what);
-        let listener = TcpListener::bind("0.0.0.0:0")
+        // Listen only where this rank reaches the store from (127.0.0.1 on a single node).
+        let ip = store.local_ip()?;
+        let listener = TcpListener::bind(SocketAddr::new(ip, 0))
             .map_err(|e| socket("cannot open a listening socket", e))?;
         let port = listener
             .local_addr()
             .map_err(|e| socket("cannot read the listening address", e))?
             .port();
-        let ip = store.local_ip()?;
         store.set(
             &format!("{prefix}/ring/{rank}"),
             SocketAddr::new(ip, port).to_string().as_bytes(),
@@ -140,26 +220,31 @@ impl TcpRing {
             ))
         })?;
         let started = Instant::now();
-        let mut next = connect_next(next_rank, next_addr, started, timeout)?;
-        next.write_all(&(rank as u64).to_le_bytes())
-            .map_err(|e| io_err("ring setup", next_rank, timeout, e))?;
         listener
             .set_nonblocking(true)
             .map_err(|e| socket("cannot configure the listening socket", e))?;
-        let mut prev = accept_prev(&listener, prev_rank, started, timeout)?;
-        prev.set_nonblocking(false)
-            .map_err(|e| socket("cannot configure the ring socket", e))?;
-        prev.set_read_timeout(Some(timeout))
-            .map_err(|e| socket("cannot configure the ring socket", e))?;
-        let mut hello = [0u8; 8];
-        prev.read_exact(&mut hello)
-            .map_err(|e| io_err("ring setup", prev_rank, timeout, e))?;
-        let from = u64::from_le_bytes(hello) as usize;
-        if from != prev_rank {
-            return Err(rdv(format!(
-                "expected rank {prev_rank} to connect, got rank {from}"
-            )));
-        }
+        let hs = Handshake {
+            token,
+            prefix,
+            timeout,
+        };
+        // Both links at once: each connecting rank waits for its neighbour's nonce, which that
+        // neighbour sends from its accepting side.
+        let (next, prev) = std::thread::scope(|scope| {
+            let accepting =
+                scope.spawn(|| accept_prev(&listener, &hs, (prev_rank, rank), started, timeout));
+            let next = connect_next(next_rank, next_addr, started, timeout).and_then(|mut s| {
+                hs.answer(&mut s, rank, next_rank)?;
+                Ok(s)
+            });
+            let prev = accepting.join().unwrap_or_else(|_| {
+                Err(DistError::Rendezvous(
+                    "the accepting thread panicked".into(),
+                ))
+            });
+            (next, prev)
+        });
+        let (next, prev) = (next?, prev?);
         for s in [&next, &prev] {
             let configure = |e| socket("cannot configure the ring socket", e);
             s.set_nodelay(true).map_err(configure)?;
@@ -432,4 +517,62 @@ fn tensor_from_bytes(bytes: &[u8], like: &Tensor) -> DistResult<Tensor> {
         other => return Err(DistError::Dtype(other)),
     };
     Ok(t.to_device(like.device())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hmac::Mac;
+    use rendezvous::StoreServer;
+
+    /// Rank 1's ring port is found by a stranger before rank 0 connects: the stranger claims to
+    /// be rank 0 but answers the nonce with a MAC of another token. It is dropped, and the ring
+    /// forms with the real rank 0 and reduces correctly.
+    #[test]
+    fn a_stranger_cannot_join_the_ring() {
+        let token = "the-job-token";
+        let server = StoreServer::bind("127.0.0.1:0", token).unwrap();
+        let addr = server.local_addr().to_string();
+        let t = Duration::from_secs(20);
+        let ring = |rank: usize, delay: Duration| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(delay);
+                let mut store = StoreClient::connect(&addr, token, t).unwrap();
+                let mut r = TcpRing::connect(&mut store, "p", token, (rank, 2), t, t).unwrap();
+                let x = Tensor::new(&[rank as f32 + 1.0], &Device::Cpu).unwrap();
+                r.all_reduce(&x, ReduceOp::Sum)
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
+        };
+        let one = ring(1, Duration::ZERO);
+        let mut spy = StoreClient::connect(&addr, token, t).unwrap();
+        let target: SocketAddr = String::from_utf8(spy.get("p/ring/1", t).unwrap())
+            .unwrap()
+            .parse()
+            .unwrap();
+        // Queued before rank 0's connection, so rank 1 meets the stranger first.
+        let mut s = TcpStream::connect(target).unwrap();
+        let stranger = std::thread::spawn(move || {
+            let mut nonce = [0u8; 32];
+            s.read_exact(&mut nonce).unwrap();
+            let forged = ring_mac("another-token", "p", &nonce, 0, 1)
+                .finalize()
+                .into_bytes();
+            let mut msg = 0u64.to_le_bytes().to_vec();
+            msg.extend_from_slice(&forged);
+            s.write_all(&msg).unwrap();
+            // Dropped: nothing more comes, the connection just ends.
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest);
+            rest
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        let zero = ring(0, Duration::ZERO);
+        assert_eq!(zero.join().unwrap(), vec![3.0]);
+        assert_eq!(one.join().unwrap(), vec![3.0]);
+        assert!(stranger.join().unwrap().is_empty());
+    }
 }
