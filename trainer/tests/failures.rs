@@ -19,8 +19,12 @@ fn launcher_binary() -> std::path::PathBuf {
 
 /// Node `node` of a two-node job of 2 ranks each, training long enough to be interrupted.
 fn node(dir: &Path, port: u16, run_id: &str, node: usize) -> Child {
+    node_with_token(dir, port, run_id, node, "failure-test")
+}
+
+fn node_with_token(dir: &Path, port: u16, run_id: &str, node: usize, token: &str) -> Child {
     Command::new(launcher_binary())
-        .env("MOSAIC_JOB_TOKEN", "failure-test")
+        .env("MOSAIC_JOB_TOKEN", token)
         .env_remove("SLURM_JOB_ID")
         .args(["--nodes", "2", "--node-rank", &node.to_string()])
         .args(["--master-addr", &format!("127.0.0.1:{port}")])
@@ -146,4 +150,23 @@ fn a_killed_node_0_takes_its_store_and_node_1_exits_at_once() {
         log.contains("no restart without node 0's store") || log.contains("unreachable"),
         "{log}"
     );
+}
+
+#[test]
+fn a_node_with_the_wrong_token_is_refused_and_node_0_does_not_wait_for_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (port, run_id) = (free_port(), format!("token{}", std::process::id()));
+    let n0 = node(tmp.path(), port, &run_id, 0);
+    std::thread::sleep(Duration::from_millis(500));
+    let n1 = node_with_token(tmp.path(), port, &run_id, 1, "another-job");
+    let (ok1, log1, took1) = exit_within(n1, Duration::from_secs(20));
+    assert!(!ok1 && log1.contains("refused"), "{log1}");
+    assert!(took1 < Duration::from_secs(5), "refused in {took1:?}");
+    // Node 0 hears nothing from node 1: the heartbeat timeout ends the wait, not the ranks'
+    // connect timeout.
+    let bound = Duration::from_secs(2 * (HEARTBEAT_S + STOP_S) + 15);
+    let (ok0, log0, took0) = exit_within(n0, bound);
+    assert!(!ok0, "{log0}");
+    assert!(took0 < bound, "node 0 took {took0:?}: {log0}");
+    assert!(log0.contains("node 1 sent no heartbeat"), "{log0}");
 }
