@@ -8,6 +8,7 @@ use candle_core::{DType, Tensor};
 
 use crate::error::{Result, TrainerError};
 use flux::embed::{ids_from_tensor, reference_ids};
+use flux::RefInputs;
 
 fn bad(name: &str, reason: impl Into<String>) -> TrainerError {
     TrainerError::Input {
@@ -55,17 +56,6 @@ pub fn ids(t: &Tensor, name: &str, tokens: Option<usize>) -> Result<Vec<[f32; 3]
     Ok(ids_from_tensor(&t)?)
 }
 
-/// The references of an inputs file.
-pub struct RefsIn {
-    /// [B, M, C], the references' tokens one after another.
-    pub latents: Tensor,
-    pub ids: Vec<[f32; 3]>,
-    /// Tokens of each reference.
-    pub lens: Vec<usize>,
-    pub timestep: Vec<f32>,
-    pub guidance: Vec<f32>,
-}
-
 /// `ref_hidden_states.{k}` for k = 0, 1, ... (each [B, N_k, C]) with their ids (given, or the
 /// official rule for square references), `ref_timestep` (default 0) and `ref_guidance` (default
 /// 1); None without references.
@@ -74,7 +64,7 @@ pub fn references(
     batch: usize,
     channels: usize,
     dtype: DType,
-) -> Result<Option<RefsIn>> {
+) -> Result<Option<RefInputs>> {
     let mut parts = Vec::new();
     let mut all_ids = Vec::new();
     let mut lens = Vec::new();
@@ -141,7 +131,7 @@ pub fn references(
             None => Ok(vec![default; batch]),
         }
     };
-    Ok(Some(RefsIn {
+    Ok(Some(RefInputs {
         latents: Tensor::cat(&parts, 1)?,
         ids: all_ids,
         lens,

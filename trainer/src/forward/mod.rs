@@ -27,7 +27,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::error::{Result, TrainerError};
 use crate::objective::{row_losses, LossSpec, MdlRows, RowTargets};
 use flux::lora::{LoraInit, LoraSpec};
-use flux::{weights, Flux, Lora, ModelInputs, RefInputs, RowBlocks};
+use flux::{weights, Flux, Lora, ModelInputs, RowBlocks};
 use inputs::{ids, indices, references, take, values};
 use kernels::RefSegments;
 
@@ -315,13 +315,7 @@ pub fn forward_file(opts: &ForwardOptions) -> Result<ForwardOutputs> {
         pooled: take(&map, "pooled_projections")?.to_dtype(dtype)?,
         timestep: values(take(&map, "timestep")?, "timestep", b)?,
         guidance: guidance_of(&map, &cfg, b)?,
-        refs: refs.map(|r| RefInputs {
-            latents: r.latents,
-            ids: r.ids,
-            lens: r.lens,
-            timestep: r.timestep,
-            guidance: r.guidance,
-        }),
+        refs,
         isolate_refs: true,
         row_queries: queries.map(|q| vec![q; b]),
     };
