@@ -25,12 +25,9 @@ pub use spec::{
     RowsImpl, ScalReduceName,
 };
 
-/// Resolution-dependent shift mu(seq_len): linear through (256, 0.5) and (4096, 1.15).
-pub fn shift_mu(seq_len: usize) -> f64 {
-    let m = (1.15 - 0.5) / (4096.0 - 256.0);
-    let b = 0.5 - m * 256.0;
-    m * seq_len as f64 + b
-}
+/// Resolution-dependent shift mu(seq_len): linear through (256, 0.5) and (4096, 1.15), the
+/// same at training and at sampling.
+pub use flux::schedule::shift_mu;
 
 /// t' = e^mu / (e^mu + (1/t - 1)) (design.md §3.7 with sigma = 1).
 pub fn shift_t(t: f64, mu: f64) -> f64 {

@@ -1,0 +1,129 @@
+//! FLUX's sampling schedule: the sigmas diffusers' FluxPipeline hands
+//! FlowMatchEulerDiscreteScheduler (linspace(1, 1/steps, steps), shifted by
+//! exp(mu) / (exp(mu) + (1/sigma - 1)) with mu linear in the target token count, 0.5 at 256
+//! tokens and 1.15 at 4096), and its Euler step x += (sigma_next - sigma) v.
+//!
+//! The arithmetic follows diffusers' precisely: the sigmas are rounded to f32 before the shift,
+//! which runs in f32; the transformer receives (sigma * 1000) / 1000 in f32, as the pipeline
+//! passes `timestep / 1000` of timesteps stored as sigma * 1000. Checked against diffusers'
+//! values for 1, 4 and 28 steps at 256, 512 and 1024 px (`ci/scheduler_fixture.py`).
+
+use candle_core::{DType, Tensor};
+
+use crate::error::Result;
+
+/// mu(n): the resolution shift for `n` target tokens (linear through (256, 0.5) and
+/// (4096, 1.15), in f64 as diffusers' `calculate_shift`).
+pub fn shift_mu(image_seq_len: usize) -> f64 {
+    let m = (1.15 - 0.5) / (4096.0 - 256.0);
+    let b = 0.5 - m * 256.0;
+    image_seq_len as f64 * m + b
+}
+
+/// The sigmas of one sampling run: `steps + 1` values from 1 down to 0.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlowMatchSchedule {
+    pub sigmas: Vec<f32>,
+}
+
+impl FlowMatchSchedule {
+    /// The schedule FluxPipeline uses for `steps` steps on `image_seq_len` target tokens.
+    pub fn flux(steps: usize, image_seq_len: usize) -> Self {
+        let steps = steps.max(1);
+        let e = shift_mu(image_seq_len).exp() as f32;
+        let mut sigmas: Vec<f32> = (0..steps)
+            .map(|i| {
+                // np.linspace(1.0, 1 / steps, steps) in f64, then astype(float32).
+                let end = 1.0 / steps as f64;
+                let s = if steps == 1 {
+                    1.0
+                } else {
+                    1.0 + (end - 1.0) * i as f64 / (steps - 1) as f64
+                };
+                let s = s as f32;
+                e / (e + (1.0 / s - 1.0))
+            })
+            .collect();
+        sigmas.push(0.0);
+        Self { sigmas }
+    }
+
+    /// Denoising steps.
+    pub fn steps(&self) -> usize {
+        self.sigmas.len() - 1
+    }
+
+    /// What the transformer receives as its timestep at step `i` (its "sigma").
+    pub fn model_timestep(&self, i: usize) -> f32 {
+        (self.sigmas[i] * 1000.0) / 1000.0
+    }
+
+    /// One Euler step from sigma_i to sigma_{i+1}: x + (sigma_{i+1} - sigma_i) v, in f32,
+    /// returned in `x`'s dtype.
+    pub fn step(&self, i: usize, x: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let dt = (self.sigmas[i + 1] - self.sigmas[i]) as f64;
+        let x32 = x.to_dtype(DType::F32)?;
+        let v32 = v.to_dtype(DType::F32)?;
+        Ok((x32 + (v32 * dt)?)?.to_dtype(x.dtype())?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[derive(serde::Deserialize)]
+    struct Case {
+        image_seq_len: usize,
+        steps: usize,
+        mu: f64,
+        sigmas: Vec<f32>,
+        model_timesteps: Vec<f32>,
+    }
+
+    #[derive(serde::Deserialize)]
+    struct Fixture {
+        cases: Vec<Case>,
+    }
+
+    #[test]
+    fn sigmas_are_diffusers_for_1_4_and_28_steps_at_three_resolutions() {
+        let f: Fixture =
+            serde_json::from_str(include_str!("../tests/fixtures/flow_match_sigmas.json")).unwrap();
+        assert_eq!(f.cases.len(), 9);
+        for c in &f.cases {
+            assert!((shift_mu(c.image_seq_len) - c.mu).abs() < 1e-12);
+            let s = FlowMatchSchedule::flux(c.steps, c.image_seq_len);
+            assert_eq!(s.steps(), c.steps);
+            for (i, (a, b)) in s.sigmas.iter().zip(&c.sigmas).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-7,
+                    "{} steps, {} tokens, sigma {i}: {a} vs diffusers {b}",
+                    c.steps,
+                    c.image_seq_len
+                );
+            }
+            for (i, want) in c.model_timesteps.iter().enumerate() {
+                let got = s.model_timestep(i);
+                assert!((got - want).abs() <= 1e-7, "timestep {i}: {got} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn euler_steps_reach_x0_for_an_exact_velocity() {
+        // x_t = (1 - s) x0 + s n, v = n - x0: stepping with the exact velocity lands on x0.
+        let dev = Device::Cpu;
+        let x0 = Tensor::new(&[0.5f32, -1.0, 2.0], &dev).unwrap();
+        let n = Tensor::new(&[1.0f32, 0.25, -0.5], &dev).unwrap();
+        let v = (&n - &x0).unwrap();
+        let s = FlowMatchSchedule::flux(4, 1024);
+        let mut x = n.clone();
+        for i in 0..s.steps() {
+            x = s.step(i, &x, &v).unwrap();
+        }
+        let d: Vec<f32> = (x - x0).unwrap().abs().unwrap().to_vec1().unwrap();
+        assert!(d.iter().all(|&e| e < 1e-6), "{d:?}");
+    }
+}
