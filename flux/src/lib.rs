@@ -21,6 +21,7 @@ pub mod matmul;
 pub mod ops;
 pub mod profile;
 pub mod rng;
+pub mod sample;
 pub mod schedule;
 #[cfg(test)]
 mod test_util;

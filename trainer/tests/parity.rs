@@ -100,3 +100,56 @@ fn missing_input_tensor_is_named() {
     .to_string();
     assert!(err.contains("pooled_projections"), "{err}");
 }
+
+/// flux::sample::denoise against diffusers' FluxPipeline denoising loop (ci/make_sampling_fixture.py):
+/// the same final latents from the same start latents and prompt embeddings, at 1, 4 and 8
+/// steps with guidance 3.5.
+#[test]
+fn the_denoising_loop_matches_diffusers_flux_pipeline() {
+    use flux::embed::{grid_ids, text_ids};
+    use flux::schedule::FlowMatchSchedule;
+    let dev = candle_core::Device::Cpu;
+    let (cfg, w) =
+        flux::weights::load(&fixtures().join("parity/diffusers"), DType::F32, &dev, None).unwrap();
+    let model = flux::Flux::new(cfg.clone(), &w, flux::RowBlocks::default()).unwrap();
+    let lora = flux::Lora::new(
+        &cfg,
+        &flux::lora::LoraSpec {
+            targets: vec![],
+            ..Default::default()
+        },
+        0,
+        DType::F32,
+        &dev,
+    )
+    .unwrap();
+    let load = |f: &str| {
+        candle_core::safetensors::load(fixtures().join("sampling").join(f), &dev).unwrap()
+    };
+    let (inp, want) = (load("inputs.safetensors"), load("expected.safetensors"));
+    let latents = inp["latents"].clone();
+    let n = latents.dim(1).unwrap();
+    for steps in [1usize, 4, 8] {
+        let inputs = flux::ModelInputs {
+            img: latents.clone(),
+            img_ids: grid_ids(4, 4, 0),
+            txt: inp["prompt_embeds"].clone(),
+            txt_ids: text_ids(inp["prompt_embeds"].dim(1).unwrap()),
+            pooled: inp["pooled_prompt_embeds"].clone(),
+            timestep: vec![],
+            guidance: vec![],
+            refs: None,
+            isolate_refs: true,
+            row_queries: None,
+        };
+        let schedule = FlowMatchSchedule::flux(steps, n);
+        let got = flux::sample::denoise(&model, lora.view(false), inputs, &schedule, 3.5).unwrap();
+        let expected = &want[&format!("final_{steps}")];
+        let err = max_abs_diff(&got, expected);
+        assert!(
+            err <= 1e-3,
+            "{steps} steps: max abs error {err} (scale {})",
+            max_abs(expected)
+        );
+    }
+}
