@@ -446,3 +446,30 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// The VAE decoder (candle-transformers' FLUX decoder with diffusers names mapped, up blocks
+/// reversed) decodes as diffusers' AutoencoderKL does after FluxPipeline's z / scale + shift
+/// (fixture from ci/vae_decode_fixture.py).
+#[test]
+fn the_vae_decoder_matches_diffusers_autoencoder_kl() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vae_decoder");
+    let tmp = tempfile::tempdir().unwrap();
+    let folder = datasets::model_files::ModelFolder::open(
+        &dir.join("vae").display().to_string(),
+        tmp.path(),
+    )
+    .unwrap();
+    let dec = flux::encoders::pretrained::vae_decoder(&folder, DType::F32, &Device::Cpu).unwrap();
+    let t = candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
+    let got = dec.decode(&t["latents"]).unwrap();
+    assert_eq!(got.dims(), t["images"].dims());
+    let err = (&got - &t["images"])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(err <= 1e-4, "max abs error {err}");
+}

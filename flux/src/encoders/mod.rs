@@ -87,6 +87,47 @@ pub enum EncoderSource {
     Pretrained(Box<Files>),
 }
 
+/// FLUX's VAE decoder: latents back to pixels, sampling's last step.
+pub struct VaeDecoder {
+    decoder: candle_transformers::models::flux::autoencoder::Decoder,
+    scale: f64,
+    shift: f64,
+    device: Device,
+    dtype: DType,
+}
+
+impl VaeDecoder {
+    /// The decoder of configuration `cfg` from its weights in BFL names (`decoder.*`).
+    pub fn new(
+        cfg: &candle_transformers::models::flux::autoencoder::Config,
+        weights: std::collections::HashMap<String, Tensor>,
+        dtype: DType,
+        device: &Device,
+        at: &str,
+    ) -> Result<Self> {
+        let vb = candle_nn::VarBuilder::from_tensors(weights, dtype, device);
+        let decoder =
+            candle_transformers::models::flux::autoencoder::Decoder::new(cfg, vb.pp("decoder"))
+                .map_err(|e| EncodeError::candle(at, e))?;
+        Ok(Self {
+            decoder,
+            scale: cfg.scale_factor,
+            shift: cfg.shift_factor,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// Images [B, 3, 8h, 8w] in [-1, 1] (f32, unclamped) of FLUX-normalised latents
+    /// [B, 16, h, w]: the decoder sees z / scale + shift.
+    pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        use candle_core::Module;
+        let z = z.to_device(&self.device)?.to_dtype(DType::F32)?;
+        let z = ((z / self.scale)? + self.shift)?.to_dtype(self.dtype)?;
+        Ok(self.decoder.forward(&z)?.to_dtype(DType::F32)?)
+    }
+}
+
 /// FLUX's VAE encoder, T5 and CLIP with their tokenizers, ready to encode.
 pub struct Encoders {
     text_tokens: usize,

@@ -45,6 +45,79 @@ enum ClipTokenizerFiles {
     VocabMerges { vocab: PathBuf, merges: PathBuf },
 }
 
+impl VaeFiles {
+    /// The weight files and the latent (scale, shift): from the diffusers config, or FLUX.1's
+    /// for a single BFL file.
+    fn files(&self) -> Result<(Vec<PathBuf>, f64, f64)> {
+        Ok(match self {
+            VaeFiles::Diffusers { config, weights } => {
+                let at = config.display().to_string();
+                let v = json(config)?;
+                if v.get("use_quant_conv").and_then(|q| q.as_bool()) == Some(true) {
+                    return Err(EncodeError::file(
+                        &at,
+                        "use_quant_conv is true (a Stable Diffusion VAE?); FLUX's VAE has none",
+                    ));
+                }
+                let scale = v
+                    .get("scaling_factor")
+                    .and_then(|s| s.as_f64())
+                    .ok_or_else(|| EncodeError::file(&at, "no `scaling_factor`"))?;
+                let shift = v
+                    .get("shift_factor")
+                    .and_then(|s| s.as_f64())
+                    .unwrap_or(0.0);
+                (weights.clone(), scale, shift)
+            }
+            VaeFiles::Single(f) => (
+                vec![f.clone()],
+                vae_weights::FLUX_SCALE,
+                vae_weights::FLUX_SHIFT,
+            ),
+        })
+    }
+}
+
+impl Files {
+    /// The VAE decoder of these files, computing in `dtype` on `device`.
+    pub fn vae_decoder(&self, dtype: DType, device: &Device) -> Result<super::VaeDecoder> {
+        decoder_of(&self.vae, dtype, device)
+    }
+}
+
+/// The decoder of the VAE in `vae`, computing in `dtype` on `device`.
+fn decoder_of(vae: &VaeFiles, dtype: DType, device: &Device) -> Result<super::VaeDecoder> {
+    let (paths, scale, shift) = vae.files()?;
+    let at = paths[0].display().to_string();
+    // The configuration is read off the encoder's shapes (the halves share it).
+    let cfg = vae_weights::config(&vae_weights::load(&paths)?, scale, shift, &at)?;
+    let w = vae_weights::load_part(&paths, vae_weights::Part::Decoder)?;
+    super::VaeDecoder::new(&cfg, w, dtype, device, &at)
+}
+
+/// The decoder of a VAE on its own: a diffusers `vae` folder (config.json and weights) or a
+/// folder holding BFL's ae.safetensors, computing in `dtype` on `device`.
+pub fn vae_decoder(
+    vae: &dyn ModelFiles,
+    dtype: DType,
+    device: &Device,
+) -> Result<super::VaeDecoder> {
+    let files = if vae.exists("config.json")? {
+        VaeFiles::Diffusers {
+            config: vae.file("config.json")?,
+            weights: weight_files(vae, "", "diffusion_pytorch_model")?,
+        }
+    } else if vae.exists("ae.safetensors")? {
+        VaeFiles::Single(vae.file("ae.safetensors")?)
+    } else {
+        return Err(EncodeError::file(
+            vae.name("."),
+            "not a VAE folder: neither config.json (diffusers) nor ae.safetensors (BFL)",
+        ));
+    };
+    decoder_of(&files, dtype, device)
+}
+
 /// Local copies of every file the encoders are built from.
 pub struct Files {
     vae: VaeFiles,
@@ -353,32 +426,7 @@ pub(crate) fn load(
 ) -> Result<Loaded> {
     files.check_widths(context_dim, pooled_dim)?;
     // VAE.
-    let (vae_paths, scale, shift) = match &files.vae {
-        VaeFiles::Diffusers { config, weights } => {
-            let at = config.display().to_string();
-            let v = json(config)?;
-            if v.get("use_quant_conv").and_then(|q| q.as_bool()) == Some(true) {
-                return Err(EncodeError::file(
-                    &at,
-                    "use_quant_conv is true (a Stable Diffusion VAE?); FLUX's VAE has none",
-                ));
-            }
-            let scale = v
-                .get("scaling_factor")
-                .and_then(|s| s.as_f64())
-                .ok_or_else(|| EncodeError::file(&at, "no `scaling_factor`"))?;
-            let shift = v
-                .get("shift_factor")
-                .and_then(|s| s.as_f64())
-                .unwrap_or(0.0);
-            (weights.clone(), scale, shift)
-        }
-        VaeFiles::Single(f) => (
-            vec![f.clone()],
-            vae_weights::FLUX_SCALE,
-            vae_weights::FLUX_SHIFT,
-        ),
-    };
+    let (vae_paths, scale, shift) = files.vae.files()?;
     let vae_at = vae_paths[0].display().to_string();
     let vae_w = vae_weights::load(&vae_paths)?;
     let vae_cfg = vae_weights::config(&vae_w, scale, shift, &vae_at)?;

@@ -10,6 +10,10 @@
 //! - `encoder.mid_block.attentions.0.{group_norm,to_q,to_k,to_v,to_out.0}.*` ->
 //!   `encoder.mid.attn_1.{norm,q,k,v,proj_out}.*`, linear weights [c, c] -> 1x1 convs [c, c, 1, 1]
 //! - `encoder.conv_norm_out.*` -> `encoder.norm_out.*`; `conv_in`, `conv_out` keep their names.
+//!
+//! The decoder the same way, `decoder.*`, except that diffusers numbers its up blocks from the
+//! lowest resolution and BFL from the highest: `decoder.up_blocks.{i}` ->
+//! `decoder.up.{levels - 1 - i}`, with `upsamplers.0.conv` -> `upsample.conv`.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -24,31 +28,63 @@ use super::{EncodeError, Result, LATENT_CHANNELS};
 pub const FLUX_SCALE: f64 = 0.3611;
 pub const FLUX_SHIFT: f64 = 0.1159;
 
-/// The BFL name of a diffusers VAE encoder tensor, with whether it is an attention linear
-/// weight that must become a 1x1 convolution; None for names FLUX's encoder does not have.
-fn bfl_name(name: &str) -> Option<(String, bool)> {
-    let rest = name.strip_prefix("encoder.")?;
+/// The half of the VAE to load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    Encoder,
+    Decoder,
+}
+
+impl Part {
+    fn prefix(self) -> &'static str {
+        match self {
+            Part::Encoder => "encoder",
+            Part::Decoder => "decoder",
+        }
+    }
+}
+
+/// The BFL name of a diffusers VAE tensor of `part`, with whether it is an attention linear
+/// weight that must become a 1x1 convolution; None for names FLUX's VAE does not have.
+/// `levels` (the decoder's up blocks) renumbers the decoder's blocks.
+fn bfl_part_name(name: &str, part: Part, levels: usize) -> Option<(String, bool)> {
+    let p = part.prefix();
+    let rest = name.strip_prefix(p)?.strip_prefix('.')?;
     let parts: Vec<&str> = rest.split('.').collect();
     let tail = |from: usize| parts[from.min(parts.len())..].join(".");
     let renamed = match parts.as_slice() {
-        ["conv_in" | "conv_out", _] => (format!("encoder.{rest}"), false),
-        ["conv_norm_out", leaf] => (format!("encoder.norm_out.{leaf}"), false),
-        ["down_blocks", i, "resnets", j, ..] => (
+        ["conv_in" | "conv_out", _] => (format!("{p}.{rest}"), false),
+        ["conv_norm_out", leaf] => (format!("{p}.norm_out.{leaf}"), false),
+        ["down_blocks", i, "resnets", j, ..] if part == Part::Encoder => (
             format!(
                 "encoder.down.{i}.block.{j}.{}",
                 tail(4).replace("conv_shortcut", "nin_shortcut")
             ),
             false,
         ),
-        ["down_blocks", i, "downsamplers", "0", "conv", leaf] => {
+        ["down_blocks", i, "downsamplers", "0", "conv", leaf] if part == Part::Encoder => {
             (format!("encoder.down.{i}.downsample.conv.{leaf}"), false)
+        }
+        ["up_blocks", i, "resnets", j, ..] if part == Part::Decoder => {
+            let level = levels.checked_sub(1 + i.parse::<usize>().ok()?)?;
+            (
+                format!(
+                    "decoder.up.{level}.block.{j}.{}",
+                    tail(4).replace("conv_shortcut", "nin_shortcut")
+                ),
+                false,
+            )
+        }
+        ["up_blocks", i, "upsamplers", "0", "conv", leaf] if part == Part::Decoder => {
+            let level = levels.checked_sub(1 + i.parse::<usize>().ok()?)?;
+            (format!("decoder.up.{level}.upsample.conv.{leaf}"), false)
         }
         ["mid_block", "resnets", j, ..] => {
             let k: usize = j.parse().ok()?;
             if k > 1 {
                 return None;
             }
-            (format!("encoder.mid.block_{}.{}", k + 1, tail(3)), false)
+            (format!("{p}.mid.block_{}.{}", k + 1, tail(3)), false)
         }
         ["mid_block", "attentions", "0", module, .., leaf] => {
             let bfl = match *module {
@@ -60,21 +96,28 @@ fn bfl_name(name: &str) -> Option<(String, bool)> {
                 _ => return None,
             };
             let is_weight = *leaf == "weight" && bfl != "norm";
-            (format!("encoder.mid.attn_1.{bfl}.{leaf}"), is_weight)
+            (format!("{p}.mid.attn_1.{bfl}.{leaf}"), is_weight)
         }
         _ => return None,
     };
     Some(renamed)
 }
 
-/// Which layout a set of encoder tensor names is in.
+/// Which layout a set of VAE tensor names is in.
 fn is_diffusers(names: &[String]) -> bool {
-    names.iter().any(|n| n.starts_with("encoder.down_blocks."))
+    names
+        .iter()
+        .any(|n| n.starts_with("encoder.down_blocks.") || n.starts_with("decoder.up_blocks."))
 }
 
 /// The encoder's tensors (on the CPU, in their stored dtype) in BFL names, from safetensors
 /// files in either layout.
 pub fn load(files: &[PathBuf]) -> Result<HashMap<String, Tensor>> {
+    load_part(files, Part::Encoder)
+}
+
+/// The tensors of one half of the VAE (on the CPU, in their stored dtype) in BFL names.
+pub fn load_part(files: &[PathBuf], part: Part) -> Result<HashMap<String, Tensor>> {
     let at = files
         .first()
         .map(|f| f.display().to_string())
@@ -89,14 +132,29 @@ pub fn load(files: &[PathBuf]) -> Result<HashMap<String, Tensor>> {
         ));
     }
     let diffusers = is_diffusers(&names);
+    let prefix = format!("{}.", part.prefix());
+    let levels = names
+        .iter()
+        .filter_map(|n| {
+            n.strip_prefix("decoder.up_blocks.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .map_or(0, |m| m + 1);
     let mut out = HashMap::new();
-    for name in names.iter().filter(|n| n.starts_with("encoder.")) {
+    for name in names.iter().filter(|n| n.starts_with(&prefix)) {
         let t = st
             .load(name, &Device::Cpu)
             .map_err(|e| EncodeError::candle(&at, e))?;
         let (bfl, to_conv) = if diffusers {
-            bfl_name(name).ok_or_else(|| {
-                EncodeError::file(&at, format!("unexpected VAE encoder tensor `{name}`"))
+            bfl_part_name(name, part, levels).ok_or_else(|| {
+                EncodeError::file(
+                    &at,
+                    format!("unexpected VAE {} tensor `{name}`", part.prefix()),
+                )
             })?
         } else {
             (name.clone(), false)
@@ -114,7 +172,9 @@ pub fn load(files: &[PathBuf]) -> Result<HashMap<String, Tensor>> {
     if out.is_empty() {
         return Err(EncodeError::file(
             &at,
-            "no `encoder.*` tensor: not a VAE (ae.safetensors or vae/diffusion_pytorch_model.safetensors)",
+            format!(
+                "no `{prefix}*` tensor: not a VAE (ae.safetensors or vae/diffusion_pytorch_model.safetensors)"
+            ),
         ));
     }
     Ok(out)
@@ -197,6 +257,10 @@ pub fn config(w: &HashMap<String, Tensor>, scale: f64, shift: f64, at: &str) -> 
 mod tests {
     use super::*;
 
+    fn bfl_name(name: &str) -> Option<(String, bool)> {
+        bfl_part_name(name, Part::Encoder, 0)
+    }
+
     #[test]
     fn diffusers_names_map_to_bfl_names() {
         let cases = [
@@ -243,5 +307,31 @@ mod tests {
         }
         assert_eq!(bfl_name("encoder.mid_block.resnets.2.conv1.weight"), None);
         assert_eq!(bfl_name("decoder.conv_in.weight"), None);
+    }
+
+    #[test]
+    fn diffusers_decoder_names_map_to_bfl_names_with_up_blocks_reversed() {
+        let d = |n: &str| bfl_part_name(n, Part::Decoder, 4);
+        assert_eq!(
+            d("decoder.up_blocks.0.resnets.2.conv1.weight"),
+            Some(("decoder.up.3.block.2.conv1.weight".into(), false))
+        );
+        assert_eq!(
+            d("decoder.up_blocks.3.resnets.0.conv_shortcut.bias"),
+            Some(("decoder.up.0.block.0.nin_shortcut.bias".into(), false))
+        );
+        assert_eq!(
+            d("decoder.up_blocks.1.upsamplers.0.conv.weight"),
+            Some(("decoder.up.2.upsample.conv.weight".into(), false))
+        );
+        assert_eq!(
+            d("decoder.mid_block.attentions.0.to_k.weight"),
+            Some(("decoder.mid.attn_1.k.weight".into(), true))
+        );
+        assert_eq!(
+            d("decoder.conv_norm_out.weight"),
+            Some(("decoder.norm_out.weight".into(), false))
+        );
+        assert_eq!(d("encoder.conv_in.weight"), None);
     }
 }
