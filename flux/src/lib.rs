@@ -20,6 +20,7 @@ pub mod lora_format;
 pub mod matmul;
 pub mod ops;
 pub mod profile;
+pub mod reference_image;
 pub mod rng;
 pub mod sample;
 pub mod schedule;
