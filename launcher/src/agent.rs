@@ -450,10 +450,12 @@ pub fn run(spec: &LaunchSpec, signals: &Receiver<i32>) -> Result<Finished, Launc
         store_addr
     );
     let mut generation = 0u32;
+    let mut signalled = false;
     let result = loop {
         let mut group = Group::spawn(spec, &store_addr, generation)?;
         match watch(spec, &mut group, &mut store, generation, signals)? {
-            Outcome::Done(code) => {
+            Outcome::Done(code, by_signal) => {
+                signalled = by_signal;
                 break Ok(Finished {
                     exit_code: code,
                     restarts: generation,
@@ -465,6 +467,7 @@ pub fn run(spec: &LaunchSpec, signals: &Receiver<i32>) -> Result<Finished, Launc
                 store_lost,
             } => {
                 let mut interrupted = signals.try_recv().is_ok();
+                signalled |= interrupted;
                 if !store_lost && !interrupted {
                     // Every node stops its group before any restarts; a node that does not
                     // report within the heartbeat timeout is gone and is not waited for.
@@ -498,9 +501,9 @@ pub fn run(spec: &LaunchSpec, signals: &Receiver<i32>) -> Result<Finished, Launc
             }
         }
     };
-    if store.add("launcher/exit", 1).is_ok() && server.is_some() {
+    if store.add("launcher/exit", 1).is_ok() && server.is_some() && !signalled {
         // Other nodes still talk to the store until they are done: keep it up, bounded, and
-        // not past a signal.
+        // not past a signal (a signalled job does not wait for nodes that may never come).
         let bound = spec.heartbeat_timeout + spec.stop_timeout;
         let _ = wait_count(&mut store, "launcher/exit", topo.nodes, bound, signals);
     }
@@ -579,7 +582,8 @@ impl Beats {
 
 /// How one generation ended on this node.
 enum Outcome {
-    Done(i32),
+    /// Every rank exited: their status, and whether a signal asked them to.
+    Done(i32, bool),
     Failed {
         what: String,
         tail: String,
@@ -651,7 +655,7 @@ fn watch(
             for p in &mut group.procs {
                 p.join_pumps();
             }
-            return Ok(Outcome::Done(group.exit_code()));
+            return Ok(Outcome::Done(group.exit_code(), !forwarded.is_empty()));
         }
         if last_store_check.elapsed() >= TICK * 5 {
             last_store_check = Instant::now();

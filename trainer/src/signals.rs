@@ -37,15 +37,29 @@ fn install(_flag: &Arc<AtomicBool>) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Set once the run takes its first step: before that a stop has nothing to save.
+static STEPPING: AtomicBool = AtomicBool::new(false);
+
+/// Marks that the run has started stepping (a stop now waits for the step and the save).
+pub fn mark_stepping() {
+    STEPPING.store(true, Ordering::SeqCst);
+}
+
 /// Once `flag` is set, gives the run `grace` to finish its step and write its checkpoint, then
 /// exits with `code` regardless (a scheduler's SIGKILL would follow anyway). Checkpoints are
-/// written atomically, so exiting mid-write leaves the previous one in charge.
+/// written atomically, so exiting mid-write leaves the previous one in charge. A stop that
+/// comes before the first step (while ranks connect or the model loads) exits at once: there
+/// is nothing to save, and waiting for peers that may never come would ignore the signal.
 pub fn arm_grace(flag: Arc<AtomicBool>, grace: Duration, code: u8) {
     let spawned = std::thread::Builder::new()
         .name("stop-grace".into())
         .spawn(move || {
             while !flag.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(100));
+            }
+            if !STEPPING.load(Ordering::SeqCst) {
+                tracing::warn!("stop requested before the first step: exiting now, nothing to save");
+                std::process::exit(i32::from(code));
             }
             std::thread::sleep(grace);
             tracing::error!(

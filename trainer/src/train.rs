@@ -113,6 +113,7 @@ pub fn train_with(
     bar.set_position(run.start_step.min(max_steps));
     let mut losses = Vec::with_capacity(max_steps as usize);
     let mut stopped_by_signal = false;
+    crate::signals::mark_stepping();
     for step in run.start_step..max_steps {
         let (m, parts) = run.train_step(step)?;
         run.skipped += m.skipped as u64;

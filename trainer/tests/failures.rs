@@ -19,10 +19,21 @@ fn launcher_binary() -> std::path::PathBuf {
 
 /// Node `node` of a two-node job of 2 ranks each, training long enough to be interrupted.
 fn node(dir: &Path, port: u16, run_id: &str, node: usize) -> Child {
-    node_with_token(dir, port, run_id, node, "failure-test")
+    node_with(dir, port, run_id, node, "failure-test", HEARTBEAT_S)
 }
 
 fn node_with_token(dir: &Path, port: u16, run_id: &str, node: usize, token: &str) -> Child {
+    node_with(dir, port, run_id, node, token, HEARTBEAT_S)
+}
+
+fn node_with(
+    dir: &Path,
+    port: u16,
+    run_id: &str,
+    node: usize,
+    token: &str,
+    heartbeat_s: u64,
+) -> Child {
     Command::new(launcher_binary())
         .env("MOSAIC_JOB_TOKEN", token)
         .env_remove("SLURM_JOB_ID")
@@ -60,7 +71,7 @@ fn node_with_token(dir: &Path, port: u16, run_id: &str, node: usize, token: &str
             "--set",
             "checkpoint.every=0",
             "--set",
-            &format!("distributed.heartbeat_timeout_s={HEARTBEAT_S}"),
+            &format!("distributed.heartbeat_timeout_s={heartbeat_s}"),
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -169,4 +180,25 @@ fn a_node_with_the_wrong_token_is_refused_and_node_0_does_not_wait_for_it() {
     assert!(!ok0, "{log0}");
     assert!(took0 < bound, "node 0 took {took0:?}: {log0}");
     assert!(log0.contains("node 1 sent no heartbeat"), "{log0}");
+}
+
+#[test]
+fn sigterm_ends_a_launcher_waiting_for_a_node_that_never_comes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (port, run_id) = (free_port(), format!("alone{}", std::process::id()));
+    // A heartbeat timeout and a connect timeout of a minute: only the signal can end this soon.
+    let n0 = node_with(tmp.path(), port, &run_id, 0, "failure-test", 60);
+    // Its ranks are up and waiting for ranks 2 and 3: a SIGTERM now must end the wait at once.
+    let t = Instant::now();
+    while find_rank_pid(&run_id, 1, 0).is_none() {
+        assert!(t.elapsed() < Duration::from_secs(30), "ranks did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    signal(n0.id() as i32, libc::SIGTERM);
+    let (_, log, took) = exit_within(n0, Duration::from_secs(20));
+    assert!(
+        took < Duration::from_secs(STOP_S + 5),
+        "took {took:?}: {log}"
+    );
 }
