@@ -31,6 +31,19 @@ fn flock(file: &File, op: libc::c_int) -> std::io::Result<()> {
     }
 }
 
+/// Whether flock failed because the file system does not do it (some network mounts).
+fn unsupported(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOLCK) | Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL)
+    )
+}
+
+/// Whether `e` says the folder cannot be locked with flock (then a lease stands in).
+pub fn is_unsupported(e: &TrainerError) -> bool {
+    matches!(e, TrainerError::Io { source, .. } if source.kind() == std::io::ErrorKind::Unsupported)
+}
+
 fn read_holder(file: &mut File) -> Option<Holder> {
     let mut text = String::new();
     file.seek(SeekFrom::Start(0)).ok()?;
@@ -51,6 +64,12 @@ impl FolderLock {
             .open(&path)
             .map_err(|e| TrainerError::io(&path, e))?;
         if let Err(e) = flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
+            if unsupported(&e) {
+                return Err(TrainerError::Io {
+                    path: path.clone(),
+                    source: std::io::Error::new(std::io::ErrorKind::Unsupported, e),
+                });
+            }
             if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
                 let who = read_holder(&mut file)
                     .map_or("another process (it has not said who yet)".into(), |h| {

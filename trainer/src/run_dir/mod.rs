@@ -21,7 +21,7 @@ use crate::checkpoint::{config_differences, list, LATEST};
 use crate::config::Config;
 use crate::error::{Result, TrainerError};
 use crate::storage::Location;
-use lease::{Lease, LeaseTiming};
+use lease::{Lease, LeaseTiming, LEASE_FILE};
 use lock::{FolderLock, LOCK_FILE};
 
 /// What a run holds while it runs; released when dropped.
@@ -120,7 +120,8 @@ fn previous_name() -> String {
     format!("previous-{}", t.replace(':', "-"))
 }
 
-/// Moves every entry of folder `dir` but the lock and earlier `previous-*` into `dir/to`.
+/// Moves every entry of folder `dir` but its lock (or lease) and earlier `previous-*` into
+/// `dir/to`.
 fn move_folder_contents(dir: &Path, to: &str) -> Result<usize> {
     let target = dir.join(to);
     let mut moved = 0;
@@ -129,7 +130,7 @@ fn move_folder_contents(dir: &Path, to: &str) -> Result<usize> {
     };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if name == LOCK_FILE || name.starts_with("previous-") {
+        if name == LOCK_FILE || name == LEASE_FILE || name.starts_with("previous-") {
             continue;
         }
         std::fs::create_dir_all(&target).map_err(|e| TrainerError::io(&target, e))?;
