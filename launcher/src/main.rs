@@ -97,7 +97,11 @@ fn find_trainer(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 /// Config key `key` (dotted) of the config file, after any `--set key=...` among the trainer
 /// args; None when neither sets it.
 fn config_value(config: &Path, extra: &[String], key: &str) -> anyhow::Result<Option<String>> {
-    let text = std::fs::read_to_string(config)
+    use std::io::Read;
+    // At most 1 MiB, as the trainer reads it: a device or a wrong file is not read forever.
+    let mut text = String::new();
+    std::fs::File::open(config)
+        .and_then(|f| f.take(1 << 20).read_to_string(&mut text))
         .with_context(|| format!("reading config {}", config.display()))?;
     let table: toml::Table =
         toml::from_str(&text).with_context(|| format!("parsing config {}", config.display()))?;
