@@ -153,6 +153,19 @@ fn files_fingerprint(files: &Files, cache: &Path) -> Result<String> {
     ))
 }
 
+/// The VAE decoder of the encoders `spec` names (the tiny random one is seeded like its
+/// encoder), computing in `dtype` on `device`.
+pub fn load_vae_decoder(
+    spec: &EncoderSpec,
+    dtype: DType,
+    device: &Device,
+) -> Result<flux::encoders::VaeDecoder> {
+    match &spec.weights {
+        EncoderWeights::TinyRandom { seed } => tiny::vae_decoder(*seed, dtype, device),
+        EncoderWeights::Pretrained(src) => resolve(src)?.vae_decoder(dtype, device),
+    }
+}
+
 /// Builds the encoders `spec` names, computing in `dtype` on `device`.
 pub fn load_encoders(spec: &EncoderSpec, dtype: DType, device: &Device) -> Result<Encoders> {
     let source = match &spec.weights {

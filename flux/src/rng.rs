@@ -17,6 +17,7 @@ pub enum Purpose {
     Noise = 6,
     Points = 7,
     Dropout = 8,
+    Sample = 9,
 }
 
 /// FNV-1a, a fixed hash for names (std's hasher is not stable across releases).

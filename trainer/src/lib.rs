@@ -23,6 +23,7 @@ pub mod objective;
 pub mod optim;
 pub mod run;
 pub mod run_dir;
+pub mod sample;
 pub mod signals;
 pub mod step;
 pub mod storage;

@@ -65,6 +65,9 @@ enum Command {
     },
     /// Export a checkpoint as a Hugging Face model folder (diffusers/PEFT/kohya + model card).
     Export(ExportArgs),
+    /// Make an image from a prompt and reference images with a base and a LoRA (MOSAIC
+    /// inference: FLUX's Euler sampler, references clean with the LoRA on their tokens).
+    Sample(SampleArgs),
     /// Attention rows at FLUX.1-dev sizes: the official full maps vs the fused op, forward and
     /// backward time and peak heap, as a markdown table.
     BenchRows {
@@ -133,6 +136,53 @@ struct TrainArgs {
     /// config), move them to RUN/previous-<time>/ first instead of refusing.
     #[arg(long)]
     overwrite: bool,
+}
+
+#[derive(clap::Args)]
+struct SampleArgs {
+    /// A run config (a run's resolved config.toml, or a shipped one): the base, encoders and
+    /// sizes that run used.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The base (overrides the config's model.weights): a diffusers folder or a safetensors file.
+    #[arg(long)]
+    weights: Option<String>,
+    /// A LoRA file (this project's, diffusers, PEFT or kohya keys).
+    #[arg(long)]
+    lora: Option<PathBuf>,
+    /// FLUX.1 pipeline folder or URL for T5, CLIP and the VAE (overrides data.encoders).
+    #[arg(long)]
+    encoders: Option<String>,
+    #[arg(long)]
+    prompt: String,
+    /// A reference image (repeat for several, up to 6).
+    #[arg(long = "ref")]
+    refs: Vec<PathBuf>,
+    /// Square side in pixels (default: the config's data.resolution, else 512).
+    #[arg(long)]
+    size: Option<usize>,
+    #[arg(long)]
+    width: Option<usize>,
+    #[arg(long)]
+    height: Option<usize>,
+    #[arg(long, default_value_t = 28)]
+    steps: usize,
+    /// Distilled guidance (FLUX.1-dev's embedded guidance; training uses 1).
+    #[arg(long, default_value_t = 3.5)]
+    guidance: f32,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// The PNG to write; its panel (references | result) goes beside it as <OUT>.panel.png.
+    #[arg(long)]
+    out: PathBuf,
+    /// "cpu" or "cuda" (overrides model.device).
+    #[arg(long)]
+    device: Option<String>,
+    #[arg(long, value_enum)]
+    dtype: Option<DtypeArg>,
+    /// Override a config key, e.g. --set model.preset="tiny".
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -263,6 +313,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
         }
         Command::Export(args) => export_cmd(args)?,
+        Command::Sample(args) => sample_cmd(args)?,
         Command::BenchStep(args) => bench_step_cmd(args)?,
         Command::BenchAttention { chunk } => {
             if chunk == 0 {
@@ -328,6 +379,61 @@ fn bench_rows_cmd(reps: usize, device: trainer::config::DeviceName) -> anyhow::R
 }
 
 /// The config at `path` with `--set` overrides, naming the file when it cannot be used.
+/// `trainer sample`.
+fn sample_cmd(a: SampleArgs) -> anyhow::Result<()> {
+    let mut set = a.set.clone();
+    if let Some(w) = &a.weights {
+        set.push(format!("model.weights={w:?}"));
+    }
+    if let Some(e) = &a.encoders {
+        set.push(format!("data.encoders={e:?}"));
+    }
+    if let Some(d) = &a.device {
+        set.push(format!("model.device={d:?}"));
+    }
+    if let Some(d) = a.dtype {
+        let name = match d {
+            DtypeArg::F32 => "f32",
+            DtypeArg::Bf16 => "bf16",
+            DtypeArg::F64 => "f64",
+        };
+        set.push(format!("model.dtype={name:?}"));
+    }
+    let cfg = match &a.config {
+        Some(path) => load_config(path, &set)?,
+        None if a.weights.is_some() => {
+            Config::from_toml("", std::path::Path::new("(defaults)"), &set)?
+        }
+        None => anyhow::bail!("pass --config (a run's config.toml) or --weights"),
+    };
+    let device = trainer::run::device_of(&cfg, 0)?;
+    let side = a.size.unwrap_or(if a.config.is_some() {
+        cfg.data.resolution
+    } else {
+        512
+    });
+    let req = trainer::sample::SampleRequest {
+        prompt: a.prompt.clone(),
+        refs: a.refs.clone(),
+        width: a.width.unwrap_or(side),
+        height: a.height.unwrap_or(side),
+        ref_size: if a.config.is_some() {
+            cfg.data.ref_resolution
+        } else {
+            512
+        },
+        steps: a.steps,
+        guidance: a.guidance,
+        seed: a.seed,
+    };
+    let mut sampler = trainer::sample::Sampler::load(&cfg, a.lora.as_deref(), &device)
+        .context("loading the pipeline")?;
+    let out = sampler.sample(&req).context("sampling")?;
+    let (img, panel) = trainer::sample::write(&out, &a.out)?;
+    println!("wrote {} and {}", img.display(), panel.display());
+    Ok(())
+}
+
 fn load_config(path: &std::path::Path, set: &[String]) -> anyhow::Result<Config> {
     Config::load(path, set).with_context(|| format!("loading config {}", path.display()))
 }

@@ -13,6 +13,7 @@ mod mosaic_parity;
 mod parity;
 mod resume;
 mod run_folder;
+mod sample;
 mod shards;
 mod training;
 mod weights_errors;

@@ -84,7 +84,7 @@ fn loader_options(cfg: &Config, rank: usize, world: usize) -> LoaderOptions {
 }
 
 /// The encoders the run's data need: `data.encoders` (and `data.vae`), else tiny seeded ones.
-fn encoder_spec(cfg: &Config, fc: &FluxConfig) -> EncoderSpec {
+pub(crate) fn encoder_spec(cfg: &Config, fc: &FluxConfig) -> EncoderSpec {
     let d = &cfg.data;
     EncoderSpec {
         weights: if d.encoders.is_empty() {

@@ -1,0 +1,267 @@
+//! `trainer sample`: images from a base, a LoRA, a prompt and reference images, the way the
+//! official MOSAIC inference makes them (docs/design.md §11): references prepared on white at
+//! 0.9 of their side and VAE-encoded (posterior mode), clean (t = 0, guidance 1) with the LoRA on
+//! their tokens and the group mask; FLUX's flow-matching Euler sampler with the
+//! resolution-shifted schedule (`flux::schedule`, equal to diffusers'); the VAE decoder.
+//!
+//! What is not built yet: the reference K/V cache and the official `--cases` file reader are
+//! planned (issue 16); every reference attends to text and target at every step, exactly as in
+//! training.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
+use rand_distr::{Distribution, StandardNormal};
+
+use crate::config::Config;
+use crate::error::{Result, TrainerError};
+use flux::embed::{grid_ids, pack_latents, reference_ids, text_ids, unpack_latents};
+use flux::encoders::Pixels;
+use flux::rng::{stream, Purpose};
+use flux::schedule::FlowMatchSchedule;
+use flux::{Flux, Lora, ModelInputs, RefInputs, RowBlocks};
+
+/// The most references MOSAIC takes.
+pub const MAX_REFS: usize = crate::config::MAX_REFS;
+
+/// One image to make.
+#[derive(Debug, Clone)]
+pub struct SampleRequest {
+    pub prompt: String,
+    pub refs: Vec<PathBuf>,
+    /// Target width and height in pixels (multiples of 16).
+    pub width: usize,
+    pub height: usize,
+    /// Reference side in pixels (a multiple of 16).
+    pub ref_size: usize,
+    pub steps: usize,
+    pub guidance: f32,
+    pub seed: u64,
+}
+
+/// What `trainer sample` writes: the image, and the references beside it.
+pub struct Sampled {
+    pub image: RgbImage,
+    pub panel: RgbImage,
+}
+
+/// A loaded pipeline: base, LoRA, encoders and decoder.
+pub struct Sampler {
+    model: Flux,
+    lora: Lora,
+    encoders: flux::encoders::Encoders,
+    decoder: flux::encoders::VaeDecoder,
+    device: Device,
+}
+
+fn bad(name: impl Into<String>, reason: impl Into<String>) -> TrainerError {
+    TrainerError::Input {
+        name: name.into(),
+        reason: reason.into(),
+    }
+}
+
+impl Sampler {
+    /// The pipeline of run config `cfg` (its `model.*` base and `data.*` encoders), with the
+    /// LoRA in `lora` (this project's, diffusers, PEFT or kohya keys) if given.
+    pub fn load(cfg: &Config, lora: Option<&Path>, device: &Device) -> Result<Self> {
+        let (fc, weights) = crate::run::base_weights(cfg, device)?;
+        let model = Flux::new(fc.clone(), &weights, RowBlocks::default())?;
+        let lora = match lora {
+            Some(path) => {
+                let file = flux::lora_format::load(path)?;
+                flux::lora::from_adapters(&fc, &file, path, DType::F32, device)?
+            }
+            None => Lora::new(
+                &fc,
+                &flux::lora::LoraSpec {
+                    targets: Vec::new(),
+                    ..Default::default()
+                },
+                0,
+                DType::F32,
+                device,
+            )?,
+        };
+        let spec = crate::data::shards::encoder_spec(cfg, &fc);
+        let dtype = if device.is_cpu() {
+            DType::F32
+        } else {
+            DType::BF16
+        };
+        let encoders = datasets::encode::load_encoders(&spec, dtype, device)?;
+        let decoder = datasets::encode::load_vae_decoder(&spec, dtype, device)?;
+        Ok(Self {
+            model,
+            lora,
+            encoders,
+            decoder,
+            device: device.clone(),
+        })
+    }
+
+    /// Checks a request before any work: sizes, reference count, and every reference readable.
+    fn prepared_refs(&self, req: &SampleRequest) -> Result<Vec<RgbImage>> {
+        for (name, v) in [
+            ("--width", req.width),
+            ("--height", req.height),
+            ("--ref-size", req.ref_size),
+        ] {
+            if v < 16 || v % 16 != 0 {
+                return Err(bad(name, format!("{v}: must be a positive multiple of 16")));
+            }
+        }
+        if req.refs.len() > MAX_REFS {
+            return Err(bad(
+                "--ref",
+                format!(
+                    "{} references: MOSAIC takes at most {MAX_REFS}",
+                    req.refs.len()
+                ),
+            ));
+        }
+        if req.steps == 0 {
+            return Err(bad("--steps", "must be at least 1"));
+        }
+        req.refs
+            .iter()
+            .map(|p| {
+                let img =
+                    image::open(p).map_err(|e| bad(p.display().to_string(), e.to_string()))?;
+                Ok(flux::reference_image::prepare(
+                    &img,
+                    req.ref_size as u32,
+                    flux::reference_image::OFFICIAL_SCALE,
+                ))
+            })
+            .collect()
+    }
+
+    /// The references as model inputs: VAE latents packed into tokens, with their ids.
+    fn ref_inputs(&self, refs: &[RgbImage]) -> Result<Option<RefInputs>> {
+        if refs.is_empty() {
+            return Ok(None);
+        }
+        let (mut latents, mut ids, mut lens) = (Vec::new(), Vec::new(), Vec::new());
+        for (k, img) in refs.iter().enumerate() {
+            let px = pixels(img);
+            let z = self
+                .encoders
+                .encode_images(&[&px])?
+                .to_device(&self.device)?;
+            let (rows, cols) = (z.dim(2)? / 2, z.dim(3)? / 2);
+            latents.push(pack_latents(&z)?);
+            ids.extend(reference_ids(rows, cols, k));
+            lens.push(rows * cols);
+        }
+        Ok(Some(RefInputs {
+            latents: Tensor::cat(&latents, 1)?.to_dtype(self.model.dtype())?,
+            ids,
+            lens,
+            timestep: vec![0.0],
+            guidance: vec![1.0],
+        }))
+    }
+
+    /// Makes the image `req` asks for.
+    pub fn sample(&mut self, req: &SampleRequest) -> Result<Sampled> {
+        let refs = self.prepared_refs(req)?;
+        let (txt, pooled) = self.encoders.encode_text(&[req.prompt.as_str()])?;
+        let dtype = self.model.dtype();
+        let (h, w) = (req.height / 8, req.width / 8);
+        let (rows, cols) = (h / 2, w / 2);
+        let n = rows * cols;
+        let mut rng = stream(req.seed, Purpose::Sample, &[0]);
+        let start: Vec<f32> = (0..n * 64)
+            .map(|_| StandardNormal.sample(&mut rng))
+            .collect();
+        let inputs = ModelInputs {
+            img: Tensor::from_vec(start, (1, n, 64), &self.device)?.to_dtype(dtype)?,
+            img_ids: grid_ids(rows, cols, 0),
+            txt_ids: text_ids(txt.dim(1)?),
+            txt: txt.to_device(&self.device)?.to_dtype(dtype)?,
+            pooled: pooled.to_device(&self.device)?.to_dtype(dtype)?,
+            timestep: vec![],
+            guidance: vec![],
+            refs: self.ref_inputs(&refs)?,
+            isolate_refs: true,
+            row_queries: None,
+        };
+        let schedule = FlowMatchSchedule::flux(req.steps, n);
+        let x = flux::sample::denoise(
+            &self.model,
+            self.lora.view(false),
+            inputs,
+            &schedule,
+            req.guidance,
+        )?;
+        let z = unpack_latents(&x.to_dtype(DType::F32)?, h, w)?;
+        let image = to_rgb(&self.decoder.decode(&z)?)?;
+        let panel = panel(&refs, &image);
+        Ok(Sampled { image, panel })
+    }
+}
+
+/// An RGB image as the encoders take it: [3, H, W] in [-1, 1].
+fn pixels(img: &RgbImage) -> Pixels {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let mut data = vec![0f32; 3 * w * h];
+    for (x, y, p) in img.enumerate_pixels() {
+        for c in 0..3 {
+            data[c * w * h + y as usize * w + x as usize] = p.0[c] as f32 / 127.5 - 1.0;
+        }
+    }
+    Pixels {
+        height: h,
+        width: w,
+        data,
+    }
+}
+
+/// A decoded image [1, 3, H, W] in [-1, 1] as 8-bit RGB (clamped, rounded).
+fn to_rgb(x: &Tensor) -> Result<RgbImage> {
+    let (_, _, h, w) = x.dims4()?;
+    let v: Vec<f32> = x.get(0)?.flatten_all()?.to_vec1()?;
+    let mut img = RgbImage::new(w as u32, h as u32);
+    for y in 0..h {
+        for x_ in 0..w {
+            let px = |c: usize| {
+                let s = (v[c * h * w + y * w + x_] + 1.0) * 127.5;
+                s.round().clamp(0.0, 255.0) as u8
+            };
+            img.put_pixel(x_ as u32, y as u32, image::Rgb([px(0), px(1), px(2)]));
+        }
+    }
+    Ok(img)
+}
+
+/// The references, resized to the image's height, then the image, side by side.
+fn panel(refs: &[RgbImage], image: &RgbImage) -> RgbImage {
+    let h = image.height();
+    let resized: Vec<RgbImage> = refs
+        .iter()
+        .map(|r| image::imageops::resize(r, h, h, image::imageops::FilterType::Lanczos3))
+        .collect();
+    let width = h * resized.len() as u32 + image.width();
+    let mut out = RgbImage::from_pixel(width, h, image::Rgb([255, 255, 255]));
+    for (i, r) in resized.iter().enumerate() {
+        image::imageops::overlay(&mut out, r, (i as u32 * h) as i64, 0);
+    }
+    image::imageops::overlay(&mut out, image, (resized.len() as u32 * h) as i64, 0);
+    out
+}
+
+/// Writes `s` as `out` (PNG) and its panel beside it (`<out stem>.panel.png`); returns both
+/// paths.
+pub fn write(s: &Sampled, out: &Path) -> Result<(PathBuf, PathBuf)> {
+    let panel_path = out.with_extension("panel.png");
+    for (img, path) in [(&s.image, out), (&s.panel, panel_path.as_path())] {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| TrainerError::io(dir, e))?;
+        }
+        img.save_with_format(path, image::ImageFormat::Png)
+            .map_err(|e| TrainerError::read(path, e))?;
+    }
+    Ok((out.to_path_buf(), panel_path))
+}
