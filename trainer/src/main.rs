@@ -153,8 +153,19 @@ struct SampleArgs {
     /// FLUX.1 pipeline folder or URL for T5, CLIP and the VAE (overrides data.encoders).
     #[arg(long)]
     encoders: Option<String>,
+    /// The prompt (or give --cases).
+    #[arg(long, required_unless_present = "cases")]
+    prompt: Option<String>,
+    /// An official case list (`[{"index", "prompt", "image_paths"}]`, image_paths a path or a
+    /// list) rendered into --out-dir as <index>.png and <index>.panel.png.
+    #[arg(long, requires = "out_dir", conflicts_with_all = ["prompt", "refs", "out"])]
+    cases: Option<PathBuf>,
     #[arg(long)]
-    prompt: String,
+    out_dir: Option<PathBuf>,
+    /// Start latents (safetensors tensor `latents`, [1, N, 64] packed) instead of the seed's
+    /// noise.
+    #[arg(long)]
+    latents: Option<PathBuf>,
     /// A reference image (repeat for several, up to 6).
     #[arg(long = "ref")]
     refs: Vec<PathBuf>,
@@ -173,8 +184,8 @@ struct SampleArgs {
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// The PNG to write; its panel (references | result) goes beside it as <OUT>.panel.png.
-    #[arg(long)]
-    out: PathBuf,
+    #[arg(long, required_unless_present = "cases")]
+    out: Option<PathBuf>,
     /// "cpu" or "cuda" (overrides model.device).
     #[arg(long)]
     device: Option<String>,
@@ -378,9 +389,9 @@ fn bench_rows_cmd(reps: usize, device: trainer::config::DeviceName) -> anyhow::R
     Ok(())
 }
 
-/// The config at `path` with `--set` overrides, naming the file when it cannot be used.
-/// `trainer sample`.
-fn sample_cmd(a: SampleArgs) -> anyhow::Result<()> {
+/// The run config `trainer sample` works from: `--config` (or the defaults, with `--weights`)
+/// and the flags that override its keys.
+fn sample_config(a: &SampleArgs) -> anyhow::Result<Config> {
     let mut set = a.set.clone();
     if let Some(w) = &a.weights {
         set.push(format!("model.weights={w:?}"));
@@ -399,25 +410,33 @@ fn sample_cmd(a: SampleArgs) -> anyhow::Result<()> {
         };
         set.push(format!("model.dtype={name:?}"));
     }
-    let cfg = match &a.config {
+    Ok(match &a.config {
         Some(path) => load_config(path, &set)?,
         None if a.weights.is_some() => {
             Config::from_toml("", std::path::Path::new("(defaults)"), &set)?
         }
         None => anyhow::bail!("pass --config (a run's config.toml) or --weights"),
-    };
-    let device = trainer::run::device_of(&cfg, 0)?;
-    let side = a.size.unwrap_or(if a.config.is_some() {
+    })
+}
+
+/// The images to make and where each goes; every case list is read, and its references
+/// checked, before anything loads.
+fn sample_jobs(
+    a: &SampleArgs,
+    cfg: &Config,
+) -> anyhow::Result<Vec<(trainer::sample::SampleRequest, PathBuf)>> {
+    let from_config = a.config.is_some();
+    let side = a.size.unwrap_or(if from_config {
         cfg.data.resolution
     } else {
         512
     });
     let req = trainer::sample::SampleRequest {
-        prompt: a.prompt.clone(),
+        prompt: a.prompt.clone().unwrap_or_default(),
         refs: a.refs.clone(),
         width: a.width.unwrap_or(side),
         height: a.height.unwrap_or(side),
-        ref_size: if a.config.is_some() {
+        ref_size: if from_config {
             cfg.data.ref_resolution
         } else {
             512
@@ -425,15 +444,58 @@ fn sample_cmd(a: SampleArgs) -> anyhow::Result<()> {
         steps: a.steps,
         guidance: a.guidance,
         seed: a.seed,
+        start: a
+            .latents
+            .as_deref()
+            .map(trainer::sample::read_start)
+            .transpose()?,
     };
+    let cases = a
+        .cases
+        .as_deref()
+        .map(trainer::sample::read_cases)
+        .transpose()?;
+    Ok(match (cases, &a.out_dir, &a.out) {
+        (Some(cases), Some(dir), _) => {
+            let mut jobs = Vec::with_capacity(cases.len());
+            for c in cases {
+                if let Some(r) = c.refs().into_iter().find(|r| !r.is_file()) {
+                    anyhow::bail!(
+                        "case {}: reference {} does not exist",
+                        c.stem(),
+                        r.display()
+                    );
+                }
+                let mut r = req.clone();
+                r.prompt = c.prompt.clone();
+                r.refs = c.refs();
+                jobs.push((r, dir.join(format!("{}.png", c.stem()))));
+            }
+            jobs
+        }
+        (None, _, Some(out)) => vec![(req, out.clone())],
+        _ => anyhow::bail!("pass --prompt and --out, or --cases and --out-dir"),
+    })
+}
+
+/// `trainer sample`.
+fn sample_cmd(a: SampleArgs) -> anyhow::Result<()> {
+    let cfg = sample_config(&a)?;
+    let jobs = sample_jobs(&a, &cfg)?;
+    let device = trainer::run::device_of(&cfg, 0)?;
     let mut sampler = trainer::sample::Sampler::load(&cfg, a.lora.as_deref(), &device)
         .context("loading the pipeline")?;
-    let out = sampler.sample(&req).context("sampling")?;
-    let (img, panel) = trainer::sample::write(&out, &a.out)?;
-    println!("wrote {} and {}", img.display(), panel.display());
+    for (r, path) in jobs {
+        let out = sampler
+            .sample(&r)
+            .with_context(|| format!("sampling {}", path.display()))?;
+        let (img, panel) = trainer::sample::write(&out, &path)?;
+        println!("wrote {} and {}", img.display(), panel.display());
+    }
     Ok(())
 }
 
+/// The config at `path` with `--set` overrides, naming the file when it cannot be used.
 fn load_config(path: &std::path::Path, set: &[String]) -> anyhow::Result<Config> {
     Config::load(path, set).with_context(|| format!("loading config {}", path.display()))
 }

@@ -4,9 +4,8 @@
 //! their tokens and the group mask; FLUX's flow-matching Euler sampler with the
 //! resolution-shifted schedule (`flux::schedule`, equal to diffusers'); the VAE decoder.
 //!
-//! What is not built yet: the reference K/V cache and the official `--cases` file reader are
-//! planned (issue 16); every reference attends to text and target at every step, exactly as in
-//! training.
+//! Not built yet: the reference K/V cache (every reference attends to text and target at every
+//! step, exactly as in training).
 
 use std::path::{Path, PathBuf};
 
@@ -38,6 +37,60 @@ pub struct SampleRequest {
     pub steps: usize,
     pub guidance: f32,
     pub seed: u64,
+    /// Start latents [1, N, 64] (packed) instead of the seed's noise (tests, parity).
+    pub start: Option<Tensor>,
+}
+
+/// One entry of an official case list (`example_cases.json`): `image_paths` is one path or a
+/// list.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Case {
+    pub index: serde_json::Value,
+    pub prompt: String,
+    pub image_paths: OneOrMany,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Case {
+    /// The reference paths.
+    pub fn refs(&self) -> Vec<PathBuf> {
+        match &self.image_paths {
+            OneOrMany::One(p) => vec![PathBuf::from(p)],
+            OneOrMany::Many(v) => v.iter().map(PathBuf::from).collect(),
+        }
+    }
+
+    /// The file name stem of its outputs: the index as written.
+    pub fn stem(&self) -> String {
+        match &self.index {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        }
+    }
+}
+
+/// Reads an official case list, refusing a malformed one naming the file.
+pub fn read_cases(path: &Path) -> Result<Vec<Case>> {
+    let text = std::fs::read_to_string(path).map_err(|e| TrainerError::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| TrainerError::Parse {
+        file: path.to_path_buf(),
+        reason: format!("not a list of {{\"index\", \"prompt\", \"image_paths\"}}: {e}"),
+    })
+}
+
+/// Start latents from `path` (tensor `latents`, [1, N, 64]).
+pub fn read_start(path: &Path) -> Result<Tensor> {
+    let map = candle_core::safetensors::load(path, &Device::Cpu)
+        .map_err(|e| TrainerError::read(path, e))?;
+    map.get("latents")
+        .cloned()
+        .ok_or_else(|| bad(path.display().to_string(), "has no tensor `latents`"))
 }
 
 /// What `trainer sample` writes: the image, and the references beside it.
@@ -172,12 +225,29 @@ impl Sampler {
         let (h, w) = (req.height / 8, req.width / 8);
         let (rows, cols) = (h / 2, w / 2);
         let n = rows * cols;
-        let mut rng = stream(req.seed, Purpose::Sample, &[0]);
-        let start: Vec<f32> = (0..n * 64)
-            .map(|_| StandardNormal.sample(&mut rng))
-            .collect();
+        let start = match &req.start {
+            Some(t) if t.dims() == [1, n, 64] => t.to_device(&self.device)?,
+            Some(t) => {
+                return Err(bad(
+                    "--latents",
+                    format!(
+                        "{:?}, expected [1, {n}, 64] for {}x{} px",
+                        t.dims(),
+                        req.width,
+                        req.height
+                    ),
+                ))
+            }
+            None => {
+                let mut rng = stream(req.seed, Purpose::Sample, &[0]);
+                let v: Vec<f32> = (0..n * 64)
+                    .map(|_| StandardNormal.sample(&mut rng))
+                    .collect();
+                Tensor::from_vec(v, (1, n, 64), &self.device)?
+            }
+        };
         let inputs = ModelInputs {
-            img: Tensor::from_vec(start, (1, n, 64), &self.device)?.to_dtype(dtype)?,
+            img: start.to_dtype(dtype)?,
             img_ids: grid_ids(rows, cols, 0),
             txt_ids: text_ids(txt.dim(1)?),
             txt: txt.to_device(&self.device)?.to_dtype(dtype)?,

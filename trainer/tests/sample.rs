@@ -32,6 +32,7 @@ fn request(refs: Vec<PathBuf>, seed: u64) -> SampleRequest {
         steps: 3,
         guidance: 3.5,
         seed,
+        start: None,
     }
 }
 
@@ -151,4 +152,64 @@ fn the_command_writes_the_image_and_its_panel() {
     assert_eq!((img.width(), img.height()), (64, 64));
     let panel = image::open(tmp.path().join("out/x.panel.png")).unwrap();
     assert_eq!((panel.width(), panel.height()), (128, 64));
+}
+
+#[test]
+fn a_case_list_renders_every_case_and_fixed_latents_override_the_seed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = reference(tmp.path(), "a.png", [200, 20, 20]);
+    let b = reference(tmp.path(), "b.png", [20, 20, 200]);
+    let cases = tmp.path().join("cases.json");
+    std::fs::write(
+        &cases,
+        serde_json::json!([
+            {"index": 1, "prompt": "a red box", "image_paths": a.display().to_string()},
+            {"index": "two", "prompt": "two things",
+             "image_paths": [a.display().to_string(), b.display().to_string()]},
+        ])
+        .to_string(),
+    )
+    .unwrap();
+    let dir = tmp.path().join("out");
+    let o = Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args(["sample", "--config"])
+        .arg(repo_root().join("configs/tiny-cpu.toml"))
+        .args(["--steps", "2", "--size", "32", "--cases"])
+        .arg(&cases)
+        .arg("--out-dir")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for (name, w) in [("1", 64), ("two", 96)] {
+        let panel = image::open(dir.join(format!("{name}.panel.png"))).unwrap();
+        assert_eq!(panel.width(), w, "{name}: references | image");
+        assert!(dir.join(format!("{name}.png")).is_file());
+    }
+    // The same start latents give the same image whatever the seed.
+    let tmp2 = tmp.path().join("cfg");
+    let cfg = tiny_config(&tmp2, &[]);
+    let mut s = Sampler::load(&cfg, None, &candle_core::Device::Cpu).unwrap();
+    let start =
+        candle_core::Tensor::randn(0f32, 1.0, (1, 12, 64), &candle_core::Device::Cpu).unwrap();
+    let with = |seed| {
+        let mut r = request(vec![], seed);
+        r.start = Some(start.clone());
+        r
+    };
+    assert_eq!(
+        s.sample(&with(1)).unwrap().image,
+        s.sample(&with(9)).unwrap().image
+    );
+    let mut wrong = with(1);
+    wrong.start = Some(
+        candle_core::Tensor::zeros(
+            (1, 5, 64),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap(),
+    );
+    let e = s.sample(&wrong).err().unwrap().to_string();
+    assert!(e.contains("--latents"), "{e}");
 }
