@@ -97,6 +97,8 @@ pub fn read_start(path: &Path) -> Result<Tensor> {
 pub struct Sampled {
     pub image: RgbImage,
     pub panel: RgbImage,
+    /// The final latents, packed [1, N, 64], in f32.
+    pub latents: Tensor,
 }
 
 /// A loaded pipeline: base, LoRA, encoders and decoder.
@@ -266,10 +268,15 @@ impl Sampler {
             &schedule,
             req.guidance,
         )?;
-        let z = unpack_latents(&x.to_dtype(DType::F32)?, h, w)?;
+        let latents = x.to_dtype(DType::F32)?;
+        let z = unpack_latents(&latents, h, w)?;
         let image = to_rgb(&self.decoder.decode(&z)?)?;
         let panel = panel(&refs, &image);
-        Ok(Sampled { image, panel })
+        Ok(Sampled {
+            image,
+            panel,
+            latents,
+        })
     }
 }
 

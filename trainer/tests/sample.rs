@@ -213,3 +213,69 @@ fn a_case_list_renders_every_case_and_fixed_latents_override_the_seed() {
     let e = s.sample(&wrong).err().unwrap().to_string();
     assert!(e.contains("--latents"), "{e}");
 }
+
+/// The whole pipeline against diffusers' FluxPipeline (ci/make_pipeline_fixture.py): the tiny
+/// transformer, T5, CLIP and VAE, a prompt and fixed start latents give the same final latents
+/// and the same image.
+#[test]
+fn the_pipeline_matches_diffusers_flux_pipeline() {
+    let fx = crate::common::fixtures();
+    let datasets_fx = repo_root().join("datasets/tests/fixtures");
+    let case: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fx.join("pipeline/case.json")).unwrap())
+            .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(
+        tmp.path(),
+        &[
+            &format!(
+                "model.weights={:?}",
+                fx.join("parity/diffusers").display().to_string()
+            ),
+            &format!(
+                "data.encoders={:?}",
+                datasets_fx.join("encoders").display().to_string()
+            ),
+            &format!(
+                "data.vae={:?}",
+                datasets_fx.join("vae_decoder/vae").display().to_string()
+            ),
+            &format!("data.text_tokens={}", case["t5_tokens"]),
+        ],
+    );
+    let dev = candle_core::Device::Cpu;
+    let mut s = Sampler::load(&cfg, None, &dev).unwrap();
+    let load = |f: &str| candle_core::safetensors::load(fx.join("pipeline").join(f), &dev).unwrap();
+    let (inp, want) = (load("inputs.safetensors"), load("expected.safetensors"));
+    let size = case["size"].as_u64().unwrap() as usize;
+    let req = SampleRequest {
+        prompt: case["prompt"].as_str().unwrap().into(),
+        refs: vec![],
+        width: size,
+        height: size,
+        ref_size: size,
+        steps: case["steps"].as_u64().unwrap() as usize,
+        guidance: case["guidance"].as_f64().unwrap() as f32,
+        seed: 0,
+        start: Some(inp["latents"].clone()),
+    };
+    let got = s.sample(&req).unwrap();
+    let err = crate::common::max_abs_diff(&got.latents, &want["latents"]);
+    assert!(err <= 1e-3, "final latents differ by {err}");
+    // The image: diffusers' floats in [0, 1] against ours rounded to 8 bits.
+    let expected: Vec<f32> = want["image"].flatten_all().unwrap().to_vec1().unwrap();
+    let ours: Vec<f32> = got
+        .image
+        .as_raw()
+        .iter()
+        .map(|&v| v as f32 / 255.0)
+        .collect();
+    assert_eq!(ours.len(), expected.len());
+    let mean = ours
+        .iter()
+        .zip(&expected)
+        .map(|(a, b)| (a - b).abs())
+        .sum::<f32>()
+        / ours.len() as f32;
+    assert!(mean <= 1.0 / 255.0, "mean pixel error {mean}");
+}
