@@ -24,7 +24,9 @@ Cases k1, k2, k3 hold 1, 2 and 3 references of unequal token counts. Each writes
 output, attention_rows, loss_scal_official, loss_mdl_official, loss_scal_paper, loss_mdl_paper,
 and three negative controls the Rust test must be far from: control_lora_everywhere (the LoRA on
 text and target too), control_offset_flipped (references shifted right instead of left),
-control_refs_see_each_other (no group mask; K >= 2 only).
+control_refs_see_each_other (no group mask; K >= 2 only). `output_kv_cache` is the output of
+the first denoising step of inference.py with kv_cache on, where references see only themselves
+(group_mask[2:, :2] = False).
 
 The weights (bf16 values, computed in f32) go to transformer/ in the diffusers layout and the
 LoRA to lora.safetensors in diffusers' key layout (transformer.<module>.lora_A/B.weight,
@@ -97,12 +99,15 @@ def heads(x, h):
 class Branches:
     """What the forward needs per branch: text, target, then each reference."""
 
-    def __init__(self, n_refs, lora_everywhere, group_mask):
+    def __init__(self, n_refs, lora_everywhere, group_mask, kv_cache=False):
         self.n = 2 + n_refs
         self.lora = [lora_everywhere, lora_everywhere] + [True] * n_refs
         self.mask = torch.ones(self.n, self.n, dtype=torch.bool)
         if group_mask:
             self.mask[2:, 2:] = torch.eye(n_refs, dtype=torch.bool)
+        if kv_cache:
+            # inference.py with kv_cache: references do not see the text and target branches.
+            self.mask[2:, :2] = False
 
 
 def attention(br, qs, ks, vs, pos):
@@ -186,9 +191,10 @@ def single_block(blk, br, hs, tembs, pos):
     ]
 
 
-def mosaic_forward(m, inp, refs, ref_ids, lora_everywhere=False, group_mask=True):
+def mosaic_forward(m, inp, refs, ref_ids, lora_everywhere=False, group_mask=True,
+                   kv_cache=False):
     """Returns (target output [B, N, C], rows [B, sum N_k, N_tgt] averaged over double blocks)."""
-    br = Branches(len(refs), lora_everywhere, group_mask)
+    br = Branches(len(refs), lora_everywhere, group_mask, kv_cache)
     b = inp["hidden_states"].shape[0]
     t, g = inp["timestep"], inp["guidance"]
     rt = inp.get("ref_timestep", torch.zeros(b))
@@ -319,6 +325,7 @@ def make_case(m, name, sides, gen, explicit_ids, explicit_ref_t):
             "loss_mdl_paper": mdl_p.reshape(1),
             "control_lora_everywhere": mosaic_forward(m, inp, refs, ids, lora_everywhere=True)[0],
             "control_offset_flipped": mosaic_forward(m, inp, refs, flipped)[0],
+            "output_kv_cache": mosaic_forward(m, inp, refs, ids, kv_cache=True)[0],
         }
         if len(refs) >= 2:
             expected["control_refs_see_each_other"] = mosaic_forward(

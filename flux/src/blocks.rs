@@ -15,6 +15,7 @@ use crate::attention::{attention, Attention, GroupMask};
 use crate::error::Result;
 use crate::lora::LoraView;
 use crate::ops::{apply_rope, frozen_linear, gelu, layer_norm, modulate, rms_norm};
+use crate::ref_cache::RefKv;
 use crate::weights::Weights;
 
 /// FLUX uses eps 1e-6 in every LayerNorm and RMSNorm.
@@ -88,6 +89,8 @@ pub struct BlockCtx {
     pub row_queries: Option<Vec<Tensor>>,
     /// Rows from composed candle ops instead of the fused op.
     pub plain_rows: bool,
+    /// The reference K/V cache of sampling ([`crate::ref_cache`]).
+    pub ref_kv: RefKv,
 }
 
 /// One branch entering a block: its tokens, conditioning and whether LoRA applies.
@@ -153,8 +156,8 @@ fn joint_attention(
     let (qs, (ks, vs)): (Vec<_>, (Vec<_>, Vec<_>)) =
         qkv.into_iter().map(|(q, k, v)| (q, (k, v))).unzip();
     let q = apply_rope(&Tensor::cat(&qs, 2)?, &ctx.cos, &ctx.sin)?;
-    let k = apply_rope(&Tensor::cat(&ks, 2)?, &ctx.cos, &ctx.sin)?;
-    let v = Tensor::cat(&vs, 2)?;
+    let mut k = apply_rope(&Tensor::cat(&ks, 2)?, &ctx.cos, &ctx.sin)?;
+    let mut v = Tensor::cat(&vs, 2)?;
     let rows = match (&ctx.row_queries, emit_rows, lens.len()) {
         (Some(queries), true, 3) => Some(attention_rows(
             &q,
@@ -167,7 +170,19 @@ fn joint_attention(
         )?),
         _ => None,
     };
-    let o = attention(&q, &k, &v, ctx.mask.as_ref(), ctx.attention)?;
+    let o = if let Some(ref_lens) = ctx.ref_kv.fill_lens() {
+        let shared = lens[0] + lens[1];
+        let m = k.dim(2)? - shared;
+        ctx.ref_kv
+            .keep(k.narrow(2, shared, m)?, v.narrow(2, shared, m)?)?;
+        private_reference_attention(&q, &k, &v, shared, ref_lens, ctx.attention)?
+    } else {
+        if let Some((k_ref, v_ref)) = ctx.ref_kv.next_read()? {
+            k = Tensor::cat(&[&k, &k_ref], 2)?;
+            v = Tensor::cat(&[&v, &v_ref], 2)?;
+        }
+        attention(&q, &k, &v, ctx.mask.as_ref(), ctx.attention)?
+    };
     let (b, h, s, hd) = o.dims4()?;
     let o = o.transpose(1, 2)?.reshape((b, s, h * hd))?;
     let mut outputs = Vec::with_capacity(lens.len());
@@ -177,6 +192,39 @@ fn joint_attention(
         start += len;
     }
     Ok(Joint { outputs, rows })
+}
+
+/// Attention where the `shared` leading tokens (text and target) see every token and each
+/// reference (of `ref_lens` tokens, in order, after them) sees only its own tokens: the
+/// official inference's mask when its reference cache is on.
+fn private_reference_attention(
+    q_bhsd: &Tensor,
+    k_bhsd: &Tensor,
+    v_bhsd: &Tensor,
+    shared: usize,
+    ref_lens: &[usize],
+    kind: Attention,
+) -> Result<Tensor> {
+    let mut outs = vec![attention(
+        &q_bhsd.narrow(2, 0, shared)?,
+        k_bhsd,
+        v_bhsd,
+        None,
+        kind,
+    )?];
+    let mut start = shared;
+    for &len in ref_lens {
+        let own = |t: &Tensor| t.narrow(2, start, len);
+        outs.push(attention(
+            &own(q_bhsd)?,
+            &own(k_bhsd)?,
+            &own(v_bhsd)?,
+            None,
+            kind,
+        )?);
+        start += len;
+    }
+    Ok(Tensor::cat(&outs, 2)?)
 }
 
 /// For each batch element, the head-averaged softmax over target tokens of the sampled

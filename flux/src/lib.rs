@@ -20,6 +20,7 @@ pub mod lora_format;
 pub mod matmul;
 pub mod ops;
 pub mod profile;
+pub mod ref_cache;
 pub mod reference_image;
 pub mod rng;
 pub mod sample;

@@ -9,25 +9,45 @@ use candle_core::Tensor;
 
 use crate::error::Result;
 use crate::lora::LoraView;
+use crate::ref_cache::RefKvCache;
 use crate::schedule::FlowMatchSchedule;
 use crate::transformer::{Flux, ModelInputs};
 
 /// Runs `schedule` from `inputs.img` (the start latents, [B, N, C]) with distilled guidance
 /// `guidance`; returns the final latents. `inputs`' timesteps and guidance are set here.
+///
+/// With `ref_cache`, references attend only to themselves and their keys and values are
+/// computed at the first step only ([`crate::ref_cache`]); without it they attend to every
+/// token at every step, as in training.
 pub fn denoise(
     model: &Flux,
     lora: LoraView,
     mut inputs: ModelInputs,
     schedule: &FlowMatchSchedule,
     guidance: f32,
+    ref_cache: bool,
 ) -> Result<Tensor> {
     let b = inputs.img.dim(0)?;
     inputs.row_queries = None;
     inputs.guidance = vec![guidance; b];
+    let mut cache: Option<RefKvCache> = None;
     for i in 0..schedule.steps() {
         let _span = tracing::debug_span!("denoise", step = i).entered();
         inputs.timestep = vec![schedule.model_timestep(i); b];
-        let v = model.forward(&inputs, lora)?.pred;
+        let v = match cache.take() {
+            Some(kept) => {
+                let (out, kept) = model.forward_with_cache(&inputs, lora, kept)?;
+                cache = Some(kept);
+                out.pred
+            }
+            None if ref_cache && inputs.refs.is_some() => {
+                let (out, kept) = model.forward_filling_cache(&inputs, lora)?;
+                inputs.refs = None;
+                cache = Some(kept);
+                out.pred
+            }
+            None => model.forward(&inputs, lora)?.pred,
+        };
         inputs.img = schedule.step(i, &inputs.img, &v)?;
     }
     Ok(inputs.img)

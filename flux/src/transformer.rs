@@ -13,6 +13,7 @@ use crate::embed::{rope_tables, timestep_features};
 use crate::error::{FluxError, Result, Setting};
 use crate::lora::LoraView;
 use crate::ops::{layer_norm, modulate};
+use crate::ref_cache::{RefKv, RefKvCache};
 use crate::weights::Weights;
 
 /// The reference images of a batch, already packed and concatenated along tokens.
@@ -251,6 +252,7 @@ impl Flux {
             row_queries,
             plain_rows: self.row_blocks.plain,
             attention: self.attention,
+            ref_kv: RefKv::Off,
         })
     }
 
@@ -291,15 +293,66 @@ impl Flux {
     /// The whole model in one graph (no checkpointing).
     pub fn forward(&self, inp: &ModelInputs, lora: LoraView) -> Result<ForwardOut> {
         let ctx = self.prepare(inp)?;
+        self.forward_with(inp, lora, &ctx)
+    }
+
+    /// The first step of sampling with the reference cache ([`crate::ref_cache`]): references
+    /// attend only to their own tokens, and every block's reference keys and values are kept.
+    pub fn forward_filling_cache(
+        &self,
+        inp: &ModelInputs,
+        lora: LoraView,
+    ) -> Result<(ForwardOut, RefKvCache)> {
+        let Some(refs) = &inp.refs else {
+            return Err(FluxError::Input {
+                name: "reference cache".into(),
+                reason: "there are no references to cache".into(),
+            });
+        };
+        let mut ctx = self.prepare(inp)?;
+        ctx.ref_kv = RefKv::fill(&refs.lens);
+        let out = self.forward_with(inp, lora, &ctx)?;
+        let cache = ctx
+            .ref_kv
+            .into_cache(self.double.len() + self.single.len())?;
+        Ok((out, cache))
+    }
+
+    /// A later step with the reference cache: `inp` has no references; text and target
+    /// attend to the cached ones. Gives the cache back for the next step.
+    pub fn forward_with_cache(
+        &self,
+        inp: &ModelInputs,
+        lora: LoraView,
+        cache: RefKvCache,
+    ) -> Result<(ForwardOut, RefKvCache)> {
+        if inp.refs.is_some() {
+            return Err(FluxError::Input {
+                name: "reference cache".into(),
+                reason: "the inputs hold references as well as their cache".into(),
+            });
+        }
+        let mut ctx = self.prepare(inp)?;
+        ctx.ref_kv = RefKv::read(cache);
+        let out = self.forward_with(inp, lora, &ctx)?;
+        Ok((out, ctx.ref_kv.into_read_cache()?))
+    }
+
+    fn forward_with(
+        &self,
+        inp: &ModelInputs,
+        lora: LoraView,
+        ctx: &BlockCtx,
+    ) -> Result<ForwardOut> {
         let mut s = self.embed(inp, lora)?;
         let mut acc = RowAccumulator::default();
         for id in self.block_ids() {
-            let (next, rows) = self.run_block(id, &s, &ctx, lora)?;
+            let (next, rows) = self.run_block(id, &s, ctx, lora)?;
             acc.add(rows)?;
             s = next;
         }
         Ok(ForwardOut {
-            pred: self.head(&s.tgt, &ctx)?,
+            pred: self.head(&s.tgt, ctx)?,
             rows: acc.mean()?,
         })
     }

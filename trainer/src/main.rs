@@ -52,6 +52,10 @@ enum Command {
         /// configs/mosaic-official-512.toml) for loss_scal and loss_mdl (default: the paper's).
         #[arg(long)]
         loss_config: Option<PathBuf>,
+        /// References see only their own tokens (the first step of sampling with the
+        /// reference cache, the official inference's kv_cache).
+        #[arg(long)]
+        ref_cache: bool,
     },
     /// Step time and peak memory on CPU (tiny, medium; recomputation off/on) and the computed
     /// FLUX.1-dev memory budget, as markdown tables.
@@ -191,6 +195,13 @@ struct SampleArgs {
     device: Option<String>,
     #[arg(long, value_enum)]
     dtype: Option<DtypeArg>,
+    /// References attend only to themselves, so their keys and values are computed once per
+    /// image (the official inference's kv_cache). The default.
+    #[arg(long, overrides_with = "no_ref_cache")]
+    ref_cache: bool,
+    /// References attend to text and target at every step, exactly as in training.
+    #[arg(long, overrides_with = "ref_cache")]
+    no_ref_cache: bool,
     /// Override a config key, e.g. --set model.preset="tiny".
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
@@ -301,6 +312,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             lora,
             rows_blocks,
             loss_config,
+            ref_cache,
         } => {
             let dtype = match dtype {
                 DtypeArg::F32 => DTypeName::F32,
@@ -312,6 +324,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 axes: axes_dims,
                 rows_blocks,
                 loss_config,
+                ref_cache,
                 ..trainer::forward::ForwardOptions::new(&weights, &inputs, dtype.dtype())
             };
             trainer::forward::forward_cmd(&opts, &out).context("forward failed")?;
@@ -444,6 +457,7 @@ fn sample_jobs(
         steps: a.steps,
         guidance: a.guidance,
         seed: a.seed,
+        ref_cache: !a.no_ref_cache,
         start: a
             .latents
             .as_deref()

@@ -4,8 +4,9 @@
 //! their tokens and the group mask; FLUX's flow-matching Euler sampler with the
 //! resolution-shifted schedule (`flux::schedule`, equal to diffusers'); the VAE decoder.
 //!
-//! Not built yet: the reference K/V cache (every reference attends to text and target at every
-//! step, exactly as in training).
+//! With the reference cache (the default, as the official inference's kv_cache) references
+//! attend only to themselves and their keys and values are computed at the first step only;
+//! without it they attend to every token at every step, exactly as in training.
 
 use std::path::{Path, PathBuf};
 
@@ -37,6 +38,9 @@ pub struct SampleRequest {
     pub steps: usize,
     pub guidance: f32,
     pub seed: u64,
+    /// Compute the references' keys and values once (`flux::ref_cache`); they then attend
+    /// only to themselves.
+    pub ref_cache: bool,
     /// Start latents [1, N, 64] (packed) instead of the seed's noise (tests, parity).
     pub start: Option<Tensor>,
 }
@@ -267,6 +271,7 @@ impl Sampler {
             inputs,
             &schedule,
             req.guidance,
+            req.ref_cache,
         )?;
         let latents = x.to_dtype(DType::F32)?;
         let z = unpack_latents(&latents, h, w)?;

@@ -97,6 +97,31 @@ fn forward_rows_and_losses_match_the_official_code_for_one_to_three_references()
 }
 
 #[test]
+fn the_reference_cache_step_matches_the_official_kv_cache_mode() {
+    for case in ["k1", "k2", "k3"] {
+        let want = expected(case);
+        let inputs = dir().join(case).join("inputs.safetensors");
+        let got = forward_file(&ForwardOptions {
+            ref_cache: true,
+            ..options(&inputs, None)
+        })
+        .unwrap();
+        let err = max_abs_diff(&got.output, &want["output_kv_cache"]);
+        eprintln!("{case}: kv-cache output error {err}");
+        assert!(
+            err <= OUTPUT_TOL,
+            "{case}: kv-cache output differs by {err}"
+        );
+        // References that also see text and target (training's forward) are far from it.
+        let gap = max_abs_diff(&got.output, &want["output"]);
+        assert!(
+            gap > 10.0 * OUTPUT_TOL,
+            "{case}: only {gap} from training's"
+        );
+    }
+}
+
+#[test]
 fn the_default_loss_settings_are_the_paper_s() {
     let want = expected("k3");
     let (scal, mdl) = run("k3", None).losses.unwrap();

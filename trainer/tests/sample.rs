@@ -32,6 +32,7 @@ fn request(refs: Vec<PathBuf>, seed: u64) -> SampleRequest {
         steps: 3,
         guidance: 3.5,
         seed,
+        ref_cache: true,
         start: None,
     }
 }
@@ -56,6 +57,29 @@ fn samples_have_the_asked_size_and_depend_on_the_seed_only() {
     assert_eq!(a.image, again.image, "same seed, same image");
     let other = s.sample(&request(refs, 2)).unwrap();
     assert_ne!(a.image, other.image, "another seed, another image");
+}
+
+#[test]
+fn the_reference_cache_changes_what_references_see_and_nothing_without_references() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(tmp.path(), &[]);
+    let mut s = Sampler::load(&cfg, None, &candle_core::Device::Cpu).unwrap();
+    let refs = vec![reference(tmp.path(), "a.png", [200, 20, 20])];
+    let uncached = |refs: Vec<PathBuf>| SampleRequest {
+        ref_cache: false,
+        ..request(refs, 1)
+    };
+    let cached = s.sample(&request(refs.clone(), 1)).unwrap();
+    let full = s.sample(&uncached(refs.clone())).unwrap();
+    assert_ne!(
+        cached.latents.to_vec3::<f32>().unwrap(),
+        full.latents.to_vec3::<f32>().unwrap(),
+        "cached references see only themselves"
+    );
+    assert_eq!(
+        s.sample(&request(vec![], 1)).unwrap().image,
+        s.sample(&uncached(vec![])).unwrap().image
+    );
 }
 
 #[test]
@@ -257,6 +281,7 @@ fn the_pipeline_matches_diffusers_flux_pipeline() {
         steps: case["steps"].as_u64().unwrap() as usize,
         guidance: case["guidance"].as_f64().unwrap() as f32,
         seed: 0,
+        ref_cache: true,
         start: Some(inp["latents"].clone()),
     };
     let got = s.sample(&req).unwrap();

@@ -15,7 +15,8 @@
 //! softmax(q_ref k_tgt^T / sqrt d) over the target tokens, averaged over the row blocks); with
 //! `ref_targets` too, `loss_scal` and `loss_mdl` [1] under the loss settings given (the given
 //! pairs exactly, no sampling; all-tokens MDL reads every token of each reference). References
-//! are isolated from each other (the group mask); the LoRA acts on reference tokens only.
+//! are isolated from each other (the group mask); the LoRA acts on reference tokens only. With
+//! `--ref-cache`, references see only their own tokens (the first step of cached sampling).
 
 mod inputs;
 
@@ -45,6 +46,9 @@ pub struct ForwardOptions {
     pub rows_blocks: Option<Vec<usize>>,
     /// A TOML file holding a `[loss]` table (None: the paper's settings).
     pub loss_config: Option<PathBuf>,
+    /// The first step of sampling with the reference cache: references attend only to their
+    /// own tokens (`flux::ref_cache`).
+    pub ref_cache: bool,
 }
 
 impl ForwardOptions {
@@ -58,6 +62,7 @@ impl ForwardOptions {
             axes: None,
             rows_blocks: None,
             loss_config: None,
+            ref_cache: false,
         }
     }
 }
@@ -319,7 +324,11 @@ pub fn forward_file(opts: &ForwardOptions) -> Result<ForwardOutputs> {
         isolate_refs: true,
         row_queries: queries.map(|q| vec![q; b]),
     };
-    let out = model.forward(&inp, lora.view(false))?;
+    let out = if opts.ref_cache && inp.refs.is_some() {
+        model.forward_filling_cache(&inp, lora.view(false))?.0
+    } else {
+        model.forward(&inp, lora.view(false))?
+    };
     let output = out.pred.to_dtype(DType::F32)?;
     let (Some(rows), Some(points)) = (out.rows, points) else {
         return Ok(ForwardOutputs {
