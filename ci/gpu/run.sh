@@ -102,7 +102,7 @@ for b in trainer launcher; do
   [ -x "$BIN/$b" ] || { echo "run.sh: $BIN/$b is missing (GPU: run ci/gpu/build.sh; CPU: cargo build --bins)"; exit 1; }
 done
 
-TINY=(--config configs/tiny-cpu.toml --set 'data.source="synthetic"' --set train.progress=false)
+TINY=(--config configs/tiny-cpu.toml --set 'data.source="synthetic"' --set train.progress=false --set validation.every=0)
 
 # ---- a. correctness
 if [ "$MODE" = gpu ]; then
@@ -132,7 +132,7 @@ resume_run() {
   local dir=$1 ranks=$2
   shift 2
   local args=(--config configs/tiny-cpu.toml --nproc-per-node "$ranks" --stop-timeout 30 --
-    --set 'data.source="synthetic"' --set train.progress=false --set "run.dir=\"$dir\""
+    --set 'data.source="synthetic"' --set train.progress=false --set validation.every=0 --set "run.dir=\"$dir\""
     --set train.max_steps=30 --set checkpoint.every=5 --set train.log_every=5 --set data.samples=16 "$@")
   "$BIN/launcher" "${args[@]}" & local pid=$!
   for _ in $(seq 1 600); do

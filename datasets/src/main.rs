@@ -80,6 +80,10 @@ struct SynthArgs {
     /// Targets of varied aspect ratios (1:2 to 2:1) of about --size squared pixels.
     #[arg(long)]
     aspects: bool,
+    /// Also write this many validation cases (scenes after the training samples) to
+    /// <out>/validation/cases.json, the official case-list format (`validation.cases`).
+    #[arg(long, default_value_t = 4)]
+    validation_cases: usize,
     #[command(flatten)]
     shards: ShardArgs,
 }
@@ -284,6 +288,7 @@ fn synth_cmd(args: SynthArgs) -> Result<()> {
         size,
         ref_size,
         aspects,
+        validation_cases,
         shards,
     } = args;
     if !(1..=6).contains(&min_refs) || !(min_refs..=6).contains(&max_refs) {
@@ -309,6 +314,11 @@ fn synth_cmd(args: SynthArgs) -> Result<()> {
         m.shards.len(),
         m.ref_histogram()
     );
+    if validation_cases > 0 {
+        let cases =
+            synth::write_validation_cases(&Location::parse(&out)?, &opts, validation_cases)?;
+        println!("wrote {validation_cases} validation cases (unseen scenes) to {cases}");
+    }
     Ok(())
 }
 

@@ -312,10 +312,83 @@ pub fn write_dataset(
     w.finish()
 }
 
+/// Folder of a synthetic dataset that holds its validation cases.
+pub const VALIDATION_DIR: &str = "validation";
+
+/// Writes `n` validation cases next to the dataset at `loc`: scenes `opts.samples..+n`, which
+/// training never reads, as `validation/cases.json` in the official case-list format
+/// (`[{"index", "prompt", "image_paths"}]`, paths relative to that file) with each reference
+/// as `<index>-ref<k>.png` and the scene itself as `<index>-target.png` (`target_path`).
+/// Returns the path of `cases.json` as `loc` names it.
+pub fn write_validation_cases(
+    loc: &crate::store::Location,
+    opts: &SynthOptions,
+    n: usize,
+) -> crate::error::Result<String> {
+    let decode = |bytes: &[u8], what: &str| {
+        image::load_from_memory(bytes)
+            .map(|i| i.to_rgb8())
+            .map_err(|e| crate::error::DataError::input(format!("synthetic {what}"), e))
+    };
+    let mut cases = Vec::with_capacity(n);
+    for i in 0..n {
+        let index = opts.samples + i;
+        let s = sample(opts, index);
+        let mut paths = Vec::with_capacity(s.refs.len());
+        for (k, r) in s.refs.iter().enumerate() {
+            let name = format!("{index}-ref{k}.png");
+            let img = decode(&r.image, "reference")?;
+            loc.put(&format!("{VALIDATION_DIR}/{name}"), png(&img))?;
+            paths.push(name);
+        }
+        let target = format!("{index}-target.png");
+        loc.put(
+            &format!("{VALIDATION_DIR}/{target}"),
+            png(&decode(&s.target, "target")?),
+        )?;
+        cases.push(serde_json::json!({
+            "index": index,
+            "prompt": s.caption,
+            "image_paths": paths,
+            "target_path": target,
+        }));
+    }
+    let rel = format!("{VALIDATION_DIR}/cases.json");
+    let text = serde_json::to_vec_pretty(&cases)
+        .map_err(|e| crate::error::DataError::input(loc.name(&rel), e))?;
+    loc.put(&rel, text)?;
+    Ok(loc.name(&rel))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::transform::{decode_sample, TransformSpec};
+
+    #[test]
+    fn validation_cases_are_unseen_scenes_in_the_official_format() {
+        let tmp = tempfile::tempdir().unwrap();
+        let loc = crate::store::Location::local(tmp.path());
+        let opts = SynthOptions {
+            samples: 5,
+            ..Default::default()
+        };
+        let path = write_validation_cases(&loc, &opts, 3).unwrap();
+        let cases: Vec<serde_json::Value> =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(cases.len(), 3);
+        for (i, c) in cases.iter().enumerate() {
+            // Indices after the training samples: scenes training never reads.
+            assert_eq!(c["index"], 5 + i);
+            assert_eq!(c["prompt"], sample(&opts, 5 + i).caption);
+            let refs = c["image_paths"].as_array().unwrap();
+            assert_eq!(refs.len(), sample(&opts, 5 + i).refs.len());
+            for r in refs {
+                let img = image::open(tmp.path().join("validation").join(r.as_str().unwrap()));
+                assert!(img.is_ok(), "{r} is an image");
+            }
+        }
+    }
 
     #[test]
     fn samples_are_valid_deterministic_and_vary() {

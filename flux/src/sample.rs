@@ -26,11 +26,12 @@ pub fn denoise(
     schedule: &FlowMatchSchedule,
     guidance: f32,
     ref_cache: bool,
-) -> Result<Tensor> {
+) -> Result<Denoised> {
     let b = inputs.img.dim(0)?;
     inputs.row_queries = None;
     inputs.guidance = vec![guidance; b];
     let mut cache: Option<RefKvCache> = None;
+    let mut ref_cache_bytes = 0;
     for i in 0..schedule.steps() {
         let _span = tracing::debug_span!("denoise", step = i).entered();
         inputs.timestep = vec![schedule.model_timestep(i); b];
@@ -43,6 +44,7 @@ pub fn denoise(
             None if ref_cache && inputs.refs.is_some() => {
                 let (out, kept) = model.forward_filling_cache(&inputs, lora)?;
                 inputs.refs = None;
+                ref_cache_bytes = kept.bytes();
                 cache = Some(kept);
                 out.pred
             }
@@ -50,5 +52,16 @@ pub fn denoise(
         };
         inputs.img = schedule.step(i, &inputs.img, &v)?;
     }
-    Ok(inputs.img)
+    Ok(Denoised {
+        latents: inputs.img,
+        ref_cache_bytes,
+    })
+}
+
+/// What [`denoise`] gives.
+pub struct Denoised {
+    /// The final latents, [B, N, C].
+    pub latents: Tensor,
+    /// Bytes the reference cache held (0 without it).
+    pub ref_cache_bytes: usize,
 }

@@ -17,6 +17,7 @@ use crate::ref_cache::{RefKv, RefKvCache};
 use crate::weights::Weights;
 
 /// The reference images of a batch, already packed and concatenated along tokens.
+#[derive(Clone)]
 pub struct RefInputs {
     /// [B, M, C]
     pub latents: Tensor,

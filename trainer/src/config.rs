@@ -33,6 +33,8 @@ pub struct Config {
     pub distributed: DistributedSection,
     #[serde(default)]
     pub checkpoint: CheckpointSection,
+    #[serde(default)]
+    pub validation: crate::validation::ValidationSpec,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -542,6 +544,7 @@ impl Config {
             ));
         }
         self.distributed.validate()?;
+        self.validation.validate(self.optim.ema_decay)?;
         self.data.validate()
     }
 }

@@ -6,6 +6,7 @@ pub mod alloc;
 pub mod bench;
 pub mod bench_attention;
 pub mod bench_rows;
+pub mod bench_sample;
 pub mod bench_step;
 pub mod checkpoint;
 mod checks;
@@ -28,5 +29,6 @@ pub mod signals;
 pub mod step;
 pub mod storage;
 pub mod train;
+pub mod validation;
 
 pub use error::{Result, TrainerError};

@@ -92,6 +92,9 @@ enum Command {
     /// Time, peak memory and model FLOP utilisation of training steps of one config (any
     /// model, device, dtype), as a markdown row; `--json` appends the numbers as a JSON line.
     BenchStep(BenchStepArgs),
+    /// Seconds per image of `trainer sample` for 1, 2 and 4 references, with and without the
+    /// reference cache, as a markdown table.
+    BenchSample(BenchSampleArgs),
     /// One step's losses and LoRA gradients on the config's device against the CPU, from the
     /// same weights and batch (synthetic data); fails when they differ beyond the tolerance.
     CheckDevice {
@@ -205,6 +208,29 @@ struct SampleArgs {
     /// Override a config key, e.g. --set model.preset="tiny".
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct BenchSampleArgs {
+    /// The pipeline (base, encoders, decoder, reference size) to measure.
+    #[arg(long, default_value = "configs/tiny-cpu.toml")]
+    config: PathBuf,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Target side in pixels.
+    #[arg(long, default_value_t = 512)]
+    size: usize,
+    #[arg(long, default_value_t = 28)]
+    steps: usize,
+    /// Reference counts, comma-separated.
+    #[arg(long, default_value = "1,2,4", value_delimiter = ',')]
+    refs: Vec<usize>,
+    /// Measured images per case (median reported), after one warm-up image.
+    #[arg(long, default_value_t = 1)]
+    reps: usize,
+    /// Append each case as a JSON line to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -339,6 +365,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Export(args) => export_cmd(args)?,
         Command::Sample(args) => sample_cmd(args)?,
         Command::BenchStep(args) => bench_step_cmd(args)?,
+        Command::BenchSample(args) => bench_sample_cmd(args)?,
         Command::BenchAttention { chunk } => {
             if chunk == 0 {
                 anyhow::bail!("--chunk must be at least 1");
@@ -524,6 +551,26 @@ fn append_json<T: serde::Serialize>(path: &std::path::Path, value: &T) -> anyhow
         .open(path)
         .with_context(|| format!("opening {}", path.display()))?;
     writeln!(f, "{line}").with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn bench_sample_cmd(a: BenchSampleArgs) -> anyhow::Result<()> {
+    let cfg = load_config(&a.config, &a.set)?;
+    let device = trainer::run::device_of(&cfg, 0)?;
+    let spec = trainer::bench_sample::BenchSampleSpec {
+        size: a.size,
+        steps: a.steps,
+        refs: a.refs,
+        reps: a.reps,
+    };
+    let rows = trainer::bench_sample::measure(&cfg, &spec, &device)
+        .context("sampling benchmark failed")?;
+    print!("{}", trainer::bench_sample::table(&rows));
+    if let Some(path) = a.json {
+        for r in &rows {
+            append_json(&path, r)?;
+        }
+    }
     Ok(())
 }
 

@@ -1,4 +1,5 @@
-//! One JSON object per optimizer step in `metrics.jsonl`, flushed as written.
+//! One JSON object per optimizer step in `metrics.jsonl`, flushed as written; validations add
+//! their own lines (`{"step", "validation": {...}}`, no `loss`).
 
 use std::io::Write;
 use std::path::Path;
@@ -74,7 +75,8 @@ impl MetricsLog {
         })
     }
 
-    pub fn write(&mut self, m: &StepMetrics) -> Result<()> {
+    /// Appends `m` (a step's metrics, or another record with a `step`) as one line.
+    pub fn write<T: Serialize>(&mut self, m: &T) -> Result<()> {
         let line = serde_json::to_string(m).map_err(|e| TrainerError::Serialize {
             what: "a metrics line",
             source: Box::new(e),

@@ -9,6 +9,7 @@
 //! without it they attend to every token at every step, exactly as in training.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
@@ -79,13 +80,24 @@ impl Case {
     }
 }
 
-/// Reads an official case list, refusing a malformed one naming the file.
+/// Reads an official case list, refusing a malformed one naming the file. Relative image
+/// paths are taken from the list's folder (as the official `example_cases.json`, whose paths
+/// start at the folder it lies in).
 pub fn read_cases(path: &Path) -> Result<Vec<Case>> {
     let text = std::fs::read_to_string(path).map_err(|e| TrainerError::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| TrainerError::Parse {
+    let mut cases: Vec<Case> = serde_json::from_str(&text).map_err(|e| TrainerError::Parse {
         file: path.to_path_buf(),
         reason: format!("not a list of {{\"index\", \"prompt\", \"image_paths\"}}: {e}"),
-    })
+    })?;
+    let base = path.parent().unwrap_or(Path::new(""));
+    let under = |p: &str| base.join(p).display().to_string();
+    for c in &mut cases {
+        c.image_paths = match &c.image_paths {
+            OneOrMany::One(p) => OneOrMany::One(under(p)),
+            OneOrMany::Many(v) => OneOrMany::Many(v.iter().map(|p| under(p)).collect()),
+        };
+    }
+    Ok(cases)
 }
 
 /// Start latents from `path` (tensor `latents`, [1, N, 64]).
@@ -103,6 +115,26 @@ pub struct Sampled {
     pub panel: RgbImage,
     /// The final latents, packed [1, N, 64], in f32.
     pub latents: Tensor,
+    pub timings: SampleTimings,
+    /// Bytes the reference cache held (0 without it or without references).
+    pub ref_cache_bytes: usize,
+}
+
+/// Where the time of one image went (the device synchronised at each boundary).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SampleTimings {
+    /// Reference images read, prepared and VAE-encoded; prompt encoded.
+    pub encode: Duration,
+    /// The denoising loop.
+    pub denoise: Duration,
+    /// The VAE decoder and the 8-bit image.
+    pub decode: Duration,
+}
+
+impl SampleTimings {
+    pub fn total(&self) -> Duration {
+        self.encode + self.denoise + self.decode
+    }
 }
 
 /// A loaded pipeline: base, LoRA, encoders and decoder.
@@ -160,6 +192,11 @@ impl Sampler {
         })
     }
 
+    /// The transformer's dtype.
+    pub fn dtype(&self) -> DType {
+        self.model.dtype()
+    }
+
     /// Checks a request before any work: sizes, reference count, and every reference readable.
     fn prepared_refs(&self, req: &SampleRequest) -> Result<Vec<RgbImage>> {
         for (name, v) in [
@@ -185,102 +222,198 @@ impl Sampler {
         }
         req.refs
             .iter()
-            .map(|p| {
-                let img =
-                    image::open(p).map_err(|e| bad(p.display().to_string(), e.to_string()))?;
-                Ok(flux::reference_image::prepare(
-                    &img,
-                    req.ref_size as u32,
-                    flux::reference_image::OFFICIAL_SCALE,
-                ))
-            })
+            .map(|p| load_reference(p, req.ref_size))
             .collect()
     }
 
     /// The references as model inputs: VAE latents packed into tokens, with their ids.
     fn ref_inputs(&self, refs: &[RgbImage]) -> Result<Option<RefInputs>> {
-        if refs.is_empty() {
-            return Ok(None);
-        }
-        let (mut latents, mut ids, mut lens) = (Vec::new(), Vec::new(), Vec::new());
-        for (k, img) in refs.iter().enumerate() {
-            let px = pixels(img);
-            let z = self
-                .encoders
-                .encode_images(&[&px])?
-                .to_device(&self.device)?;
-            let (rows, cols) = (z.dim(2)? / 2, z.dim(3)? / 2);
-            latents.push(pack_latents(&z)?);
-            ids.extend(reference_ids(rows, cols, k));
-            lens.push(rows * cols);
-        }
-        Ok(Some(RefInputs {
-            latents: Tensor::cat(&latents, 1)?.to_dtype(self.model.dtype())?,
-            ids,
-            lens,
-            timestep: vec![0.0],
-            guidance: vec![1.0],
-        }))
+        reference_inputs(&self.encoders, refs, self.model.dtype(), &self.device)
     }
 
     /// Makes the image `req` asks for.
     pub fn sample(&mut self, req: &SampleRequest) -> Result<Sampled> {
-        let refs = self.prepared_refs(req)?;
+        let t0 = Instant::now();
+        let ref_images = self.prepared_refs(req)?;
         let (txt, pooled) = self.encoders.encode_text(&[req.prompt.as_str()])?;
+        let cond = Conditioning {
+            txt: txt.to_device(&self.device)?,
+            pooled: pooled.to_device(&self.device)?,
+            refs: self.ref_inputs(&ref_images)?,
+            ref_images,
+        };
+        let view = Renderer {
+            model: &self.model,
+            lora: self.lora.view(false),
+            decoder: &self.decoder,
+        };
+        let mut out = view.render(&cond, &req.render())?;
+        out.timings.encode += t0.elapsed() - out.timings.total();
+        Ok(out)
+    }
+}
+
+/// A prompt and its references, encoded: what an image needs besides its noise.
+pub struct Conditioning {
+    /// T5 embeddings [1, L, ctx] and CLIP pooled [1, pooled], on the model's device.
+    pub txt: Tensor,
+    pub pooled: Tensor,
+    pub refs: Option<RefInputs>,
+    /// The prepared reference images (for panels and grids).
+    pub ref_images: Vec<RgbImage>,
+}
+
+/// How to render one image from a [`Conditioning`].
+#[derive(Debug, Clone)]
+pub struct RenderOptions {
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub guidance: f32,
+    pub seed: u64,
+    pub ref_cache: bool,
+    /// Start latents [1, N, 64] instead of the seed's noise.
+    pub start: Option<Tensor>,
+}
+
+impl SampleRequest {
+    fn render(&self) -> RenderOptions {
+        RenderOptions {
+            width: self.width,
+            height: self.height,
+            steps: self.steps,
+            guidance: self.guidance,
+            seed: self.seed,
+            ref_cache: self.ref_cache,
+            start: self.start.clone(),
+        }
+    }
+}
+
+/// The reference image at `path` prepared as the official inference prepares it (white
+/// background, cropped to its content, 0.9 of a `side`-pixel square); an unreadable file is
+/// named.
+pub fn load_reference(path: &Path, side: usize) -> Result<RgbImage> {
+    let img = image::open(path).map_err(|e| bad(path.display().to_string(), e.to_string()))?;
+    Ok(flux::reference_image::prepare(
+        &img,
+        side as u32,
+        flux::reference_image::OFFICIAL_SCALE,
+    ))
+}
+
+/// The references `refs` as model inputs: VAE latents (posterior mode) packed into tokens,
+/// with the official position ids, clean (t = 0, guidance 1).
+pub fn reference_inputs(
+    encoders: &flux::encoders::Encoders,
+    refs: &[RgbImage],
+    dtype: DType,
+    device: &Device,
+) -> Result<Option<RefInputs>> {
+    if refs.is_empty() {
+        return Ok(None);
+    }
+    let (mut latents, mut ids, mut lens) = (Vec::new(), Vec::new(), Vec::new());
+    for (k, img) in refs.iter().enumerate() {
+        let px = pixels(img);
+        let z = encoders.encode_images(&[&px])?.to_device(device)?;
+        let (rows, cols) = (z.dim(2)? / 2, z.dim(3)? / 2);
+        latents.push(pack_latents(&z)?);
+        ids.extend(reference_ids(rows, cols, k));
+        lens.push(rows * cols);
+    }
+    Ok(Some(RefInputs {
+        latents: Tensor::cat(&latents, 1)?.to_dtype(dtype)?,
+        ids,
+        lens,
+        timestep: vec![0.0],
+        guidance: vec![1.0],
+    }))
+}
+
+/// A model, the LoRA to sample with and the decoder: what turns a [`Conditioning`] into an
+/// image. Training's validation renders with the run's own model and (EMA) LoRA.
+pub struct Renderer<'a> {
+    pub model: &'a Flux,
+    pub lora: flux::LoraView<'a>,
+    pub decoder: &'a flux::encoders::VaeDecoder,
+}
+
+impl Renderer<'_> {
+    /// One image: the seed's noise (its own stream, `Purpose::Sample`), the denoising loop,
+    /// the decoder.
+    pub fn render(&self, cond: &Conditioning, opts: &RenderOptions) -> Result<Sampled> {
+        let device = self.model.device().clone();
         let dtype = self.model.dtype();
-        let (h, w) = (req.height / 8, req.width / 8);
+        for (name, v) in [("--width", opts.width), ("--height", opts.height)] {
+            if v < 16 || v % 16 != 0 {
+                return Err(bad(name, format!("{v}: must be a positive multiple of 16")));
+            }
+        }
+        let (h, w) = (opts.height / 8, opts.width / 8);
         let (rows, cols) = (h / 2, w / 2);
         let n = rows * cols;
-        let start = match &req.start {
-            Some(t) if t.dims() == [1, n, 64] => t.to_device(&self.device)?,
+        let start = match &opts.start {
+            Some(t) if t.dims() == [1, n, 64] => t.to_device(&device)?,
             Some(t) => {
                 return Err(bad(
                     "--latents",
                     format!(
                         "{:?}, expected [1, {n}, 64] for {}x{} px",
                         t.dims(),
-                        req.width,
-                        req.height
+                        opts.width,
+                        opts.height
                     ),
                 ))
             }
             None => {
-                let mut rng = stream(req.seed, Purpose::Sample, &[0]);
+                let mut rng = stream(opts.seed, Purpose::Sample, &[0]);
                 let v: Vec<f32> = (0..n * 64)
                     .map(|_| StandardNormal.sample(&mut rng))
                     .collect();
-                Tensor::from_vec(v, (1, n, 64), &self.device)?
+                Tensor::from_vec(v, (1, n, 64), &device)?
             }
         };
         let inputs = ModelInputs {
             img: start.to_dtype(dtype)?,
             img_ids: grid_ids(rows, cols, 0),
-            txt_ids: text_ids(txt.dim(1)?),
-            txt: txt.to_device(&self.device)?.to_dtype(dtype)?,
-            pooled: pooled.to_device(&self.device)?.to_dtype(dtype)?,
+            txt_ids: text_ids(cond.txt.dim(1)?),
+            txt: cond.txt.to_dtype(dtype)?,
+            pooled: cond.pooled.to_dtype(dtype)?,
             timestep: vec![],
             guidance: vec![],
-            refs: self.ref_inputs(&refs)?,
+            refs: cond.refs.clone(),
             isolate_refs: true,
             row_queries: None,
         };
-        let schedule = FlowMatchSchedule::flux(req.steps, n);
-        let x = flux::sample::denoise(
-            &self.model,
-            self.lora.view(false),
+        let schedule = FlowMatchSchedule::flux(opts.steps, n);
+        device.synchronize()?;
+        let t1 = Instant::now();
+        let denoised = flux::sample::denoise(
+            self.model,
+            self.lora,
             inputs,
             &schedule,
-            req.guidance,
-            req.ref_cache,
+            opts.guidance,
+            opts.ref_cache,
         )?;
-        let latents = x.to_dtype(DType::F32)?;
+        device.synchronize()?;
+        let t2 = Instant::now();
+        let latents = denoised.latents.to_dtype(DType::F32)?;
         let z = unpack_latents(&latents, h, w)?;
         let image = to_rgb(&self.decoder.decode(&z)?)?;
-        let panel = panel(&refs, &image);
+        let timings = SampleTimings {
+            encode: Duration::ZERO,
+            denoise: t2 - t1,
+            decode: t2.elapsed(),
+        };
+        let panel = panel(&cond.ref_images, &image);
         Ok(Sampled {
             image,
             panel,
             latents,
+            timings,
+            ref_cache_bytes: denoised.ref_cache_bytes,
         })
     }
 }

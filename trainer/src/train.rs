@@ -16,6 +16,7 @@ use crate::error::{Result, TrainerError};
 use crate::metrics::{MetricsLog, StepMetrics};
 use crate::objective::LossParts;
 use crate::run::{device_of, lora_path, Run};
+use crate::validation::Validator;
 
 /// What a finished run reports.
 pub struct TrainOutcome {
@@ -109,6 +110,10 @@ pub fn train_with(
         .transpose()?;
     let mut checkpointer = Checkpointer::new(&run)?;
     let max_steps = run.cfg.train.max_steps;
+    let validator = Validator::prepare(&run.cfg, &run)?;
+    if run.start_step == 0 && run.cfg.validation.at_start {
+        validate(validator.as_ref(), &run, 0, &mut metrics)?;
+    }
     let bar = progress_bar(max_steps, run.cfg.train.progress && leader);
     bar.set_position(run.start_step.min(max_steps));
     let mut losses = Vec::with_capacity(max_steps as usize);
@@ -122,6 +127,9 @@ pub fn train_with(
             log.write(&m)?;
         }
         checkpointer.after_step(&run, step + 1)?;
+        if run.cfg.validation.due(step + 1, max_steps) && !run.stop_agreed {
+            validate(validator.as_ref(), &run, step + 1, &mut metrics)?;
+        }
         if leader && ((step + 1) % run.cfg.train.log_every == 0 || step + 1 == max_steps) {
             log_step(&m);
         }
@@ -155,6 +163,29 @@ pub fn train_with(
         start_step: run.start_step,
         max_steps,
     })
+}
+
+/// Renders the validation images after `done` steps (every rank its share); rank 0 logs
+/// where they are.
+fn validate(
+    validator: Option<&Validator>,
+    run: &Run,
+    done: u64,
+    metrics: &mut Option<MetricsLog>,
+) -> Result<()> {
+    let Some(v) = validator else { return Ok(()) };
+    if let Some(record) = v.render(run, done, &run.cfg.run_dir())? {
+        tracing::info!(
+            step = done,
+            grid = %record.validation.grid,
+            s = record.validation.s,
+            "validation images"
+        );
+        if let Some(log) = metrics {
+            log.write(&record)?;
+        }
+    }
+    Ok(())
 }
 
 /// Rank 0 takes the run folder and checks that the start loses nothing there

@@ -64,6 +64,7 @@ fn a_run_stopped_by_a_signal_says_so() {
     let config = crate::common::repo_root().join("configs/tiny-cpu.toml");
     let sets = vec![
         "data.source=\"synthetic\"".to_string(),
+        "validation.every=0".to_string(),
         "train.progress=false".to_string(),
         "train.max_steps=400".to_string(),
         "train.signal_exit_code=75".to_string(),

@@ -26,6 +26,7 @@ pub fn tiny_config(dir: &Path, sets: &[&str]) -> Config {
         format!("run.dir={:?}", dir.display().to_string()),
         "train.progress=false".into(),
         "data.source=\"synthetic\"".into(),
+        "validation.every=0".into(),
     ];
     all.extend(sets.iter().map(|s| s.to_string()));
     Config::load(&repo_root().join("configs").join("tiny-cpu.toml"), &all).expect("tiny config")

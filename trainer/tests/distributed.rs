@@ -257,6 +257,8 @@ pub fn trainer_spec(
             "--set",
             "data.source=\"synthetic\"",
             "--set",
+            "validation.every=0",
+            "--set",
             "data.samples=8",
             "--set",
             "train.batch_size=1",

@@ -65,6 +65,8 @@ fn node_with(
             "--set",
             "data.source=\"synthetic\"",
             "--set",
+            "validation.every=0",
+            "--set",
             "data.samples=8",
             "--set",
             "train.batch_size=1",

@@ -143,8 +143,9 @@ fn the_denoising_loop_matches_diffusers_flux_pipeline() {
             row_queries: None,
         };
         let schedule = FlowMatchSchedule::flux(steps, n);
-        let got =
-            flux::sample::denoise(&model, lora.view(false), inputs, &schedule, 3.5, false).unwrap();
+        let got = flux::sample::denoise(&model, lora.view(false), inputs, &schedule, 3.5, false)
+            .unwrap()
+            .latents;
         let expected = &want[&format!("final_{steps}")];
         let err = max_abs_diff(&got, expected);
         assert!(

@@ -65,6 +65,7 @@ fn sets(dir: &Path, every: u64) -> Vec<String> {
         format!("run.dir={:?}", dir.display().to_string()),
         format!("train.max_steps={STEPS}"),
         "train.progress=false".into(),
+        "validation.every=0".into(),
         "data.samples=8".into(),
         "train.batch_size=1".into(),
         format!("checkpoint.every={every}"),

@@ -124,6 +124,8 @@ fn a_second_trainer_on_the_same_folder_is_refused_naming_the_first() {
                 "--set",
                 "data.source=\"synthetic\"",
                 "--set",
+                "validation.every=0",
+                "--set",
                 "train.progress=false",
                 "--set",
                 &format!("train.max_steps={steps}"),

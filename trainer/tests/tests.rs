@@ -16,4 +16,5 @@ mod run_folder;
 mod sample;
 mod shards;
 mod training;
+mod validation;
 mod weights_errors;

@@ -147,6 +147,7 @@ fn shrunk(config: &str, dir: &std::path::Path, extra: &[&str]) -> trainer::confi
         "lora.rank=4",
         "lora.alpha=4.0",
         "data.source=\"synthetic\"",
+        "validation.every=0",
         "data.cache=\"\"",
         "data.encoders=\"\"",
         "data.samples=6",

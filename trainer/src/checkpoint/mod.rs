@@ -516,7 +516,9 @@ impl Loaded {
 }
 
 /// Config keys that may change between a checkpoint and the run resuming from it.
-const MAY_CHANGE: [&str; 14] = [
+const MAY_CHANGE: [&str; 15] = [
+    // What to render and log, not what to train.
+    "validation.",
     "run.dir",
     "run.name",
     "train.max_steps",

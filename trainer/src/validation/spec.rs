@@ -1,0 +1,169 @@
+//! The `[validation]` table: which images to render during training, and when.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrainerError};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ValidationSpec {
+    /// Render every this many optimizer steps, and after the last one (0: never).
+    pub every: u64,
+    /// A case list in the official format (`[{"index", "prompt", "image_paths"}]`; relative
+    /// image paths start at its folder). `datasets synth` writes one for its scenes.
+    pub cases: String,
+    /// One image per case and seed; each seed's noise is its own stream.
+    pub seeds: Vec<u64>,
+    /// Denoising steps.
+    pub steps: usize,
+    /// Distilled guidance.
+    pub guidance: f32,
+    /// Square side in pixels (0: `data.resolution`).
+    pub size: usize,
+    /// Render with the EMA of the LoRA (needs `optim.ema_decay` > 0) instead of the live one.
+    pub ema: bool,
+    /// Also render before the first step of a fresh run (the base with the initial LoRA).
+    pub at_start: bool,
+    /// References attend only to themselves and their keys and values are computed once per
+    /// image (`trainer sample --ref-cache`).
+    pub ref_cache: bool,
+}
+
+impl Default for ValidationSpec {
+    fn default() -> Self {
+        Self {
+            every: 0,
+            cases: String::new(),
+            seeds: vec![42],
+            steps: 28,
+            guidance: 3.5,
+            size: 0,
+            ema: false,
+            at_start: false,
+            ref_cache: true,
+        }
+    }
+}
+
+impl ValidationSpec {
+    pub fn enabled(&self) -> bool {
+        self.every > 0
+    }
+
+    /// Whether to render after `done` completed steps of a run of `max_steps`.
+    pub fn due(&self, done: u64, max_steps: u64) -> bool {
+        self.enabled() && done > 0 && (done.is_multiple_of(self.every) || done == max_steps)
+    }
+
+    /// Range checks, naming the key; `ema_decay` is `optim.ema_decay`.
+    pub fn validate(&self, ema_decay: f64) -> Result<()> {
+        let err = |k: &str, why: &str| Err(TrainerError::config(k, why.to_string()));
+        if !self.enabled() {
+            return Ok(());
+        }
+        if self.cases.is_empty() {
+            return err(
+                "validation.cases",
+                "validation is on (validation.every > 0) but names no case list; `datasets synth` writes one as <out>/validation/cases.json",
+            );
+        }
+        if self.seeds.is_empty() {
+            return err("validation.seeds", "must hold at least one seed");
+        }
+        if self.steps == 0 {
+            return err("validation.steps", "must be at least 1");
+        }
+        if self.size != 0 && (self.size < 16 || !self.size.is_multiple_of(16)) {
+            return err(
+                "validation.size",
+                "must be a positive multiple of 16 (or 0: data.resolution)",
+            );
+        }
+        if !(self.guidance.is_finite() && self.guidance >= 0.0) {
+            return err("validation.guidance", "must be a finite number >= 0");
+        }
+        if self.ema && ema_decay <= 0.0 {
+            return err(
+                "validation.ema",
+                "renders with the EMA of the LoRA, but optim.ema_decay = 0 keeps none",
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn due_every_n_steps_and_after_the_last() {
+        let v = ValidationSpec {
+            every: 4,
+            cases: "c.json".into(),
+            ..Default::default()
+        };
+        let due: Vec<u64> = (0..=10).filter(|&s| v.due(s, 10)).collect();
+        assert_eq!(due, vec![4, 8, 10]);
+        assert!(!ValidationSpec::default().due(10, 10), "off by default");
+    }
+
+    #[test]
+    fn bad_settings_name_their_key() {
+        let on = ValidationSpec {
+            every: 1,
+            cases: "c.json".into(),
+            ..Default::default()
+        };
+        let cases = [
+            (
+                ValidationSpec {
+                    cases: String::new(),
+                    ..on.clone()
+                },
+                "validation.cases",
+            ),
+            (
+                ValidationSpec {
+                    seeds: vec![],
+                    ..on.clone()
+                },
+                "validation.seeds",
+            ),
+            (
+                ValidationSpec {
+                    steps: 0,
+                    ..on.clone()
+                },
+                "validation.steps",
+            ),
+            (
+                ValidationSpec {
+                    size: 100,
+                    ..on.clone()
+                },
+                "validation.size",
+            ),
+            (
+                ValidationSpec {
+                    guidance: f32::NAN,
+                    ..on.clone()
+                },
+                "validation.guidance",
+            ),
+            (
+                ValidationSpec {
+                    ema: true,
+                    ..on.clone()
+                },
+                "validation.ema",
+            ),
+        ];
+        for (spec, key) in cases {
+            let e = spec.validate(0.0).unwrap_err().to_string();
+            assert!(e.contains(key), "{e}");
+        }
+        on.validate(0.0).unwrap();
+        ValidationSpec { ema: true, ..on }.validate(0.99).unwrap();
+    }
+}
