@@ -34,7 +34,9 @@ pub struct Config {
     #[serde(default)]
     pub checkpoint: CheckpointSection,
     #[serde(default)]
-    pub validation: crate::validation::ValidationSpec,
+    pub validation: crate::validation::spec::ValidationSpec,
+    #[serde(default)]
+    pub logging: crate::run_log::spec::LoggingSpec,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

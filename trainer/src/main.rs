@@ -95,6 +95,15 @@ enum Command {
     /// Seconds per image of `trainer sample` for 1, 2 and 4 references, with and without the
     /// reference cache, as a markdown table.
     BenchSample(BenchSampleArgs),
+    /// A PNG of a run's curves (total loss, L_diff, SCAL, MDL, lr, grad norm, s/step) from its
+    /// metrics.jsonl, raw and smoothed.
+    Plot {
+        /// The run folder (holding metrics.jsonl).
+        run: PathBuf,
+        /// Where to write the PNG (default: RUN/metrics.png).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// One step's losses and LoRA gradients on the config's device against the CPU, from the
     /// same weights and batch (synthetic data); fails when they differ beyond the tolerance.
     CheckDevice {
@@ -366,6 +375,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Sample(args) => sample_cmd(args)?,
         Command::BenchStep(args) => bench_step_cmd(args)?,
         Command::BenchSample(args) => bench_sample_cmd(args)?,
+        Command::Plot { run, out } => {
+            let out = out.unwrap_or_else(|| run.join("metrics.png"));
+            trainer::charts::plot_run(&run, &out).context("plotting failed")?;
+            println!("wrote {}", out.display());
+        }
         Command::BenchAttention { chunk } => {
             if chunk == 0 {
                 anyhow::bail!("--chunk must be at least 1");

@@ -13,9 +13,10 @@ use crate::checkpoint::Checkpointer;
 use crate::config::Config;
 use crate::ddp::{self, Dist, DistError};
 use crate::error::{Result, TrainerError};
-use crate::metrics::{MetricsLog, StepMetrics};
+use crate::metrics::StepMetrics;
 use crate::objective::LossParts;
 use crate::run::{device_of, lora_path, Run};
+use crate::run_log::RunLog;
 use crate::validation::Validator;
 
 /// What a finished run reports.
@@ -105,14 +106,14 @@ pub fn train_with(
     run.stop_requested = stop;
     let resumed = run.resume()?.is_some();
     log_built(&run, &run_dir)?;
-    let mut metrics = leader
-        .then(|| MetricsLog::open(&run_dir.join("metrics.jsonl"), resumed, run.start_step))
+    let mut log = leader
+        .then(|| RunLog::open(&run.cfg.logging, &run_dir, resumed, run.start_step))
         .transpose()?;
     let mut checkpointer = Checkpointer::new(&run)?;
     let max_steps = run.cfg.train.max_steps;
     let validator = Validator::prepare(&run.cfg, &run)?;
     if run.start_step == 0 && run.cfg.validation.at_start {
-        validate(validator.as_ref(), &run, 0, &mut metrics)?;
+        validate(validator.as_ref(), &run, 0, &mut log)?;
     }
     let bar = progress_bar(max_steps, run.cfg.train.progress && leader);
     bar.set_position(run.start_step.min(max_steps));
@@ -123,12 +124,12 @@ pub fn train_with(
         let (m, parts) = run.train_step(step)?;
         run.skipped += m.skipped as u64;
         losses.push(parts);
-        if let Some(log) = &mut metrics {
-            log.write(&m)?;
+        if let Some(log) = &mut log {
+            log.step(&m)?;
         }
         checkpointer.after_step(&run, step + 1)?;
         if run.cfg.validation.due(step + 1, max_steps) && !run.stop_agreed {
-            validate(validator.as_ref(), &run, step + 1, &mut metrics)?;
+            validate(validator.as_ref(), &run, step + 1, &mut log)?;
         }
         if leader && ((step + 1) % run.cfg.train.log_every == 0 || step + 1 == max_steps) {
             log_step(&m);
@@ -149,6 +150,9 @@ pub fn train_with(
     let done = run.start_step + losses.len() as u64;
     let lora_path = lora_path(&run_dir);
     checkpointer.finish(&run, done)?;
+    if let Some(log) = &log {
+        log.finish();
+    }
     if leader {
         run.save_loras(&run_dir)?;
         tracing::info!(lora = %lora_path.display(), skipped = run.skipped, "training finished");
@@ -171,7 +175,7 @@ fn validate(
     validator: Option<&Validator>,
     run: &Run,
     done: u64,
-    metrics: &mut Option<MetricsLog>,
+    log: &mut Option<RunLog>,
 ) -> Result<()> {
     let Some(v) = validator else { return Ok(()) };
     if let Some(record) = v.render(run, done, &run.cfg.run_dir())? {
@@ -181,8 +185,8 @@ fn validate(
             s = record.validation.s,
             "validation images"
         );
-        if let Some(log) = metrics {
-            log.write(&record)?;
+        if let Some(log) = log {
+            log.validation(&record)?;
         }
     }
     Ok(())

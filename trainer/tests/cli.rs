@@ -92,3 +92,30 @@ fn a_run_stopped_by_a_signal_says_so() {
         "{said}"
     );
 }
+
+#[test]
+fn plot_draws_a_run_s_curves_and_names_what_is_missing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let cfg = crate::common::tiny_config(&run, &["train.max_steps=4", "logging.chart=false"]);
+    trainer::train::train(cfg).unwrap();
+    assert!(!run.join("metrics.png").exists(), "chart = false draws none");
+    let plot = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_trainer"))
+            .arg("plot")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = plot(&[run.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let img = image::open(run.join("metrics.png")).unwrap();
+    assert_eq!(img.width(), 1200);
+    let other = tmp.path().join("elsewhere.png");
+    let out = plot(&[run.to_str().unwrap(), "--out", other.to_str().unwrap()]);
+    assert!(out.status.success() && other.exists());
+    // A folder without metrics.jsonl is named.
+    let out = plot(&[tmp.path().to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("metrics.jsonl"), "{}", text(&out.stderr));
+}

@@ -516,9 +516,10 @@ impl Loaded {
 }
 
 /// Config keys that may change between a checkpoint and the run resuming from it.
-const MAY_CHANGE: [&str; 15] = [
+const MAY_CHANGE: [&str; 16] = [
     // What to render and log, not what to train.
     "validation.",
+    "logging.",
     "run.dir",
     "run.name",
     "train.max_steps",
