@@ -13,6 +13,7 @@ pub mod config;
 pub mod embed;
 pub mod encoders;
 pub mod error;
+pub mod eval;
 pub mod fused;
 pub mod grad;
 pub mod lora;

@@ -17,6 +17,7 @@ pub mod ddp;
 pub mod device_check;
 pub mod device_memory;
 pub mod error;
+pub mod eval;
 pub mod export;
 pub mod forward;
 pub mod hub;

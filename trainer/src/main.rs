@@ -95,6 +95,9 @@ enum Command {
     /// Seconds per image of `trainer sample` for 1, 2 and 4 references, with and without the
     /// reference cache, as a markdown table.
     BenchSample(BenchSampleArgs),
+    /// DreamBench's metrics of rendered samples: CLIP-I, CLIP-T and DINO per case and
+    /// overall, as a table and a JSON file.
+    Eval(EvalArgs),
     /// A PNG of a run's curves (total loss, L_diff, SCAL, MDL, lr, grad norm, s/step) from its
     /// metrics.jsonl, raw and smoothed.
     Plot {
@@ -243,6 +246,28 @@ struct BenchSampleArgs {
 }
 
 #[derive(clap::Args)]
+struct EvalArgs {
+    /// The folder of samples: <index>.png (trainer sample --cases) or <index>-seed<S>.png.
+    #[arg(long)]
+    samples: PathBuf,
+    /// The case list the samples were made from (official format).
+    #[arg(long)]
+    cases: PathBuf,
+    /// A CLIPModel checkpoint folder or URL (e.g. openai/clip-vit-base-patch32's files).
+    #[arg(long)]
+    clip: Option<String>,
+    /// A DINO ViT checkpoint folder or URL (e.g. facebook/dino-vits16's files).
+    #[arg(long)]
+    dino: Option<String>,
+    /// Where to write the metrics (JSON).
+    #[arg(long)]
+    out: PathBuf,
+    /// "cpu" or "cuda".
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(clap::Args)]
 struct BenchStepArgs {
     #[arg(long)]
     config: PathBuf,
@@ -375,6 +400,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Sample(args) => sample_cmd(args)?,
         Command::BenchStep(args) => bench_step_cmd(args)?,
         Command::BenchSample(args) => bench_sample_cmd(args)?,
+        Command::Eval(args) => eval_cmd(args)?,
         Command::Plot { run, out } => {
             let out = out.unwrap_or_else(|| run.join("metrics.png"));
             trainer::charts::plot_run(&run, &out).context("plotting failed")?;
@@ -585,6 +611,25 @@ fn bench_sample_cmd(a: BenchSampleArgs) -> anyhow::Result<()> {
             append_json(&path, r)?;
         }
     }
+    Ok(())
+}
+
+fn eval_cmd(a: EvalArgs) -> anyhow::Result<()> {
+    let device = match a.device.as_str() {
+        "cpu" => candle_core::Device::Cpu,
+        "cuda" => candle_core::Device::new_cuda(0).context("opening CUDA device 0")?,
+        other => anyhow::bail!("--device {other}: cpu or cuda"),
+    };
+    let opts = trainer::eval::EvalOptions {
+        samples: a.samples,
+        cases: a.cases,
+        clip: a.clip,
+        dino: a.dino,
+    };
+    let report = trainer::eval::evaluate(&opts, &device).context("evaluation failed")?;
+    print!("{}", trainer::eval::table(&report));
+    trainer::eval::write(&report, &a.out)?;
+    println!("wrote {}", a.out.display());
     Ok(())
 }
 

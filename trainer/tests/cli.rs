@@ -99,7 +99,10 @@ fn plot_draws_a_run_s_curves_and_names_what_is_missing() {
     let run = tmp.path().join("run");
     let cfg = crate::common::tiny_config(&run, &["train.max_steps=4", "logging.chart=false"]);
     trainer::train::train(cfg).unwrap();
-    assert!(!run.join("metrics.png").exists(), "chart = false draws none");
+    assert!(
+        !run.join("metrics.png").exists(),
+        "chart = false draws none"
+    );
     let plot = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_trainer"))
             .arg("plot")
@@ -117,5 +120,9 @@ fn plot_draws_a_run_s_curves_and_names_what_is_missing() {
     // A folder without metrics.jsonl is named.
     let out = plot(&[tmp.path().to_str().unwrap()]);
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("metrics.jsonl"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("metrics.jsonl"),
+        "{}",
+        text(&out.stderr)
+    );
 }

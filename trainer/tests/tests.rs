@@ -6,6 +6,7 @@
 mod cli;
 mod common;
 mod distributed;
+mod eval;
 mod export;
 mod failures;
 mod gradients;

@@ -151,7 +151,7 @@ fn join(dir: &str, name: &str) -> String {
 
 /// The weight files of a diffusers or transformers component folder `dir`: `{stem}.safetensors`
 /// or the files its `{stem}.safetensors.index.json` lists.
-fn weight_files(folder: &dyn ModelFiles, dir: &str, stem: &str) -> Result<Vec<PathBuf>> {
+pub(crate) fn weight_files(folder: &dyn ModelFiles, dir: &str, stem: &str) -> Result<Vec<PathBuf>> {
     let single = join(dir, &format!("{stem}.safetensors"));
     let index = format!("{single}.index.json");
     if folder.exists(&index)? {
