@@ -204,7 +204,7 @@ pub fn evaluate(opts: &EvalOptions, device: &Device) -> Result<EvalReport> {
             reason: "give at least one model".into(),
         });
     }
-    let cases = read_cases(&opts.cases)?;
+    let cases = read_cases(&opts.cases.display().to_string())?;
     let samples = find_samples(opts, &cases)?;
     let judges = Judges::load(opts, device)?;
     let scored = cases

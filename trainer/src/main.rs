@@ -166,9 +166,10 @@ struct SampleArgs {
     /// The base (overrides the config's model.weights): a diffusers folder or a safetensors file.
     #[arg(long)]
     weights: Option<String>,
-    /// A LoRA file (this project's, diffusers, PEFT or kohya keys).
+    /// A LoRA file or URL (this project's, diffusers, PEFT or kohya keys, or the released
+    /// MOSAIC LoRA).
     #[arg(long)]
-    lora: Option<PathBuf>,
+    lora: Option<String>,
     /// FLUX.1 pipeline folder or URL for T5, CLIP and the VAE (overrides data.encoders).
     #[arg(long)]
     encoders: Option<String>,
@@ -178,16 +179,16 @@ struct SampleArgs {
     /// An official case list (`[{"index", "prompt", "image_paths"}]`, image_paths a path or a
     /// list) rendered into --out-dir as <index>.png and <index>.panel.png.
     #[arg(long, requires = "out_dir", conflicts_with_all = ["prompt", "refs", "out"])]
-    cases: Option<PathBuf>,
+    cases: Option<String>,
     #[arg(long)]
     out_dir: Option<PathBuf>,
     /// Start latents (safetensors tensor `latents`, [1, N, 64] packed) instead of the seed's
     /// noise.
     #[arg(long)]
-    latents: Option<PathBuf>,
-    /// A reference image (repeat for several, up to 6).
+    latents: Option<String>,
+    /// A reference image, a path or URL (repeat for several, up to 6).
     #[arg(long = "ref")]
-    refs: Vec<PathBuf>,
+    refs: Vec<String>,
     /// Square side in pixels (default: the config's data.resolution, else 512).
     #[arg(long)]
     size: Option<usize>,
@@ -513,7 +514,11 @@ fn sample_jobs(
     });
     let req = trainer::sample::SampleRequest {
         prompt: a.prompt.clone().unwrap_or_default(),
-        refs: a.refs.clone(),
+        refs: a
+            .refs
+            .iter()
+            .map(|r| trainer::sample::local_copy(r))
+            .collect::<trainer::error::Result<_>>()?,
         width: a.width.unwrap_or(side),
         height: a.height.unwrap_or(side),
         ref_size: if from_config {
@@ -528,7 +533,7 @@ fn sample_jobs(
         start: a
             .latents
             .as_deref()
-            .map(trainer::sample::read_start)
+            .map(|l| trainer::sample::read_start(&trainer::sample::local_copy(l)?))
             .transpose()?,
     };
     let cases = a
@@ -564,7 +569,12 @@ fn sample_cmd(a: SampleArgs) -> anyhow::Result<()> {
     let cfg = sample_config(&a)?;
     let jobs = sample_jobs(&a, &cfg)?;
     let device = trainer::run::device_of(&cfg, 0)?;
-    let mut sampler = trainer::sample::Sampler::load(&cfg, a.lora.as_deref(), &device)
+    let lora = a
+        .lora
+        .as_deref()
+        .map(trainer::sample::local_copy)
+        .transpose()?;
+    let mut sampler = trainer::sample::Sampler::load(&cfg, lora.as_deref(), &device)
         .context("loading the pipeline")?;
     for (r, path) in jobs {
         let out = sampler

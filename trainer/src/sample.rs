@@ -80,21 +80,43 @@ impl Case {
     }
 }
 
-/// Reads an official case list, refusing a malformed one naming the file. Relative image
-/// paths are taken from the list's folder (as the official `example_cases.json`, whose paths
-/// start at the folder it lies in).
-pub fn read_cases(path: &Path) -> Result<Vec<Case>> {
-    let text = std::fs::read_to_string(path).map_err(|e| TrainerError::io(path, e))?;
+/// A local file for `arg`, a path or an object-store URL (s3://, gs://, az://, http(s)://,
+/// file://): the path itself, or a copy of the object in the model cache (fetched once, reused
+/// while its size holds).
+pub fn local_copy(arg: &str) -> Result<PathBuf> {
+    let cache = datasets::model_files::cache_root();
+    let (folder, name) = datasets::model_files::ModelFolder::open_file(arg, &cache)?;
+    Ok(folder.file(&name)?)
+}
+
+/// Reads the official case list at `arg` (a path or URL), refusing a malformed one naming it.
+/// Relative image paths start at the list's folder, as in the official `example_cases.json`;
+/// images behind URLs are fetched to local copies, local ones are checked by the caller.
+pub fn read_cases(arg: &str) -> Result<Vec<Case>> {
+    let local = local_copy(arg)?;
+    let text = std::fs::read_to_string(&local).map_err(|e| TrainerError::io(&local, e))?;
     let mut cases: Vec<Case> = serde_json::from_str(&text).map_err(|e| TrainerError::Parse {
-        file: path.to_path_buf(),
+        file: PathBuf::from(arg),
         reason: format!("not a list of {{\"index\", \"prompt\", \"image_paths\"}}: {e}"),
     })?;
-    let base = path.parent().unwrap_or(Path::new(""));
-    let under = |p: &str| base.join(p).display().to_string();
+    let base = arg.rsplit_once('/').map(|(dir, _)| dir);
+    let place = |p: &str| -> Result<String> {
+        let joined = match base {
+            Some(dir) if !p.contains("://") && !Path::new(p).is_absolute() => format!("{dir}/{p}"),
+            _ => p.to_string(),
+        };
+        if joined.contains("://") {
+            Ok(local_copy(&joined)?.display().to_string())
+        } else {
+            Ok(joined)
+        }
+    };
     for c in &mut cases {
         c.image_paths = match &c.image_paths {
-            OneOrMany::One(p) => OneOrMany::One(under(p)),
-            OneOrMany::Many(v) => OneOrMany::Many(v.iter().map(|p| under(p)).collect()),
+            OneOrMany::One(p) => OneOrMany::One(place(p)?),
+            OneOrMany::Many(v) => {
+                OneOrMany::Many(v.iter().map(|p| place(p)).collect::<Result<_>>()?)
+            }
         };
     }
     Ok(cases)

@@ -77,7 +77,7 @@ fn clip_and_dino_match_transformers_on_the_same_pixels() {
         let err = max_abs_diff(&d, &want[&format!("dino_cls.{key}")]);
         assert!(err <= EMBED_TOL, "DINO {key}: {err}");
     }
-    let cases = trainer::sample::read_cases(&dir().join("cases.json")).unwrap();
+    let cases = trainer::sample::read_cases(dir().join("cases.json").to_str().unwrap()).unwrap();
     for c in &cases {
         let i = c.stem();
         let ids: Vec<i64> = want[&format!("text_ids.{i}")].to_vec1().unwrap();

@@ -304,3 +304,80 @@ fn the_pipeline_matches_diffusers_flux_pipeline() {
         / ours.len() as f32;
     assert!(mean <= 1.0 / 255.0, "mean pixel error {mean}");
 }
+
+#[test]
+fn lora_references_and_case_lists_come_from_urls_too() {
+    let tmp = tempfile::tempdir().unwrap();
+    let served = tmp.path().join("served");
+    std::fs::create_dir_all(served.join("refs")).unwrap();
+    reference(&served.join("refs"), "a.png", [200, 20, 20]);
+    // A LoRA file: a short run's export.
+    let run = tmp.path().join("run");
+    let out = trainer::train::train(tiny_config(&run, &["train.max_steps=2"])).unwrap();
+    std::fs::copy(&out.lora_path, served.join("lora.safetensors")).unwrap();
+    // Relative image paths start at the list's folder, here a URL's.
+    std::fs::write(
+        served.join("cases.json"),
+        serde_json::json!([{"index": 7, "prompt": "a red box", "image_paths": "refs/a.png"}])
+            .to_string(),
+    )
+    .unwrap();
+    let (url, gets) = datasets::testing::serve_folder(served.clone());
+    let sample = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_trainer"))
+            .args(["sample", "--config"])
+            .arg(repo_root().join("configs/tiny-cpu.toml"))
+            .args([
+                "--steps",
+                "2",
+                "--size",
+                "32",
+                "--lora",
+                &format!("{url}/lora.safetensors"),
+            ])
+            .args(extra)
+            .env("MOSAIC_CACHE_DIR", tmp.path().join("cache"))
+            .output()
+            .unwrap()
+    };
+    let single = tmp.path().join("one.png");
+    let o = sample(&[
+        "--prompt",
+        "a red box",
+        "--ref",
+        &format!("{url}/refs/a.png"),
+        "--out",
+        single.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = sample(&[
+        "--cases",
+        &format!("{url}/cases.json"),
+        "--out-dir",
+        tmp.path().join("cases").to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The same inputs by URL and by path: the same image.
+    assert_eq!(
+        image::open(&single).unwrap().to_rgb8(),
+        image::open(tmp.path().join("cases/7.png"))
+            .unwrap()
+            .to_rgb8()
+    );
+    let gets = gets.lock().unwrap();
+    assert!(
+        gets.contains_key("/refs/a.png") && gets.contains_key("/cases.json"),
+        "{gets:?}"
+    );
+    // A URL that is not there is named.
+    let o = sample(&[
+        "--prompt",
+        "x",
+        "--ref",
+        &format!("{url}/refs/none.png"),
+        "--out",
+        "x.png",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("none.png"), "{err}");
+}

@@ -71,7 +71,7 @@ impl Validator {
             return Ok(None);
         }
         let list = Path::new(&spec.cases);
-        let cases = crate::sample::read_cases(list)?;
+        let cases = crate::sample::read_cases(&spec.cases)?;
         if cases.is_empty() {
             return Err(TrainerError::config(
                 "validation.cases",
