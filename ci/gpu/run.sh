@@ -223,6 +223,18 @@ else
   skip rows-vs-official "CPU mode: \`trainer bench-rows\` prints the CPU table (minutes at FLUX.1-dev sizes)"
 fi
 
+# ---- sampling: s/image at 512 px, 28 steps, 1/2/4 references, with and without the reference
+# cache (FLUX.1-dev dimensions, random weights, tiny encoders and decoder) beside the paper's
+# 1.53 s/it on an H20
+if [ "$MODE" = gpu ]; then
+  step bench-sample 240 "$BIN/trainer" bench-sample --config configs/mosaic-paper-512.toml \
+    --set 'model.weights=""' --set 'model.init="device"' --set 'data.encoders=""' --set 'model.device="cuda"' \
+    --set 'model.dtype="bf16"' --refs 1,2,4 --json "$OUT/bench-sample.jsonl"
+else
+  step bench-sample 120 "$BIN/trainer" bench-sample --config configs/tiny-cpu.toml --size 64 --steps 4 \
+    --refs 1,2 --json "$OUT/bench-sample.jsonl"
+fi
+
 # ---- the kernels behind one step, when the machine has Nsight Systems: the 40 that take the
 # most GPU time, as nsys' cuda_gpu_kern_sum table in $OUT/gpu-kernels.txt
 if [ "$MODE" = gpu ] && command -v nsys > /dev/null; then
@@ -253,6 +265,10 @@ fi
 
 python3 ci/gpu/report.py "$RES" "$OUT/gpu.txt" "$MODE" "$OUT/gpu-report.md" "$OUT/gpu-report.json"
 status=$?
+if grep -q '^|' "$OUT/logs/bench-sample.log" 2>/dev/null; then
+  { echo; echo "## Sampling (trainer bench-sample; the paper: 1.53 s/it on an H20)"; echo
+    grep '^|' "$OUT/logs/bench-sample.log"; } >> "$OUT/gpu-report.md"
+fi
 # One file for all logs: a device run brings back only a few files.
 for f in "$OUT"/logs/*.log; do echo "===== $(basename "$f")"; cat "$f"; done > "$OUT/logs.txt" 2>/dev/null
 rm -rf "$OUT/logs"
