@@ -132,6 +132,23 @@ impl FluxConfig {
         Ok(())
     }
 
+    /// This architecture as a diffusers `FluxTransformer2DModel` config.
+    pub fn to_diffusers_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "_class_name": "FluxTransformer2DModel",
+            "patch_size": 1,
+            "in_channels": self.in_channels,
+            "num_layers": self.num_double,
+            "num_single_layers": self.num_single,
+            "attention_head_dim": self.head_dim,
+            "num_attention_heads": self.num_heads,
+            "joint_attention_dim": self.context_dim,
+            "pooled_projection_dim": self.pooled_dim,
+            "guidance_embeds": self.guidance_embeds,
+            "axes_dims_rope": self.axes_dims,
+        })
+    }
+
     /// Reads a diffusers `transformer/config.json`.
     pub fn from_diffusers_json(path: &Path) -> Result<Self> {
         #[derive(Deserialize)]

@@ -96,11 +96,18 @@ impl CustomOp2 for FrozenMatmul {
     }
 }
 
-/// y = x W^T + b for a frozen weight `w_oi` [out, in] and bias [out].
+/// y = x W^T + b for a frozen weight `w_oi` [out, in] and bias [out]: the backward gives the
+/// input's gradient only. A weight that is a variable (the whole base trained, as
+/// `trainer pretrain-base` does) takes candle's matmul instead, whose backward gives the
+/// weight's gradient too.
 pub fn frozen_linear(x: &Tensor, w_oi: &Tensor, b_o: Option<&Tensor>) -> Result<Tensor> {
     let _phase = crate::profile::phase("op: frozen linear forward", x.device());
     let x = x.contiguous()?;
-    let y = x.apply_op2(w_oi, FrozenMatmul)?;
+    let y = if w_oi.is_variable() {
+        x.broadcast_matmul(&w_oi.t()?)?
+    } else {
+        x.apply_op2(w_oi, FrozenMatmul)?
+    };
     Ok(match b_o {
         Some(b) => y.broadcast_add(b)?,
         None => y,
@@ -135,10 +142,10 @@ pub fn layer_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// RMSNorm over the last dim with a learned weight (the QK norms): x / sqrt(mean(x^2) + eps) * w,
 /// one fused op whose backward gives no weight gradient (the QK-norm weights are frozen base
-/// weights).
+/// weights); a weight that is a variable takes the composed form, which gives it.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let _phase = crate::profile::phase("op: norms forward", x.device());
-    if fused_applies(x) {
+    if fused_applies(x) && !w.is_variable() {
         return Ok(kernels::fused::rms_norm(x, w, eps)?);
     }
     rms_norm_composed(x, w, eps)

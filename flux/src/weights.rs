@@ -224,6 +224,40 @@ impl Weights {
     }
 
     /// Writes the weights in diffusers naming to one safetensors file.
+    /// Every tensor as a trainable variable (in `dtype`), and weights that read them: a model
+    /// built from the returned weights trains its whole base (the frozen-weight ops see
+    /// variables and give their gradients). Variables are sorted by name.
+    pub fn trainable(&self, dtype: DType) -> Result<(Self, Vec<(String, candle_core::Var)>)> {
+        let mut names: Vec<&String> = self.map.keys().collect();
+        names.sort();
+        let mut vars = Vec::with_capacity(names.len());
+        let mut map = HashMap::with_capacity(names.len());
+        for name in names {
+            let var = candle_core::Var::from_tensor(&self.map[name].to_dtype(dtype)?)?;
+            map.insert(name.clone(), var.as_tensor().clone());
+            vars.push((name.clone(), var));
+        }
+        Ok((Self { map }, vars))
+    }
+
+    /// Weights from named tensors (the values of trained variables, for saving).
+    pub fn from_tensors(tensors: impl IntoIterator<Item = (String, Tensor)>) -> Self {
+        Self {
+            map: tensors.into_iter().collect(),
+        }
+    }
+
+    /// Writes a diffusers transformer folder: `config.json` (the architecture `cfg`) and
+    /// `diffusion_pytorch_model.safetensors`, which [`load`] and diffusers read.
+    pub fn save_diffusers(&self, cfg: &FluxConfig, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| FluxError::io(dir, e))?;
+        let config = dir.join("config.json");
+        let text = serde_json::to_string_pretty(&cfg.to_diffusers_json())
+            .map_err(|e| FluxError::write(&config, e))?;
+        std::fs::write(&config, text).map_err(|e| FluxError::io(&config, e))?;
+        self.save(&dir.join("diffusion_pytorch_model.safetensors"))
+    }
+
     pub fn save(&self, path: &Path) -> Result<()> {
         candle_core::safetensors::save(&self.map, path)?;
         Ok(())
@@ -739,6 +773,81 @@ mod tests {
             _ => panic!(),
         }
         assert!(bfl_to_diffusers("something.else.weight", h).is_none());
+    }
+
+    /// A loss of the plain forward (no references) that depends on every output.
+    fn base_loss(model: &crate::Flux, lora: &crate::Lora) -> Tensor {
+        use crate::embed::{grid_ids, text_ids};
+        use crate::test_util::uniform;
+        let inp = crate::ModelInputs {
+            img: uniform(&[1, 4, 64], 1, 1.0),
+            img_ids: grid_ids(2, 2, 0),
+            txt: uniform(&[1, 3, 32], 2, 1.0),
+            txt_ids: text_ids(3),
+            pooled: uniform(&[1, 16], 3, 1.0),
+            timestep: vec![0.4],
+            guidance: vec![1.0],
+            refs: None,
+            isolate_refs: true,
+            row_queries: None,
+        };
+        let pred = model.forward(&inp, lora.view(false)).unwrap().pred;
+        (pred * uniform(&[1, 4, 64], 4, 1.0))
+            .unwrap()
+            .sum_all()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_trainable_base_gets_the_gradients_of_finite_differences() {
+        let cfg = FluxConfig::tiny();
+        let base = Weights::random(&cfg, 7, DType::F64, &Device::Cpu).unwrap();
+        let (w, vars) = base.trainable(DType::F64).unwrap();
+        let spec = crate::LoraSpec {
+            targets: vec![],
+            ..Default::default()
+        };
+        let lora = crate::Lora::new(&cfg, &spec, 0, DType::F64, &Device::Cpu).unwrap();
+        let model = crate::Flux::new(cfg.clone(), &w, crate::RowBlocks::default()).unwrap();
+        let grads = base_loss(&model, &lora).backward().unwrap();
+        assert_eq!(vars.len(), base.len());
+        // A linear of each kind, a QK-norm weight (the fused RMSNorm gives none), biases.
+        for (name, at) in [
+            ("transformer_blocks.0.attn.to_q.weight", [3, 5]),
+            ("transformer_blocks.1.attn.norm_added_k.weight", [0, 7]),
+            ("single_transformer_blocks.1.proj_out.weight", [2, 40]),
+            ("x_embedder.bias", [0, 9]),
+            ("time_text_embed.guidance_embedder.linear_1.weight", [1, 2]),
+            ("norm_out.linear.weight", [4, 1]),
+        ] {
+            let var = &vars.iter().find(|(n, _)| n == name).unwrap().1;
+            let g = grads
+                .get(var)
+                .unwrap_or_else(|| panic!("{name}: no gradient"));
+            let orig = var.as_tensor().copy().unwrap();
+            let flat = orig.flatten_all().unwrap();
+            let i = if var.rank() == 1 {
+                at[1]
+            } else {
+                at[0] * var.dim(1).unwrap() + at[1]
+            };
+            let g_i = g.flatten_all().unwrap().to_vec1::<f64>().unwrap()[i];
+            let h = 1e-5;
+            let mut fd = 0.0;
+            for (sign, scale) in [(1.0, 1.0), (-1.0, -1.0)] {
+                let mut v = flat.to_vec1::<f64>().unwrap();
+                v[i] += sign * h;
+                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+                fd += scale * base_loss(&model, &lora).to_scalar::<f64>().unwrap();
+            }
+            var.set(&orig).unwrap();
+            fd /= 2.0 * h;
+            assert!(
+                (g_i - fd).abs() <= 1e-6 * fd.abs().max(1e-3),
+                "{name}: gradient {g_i} vs finite difference {fd}"
+            );
+        }
     }
 
     #[test]
