@@ -11,27 +11,15 @@ cd "$(dirname "$0")/.."
 run_dir="$1"
 PY="${INTEROP_PYTHON:-}"
 if [ -z "$PY" ]; then
-  cache="${MOSAIC_CI_CACHE:-$HOME/.cache/mosaic-ci}"
-  venv="$cache/interop-venv"
-  PY="$venv/bin/python"
-  if ! "$PY" -c "import torch, diffusers, peft, safetensors" 2>/dev/null; then
-    probe=$(mktemp -d)
-    if ! timeout 60 python3 -m pip download -q --no-deps --dest "$probe" six >/dev/null 2>&1; then
-      echo "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
-      echo "!! SKIPPED: interop check (diffusers/PEFT loading of our export): no package   !!"
-      echo "!! registry reachable to install torch, diffusers and peft.                  !!"
-      echo "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
-      rm -rf "$probe"
-      exit 0
-    fi
-    rm -rf "$probe"
-    mkdir -p "$cache"
-    python3 -m venv "$venv"
-    "$PY" -m pip install -q --upgrade pip
-    timeout 300 "$PY" -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu \
-      || "$PY" -m pip install -q torch
-    "$PY" -m pip install -q "diffusers==0.42.1" "peft==0.21.2" safetensors
-  fi
+  source ci/venv.sh
+  install_interop() {
+    timeout 300 "$VENV/bin/python" -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu \
+      || "$VENV/bin/python" -m pip install -q torch
+    "$VENV/bin/python" -m pip install -q "diffusers==0.42.1" "peft==0.21.2" safetensors
+  }
+  cached_venv interop-venv "import torch, diffusers, peft, safetensors" \
+    "interop check (diffusers/PEFT loading of our export)" install_interop || exit 0
+  PY="$VENV/bin/python"
 fi
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT

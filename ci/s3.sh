@@ -7,25 +7,11 @@
 # ${MOSAIC_CI_CACHE:-~/.cache/mosaic-ci}; with no package registry reachable it says so loudly, and
 # the object-store tests fail under .ci/run (MOSAIC_REQUIRE_SERVERS=1) or skip without it.
 s3_start() {
-  local cache="${MOSAIC_CI_CACHE:-$HOME/.cache/mosaic-ci}"
-  local venv="$cache/s3-venv"
-  if [ ! -x "$venv/bin/moto_server" ]; then
-    local probe
-    probe=$(mktemp -d)
-    if ! timeout 60 python3 -m pip download -q --no-deps --dest "$probe" six >/dev/null 2>&1; then
-      rm -rf "$probe"
-      echo "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
-      echo "!! SKIPPED: S3 test server (moto): no package registry reachable; object-    !!"
-      echo "!! store tests run against local folders only.                               !!"
-      echo "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
-      return 0
-    fi
-    rm -rf "$probe"
-    mkdir -p "$cache"
-    python3 -m venv "$venv"
-    "$venv/bin/python" -m pip install -q --upgrade pip
-    "$venv/bin/python" -m pip install -q "moto[server]"
-  fi
+  source ci/venv.sh
+  install_moto() { "$VENV/bin/python" -m pip install -q "moto[server]"; }
+  cached_venv s3-venv "import moto.server" \
+    "S3 test server (moto); object-store tests run against local folders only" install_moto || return 0
+  local venv="$VENV"
   local port
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   "$venv/bin/moto_server" -H 127.0.0.1 -p "$port" >"${TMPDIR:-/tmp}/moto-$port.log" 2>&1 &

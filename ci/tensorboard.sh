@@ -10,25 +10,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 run_dir="$1"
-cache="${MOSAIC_CI_CACHE:-$HOME/.cache/mosaic-ci}"
-venv="$cache/tensorboard-venv"
-PY="$venv/bin/python"
-if ! "$PY" -c "import tensorboard" 2>/dev/null; then
-  probe=$(mktemp -d)
-  if ! timeout 60 python3 -m pip download -q --no-deps --dest "$probe" six >/dev/null 2>&1; then
-    echo "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
-    echo "!! SKIPPED: TensorBoard check (EventAccumulator reading our event files): no    !!"
-    echo "!! package registry reachable to install tensorboard.                          !!"
-    echo "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
-    rm -rf "$probe"
-    exit 0
-  fi
-  rm -rf "$probe"
-  mkdir -p "$cache"
-  python3 -m venv "$venv"
-  "$PY" -m pip install -q --upgrade pip
-  "$PY" -m pip install -q "tensorboard==2.21.0"
-fi
+source ci/venv.sh
+install_tensorboard() { "$VENV/bin/python" -m pip install -q "tensorboard==2.21.0"; }
+cached_venv tensorboard-venv "import tensorboard" \
+  "TensorBoard check (EventAccumulator reading our event files)" install_tensorboard || exit 0
+PY="$VENV/bin/python"
 "$PY" ci/tensorboard_check.py "$run_dir"
 
 # A resumed run: 6 steps with checkpoints at 2, 4, 6, then again from step 4.
