@@ -24,6 +24,7 @@ pub mod hub;
 pub mod metrics;
 pub mod objective;
 pub mod optim;
+pub mod pretrain;
 pub mod run;
 pub mod run_dir;
 pub mod run_log;

@@ -98,6 +98,14 @@ enum Command {
     /// DreamBench's metrics of rendered samples: CLIP-I, CLIP-T and DINO per case and
     /// overall, as a table and a JSON file.
     Eval(EvalArgs),
+    /// Train ALL weights of a (small) FLUX base with flow matching on the data's targets and
+    /// captions, no references, no LoRA; writes RUN/base/ (load it as model.weights).
+    PretrainBase {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
     /// A PNG of a run's curves (total loss, L_diff, SCAL, MDL, lr, grad norm, s/step) from its
     /// metrics.jsonl, raw and smoothed.
     Plot {
@@ -402,6 +410,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::BenchStep(args) => bench_step_cmd(args)?,
         Command::BenchSample(args) => bench_sample_cmd(args)?,
         Command::Eval(args) => eval_cmd(args)?,
+        Command::PretrainBase { config, set } => pretrain_cmd(&config, &set)?,
         Command::Plot { run, out } => {
             let out = out.unwrap_or_else(|| run.join("metrics.png"));
             trainer::charts::plot_run(&run, &out).context("plotting failed")?;
@@ -621,6 +630,21 @@ fn bench_sample_cmd(a: BenchSampleArgs) -> anyhow::Result<()> {
             append_json(&path, r)?;
         }
     }
+    Ok(())
+}
+
+fn pretrain_cmd(config: &std::path::Path, set: &[String]) -> anyhow::Result<()> {
+    let cfg = load_config(config, set)?;
+    let out = trainer::pretrain::pretrain(cfg).context("pretraining failed")?;
+    let (first, last) = (out.losses.first(), out.losses.last());
+    println!(
+        "pretrained {} steps (loss {:.4} -> {:.4}, {} skipped); base written to {}",
+        out.losses.len(),
+        first.copied().unwrap_or(f64::NAN),
+        last.copied().unwrap_or(f64::NAN),
+        out.skipped,
+        out.base_dir.display()
+    );
     Ok(())
 }
 

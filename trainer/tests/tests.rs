@@ -12,6 +12,7 @@ mod failures;
 mod gradients;
 mod mosaic_parity;
 mod parity;
+mod pretrain;
 mod resume;
 mod run_folder;
 mod sample;
