@@ -138,7 +138,13 @@ where
     if !(y0.is_finite() && y1.is_finite()) {
         (y0, y1) = (0.0, 1.0);
     }
-    let pad = ((y1 - y0) * 0.05).max(y1.abs().max(1e-12) * 1e-3);
+    // A flat curve (a loss that is off) gets a readable range around its value.
+    let spread = y1 - y0;
+    let pad = if spread > 1e-9 * y1.abs().max(y0.abs()).max(1e-12) {
+        spread * 0.05
+    } else {
+        y1.abs().max(1.0) * 0.5
+    };
     let mut chart = ChartBuilder::on(area)
         .caption(name, ("sans-serif", 18))
         .margin(8)
