@@ -238,9 +238,12 @@ mod tests {
     #[test]
     fn frozen_linear_matches_matmul_and_has_no_weight_gradient() {
         let x = Var::from_tensor(&randn(&[2, 3, 4], 1)).unwrap();
+        // A frozen weight is a plain tensor: the custom op, whose backward computes the
+        // input's gradient only.
         let w = Var::from_tensor(&randn(&[5, 4], 2)).unwrap();
+        let frozen_w = w.as_tensor().detach();
         let b = randn(&[5], 3);
-        let y = frozen_linear(x.as_tensor(), w.as_tensor(), Some(&b)).unwrap();
+        let y = frozen_linear(x.as_tensor(), &frozen_w, Some(&b)).unwrap();
         let reference = x
             .as_tensor()
             .broadcast_matmul(&w.as_tensor().t().unwrap())
@@ -265,6 +268,13 @@ mod tests {
         let gx_ref = ref_grads.get(x.as_tensor()).unwrap();
         let diff = max_diff(gx, gx_ref);
         assert!(diff < 1e-12);
+        // A weight that is a variable (a base being trained) gets matmul's gradient.
+        let y = frozen_linear(x.as_tensor(), w.as_tensor(), Some(&b)).unwrap();
+        let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let gw = grads
+            .get(w.as_tensor())
+            .expect("a variable weight gets a gradient");
+        assert!(max_diff(gw, ref_grads.get(w.as_tensor()).unwrap()) < 1e-12);
     }
 
     #[test]

@@ -404,9 +404,7 @@ fn same_width(config: &Path, what: &str, width: usize, model_key: &str, want: us
 
 /// The parts [`super::Encoders`] is made of.
 pub(crate) struct Loaded {
-    pub vae: VaeEncoder,
-    pub vae_scale: f64,
-    pub vae_shift: f64,
+    pub vae: super::ImageEncoder,
     pub t5: T5EncoderModel,
     pub t5_tokenizer: TextTokenizer,
     pub clip: ClipTextTransformer,
@@ -472,9 +470,11 @@ pub(crate) fn load(
         }
     };
     Ok(Loaded {
-        vae,
-        vae_scale: scale,
-        vae_shift: shift,
+        vae: super::ImageEncoder::Vae {
+            encoder: vae,
+            scale,
+            shift,
+        },
         t5,
         t5_tokenizer,
         clip,

@@ -1,5 +1,6 @@
-//! The tiny random encoders: FLUX-architecture VAE encoder, T5 and CLIP at the widths a small
-//! model needs, with weights drawn from the run seed (the same seed gives the same encoders on
+//! The tiny encoders: the pixel codec in place of a VAE (exact and weightless, so that samples
+//! decode to pictures; [`super::pixel_codec`]), and T5 and CLIP at the widths a small model
+//! needs, with weights drawn from the run seed (the same seed gives the same encoders on
 //! every rank and every restart) and a byte-level tokenizer (ByT5-style ids: byte + 3 for T5;
 //! byte + 1 with the end token as the largest id for CLIP, whose pooled output is taken at the
 //! end token). The tiny CPU model trains with these.
@@ -11,7 +12,6 @@ use candle_nn::{VarBuilder, VarMap};
 use candle_transformers::models::clip::text_model::{
     Activation, ClipTextConfig, ClipTextTransformer,
 };
-use candle_transformers::models::flux::autoencoder::{Config as VaeConfig, Encoder as VaeEncoder};
 use candle_transformers::models::t5::{Config as T5Config, T5EncoderModel};
 use rand::Rng;
 use rand::SeedableRng;
@@ -19,31 +19,17 @@ use rand_chacha::ChaCha8Rng;
 
 use super::pretrained::Loaded;
 use super::tokenize::TextTokenizer;
-use super::{EncodeError, Result, LATENT_CHANNELS};
+use super::{EncodeError, Result};
 
 /// What the fingerprint says about these encoders.
 pub fn fingerprint(seed: u64, context_dim: usize, pooled_dim: usize) -> String {
-    format!("tiny-random/vae-ch32-mult1111/t5-d{context_dim}-l2/clip-d{pooled_dim}-l2/seed{seed}")
+    format!("tiny-random/pixel-codec-pool4/t5-d{context_dim}-l2/clip-d{pooled_dim}-l2/seed{seed}")
 }
 
 const T5_SPECIAL: u32 = 3;
 const T5_EOS: u32 = 1;
 const CLIP_VOCAB: usize = 258;
 const CLIP_EOS: u32 = 257;
-
-fn vae_config() -> VaeConfig {
-    VaeConfig {
-        resolution: 256,
-        in_channels: 3,
-        ch: 32,
-        out_ch: 3,
-        ch_mult: vec![1, 1, 1, 1],
-        num_res_blocks: 1,
-        z_channels: LATENT_CHANNELS,
-        scale_factor: 1.0,
-        shift_factor: 0.0,
-    }
-}
 
 fn t5_config(context_dim: usize) -> Result<T5Config> {
     let heads = if context_dim.is_multiple_of(32) {
@@ -147,19 +133,10 @@ fn frozen(weights: HashMap<String, Tensor>, dtype: DType, device: &Device) -> Va
     VarBuilder::from_tensors(weights, dtype, device)
 }
 
-/// The tiny VAE's decoder, seeded like its encoder (a random decoder: what it draws is noise,
-/// which is all a tiny random pipeline can show).
-pub fn vae_decoder(seed: u64, dtype: DType, device: &Device) -> Result<super::VaeDecoder> {
-    let cfg = vae_config();
-    let w = seeded_weights(
-        |vb| {
-            candle_transformers::models::flux::autoencoder::Decoder::new(&cfg, vb.pp("decoder"))
-                .map(|_| ())
-        },
-        "vae.",
-        seed,
-    )?;
-    super::VaeDecoder::new(&cfg, w, dtype, device, "tiny random VAE")
+/// The tiny pipeline's decoder: the pixel codec's ([`super::pixel_codec`]), which inverts
+/// its encoder at a quarter of the resolution.
+pub fn vae_decoder(_seed: u64, _dtype: DType, device: &Device) -> Result<super::VaeDecoder> {
+    Ok(super::VaeDecoder::pixels(device))
 }
 
 /// Builds the tiny encoders.
@@ -170,14 +147,8 @@ pub(crate) fn load(
     dtype: DType,
     device: &Device,
 ) -> Result<Loaded> {
-    let vae_cfg = vae_config();
     let t5_cfg = t5_config(context_dim)?;
     let clip_cfg = clip_config(pooled_dim);
-    let vae_w = seeded_weights(
-        |vb| VaeEncoder::new(&vae_cfg, vb.pp("encoder")).map(|_| ()),
-        "vae.",
-        seed,
-    )?;
     let t5_w = seeded_weights(
         |vb| T5EncoderModel::load(vb, &t5_cfg).map(|_| ()),
         "t5.",
@@ -189,9 +160,7 @@ pub(crate) fn load(
         seed,
     )?;
     Ok(Loaded {
-        vae: VaeEncoder::new(&vae_cfg, frozen(vae_w, dtype, device).pp("encoder"))?,
-        vae_shift: vae_cfg.shift_factor,
-        vae_scale: vae_cfg.scale_factor,
+        vae: super::ImageEncoder::Pixels,
         t5: T5EncoderModel::load(frozen(t5_w, dtype, device), &t5_cfg)?,
         t5_tokenizer: TextTokenizer::Bytes {
             offset: T5_SPECIAL,
@@ -209,29 +178,37 @@ pub(crate) fn load(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::encoders::LATENT_CHANNELS;
 
     #[test]
-    fn the_tiny_decoder_draws_8x_images_the_same_way_every_time() {
+    fn the_tiny_pipeline_decodes_what_it_encodes() {
         let dev = Device::Cpu;
-        let z = Tensor::randn(0f32, 1.0, (1, LATENT_CHANNELS, 4, 6), &dev).unwrap();
-        let a = vae_decoder(3, DType::F32, &dev)
+        let enc = super::super::Encoders::load(
+            &super::super::EncoderSource::TinyRandom { seed: 3 },
+            8,
+            32,
+            16,
+            DType::F32,
+            &dev,
+        )
+        .unwrap();
+        // A left half of -1 and a right half of +1 survives the round trip exactly.
+        let (h, w) = (16, 32);
+        let data: Vec<f32> = (0..3 * h * w)
+            .map(|i| if i % w < w / 2 { -1.0 } else { 1.0 })
+            .collect();
+        let px = super::super::Pixels {
+            height: h,
+            width: w,
+            data: data.clone(),
+        };
+        let z = enc.encode_images(&[&px]).unwrap();
+        assert_eq!(z.dims(), &[1, LATENT_CHANNELS, 2, 4]);
+        let y = vae_decoder(3, DType::F32, &dev)
             .unwrap()
             .decode(&z)
             .unwrap();
-        let b = vae_decoder(3, DType::F32, &dev)
-            .unwrap()
-            .decode(&z)
-            .unwrap();
-        assert_eq!(a.dims(), &[1, 3, 32, 48]);
-        let d = (&a - &b).unwrap().abs().unwrap().max_all().unwrap();
-        assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
-        let m = a
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(m.is_finite() && m > 0.0);
+        let got: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(got, data);
     }
 }
