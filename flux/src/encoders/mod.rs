@@ -98,7 +98,7 @@ pub struct VaeDecoder {
 
 enum DecoderKind {
     Vae {
-        decoder: candle_transformers::models::flux::autoencoder::Decoder,
+        decoder: Box<candle_transformers::models::flux::autoencoder::Decoder>,
         scale: f64,
         shift: f64,
     },
@@ -108,7 +108,7 @@ enum DecoderKind {
 /// Pixels to latents: FLUX's VAE encoder (z = (mean - shift) x scale), or the pixel codec.
 pub(crate) enum ImageEncoder {
     Vae {
-        encoder: VaeEncoder,
+        encoder: Box<VaeEncoder>,
         scale: f64,
         shift: f64,
     },
@@ -130,7 +130,7 @@ impl VaeDecoder {
                 .map_err(|e| EncodeError::candle(at, e))?;
         Ok(Self {
             kind: DecoderKind::Vae {
-                decoder,
+                decoder: Box::new(decoder),
                 scale: cfg.scale_factor,
                 shift: cfg.shift_factor,
             },

@@ -471,7 +471,7 @@ pub(crate) fn load(
     };
     Ok(Loaded {
         vae: super::ImageEncoder::Vae {
-            encoder: vae,
+            encoder: Box::new(vae),
             scale,
             shift,
         },
