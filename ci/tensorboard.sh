@@ -20,7 +20,8 @@ PY="$VENV/bin/python"
 # A resumed run: 6 steps with checkpoints at 2, 4, 6, then again from step 4.
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-train=(target/debug/trainer train --config configs/tiny-cpu.toml --set 'data.source="synthetic"'
+train=(target/debug/trainer train --config configs/tiny-cpu.toml --set 'model.weights=""' --set data.text_tokens=16
+  --set 'data.source="synthetic"'
   --set validation.every=0 --set train.progress=false --set "run.dir=\"$work\""
   --set checkpoint.every=2 --set train.max_steps=6)
 "${train[@]}" > "$work/first.log" 2>&1

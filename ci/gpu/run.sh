@@ -102,7 +102,9 @@ for b in trainer launcher; do
   [ -x "$BIN/$b" ] || { echo "run.sh: $BIN/$b is missing (GPU: run ci/gpu/build.sh; CPU: cargo build --bins)"; exit 1; }
 done
 
-TINY=(--config configs/tiny-cpu.toml --set 'data.source="synthetic"' --set train.progress=false --set validation.every=0)
+# The tiny preset from its seeded random init (not the committed base), 16 caption tokens.
+TINY=(--config configs/tiny-cpu.toml --set 'model.weights=""' --set data.text_tokens=16
+  --set 'data.source="synthetic"' --set train.progress=false --set validation.every=0)
 
 # ---- a. correctness
 if [ "$MODE" = gpu ]; then
@@ -132,6 +134,7 @@ resume_run() {
   local dir=$1 ranks=$2
   shift 2
   local args=(--config configs/tiny-cpu.toml --nproc-per-node "$ranks" --stop-timeout 30 --
+    --set 'model.weights=""' --set data.text_tokens=16
     --set 'data.source="synthetic"' --set train.progress=false --set validation.every=0 --set "run.dir=\"$dir\""
     --set train.max_steps=30 --set checkpoint.every=5 --set train.log_every=5 --set data.samples=16 "$@")
   "$BIN/launcher" "${args[@]}" & local pid=$!
@@ -171,7 +174,8 @@ bench() { # LABEL PX REFS EXTRA_LIMIT [extra trainer args...]
       --set 'data.source="synthetic"' --set 'data.cache=""' --set 'data.encoders=""' --set data.samples=4
       --set data.drop_refs=0 --set data.drop_text=0 --set data.drop_both=0)
   else
-    local sets=(--config configs/tiny-cpu.toml --set 'model.preset="tiny"' --set 'data.source="synthetic"'
+    local sets=(--config configs/tiny-cpu.toml --set 'model.weights=""' --set data.text_tokens=16
+      --set 'model.preset="tiny"' --set 'data.source="synthetic"'
       --set data.samples=4 --set lora.rank=8 --set train.checkpointing=true --set 'model.device="cpu"')
   fi
   step "bench-$label" "$limit" "$BIN/trainer" bench-step "${sets[@]}" --set train.progress=false \
@@ -232,6 +236,7 @@ if [ "$MODE" = gpu ]; then
     --set 'model.dtype="bf16"' --refs 1,2,4 --json "$OUT/bench-sample.jsonl"
 else
   step bench-sample 120 "$BIN/trainer" bench-sample --config configs/tiny-cpu.toml --size 64 --steps 4 \
+    --set 'model.weights=""' --set data.text_tokens=16 \
     --refs 1,2 --json "$OUT/bench-sample.jsonl"
 fi
 

@@ -80,10 +80,16 @@ struct SynthArgs {
     /// Targets of varied aspect ratios (1:2 to 2:1) of about --size squared pixels.
     #[arg(long)]
     aspects: bool,
-    /// Also write this many validation cases (scenes after the training samples) to
-    /// <out>/validation/cases.json, the official case-list format (`validation.cases`).
+    /// Also write this many validation cases (the first scenes of the held-out split:
+    /// subjects training never shows) to <out>/validation/cases.json, the official case-list
+    /// format (`validation.cases`).
     #[arg(long, default_value_t = 4)]
     validation_cases: usize,
+    /// Also write this many held-out scenes (subjects training never shows), with their
+    /// correspondences, as a dataset at <out>/heldout (`validation.heldout`, `trainer eval
+    /// --heldout`): the attention and identity measures read it.
+    #[arg(long, default_value_t = 16)]
+    heldout_samples: usize,
     #[command(flatten)]
     shards: ShardArgs,
 }
@@ -289,6 +295,7 @@ fn synth_cmd(args: SynthArgs) -> Result<()> {
         ref_size,
         aspects,
         validation_cases,
+        heldout_samples,
         shards,
     } = args;
     if !(1..=6).contains(&min_refs) || !(min_refs..=6).contains(&max_refs) {
@@ -317,7 +324,17 @@ fn synth_cmd(args: SynthArgs) -> Result<()> {
     if validation_cases > 0 {
         let cases =
             synth::write_validation_cases(&Location::parse(&out)?, &opts, validation_cases)?;
-        println!("wrote {validation_cases} validation cases (unseen scenes) to {cases}");
+        println!("wrote {validation_cases} validation cases (held-out subjects) to {cases}");
+    }
+    if heldout_samples > 0 {
+        let heldout = format!("{}/{}", out.trim_end_matches('/'), synth::HELDOUT_DIR);
+        let opts = SynthOptions {
+            samples: heldout_samples,
+            split: synth::Split::HeldOut,
+            ..opts
+        };
+        synth_to(&heldout, &opts, &shards)?;
+        println!("wrote {heldout_samples} held-out scenes to {heldout}");
     }
     Ok(())
 }

@@ -1,12 +1,16 @@
 //! `datasets synth`: multi-subject scenes with exact correspondences and masks.
 //!
-//! Each sample pastes 1 to `max_refs` subjects (squares, discs, diamonds and rings with a
-//! per-kind colour, gradient and stripes, some mirrored) at known places and sizes into a target
-//! over a gradient background; reference k shows subject k alone on a plain background at
-//! another place and size, with its mask. A correspondence is a reference pixel on the subject
-//! and the target pixel with the same subject-local coordinates, kept where subject k is the
-//! visible one there, so points and masks are exact. Images are PNG, JPEG or lossless WebP so
-//! all three decoders are exercised. The same (options, seed) always gives the same bytes.
+//! A subject is a shape (square, disc, diamond, ring), a colour (8) and a pattern (plain,
+//! striped, checked, two-tone): 128 identities, each named in words ("teal striped disc").
+//! A quarter of them (one pattern per colour and shape) form the held-out split: training
+//! scenes never show them, so validation on them tests subjects never seen, named by words
+//! that were. Each sample pastes 1 to `max_refs` subjects of distinct colours at known places
+//! and sizes into a target over a gradient background; reference k shows subject k alone on a
+//! plain background at another place and size, with its mask. A correspondence is a reference
+//! pixel on the subject and the target pixel with the same subject-local coordinates, kept
+//! where subject k is the visible one there, so points and masks are exact. The caption names
+//! the subjects. Images are PNG, JPEG or lossless WebP so all three decoders are exercised.
+//! The same (options, seed) always gives the same bytes.
 
 use image::{GrayImage, RgbImage};
 use rand::{Rng, SeedableRng};
@@ -31,6 +35,16 @@ pub struct SynthOptions {
     /// Targets of varied aspect ratios (1:2 to 2:1, about `size` squared pixels) instead of
     /// squares: the scene is drawn square and stretched, so points and masks stay exact.
     pub aspects: bool,
+    /// Which subjects the scenes show: the training ones or the held-out ones.
+    pub split: Split,
+}
+
+/// The subjects a dataset's scenes show (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Split {
+    #[default]
+    Train,
+    HeldOut,
 }
 
 impl Default for SynthOptions {
@@ -44,6 +58,7 @@ impl Default for SynthOptions {
             ref_size: 192,
             point_stride: 4,
             aspects: false,
+            split: Split::Train,
         }
     }
 }
@@ -78,30 +93,66 @@ fn stretched(target: RgbImage, opts: &SynthOptions, index: usize) -> RgbImage {
     image::imageops::resize(&target, w, h, image::imageops::FilterType::Triangle)
 }
 
-const KIND_NAMES: [&str; 8] = [
-    "red square",
-    "green disc",
-    "blue diamond",
-    "yellow ring",
-    "purple square",
-    "orange disc",
-    "teal diamond",
-    "pink ring",
+const SHAPES: [&str; 4] = ["square", "disc", "diamond", "ring"];
+const COLOURS: [(&str, [f32; 3]); 8] = [
+    ("red", [210.0, 40.0, 40.0]),
+    ("green", [40.0, 180.0, 60.0]),
+    ("blue", [40.0, 70.0, 210.0]),
+    ("yellow", [230.0, 210.0, 40.0]),
+    ("purple", [140.0, 50.0, 170.0]),
+    ("orange", [240.0, 140.0, 30.0]),
+    ("teal", [30.0, 160.0, 160.0]),
+    ("pink", [240.0, 120.0, 180.0]),
 ];
-const KIND_COLOURS: [[f32; 3]; 8] = [
-    [210.0, 40.0, 40.0],
-    [40.0, 180.0, 60.0],
-    [40.0, 70.0, 210.0],
-    [230.0, 210.0, 40.0],
-    [140.0, 50.0, 170.0],
-    [240.0, 140.0, 30.0],
-    [30.0, 160.0, 160.0],
-    [240.0, 120.0, 180.0],
-];
+/// Patterns: the subject's colour alternates with a light version of it ("" is plain).
+const PATTERNS: [&str; 4] = ["", "striped", "checked", "two-tone"];
+
+/// A subject's identity: shape, colour and pattern (indices into the tables above).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity {
+    pub shape: usize,
+    pub colour: usize,
+    pub pattern: usize,
+}
+
+impl Identity {
+    /// Every identity, in a fixed order.
+    pub fn all() -> impl Iterator<Item = Identity> {
+        (0..PATTERNS.len()).flat_map(|pattern| {
+            (0..COLOURS.len()).flat_map(move |colour| {
+                (0..SHAPES.len()).map(move |shape| Identity {
+                    shape,
+                    colour,
+                    pattern,
+                })
+            })
+        })
+    }
+
+    /// The split this identity belongs to: for each (colour, shape) exactly one of the four
+    /// patterns is held out, so every word and every pair of words occurs in training.
+    pub fn split(&self) -> Split {
+        if (self.colour + 2 * self.shape + 3 * self.pattern) % 4 == 3 {
+            Split::HeldOut
+        } else {
+            Split::Train
+        }
+    }
+
+    /// "teal striped disc", "red square".
+    pub fn name(&self) -> String {
+        let colour = COLOURS[self.colour].0;
+        let shape = SHAPES[self.shape];
+        match PATTERNS[self.pattern] {
+            "" => format!("{colour} {shape}"),
+            pattern => format!("{colour} {pattern} {shape}"),
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy)]
 struct Subject {
-    kind: usize,
+    id: Identity,
     x: f32,
     y: f32,
     size: f32,
@@ -123,12 +174,12 @@ impl Subject {
     }
 }
 
-fn inside(kind: usize, u: f32, v: f32) -> bool {
+fn inside(shape: usize, u: f32, v: f32) -> bool {
     if !(0.0..1.0).contains(&u) || !(0.0..1.0).contains(&v) {
         return false;
     }
     let (du, dv) = (u - 0.5, v - 0.5);
-    match kind % 4 {
+    match shape {
         0 => true,
         1 => du * du + dv * dv <= 0.25,
         2 => du.abs() + dv.abs() <= 0.5,
@@ -136,19 +187,26 @@ fn inside(kind: usize, u: f32, v: f32) -> bool {
     }
 }
 
-fn colour(kind: usize, u: f32, v: f32) -> [u8; 3] {
-    let base = KIND_COLOURS[kind];
-    let stripe = if ((u * 4.0).floor() as i32) % 2 == 0 {
-        1.0
-    } else {
-        0.8
+/// The colour of subject `id` at subject-local (u, v): its pattern in its colour and a light
+/// version of it, shaded from top to bottom so that orientation shows.
+fn colour(id: Identity, u: f32, v: f32) -> [u8; 3] {
+    let base = COLOURS[id.colour].1;
+    let cell = |x: f32| (x * 4.0).floor() as i32;
+    let light = match PATTERNS[id.pattern] {
+        "striped" => cell(u) % 2 == 1,
+        "checked" => (cell(u) + cell(v)) % 2 == 1,
+        "two-tone" => v >= 0.5,
+        _ => false,
     };
-    let shade = 0.75 + 0.35 * v;
-    let mut out = [0u8; 3];
-    for c in 0..3 {
-        out[c] = (base[c] * stripe * shade + 25.0 * u).clamp(0.0, 255.0) as u8;
-    }
-    out
+    let shade = 0.8 + 0.3 * v;
+    [0, 1, 2].map(|c| {
+        let b = if light {
+            0.45 * base[c] + 0.55 * 255.0
+        } else {
+            base[c]
+        };
+        (b * shade).clamp(0.0, 255.0) as u8
+    })
 }
 
 /// Renders subjects over `bg`; returns the image and, per pixel, the visible subject.
@@ -165,14 +223,14 @@ fn render(
         let mut top = None;
         for (i, s) in subjects.iter().enumerate() {
             let (u, v) = s.local(cx, cy);
-            if inside(s.kind, u, v) {
+            if inside(s.id.shape, u, v) {
                 top = Some((i, u, v));
             }
         }
         p.0 = match top {
             Some((i, u, v)) => {
                 label[(y * w + x) as usize] = Some(i);
-                colour(subjects[i].kind, u, v)
+                colour(subjects[i].id, u, v)
             }
             None => bg(x, y),
         };
@@ -194,23 +252,34 @@ fn encode(img: &RgbImage, format: usize) -> Vec<u8> {
     }
 }
 
+/// `k` identities of `split` with distinct colours, drawn from `rng`.
+fn identities(split: Split, k: usize, rng: &mut impl Rng) -> Vec<Identity> {
+    let mut pool: Vec<Identity> = Identity::all().filter(|i| i.split() == split).collect();
+    let mut out: Vec<Identity> = Vec::with_capacity(k);
+    while out.len() < k && !pool.is_empty() {
+        let id = pool.swap_remove(rng.random_range(0..pool.len()));
+        pool.retain(|p| p.colour != id.colour);
+        out.push(id);
+    }
+    out
+}
+
 /// Sample `index` of the synthetic dataset.
 pub fn sample(opts: &SynthOptions, index: usize) -> RawSample {
-    let mut rng = ChaCha8Rng::seed_from_u64(mix(opts.seed, &[0x5e17, index as u64]));
+    let stream = match opts.split {
+        Split::Train => 0x5e17,
+        Split::HeldOut => 0x4e1d,
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(mix(opts.seed, &[stream, index as u64]));
     let (w, h) = (opts.size, opts.size);
     let lo = opts.min_refs.clamp(1, 6);
     let k = rng.random_range(lo..=opts.max_refs.clamp(lo, 6));
-    let mut kinds: Vec<usize> = (0..KIND_NAMES.len()).collect();
-    for i in 0..kinds.len() {
-        let j = rng.random_range(i..kinds.len());
-        kinds.swap(i, j);
-    }
-    let subjects: Vec<Subject> = kinds[..k]
-        .iter()
-        .map(|&kind| {
+    let subjects: Vec<Subject> = identities(opts.split, k, &mut rng)
+        .into_iter()
+        .map(|id| {
             let size = rng.random_range(0.3..0.55) * w as f32;
             Subject {
-                kind,
+                id,
                 x: rng.random_range(0.0..(w as f32 - size)),
                 y: rng.random_range(0.0..(h as f32 - size)),
                 size,
@@ -237,7 +306,7 @@ pub fn sample(opts: &SynthOptions, index: usize) -> RawSample {
         };
         let size = rng.random_range(0.5..0.85) * rw.min(rh) as f32;
         let placed = Subject {
-            kind: s.kind,
+            id: s.id,
             x: rng.random_range(0.0..(rw as f32 - size)),
             y: rng.random_range(0.0..(rh as f32 - size)),
             size,
@@ -279,17 +348,21 @@ pub fn sample(opts: &SynthOptions, index: usize) -> RawSample {
         refs.push(RawRef {
             image: encode(&img, index + i + 1),
             mask: Some(png_mask(&mask)),
-            label: Some(KIND_NAMES[s.kind].to_string()),
+            label: Some(s.id.name()),
         });
         correspondences.push(RawCorrespondence {
             reference: i as u8,
             points,
         });
     }
-    let names: Vec<&str> = subjects.iter().map(|s| KIND_NAMES[s.kind]).collect();
+    let names: Vec<String> = subjects.iter().map(|s| s.id.name()).collect();
+    let split = match opts.split {
+        Split::Train => "",
+        Split::HeldOut => "heldout-",
+    };
     RawSample {
-        sample_id: format!("synth-{:08x}-{index:07}", opts.seed as u32),
-        caption: format!("a photo of a {}", names.join(" and a ")),
+        sample_id: format!("synth-{split}{:08x}-{index:07}", opts.seed as u32),
+        caption: names.join(", "),
         target: encode(&stretched(target, opts, index), index),
         refs,
         correspondences,
@@ -314,9 +387,12 @@ pub fn write_dataset(
 
 /// Folder of a synthetic dataset that holds its validation cases.
 pub const VALIDATION_DIR: &str = "validation";
+/// Folder of a synthetic dataset that holds its held-out scenes, as a dataset of their own.
+pub const HELDOUT_DIR: &str = "heldout";
 
-/// Writes `n` validation cases next to the dataset at `loc`: scenes `opts.samples..+n`, which
-/// training never reads, as `validation/cases.json` in the official case-list format
+/// Writes `n` validation cases next to the dataset at `loc`: held-out scenes `0..n` (subjects
+/// training never shows; the first scenes of the held-out dataset), as
+/// `validation/cases.json` in the official case-list format
 /// (`[{"index", "prompt", "image_paths"}]`, paths relative to that file) with each reference
 /// as `<index>-ref<k>.png` and the scene itself as `<index>-target.png` (`target_path`).
 /// Returns the path of `cases.json` as `loc` names it.
@@ -330,10 +406,13 @@ pub fn write_validation_cases(
             .map(|i| i.to_rgb8())
             .map_err(|e| crate::error::DataError::input(format!("synthetic {what}"), e))
     };
+    let heldout = SynthOptions {
+        split: Split::HeldOut,
+        ..opts.clone()
+    };
     let mut cases = Vec::with_capacity(n);
-    for i in 0..n {
-        let index = opts.samples + i;
-        let s = sample(opts, index);
+    for index in 0..n {
+        let s = sample(&heldout, index);
         let mut paths = Vec::with_capacity(s.refs.len());
         for (k, r) in s.refs.iter().enumerate() {
             let name = format!("{index}-ref{k}.png");
@@ -377,16 +456,81 @@ mod tests {
         let cases: Vec<serde_json::Value> =
             serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         assert_eq!(cases.len(), 3);
+        let heldout = SynthOptions {
+            split: Split::HeldOut,
+            ..opts.clone()
+        };
         for (i, c) in cases.iter().enumerate() {
-            // Indices after the training samples: scenes training never reads.
-            assert_eq!(c["index"], 5 + i);
-            assert_eq!(c["prompt"], sample(&opts, 5 + i).caption);
+            // The held-out split's scenes: subjects training never shows.
+            assert_eq!(c["index"], i);
+            assert_eq!(c["prompt"], sample(&heldout, i).caption);
             let refs = c["image_paths"].as_array().unwrap();
-            assert_eq!(refs.len(), sample(&opts, 5 + i).refs.len());
+            assert_eq!(refs.len(), sample(&heldout, i).refs.len());
             for r in refs {
                 let img = image::open(tmp.path().join("validation").join(r.as_str().unwrap()));
                 assert!(img.is_ok(), "{r} is an image");
             }
+        }
+    }
+
+    #[test]
+    fn held_out_subjects_never_appear_in_training_but_their_words_do() {
+        let all: Vec<Identity> = Identity::all().collect();
+        assert_eq!(all.len(), 128);
+        let held: Vec<&Identity> = all.iter().filter(|i| i.split() == Split::HeldOut).collect();
+        assert_eq!(held.len(), 32);
+        // Every (colour, shape) pair keeps three of its four patterns for training.
+        for c in 0..COLOURS.len() {
+            for sh in 0..SHAPES.len() {
+                let n = held
+                    .iter()
+                    .filter(|i| i.colour == c && i.shape == sh)
+                    .count();
+                assert_eq!(n, 1, "colour {c} shape {sh}");
+            }
+        }
+        let names = |split: Split| {
+            let opts = SynthOptions {
+                samples: 40,
+                size: 64,
+                ref_size: 48,
+                split,
+                ..Default::default()
+            };
+            (0..40)
+                .flat_map(|i| sample(&opts, i).refs)
+                .filter_map(|r| r.label)
+                .collect::<std::collections::BTreeSet<String>>()
+        };
+        let (train, heldout) = (names(Split::Train), names(Split::HeldOut));
+        assert!(train.is_disjoint(&heldout), "{train:?} vs {heldout:?}");
+        let held_names: std::collections::BTreeSet<String> =
+            held.iter().map(|i| i.name()).collect();
+        assert!(heldout.is_subset(&held_names));
+        let words = |set: &std::collections::BTreeSet<String>| {
+            set.iter()
+                .flat_map(|n| n.split(' ').map(str::to_string).collect::<Vec<_>>())
+                .collect::<std::collections::BTreeSet<String>>()
+        };
+        assert!(words(&heldout).is_subset(&words(&train)));
+    }
+
+    #[test]
+    fn captions_name_the_subjects_and_colours_are_distinct() {
+        let opts = SynthOptions {
+            samples: 20,
+            max_refs: 4,
+            size: 64,
+            ref_size: 48,
+            ..Default::default()
+        };
+        for i in 0..20 {
+            let s = sample(&opts, i);
+            let names: Vec<String> = s.refs.iter().filter_map(|r| r.label.clone()).collect();
+            assert_eq!(s.caption, names.join(", "));
+            let colours: std::collections::BTreeSet<&str> =
+                names.iter().filter_map(|n| n.split(' ').next()).collect();
+            assert_eq!(colours.len(), names.len(), "{names:?}");
         }
     }
 

@@ -19,6 +19,7 @@ pub fn synth_opts(samples: usize, max_refs: usize) -> SynthOptions {
         ref_size: 48,
         point_stride: 4,
         aspects: false,
+        split: synth::Split::Train,
     }
 }
 

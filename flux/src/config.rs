@@ -73,6 +73,17 @@ impl FluxConfig {
         }
     }
 
+    /// The tiny model at twice its width (4 heads x 32) with twice the single blocks: wide
+    /// enough to denoise the synthetic scenes' tokens (16 x 16 px each), still a CPU model
+    /// (the committed tiny base, trainer/assets/tiny-base).
+    pub fn small() -> Self {
+        Self {
+            num_heads: 4,
+            num_single: 4,
+            ..Self::tiny()
+        }
+    }
+
     /// A mid-sized CPU model for benchmarks (about 1/6 of FLUX.1-dev's width, 6 + 12 blocks).
     pub fn medium() -> Self {
         Self {

@@ -18,6 +18,8 @@ pub enum Purpose {
     Points = 7,
     Dropout = 8,
     Sample = 9,
+    /// The held-out measures' noise (never a training stream).
+    Probe = 10,
 }
 
 /// FNV-1a, a fixed hash for names (std's hasher is not stable across releases).

@@ -137,6 +137,7 @@ impl Default for RunSection {
 #[serde(rename_all = "kebab-case")]
 pub enum Preset {
     Tiny,
+    Small,
     Medium,
     FluxDev,
 }
@@ -145,6 +146,7 @@ impl Preset {
     pub fn config(self) -> FluxConfig {
         match self {
             Preset::Tiny => FluxConfig::tiny(),
+            Preset::Small => FluxConfig::small(),
             Preset::Medium => FluxConfig::medium(),
             Preset::FluxDev => FluxConfig::flux_dev(),
         }
@@ -329,8 +331,12 @@ pub struct DataSection {
     /// Shards: latent cache made by `datasets precompute` (empty: encode while training).
     pub cache: String,
     /// Shards: FLUX.1 pipeline folder or URL (diffusers layout) holding the pretrained VAE, T5
-    /// and CLIP with their tokenizers; empty: tiny random encoders drawn from `run.seed`.
+    /// and CLIP with their tokenizers; empty: tiny random encoders drawn from `encoder_seed`.
     pub encoders: String,
+    /// The seed of the tiny random encoders (absent: `run.seed`). A tiny base is trained with
+    /// one set of encoders; runs of other seeds on it keep that set by naming its seed here.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encoder_seed: Option<u64>,
     /// Shards: the VAE from elsewhere (BFL `ae.safetensors` or a diffusers vae folder).
     pub vae: String,
     /// Shards: rows shuffled together (per rank) beyond the shuffle of row groups.
@@ -369,6 +375,7 @@ impl Default for DataSection {
             url: String::new(),
             cache: String::new(),
             encoders: String::new(),
+            encoder_seed: None,
             vae: String::new(),
             shuffle_rows: 256,
             io_threads: 4,

@@ -164,6 +164,8 @@ mod tests {
                 "data.ref_resolution=64".into(),
                 "data.samples=2".into(),
                 "data.min_refs=2".into(),
+                "model.weights=\"\"".into(),
+                "data.text_tokens=16".into(),
                 "train.progress=false".into(),
                 format!("model.dtype=\"{dtype}\""),
                 format!("train.checkpointing={ckpt}"),

@@ -21,6 +21,7 @@ pub mod eval;
 pub mod export;
 pub mod forward;
 pub mod hub;
+pub mod measures;
 pub mod metrics;
 pub mod objective;
 pub mod optim;

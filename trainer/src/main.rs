@@ -257,11 +257,25 @@ struct BenchSampleArgs {
 #[derive(clap::Args)]
 struct EvalArgs {
     /// The folder of samples: <index>.png (trainer sample --cases) or <index>-seed<S>.png.
-    #[arg(long)]
-    samples: PathBuf,
+    #[arg(long, required_unless_present = "heldout", conflicts_with = "heldout")]
+    samples: Option<PathBuf>,
     /// The case list the samples were made from (official format).
+    #[arg(long, required_unless_present = "heldout", conflicts_with = "heldout")]
+    cases: Option<PathBuf>,
+    /// Instead: measure correspondence accuracy, separation and identity on this held-out
+    /// dataset (`datasets synth` writes <out>/heldout) with the base of --config and --lora.
+    #[arg(long, requires = "config")]
+    heldout: Option<String>,
+    /// With --heldout: the run config (its base, encoders, sizes, loss blocks, measure
+    /// settings of [validation]).
     #[arg(long)]
-    cases: PathBuf,
+    config: Option<PathBuf>,
+    /// With --heldout: override a config key by its dotted path.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// With --heldout: the LoRA to measure (path or URL; none: the base alone).
+    #[arg(long)]
+    lora: Option<String>,
     /// A CLIPModel checkpoint folder or URL (e.g. openai/clip-vit-base-patch32's files).
     #[arg(long)]
     clip: Option<String>,
@@ -654,9 +668,28 @@ fn eval_cmd(a: EvalArgs) -> anyhow::Result<()> {
         "cuda" => candle_core::Device::new_cuda(0).context("opening CUDA device 0")?,
         other => anyhow::bail!("--device {other}: cpu or cuda"),
     };
+    if let (Some(url), Some(config)) = (&a.heldout, &a.config) {
+        let cfg = load_config(config, &a.set)?;
+        let lora = a
+            .lora
+            .as_deref()
+            .map(trainer::sample::local_copy)
+            .transpose()?;
+        let m = trainer::measures::eval_heldout(&cfg, url, lora.as_deref(), &device)
+            .context("measuring on the held-out dataset failed")?;
+        print!("{}", trainer::measures::table(&m));
+        let text = serde_json::to_string_pretty(&m)?;
+        std::fs::write(&a.out, text + "\n")
+            .with_context(|| format!("writing {}", a.out.display()))?;
+        println!("wrote {}", a.out.display());
+        return Ok(());
+    }
+    let (Some(samples), Some(cases)) = (a.samples, a.cases) else {
+        anyhow::bail!("give --samples and --cases, or --heldout with --config");
+    };
     let opts = trainer::eval::EvalOptions {
-        samples: a.samples,
-        cases: a.cases,
+        samples,
+        cases,
         clip: a.clip,
         dino: a.dino,
     };

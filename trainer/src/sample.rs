@@ -181,22 +181,7 @@ impl Sampler {
     pub fn load(cfg: &Config, lora: Option<&Path>, device: &Device) -> Result<Self> {
         let (fc, weights) = crate::run::base_weights(cfg, device)?;
         let model = Flux::new(fc.clone(), &weights, RowBlocks::default())?;
-        let lora = match lora {
-            Some(path) => {
-                let file = flux::lora_format::load(path)?;
-                flux::lora::from_adapters(&fc, &file, path, DType::F32, device)?
-            }
-            None => Lora::new(
-                &fc,
-                &flux::lora::LoraSpec {
-                    targets: Vec::new(),
-                    ..Default::default()
-                },
-                0,
-                DType::F32,
-                device,
-            )?,
-        };
+        let lora = load_lora(&fc, lora, device)?;
         let spec = crate::data::shards::encoder_spec(cfg, &fc);
         let dtype = if device.is_cpu() {
             DType::F32
@@ -454,6 +439,27 @@ fn pixels(img: &RgbImage) -> Pixels {
         width: w,
         data,
     }
+}
+
+/// The LoRA file at `path` (diffusers/PEFT/kohya keys) for a model of `fc`, or none (the base
+/// alone) without a path.
+pub fn load_lora(fc: &flux::FluxConfig, path: Option<&Path>, device: &Device) -> Result<Lora> {
+    Ok(match path {
+        Some(path) => {
+            let file = flux::lora_format::load(path)?;
+            flux::lora::from_adapters(fc, &file, path, DType::F32, device)?
+        }
+        None => Lora::new(
+            fc,
+            &flux::lora::LoraSpec {
+                targets: Vec::new(),
+                ..Default::default()
+            },
+            0,
+            DType::F32,
+            device,
+        )?,
+    })
 }
 
 /// A decoded image [1, 3, H, W] in [-1, 1] as 8-bit RGB (clamped, rounded).

@@ -185,6 +185,17 @@ fn validate(
             s = record.validation.s,
             "validation images"
         );
+        if let Some(m) = &record.measures {
+            tracing::info!(
+                step = done,
+                correspondence_accuracy = m.correspondence_accuracy,
+                chance = m.correspondence_chance,
+                separation = m.separation,
+                identity = m.identity,
+                identity_refs_zeroed = m.identity_refs_zeroed,
+                "held-out measures"
+            );
+        }
         if let Some(log) = log {
             log.validation(&record)?;
         }

@@ -62,14 +62,18 @@ fn a_run_stopped_by_a_signal_says_so() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("run");
     let config = crate::common::repo_root().join("configs/tiny-cpu.toml");
-    let sets = vec![
+    let mut sets: Vec<String> = crate::common::RANDOM_TINY
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    sets.extend([
         "data.source=\"synthetic\"".to_string(),
         "validation.every=0".to_string(),
         "train.progress=false".to_string(),
         "train.max_steps=400".to_string(),
         "train.signal_exit_code=75".to_string(),
         format!("run.dir={:?}", dir.display().to_string()),
-    ];
+    ]);
     let child = train(&config, &sets)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -18,16 +18,34 @@ pub fn fixtures() -> PathBuf {
         .join("fixtures")
 }
 
+/// The overrides that make configs/tiny-cpu.toml the tests' model: the tiny preset from its
+/// seeded random init (not the committed base: the tests' numbers do not depend on it) and
+/// 16 caption tokens, with validation off.
+pub const RANDOM_TINY: [&str; 4] = [
+    "model.weights=\"\"",
+    "data.text_tokens=16",
+    "validation.every=0",
+    "validation.heldout=\"\"",
+];
+
+/// [`RANDOM_TINY`] as command-line arguments (`--set KEY=VALUE` each).
+pub fn random_tiny_args() -> Vec<String> {
+    RANDOM_TINY
+        .iter()
+        .flat_map(|s| ["--set".to_string(), s.to_string()])
+        .collect()
+}
+
 /// configs/tiny-cpu.toml with overrides, writing under `dir`, on the in-memory synthetic
-/// source (whose global batches do not depend on the number of ranks) unless `sets` says
-/// otherwise.
+/// source (whose global batches do not depend on the number of ranks) with [`RANDOM_TINY`]
+/// unless `sets` says otherwise.
 pub fn tiny_config(dir: &Path, sets: &[&str]) -> Config {
     let mut all: Vec<String> = vec![
         format!("run.dir={:?}", dir.display().to_string()),
         "train.progress=false".into(),
         "data.source=\"synthetic\"".into(),
-        "validation.every=0".into(),
     ];
+    all.extend(RANDOM_TINY.iter().map(|s| s.to_string()));
     all.extend(sets.iter().map(|s| s.to_string()));
     Config::load(&repo_root().join("configs").join("tiny-cpu.toml"), &all).expect("tiny config")
 }

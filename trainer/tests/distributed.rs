@@ -265,6 +265,7 @@ pub fn trainer_spec(
         ]
         .iter()
         .map(|s| s.to_string())
+        .chain(crate::common::random_tiny_args())
         .collect(),
         nproc_per_node: 2,
         topology: Topology {

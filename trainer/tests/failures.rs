@@ -55,6 +55,7 @@ fn node_with(
         .arg("--config")
         .arg(repo_root().join("configs/tiny-cpu.toml"))
         .arg("--")
+        .args(crate::common::random_tiny_args())
         .args([
             "--set",
             &format!("run.dir={:?}", dir.display().to_string()),

@@ -60,6 +60,7 @@ fn sets(dir: &Path, every: u64) -> Vec<String> {
         Location::Local(_) => "checkpoint.dir=\"\"".into(),
     };
     let mut all = data_sets(dir);
+    all.extend(crate::common::RANDOM_TINY.iter().map(|s| s.to_string()));
     all.extend([
         ckpt,
         format!("run.dir={:?}", dir.display().to_string()),

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 
 use trainer::train::train;
 
-use crate::common::{repo_root, steps_logged, tiny_config};
+use crate::common::{repo_root, steps_logged, tiny_config, RANDOM_TINY};
 
 fn cfg(dir: &Path, extra: &[&str]) -> trainer::config::Config {
     let mut sets = vec![
@@ -120,6 +120,7 @@ fn a_second_trainer_on_the_same_folder_is_refused_naming_the_first() {
         Command::new(env!("CARGO_BIN_EXE_trainer"))
             .args(["train", "--config"])
             .arg(repo_root().join("configs/tiny-cpu.toml"))
+            .args(RANDOM_TINY.iter().flat_map(|s| ["--set", s]))
             .args([
                 "--set",
                 "data.source=\"synthetic\"",

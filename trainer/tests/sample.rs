@@ -157,6 +157,7 @@ fn the_command_writes_the_image_and_its_panel() {
     let o = Command::new(env!("CARGO_BIN_EXE_trainer"))
         .args(["sample", "--config"])
         .arg(repo_root().join("configs/tiny-cpu.toml"))
+        .args(crate::common::random_tiny_args())
         .args([
             "--prompt",
             "a red box",
@@ -198,6 +199,7 @@ fn a_case_list_renders_every_case_and_fixed_latents_override_the_seed() {
     let o = Command::new(env!("CARGO_BIN_EXE_trainer"))
         .args(["sample", "--config"])
         .arg(repo_root().join("configs/tiny-cpu.toml"))
+        .args(crate::common::random_tiny_args())
         .args(["--steps", "2", "--size", "32", "--cases"])
         .arg(&cases)
         .arg("--out-dir")
@@ -327,6 +329,7 @@ fn lora_references_and_case_lists_come_from_urls_too() {
         Command::new(env!("CARGO_BIN_EXE_trainer"))
             .args(["sample", "--config"])
             .arg(repo_root().join("configs/tiny-cpu.toml"))
+            .args(crate::common::random_tiny_args())
             .args([
                 "--steps",
                 "2",

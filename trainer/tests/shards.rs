@@ -117,8 +117,9 @@ fn a_latent_cache_trains_like_encoding_on_the_fly() {
         "{err}"
     );
 
+    // Other tiny encoders (their seed, `data.encoder_seed`, else `run.seed`) need another cache.
     let mut other = sets(&url, &cache);
-    other.push("run.seed=7".into());
+    other.push("data.encoder_seed=7".into());
     let err = build_err(&tmp.path().join("c"), &other);
     assert!(err.contains("data.cache"), "{err}");
     assert!(

@@ -10,6 +10,7 @@ mod eval;
 mod export;
 mod failures;
 mod gradients;
+mod measures;
 mod mosaic_parity;
 mod parity;
 mod pretrain;

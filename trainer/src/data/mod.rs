@@ -53,7 +53,17 @@ impl DataFeed {
         device: &Device,
     ) -> Result<Self> {
         Ok(match cfg.data.source {
-            DataSource::Synthetic => Self::Synthetic(InMemory::build(cfg, fc, world, device)?),
+            DataSource::Synthetic => {
+                if rank == 0 && !cfg.data.url.is_empty() {
+                    // `source` defaults to the in-memory scenes: say so when a URL is set.
+                    tracing::warn!(
+                        url = %cfg.data.url,
+                        "data.source = \"synthetic\": training on {} in-memory scenes, not on data.url (set data.source = \"shards\" to read it)",
+                        cfg.data.samples
+                    );
+                }
+                Self::Synthetic(InMemory::build(cfg, fc, world, device)?)
+            }
             DataSource::Shards => {
                 Self::Shards(Box::new(ShardFeed::build(cfg, fc, rank, world, device)?))
             }

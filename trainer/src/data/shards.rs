@@ -88,7 +88,9 @@ pub(crate) fn encoder_spec(cfg: &Config, fc: &FluxConfig) -> EncoderSpec {
     let d = &cfg.data;
     EncoderSpec {
         weights: if d.encoders.is_empty() {
-            EncoderWeights::TinyRandom { seed: cfg.run.seed }
+            EncoderWeights::TinyRandom {
+                seed: d.encoder_seed.unwrap_or(cfg.run.seed),
+            }
         } else {
             EncoderWeights::Pretrained(PretrainedSource {
                 folder: d.encoders.clone(),
@@ -294,48 +296,57 @@ impl ShardFeed {
 
     /// VAE latents and caption embeddings of decoded samples of equal reference count.
     fn encode(&mut self, decoded: &[datasets::Decoded]) -> Result<Vec<Sample>> {
-        let device = self.device.clone();
         let Some(enc) = self.encoders.as_mut() else {
             return Err(TrainerError::Input {
                 name: "encoders".into(),
                 reason: "not built (reading a latent cache)".into(),
             });
         };
-        let targets: Vec<&datasets::Pixels> = decoded.iter().map(|d| &d.target).collect();
-        let x0 = packed(enc, &targets, &device)?;
-        let captions: Vec<&str> = decoded.iter().map(|d| d.caption.as_str()).collect();
-        let (txt, pooled) = enc.encode_text(&captions)?;
-        let k = decoded.first().map_or(0, |d| d.refs.len());
-        let mut ref_latents = Vec::with_capacity(k);
-        for r in 0..k {
-            let imgs: Vec<&datasets::Pixels> = decoded.iter().map(|d| &d.refs[r].pixels).collect();
-            ref_latents.push(packed(enc, &imgs, &device)?);
-        }
-        decoded
-            .iter()
-            .enumerate()
-            .map(|(i, d)| {
-                Ok(Sample {
-                    x0: x0.get(i)?,
-                    grid: d.grid,
-                    txt: txt.get(i)?,
-                    pooled: pooled.get(i)?,
-                    refs: d
-                        .refs
-                        .iter()
-                        .zip(&ref_latents)
-                        .map(|(r, lat)| {
-                            Ok(RefSample {
-                                latent: lat.get(i)?,
-                                grid: r.grid,
-                                pairs: r.pairs.clone(),
-                            })
-                        })
-                        .collect::<Result<_>>()?,
-                })
-            })
-            .collect()
+        encode_samples(enc, decoded, &self.device)
     }
+}
+
+/// VAE latents and caption embeddings of decoded samples of equal reference count, on
+/// `device`.
+pub(crate) fn encode_samples(
+    enc: &mut Encoders,
+    decoded: &[datasets::Decoded],
+    device: &Device,
+) -> Result<Vec<Sample>> {
+    let targets: Vec<&datasets::Pixels> = decoded.iter().map(|d| &d.target).collect();
+    let x0 = packed(enc, &targets, device)?;
+    let captions: Vec<&str> = decoded.iter().map(|d| d.caption.as_str()).collect();
+    let (txt, pooled) = enc.encode_text(&captions)?;
+    let k = decoded.first().map_or(0, |d| d.refs.len());
+    let mut ref_latents = Vec::with_capacity(k);
+    for r in 0..k {
+        let imgs: Vec<&datasets::Pixels> = decoded.iter().map(|d| &d.refs[r].pixels).collect();
+        ref_latents.push(packed(enc, &imgs, device)?);
+    }
+    decoded
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            Ok(Sample {
+                x0: x0.get(i)?,
+                grid: d.grid,
+                txt: txt.get(i)?,
+                pooled: pooled.get(i)?,
+                refs: d
+                    .refs
+                    .iter()
+                    .zip(&ref_latents)
+                    .map(|(r, lat)| {
+                        Ok(RefSample {
+                            latent: lat.get(i)?,
+                            grid: r.grid,
+                            pairs: r.pairs.clone(),
+                        })
+                    })
+                    .collect::<Result<_>>()?,
+            })
+        })
+        .collect()
 }
 
 impl ShardFeed {

@@ -59,6 +59,9 @@ impl RunLog {
                 image::image_dimensions(&path).map_err(|e| TrainerError::read(&path, e))?;
             tb.image(record.step, "validation/grid", png, w, h)?;
             tb.scalars(record.step, &[("validation/seconds", record.validation.s)])?;
+            if let Some(m) = &record.measures {
+                tb.scalars(record.step, &measure_scalars(m))?;
+            }
         }
         Ok(())
     }
@@ -77,4 +80,19 @@ impl RunLog {
             Err(e) => tracing::warn!("no loss chart: {}", flux::chain(&e)),
         }
     }
+}
+
+/// The held-out measures as TensorBoard scalars.
+fn measure_scalars(m: &crate::measures::Measures) -> Vec<(&'static str, f64)> {
+    vec![
+        (
+            "measures/correspondence_accuracy",
+            m.correspondence_accuracy,
+        ),
+        ("measures/correspondence_chance", m.correspondence_chance),
+        ("measures/separation", m.separation),
+        ("measures/separation_chance", m.separation_chance),
+        ("measures/identity", m.identity),
+        ("measures/identity_refs_zeroed", m.identity_refs_zeroed),
+    ]
 }

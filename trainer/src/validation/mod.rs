@@ -9,9 +9,12 @@
 //!   Only rank 0 writes.
 //! - Prompts and references are encoded once, at start (the encoders are dropped after); only
 //!   the VAE decoder stays loaded.
+//! - With `validation.heldout`, rank 0 also measures correspondence accuracy, separation and
+//!   identity on that held-out dataset ([`crate::measures`]) with the same LoRA, into
+//!   `measures.json` next to the images and the `metrics.jsonl` line.
 //! - Nothing here draws from a training stream: each image's noise is a function of its seed
-//!   alone (`Purpose::Sample`), and the model and LoRA are only read. A resumed run with
-//!   validation on trains bit-identically to an uninterrupted one.
+//!   alone (`Purpose::Sample`, the measures' `Purpose::Probe`), and the model and LoRA are only
+//!   read. A resumed run with validation on trains bit-identically to an uninterrupted one.
 
 pub mod grid;
 pub mod spec;
@@ -25,6 +28,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::error::{Result, TrainerError};
+use crate::measures::{HeldOut, MeasureSpec, Measures};
 use crate::run::Run;
 use crate::sample::{Conditioning, RenderOptions, Renderer};
 pub use spec::ValidationSpec;
@@ -41,6 +45,10 @@ pub struct Validator {
     size: usize,
     cases: Vec<PreparedCase>,
     decoder: flux::encoders::VaeDecoder,
+    /// Rank 0's held-out dataset for the measures (None elsewhere, or without one).
+    heldout: Option<HeldOut>,
+    measure_spec: MeasureSpec,
+    seed: u64,
 }
 
 /// What one validation wrote (rank 0), as its `metrics.jsonl` line holds it.
@@ -49,6 +57,9 @@ pub struct ValidationRecord {
     /// Completed steps when rendered (0: before the first).
     pub step: u64,
     pub validation: ValidationFiles,
+    /// The held-out measures (`validation.heldout`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub measures: Option<Measures>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -123,7 +134,14 @@ impl Validator {
                 },
             });
         }
+        let heldout = match (spec.heldout.as_str(), run.dist.rank()) {
+            ("", _) | (_, 1..) => None,
+            (url, 0) => Some(HeldOut::load(cfg, fc, url, device)?),
+        };
         Ok(Some(Self {
+            heldout,
+            measure_spec: MeasureSpec::of(cfg),
+            seed: cfg.run.seed,
             size: if spec.size == 0 {
                 cfg.data.resolution
             } else {
@@ -207,7 +225,12 @@ impl Validator {
         }
         let images: Vec<RgbImage> = images.into_iter().flatten().collect();
         let files = self.write(&jobs, &images, done, run_dir)?;
+        let measures = match &self.heldout {
+            Some(h) => Some(self.measure(run, renderer.lora, h, &run_dir.join(&files.grid))?),
+            None => None,
+        };
         Ok(Some(ValidationRecord {
+            measures,
             step: done,
             validation: ValidationFiles {
                 lora: if ema_lora.is_some() { "ema" } else { "live" },
@@ -215,6 +238,24 @@ impl Validator {
                 ..files
             },
         }))
+    }
+
+    /// The held-out measures with `lora`, written as `measures.json` beside `grid`.
+    fn measure(
+        &self,
+        run: &Run,
+        lora: flux::LoraView,
+        heldout: &HeldOut,
+        grid: &Path,
+    ) -> Result<Measures> {
+        let m = crate::measures::measure(&run.model, lora, heldout, &self.measure_spec, self.seed)?;
+        let path = grid.with_file_name("measures.json");
+        let text = serde_json::to_vec_pretty(&m).map_err(|e| TrainerError::Input {
+            name: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        std::fs::write(&path, text).map_err(|e| TrainerError::io(&path, e))?;
+        Ok(m)
     }
 
     /// Writes each image and the grid under `run_dir/samples/step-NNNNNNNN/`.

@@ -27,6 +27,16 @@ pub struct ValidationSpec {
     /// References attend only to themselves and their keys and values are computed once per
     /// image (`trainer sample --ref-cache`).
     pub ref_cache: bool,
+    /// A held-out dataset (`datasets synth` writes `<out>/heldout`): at each validation the
+    /// correspondence accuracy, separation and identity are measured on it (`trainer eval
+    /// --heldout` measures the same). Empty: no measures.
+    pub heldout: String,
+    /// Noise levels the attention measures average over.
+    pub measure_t: Vec<f64>,
+    /// Identity: the held-out target noised to this level, then denoised to 0...
+    pub identity_t: f64,
+    /// ...in this many steps.
+    pub identity_steps: usize,
 }
 
 impl Default for ValidationSpec {
@@ -41,6 +51,10 @@ impl Default for ValidationSpec {
             ema: false,
             at_start: false,
             ref_cache: true,
+            heldout: String::new(),
+            measure_t: vec![0.25, 0.5, 0.75],
+            identity_t: 0.8,
+            identity_steps: 8,
         }
     }
 }
@@ -66,6 +80,20 @@ impl ValidationSpec {
                 "validation.cases",
                 "validation is on (validation.every > 0) but names no case list; `datasets synth` writes one as <out>/validation/cases.json",
             );
+        }
+        if !self.heldout.is_empty() {
+            if self.measure_t.is_empty() || self.measure_t.iter().any(|t| !(*t > 0.0 && *t < 1.0)) {
+                return err(
+                    "validation.measure_t",
+                    "must hold at least one noise level, each in (0, 1)",
+                );
+            }
+            if !(self.identity_t > 0.0 && self.identity_t <= 1.0) {
+                return err("validation.identity_t", "must be in (0, 1]");
+            }
+            if self.identity_steps == 0 {
+                return err("validation.identity_steps", "must be at least 1");
+            }
         }
         if self.seeds.is_empty() {
             return err("validation.seeds", "must hold at least one seed");
@@ -157,6 +185,30 @@ mod tests {
                     ..on.clone()
                 },
                 "validation.ema",
+            ),
+            (
+                ValidationSpec {
+                    heldout: "h".into(),
+                    measure_t: vec![0.5, 1.0],
+                    ..on.clone()
+                },
+                "validation.measure_t",
+            ),
+            (
+                ValidationSpec {
+                    heldout: "h".into(),
+                    identity_t: 0.0,
+                    ..on.clone()
+                },
+                "validation.identity_t",
+            ),
+            (
+                ValidationSpec {
+                    heldout: "h".into(),
+                    identity_steps: 0,
+                    ..on.clone()
+                },
+                "validation.identity_steps",
             ),
         ];
         for (spec, key) in cases {
