@@ -182,14 +182,7 @@ impl Sampler {
         let (fc, weights) = crate::run::base_weights(cfg, device)?;
         let model = Flux::new(fc.clone(), &weights, RowBlocks::default())?;
         let lora = load_lora(&fc, lora, device)?;
-        let spec = crate::data::shards::encoder_spec(cfg, &fc);
-        let dtype = if device.is_cpu() {
-            DType::F32
-        } else {
-            DType::BF16
-        };
-        let encoders = datasets::encode::load_encoders(&spec, dtype, device)?;
-        let decoder = datasets::encode::load_vae_decoder(&spec, dtype, device)?;
+        let (encoders, decoder) = crate::data::shards::encoders_and_decoder(cfg, &fc, device)?;
         Ok(Self {
             model,
             lora,

@@ -104,6 +104,25 @@ pub(crate) fn encoder_spec(cfg: &Config, fc: &FluxConfig) -> EncoderSpec {
     }
 }
 
+/// The run's encoders and VAE decoder (as `encoder_spec` says) on `device`, computing in f32
+/// on a CPU and bf16 elsewhere.
+pub(crate) fn encoders_and_decoder(
+    cfg: &Config,
+    fc: &FluxConfig,
+    device: &Device,
+) -> Result<(Encoders, flux::encoders::VaeDecoder)> {
+    let spec = encoder_spec(cfg, fc);
+    let dtype = if device.is_cpu() {
+        DType::F32
+    } else {
+        DType::BF16
+    };
+    Ok((
+        datasets::encode::load_encoders(&spec, dtype, device)?,
+        datasets::encode::load_vae_decoder(&spec, dtype, device)?,
+    ))
+}
+
 /// The empty caption's embeddings stored in the latent cache at `cache`.
 fn cached_empty_caption(
     cfg: &Config,

@@ -97,14 +97,7 @@ impl HeldOut {
         let mut loader = datasets::Loader::open(url, opts, datasets::Cursor::default())
             .map_err(|e| TrainerError::config("validation.heldout", format!("{url}: {e}")))?;
         let total = loader.manifest().total_rows;
-        let spec = crate::data::shards::encoder_spec(cfg, fc);
-        let dtype = if device.is_cpu() {
-            DType::F32
-        } else {
-            DType::BF16
-        };
-        let mut enc = datasets::encode::load_encoders(&spec, dtype, device)?;
-        let decoder = datasets::encode::load_vae_decoder(&spec, dtype, device)?;
+        let (mut enc, decoder) = crate::data::shards::encoders_and_decoder(cfg, fc, device)?;
         let mut samples = Vec::with_capacity(total);
         loop {
             let b = loader.next_batch()?;

@@ -91,14 +91,7 @@ impl Validator {
         }
         let device = &run.device;
         let fc = &run.model.cfg;
-        let enc = crate::data::shards::encoder_spec(cfg, fc);
-        let dtype = if device.is_cpu() {
-            DType::F32
-        } else {
-            DType::BF16
-        };
-        let mut encoders = datasets::encode::load_encoders(&enc, dtype, device)?;
-        let decoder = datasets::encode::load_vae_decoder(&enc, dtype, device)?;
+        let (mut encoders, decoder) = crate::data::shards::encoders_and_decoder(cfg, fc, device)?;
         let mut prepared = Vec::with_capacity(cases.len());
         for c in &cases {
             let refs = c.refs();
