@@ -1,13 +1,15 @@
 """Loads a mosaic-rs export with diffusers' and PEFT's public LoRA APIs.
 
-A FluxTransformer2DModel with the trainer's `tiny` preset sizes gets
+The run's base loaded by diffusers (`FluxTransformer2DModel.from_pretrained` of the folder
+`model.weights` names, e.g. trainer/assets/tiny-base; without one, a random model of the `tiny`
+preset's sizes) gets
   - pytorch_lora_weights.safetensors through diffusers' `load_lora_adapter`, and
   - adapter_model.safetensors + adapter_config.json through PEFT's `inject_adapter_in_model` /
     `set_peft_model_state_dict`.
 Each must consume every key of the file, install exactly the file's tensors, and change the
 model's output; both routes must give the same output.
 
-Usage: python ci/interop.py EXPORT_DIR   (run by ci/interop.sh)
+Usage: python ci/interop.py EXPORT_DIR [BASE_DIR]   (run by ci/interop.sh)
 """
 import json
 import sys
@@ -19,6 +21,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
 export = sys.argv[1]
+base_dir = sys.argv[2] if len(sys.argv) > 2 else None
 TINY = dict(
     patch_size=1,
     in_channels=64,
@@ -35,6 +38,8 @@ TINY = dict(
 
 def fresh():
     torch.manual_seed(0)
+    if base_dir:
+        return FluxTransformer2DModel.from_pretrained(base_dir, torch_dtype=torch.float32).eval()
     return FluxTransformer2DModel(**TINY).eval()
 
 

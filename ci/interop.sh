@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Interoperability check of `trainer export`: diffusers, PEFT and diffusers' kohya converter
-# load our files (ci/interop.py). Usage: ci/interop.sh RUN_DIR (a run with checkpoints).
+# load our files (ci/interop.py) onto the run's base as diffusers loads it. Usage: ci/interop.sh
+# RUN_DIR [BASE_DIR] (a run with checkpoints; BASE_DIR: the diffusers folder of model.weights,
+# none for a random tiny model).
 #
 # Python: INTEROP_PYTHON if set; else a venv cached under ${MOSAIC_CI_CACHE:-~/.cache/mosaic-ci}
 # with torch (CPU wheels when download.pytorch.org answers, else PyPI's), diffusers and peft.
@@ -9,6 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 run_dir="$1"
+base_dir="${2:-}"
 PY="${INTEROP_PYTHON:-}"
 if [ -z "$PY" ]; then
   source ci/venv.sh
@@ -24,4 +27,4 @@ fi
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 cargo run -q -p trainer -- export --checkpoint "$run_dir" --out "$out" --format all
-"$PY" ci/interop.py "$out"
+"$PY" ci/interop.py "$out" ${base_dir:+"$base_dir"}
