@@ -95,6 +95,20 @@ fn decode(
     Image::of(&decoder.decode(&z)?)
 }
 
+/// The clean target and each reference of `sample` through the codec.
+pub(super) fn through_codec(
+    sample: &crate::data::sample::Sample,
+    decoder: &flux::encoders::VaeDecoder,
+) -> Result<(Image, Vec<Image>)> {
+    let clean = decode(decoder, &sample.x0.unsqueeze(0)?, sample.grid)?;
+    let references = sample
+        .refs
+        .iter()
+        .map(|r| decode(decoder, &r.latent.unsqueeze(0)?, r.grid))
+        .collect::<Result<_>>()?;
+    Ok((clean, references))
+}
+
 /// `identity_steps` equal steps from `identity_t` down to 0.
 fn schedule(spec: &MeasureSpec) -> FlowMatchSchedule {
     let n = spec.identity_steps.max(1);
@@ -130,16 +144,14 @@ pub fn of_sample(
         let out = flux::sample::denoise(model, lora, inputs, &schedule, spec.guidance, false)?;
         generated.push(decode(decoder, &out.latents, sample.grid)?);
     }
-    let clean = decode(decoder, &sample.x0.unsqueeze(0)?, sample.grid)?;
     let mut out = IdentityTally::default();
-    for (r, dr) in sample.refs.iter().zip(&s.decoded.refs) {
-        let reference = decode(decoder, &r.latent.unsqueeze(0)?, r.grid)?;
+    for (reference, dr) in s.references.iter().zip(&s.decoded.refs) {
         for p in &dr.points {
             let want = reference.at(p[0], p[1]);
             out.points += 1;
             out.with_refs += similarity(generated[0].at(p[2], p[3]), want);
             out.refs_zeroed += similarity(generated[1].at(p[2], p[3]), want);
-            out.ceiling += similarity(clean.at(p[2], p[3]), want);
+            out.ceiling += similarity(s.clean.at(p[2], p[3]), want);
         }
     }
     Ok(out)

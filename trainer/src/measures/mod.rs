@@ -58,6 +58,10 @@ impl MeasureSpec {
 pub struct HeldOutSample {
     pub sample: Sample,
     pub decoded: datasets::Decoded,
+    /// The target and each reference through the codec, decoded once at load (what identity
+    /// compares with at every validation).
+    clean: identity::Image,
+    references: Vec<identity::Image>,
 }
 
 /// The held-out dataset, read and encoded once.
@@ -111,7 +115,13 @@ impl HeldOut {
                     device,
                 )?
                 .remove(0);
-                samples.push(HeldOutSample { sample, decoded });
+                let (clean, references) = identity::through_codec(&sample, &decoder)?;
+                samples.push(HeldOutSample {
+                    sample,
+                    decoded,
+                    clean,
+                    references,
+                });
             }
             if b.cursor.epoch > 0 {
                 break;
