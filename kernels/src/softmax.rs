@@ -19,6 +19,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
+use std::ops::Range;
 
 #[cfg(feature = "cuda")]
 use candle_core::{
@@ -53,8 +54,8 @@ fn group_ids<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [u32]
 }
 
 /// The CPU work, in the scores' float type (f32 for f32 and half inputs, f64 for f64): a row's
-/// logsumexp, P from it, and dS. Rows run in parallel (rayon); a row whose query sees every key
-/// (no mask, or a text or target query) skips the mask test.
+/// logsumexp, P from it, and dS. Rows run in parallel (rayon); each row loops over the key
+/// ranges it sees ([`Visibility`]), so the loops have no per-key test and vectorize.
 trait RowFloat:
     Copy
     + Send
@@ -69,8 +70,8 @@ trait RowFloat:
     fn exp(self) -> Self;
     fn ln(self) -> Self;
     fn of(v: f64) -> Self;
-    /// A faster logsumexp of a row every key of which is seen, where the type has one.
-    fn unmasked_lse(_row: &[Self], _scale: Self) -> Option<Self> {
+    /// A faster logsumexp over the `seen` key ranges of a row, where the type has one.
+    fn fast_lse(_row: &[Self], _scale: Self, _seen: &[Range<usize>]) -> Option<Self> {
         None
     }
 }
@@ -87,8 +88,8 @@ impl RowFloat for f32 {
     fn of(v: f64) -> Self {
         v as f32
     }
-    fn unmasked_lse(row: &[Self], scale: Self) -> Option<Self> {
-        Some(unmasked_lse_f32(row, scale))
+    fn fast_lse(row: &[Self], scale: Self, seen: &[Range<usize>]) -> Option<Self> {
+        Some(lse_f32(row, scale, seen))
     }
 }
 
@@ -106,54 +107,87 @@ impl RowFloat for f64 {
     }
 }
 
-/// Which keys of a row are seen: None when all are.
-fn row_groups(groups: &[u32], masked: bool, gq: u32) -> Option<(&[u32], u32)> {
-    (masked && gq != 0).then_some((groups, gq))
+/// The key ranges each query row sees. A key is blocked for a query only when both are
+/// reference tokens of different references (group ids > 0 and unequal): shared tokens (group
+/// 0: text and target) see and are seen by every token. Built once per op from the group ids,
+/// as the maximal runs of seen keys, so the row loops run over plain slices.
+struct Visibility {
+    /// Every key: rows of group 0, and every row when there is no mask.
+    all: Vec<Range<usize>>,
+    /// Indexed by group id: the ranges a row of that reference sees.
+    by_group: Vec<Vec<Range<usize>>>,
 }
 
-fn sees(mask: Option<(&[u32], u32)>, j: usize) -> bool {
-    match mask {
-        None => true,
-        Some((g, gq)) => g[j] == 0 || g[j] == gq,
+impl Visibility {
+    fn new(groups: &[u32], keys: usize, masked: bool) -> Self {
+        #[allow(clippy::single_range_in_vec_init)] // one range: every key, not 0..keys indices
+        let all = vec![0..keys];
+        if !masked {
+            return Self {
+                all,
+                by_group: Vec::new(),
+            };
+        }
+        let top = groups.iter().copied().max().unwrap_or(0) as usize;
+        let by_group = (0..=top as u32)
+            .map(|gq| {
+                let mut seen: Vec<Range<usize>> = Vec::new();
+                for (j, &g) in groups.iter().enumerate() {
+                    if g != 0 && g != gq {
+                        continue;
+                    }
+                    match seen.last_mut() {
+                        Some(r) if r.end == j => r.end = j + 1,
+                        _ => seen.push(j..j + 1),
+                    }
+                }
+                seen
+            })
+            .collect();
+        Self { all, by_group }
     }
-}
 
-fn row_lse<F: RowFloat>(row: &[F], scale: F, mask: Option<(&[u32], u32)>) -> F {
-    if mask.is_none() {
-        if let Some(lse) = F::unmasked_lse(row, scale) {
-            return lse;
+    /// The ranges a query of group `gq` sees.
+    fn row(&self, gq: u32) -> &[Range<usize>] {
+        match self.by_group.get(gq as usize) {
+            Some(seen) if gq != 0 => seen,
+            _ => &self.all,
         }
     }
+}
+
+fn row_lse<F: RowFloat>(row: &[F], scale: F, seen: &[Range<usize>]) -> F {
+    if let Some(lse) = F::fast_lse(row, scale, seen) {
+        return lse;
+    }
+    let keys = || seen.iter().flat_map(|r| &row[r.clone()]);
     let mut m = F::NEG_INF;
-    for (j, &v) in row.iter().enumerate() {
+    for &v in keys() {
         let v = v * scale;
-        if sees(mask, j) && v > m {
+        if v > m {
             m = v;
         }
     }
     let mut sum = F::ZERO;
-    for (j, &v) in row.iter().enumerate() {
-        if sees(mask, j) {
-            sum = sum + (v * scale - m).exp();
-        }
+    for &v in keys() {
+        sum = sum + (v * scale - m).exp();
     }
     m + sum.ln()
 }
 
+/// P over the `seen` ranges of a row; `out` arrives filled with zeros (the blocked keys').
 fn row_probs<F: RowFloat, T: Send>(
     row: &[F],
     out: &mut [T],
     scale: F,
     lse: F,
-    mask: Option<(&[u32], u32)>,
+    seen: &[Range<usize>],
     put: impl Fn(F) -> T,
 ) {
-    for (j, (o, &v)) in out.iter_mut().zip(row).enumerate() {
-        *o = put(if sees(mask, j) {
-            (v * scale - lse).exp()
-        } else {
-            F::ZERO
-        });
+    for r in seen {
+        for (o, &v) in out[r.clone()].iter_mut().zip(&row[r.clone()]) {
+            *o = put((v * scale - lse).exp());
+        }
     }
 }
 
@@ -186,30 +220,36 @@ fn exp_f32(x: f32) -> f32 {
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
-/// The logsumexp of `scale` x `row` over every key, in lanes (f32).
-fn unmasked_lse_f32(row: &[f32], scale: f32) -> f32 {
+/// The logsumexp of `scale` x `row` over the `seen` key ranges, in lanes (f32).
+fn lse_f32(row: &[f32], scale: f32, seen: &[Range<usize>]) -> f32 {
     let mut lane_max = [f32::NEG_INFINITY; LANES];
-    let chunks = row.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    for c in chunks.clone() {
-        for i in 0..LANES {
-            lane_max[i] = lane_max[i].max(c[i] * scale);
+    let mut m = f32::NEG_INFINITY;
+    for r in seen {
+        let chunks = row[r.clone()].chunks_exact(LANES);
+        m = chunks.remainder().iter().fold(m, |m, v| m.max(v * scale));
+        for c in chunks {
+            for i in 0..LANES {
+                lane_max[i] = lane_max[i].max(c[i] * scale);
+            }
         }
     }
-    let m = tail
-        .iter()
-        .map(|v| v * scale)
-        .chain(lane_max)
-        .fold(f32::NEG_INFINITY, f32::max);
+    let m = lane_max.into_iter().fold(m, f32::max);
     let mut lane_sum = [0f32; LANES];
-    for c in chunks {
-        for i in 0..LANES {
-            lane_sum[i] += exp_f32(c[i] * scale - m);
+    let mut tail = 0f32;
+    for r in seen {
+        let chunks = row[r.clone()].chunks_exact(LANES);
+        tail += chunks
+            .remainder()
+            .iter()
+            .map(|v| exp_f32(v * scale - m))
+            .sum::<f32>();
+        for c in chunks {
+            for i in 0..LANES {
+                lane_sum[i] += exp_f32(c[i] * scale - m);
+            }
         }
     }
-    let sum: f32 =
-        lane_sum.iter().sum::<f32>() + tail.iter().map(|v| exp_f32(v * scale - m)).sum::<f32>();
-    m + sum.ln()
+    m + (lane_sum.iter().sum::<f32>() + tail).ln()
 }
 
 /// Which keys each query row may see: the chunk's first row's token index and the group ids.
@@ -279,6 +319,7 @@ impl CustomOp2 for RowLse {
         let groups = group_ids(g, lg)?;
         let keys = ls.dims()[ls.dims().len() - 1].max(1);
         let (l, q0, masked) = (self.rows_per_chunk.max(1), self.q_start, self.has_mask != 0);
+        let seen = Visibility::new(groups, keys, masked);
         let (a, b) = contiguous(self.name(), "scores", ls)?;
         macro_rules! run {
             ($v:expr, $f:ty) => {{
@@ -290,7 +331,7 @@ impl CustomOp2 for RowLse {
                     .enumerate()
                     .for_each(|(r, (out, row))| {
                         let gq = if masked { groups[q0 + r % l] } else { 0 };
-                        *out = row_lse(row, scale, row_groups(groups, masked, gq));
+                        *out = row_lse(row, scale, seen.row(gq));
                     });
                 lse
             }};
@@ -400,6 +441,7 @@ impl CustomOp3 for Probs {
         let groups = group_ids(g, lg)?;
         let keys = ls.dims()[ls.dims().len() - 1].max(1);
         let (l, q0, masked) = (self.rows_per_chunk.max(1), self.q_start, self.has_mask != 0);
+        let seen = Visibility::new(groups, keys, masked);
         let (a, b) = contiguous(self.name(), "scores", ls)?;
         let (c, d) = contiguous(self.name(), "lse", ll)?;
         if d - c != (b - a) / keys {
@@ -421,14 +463,7 @@ impl CustomOp3 for Probs {
                     .enumerate()
                     .for_each(|(r, (out, row))| {
                         let gq = if masked { groups[q0 + r % l] } else { 0 };
-                        row_probs(
-                            row,
-                            out,
-                            scale,
-                            lse[r],
-                            row_groups(groups, masked, gq),
-                            $put,
-                        );
+                        row_probs(row, out, scale, lse[r], seen.row(gq), $put);
                     });
                 p
             }};
@@ -703,7 +738,26 @@ mod tests {
     /// The CPU loops against plain f64 loops (`check_on`).
     #[test]
     fn softmax_ops_match_plain_loops_on_the_cpu() {
-        check_on(&Device::Cpu);
+        check_on(&Device::Cpu, &reference_groups());
+    }
+
+    /// Group ids in any order (not runs of shared tokens then one run per reference) give the
+    /// same softmax as the plain loops: the CPU's key ranges are built from the ids.
+    #[test]
+    fn interleaved_groups_match_plain_loops_on_the_cpu() {
+        let groups: Vec<u32> = (0..40u32)
+            .map(|j| [0, 2, 1, 2, 0, 3, 3, 1, 2][j as usize % 9])
+            .collect();
+        check_on(&Device::Cpu, &groups);
+    }
+
+    /// 10 shared tokens, then references of 12, 10 and 8 tokens.
+    fn reference_groups() -> Vec<u32> {
+        let mut groups = vec![0u32; 10];
+        for (g, len) in [(1u32, 12usize), (2, 10), (3, 8)] {
+            groups.extend(std::iter::repeat_n(g, len));
+        }
+        groups
     }
 
     /// The CUDA kernels against plain f64 loops. Says it did not run where no CUDA device
@@ -714,17 +768,15 @@ mod tests {
             eprintln!("not run: no CUDA device");
             return;
         };
-        check_on(&gpu);
+        check_on(&gpu, &reference_groups());
     }
 
-    /// The three ops on `gpu` (any device) against plain f64 loops, with a mask whose chunk
-    /// straddles the shared tokens and a reference, in f32 and bf16.
-    fn check_on(gpu: &Device) {
+    /// The three ops on `gpu` (any device) against plain f64 loops, with 40 keys of `groups`
+    /// and a chunk of query rows 8..15 (with the reference groups, it straddles the shared
+    /// tokens and a reference), in f32 and bf16.
+    fn check_on(gpu: &Device, groups: &[u32]) {
         let (bh, l, s, q_start, scale) = (6usize, 7usize, 40usize, 8usize, 0.3f64);
-        let mut groups = vec![0u32; 10];
-        for (g, len) in [(1u32, 12usize), (2, 10), (3, 8)] {
-            groups.extend(std::iter::repeat_n(g, len));
-        }
+        assert_eq!(groups.len(), s);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
         let raw: Vec<f32> = (0..bh * l * s)
             .map(|_| rng.random_range(-6.0..6.0))
@@ -756,7 +808,7 @@ mod tests {
         }
         let on = |v: &[f32], shape: &[usize]| Tensor::from_slice(v, shape, gpu).unwrap();
         let scores = on(&raw, &[2, 3, l, s]);
-        let g = Tensor::from_slice(&groups, s, gpu).unwrap();
+        let g = Tensor::from_slice(groups, s, gpu).unwrap();
         let mask = Some(RowMask {
             groups: &g,
             q_start,
