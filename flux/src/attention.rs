@@ -28,14 +28,17 @@ use crate::ops::stats_dtype;
 pub enum Attention {
     /// Scores and probabilities of all rows at once (kept for the backward).
     Full,
-    /// Query rows in chunks of this many, probabilities recomputed in the backward.
-    Chunked { chunk: usize },
+    /// Query rows in chunks of `chunk`, probabilities recomputed in the backward. With
+    /// `fit_cpu_cache`, CPU chunks shrink to keep their scores in cache ([`rows_per_chunk`]);
+    /// without, every device takes `chunk` rows (what a GPU memory estimate measures).
+    Chunked { chunk: usize, fit_cpu_cache: bool },
 }
 
 impl Default for Attention {
     fn default() -> Self {
         Attention::Chunked {
             chunk: DEFAULT_CHUNK,
+            fit_cpu_cache: true,
         }
     }
 }
@@ -43,6 +46,27 @@ impl Default for Attention {
 /// Query rows per chunk by default: at FLUX.1-dev width (24 heads) and 1024 px with six
 /// references (S = 10752) one f32 [H, chunk, S] buffer is 0.5 GB.
 pub const DEFAULT_CHUNK: usize = 512;
+
+/// On the CPU, a chunk's f32 scores [B, H, rows, S] are kept within this many bytes, so the
+/// softmax passes and the product with V find them in the last-level cache instead of memory:
+/// the medium preset's 512 px step with two references (S = 3136) went from 42 s to 33 s when
+/// its chunks shrank from 512 rows (103 MB) to 250 (docs/kernels.md).
+pub const CPU_SCORES_BUDGET: usize = 24 << 20;
+
+/// Rows below which a CPU chunk is not cut further: the products lose more than the cache
+/// gains (64 rows ran slower than 128 and 256 above).
+const CPU_MIN_ROWS: usize = 128;
+
+/// The query rows per chunk for `chunk` requested: on a GPU `chunk`; on the CPU at most
+/// `chunk`, fewer when the scores of `batch_heads` x rows x `keys` would exceed
+/// [`CPU_SCORES_BUDGET`] (never below [`CPU_MIN_ROWS`], or `chunk` when that is smaller).
+pub fn rows_per_chunk(chunk: usize, batch_heads: usize, keys: usize, device: &Device) -> usize {
+    if !device.is_cpu() {
+        return chunk.max(1);
+    }
+    let fit = CPU_SCORES_BUDGET / (batch_heads * keys * 4).max(1);
+    chunk.min(fit.max(CPU_MIN_ROWS)).max(1)
+}
 
 /// Which tokens may attend to which: one group id per token of the joint sequence. Group 0
 /// (text and target) sees and is seen by everyone; a token of group g > 0 (reference g) does
@@ -104,7 +128,18 @@ pub fn attention(
 ) -> Result<Tensor> {
     match kind {
         Attention::Full => full(q_bhsd, k_bhsd, v_bhsd, mask),
-        Attention::Chunked { chunk } => chunked(q_bhsd, k_bhsd, v_bhsd, mask, chunk.max(1)),
+        Attention::Chunked {
+            chunk,
+            fit_cpu_cache,
+        } => {
+            let rows = if fit_cpu_cache {
+                let (b, h, _, _) = q_bhsd.dims4()?;
+                rows_per_chunk(chunk, b * h, k_bhsd.dim(2)?, q_bhsd.device())
+            } else {
+                chunk
+            };
+            chunked(q_bhsd, k_bhsd, v_bhsd, mask, rows.max(1))
+        }
     }
 }
 
@@ -472,6 +507,23 @@ mod tests {
         (o, g)
     }
 
+    /// CPU chunks shrink to keep their scores in cache, within the requested rows and not
+    /// below the floor; small problems keep the requested chunk.
+    #[test]
+    fn cpu_chunks_keep_their_scores_within_the_budget() {
+        let cpu = Device::Cpu;
+        // Medium preset, 512 px with two references: 8 heads x 3136 keys.
+        let rows = rows_per_chunk(512, 8, 3136, &cpu);
+        assert_eq!(rows, CPU_SCORES_BUDGET / (8 * 3136 * 4));
+        assert!(rows * 8 * 3136 * 4 <= CPU_SCORES_BUDGET && rows > 128);
+        // 256 px: the whole 832-row block fits, the request stands.
+        assert_eq!(rows_per_chunk(512, 8, 832, &cpu), 512);
+        assert_eq!(rows_per_chunk(7, 8, 3136, &cpu), 7);
+        // FLUX.1-dev width at 1024 px: the floor.
+        assert_eq!(rows_per_chunk(512, 24, 10752, &cpu), 128);
+        assert_eq!(rows_per_chunk(0, 1, 1, &cpu), 1);
+    }
+
     #[test]
     fn group_mask_blocks_only_other_references() {
         let m = GroupMask::references(2, &[1, 2], &Device::Cpu).unwrap();
@@ -488,11 +540,26 @@ mod tests {
         let expect = slow(c.q.as_tensor(), c.k.as_tensor(), c.v.as_tensor(), &c.groups);
         for kind in [
             Attention::Full,
-            Attention::Chunked { chunk: 1 },
-            Attention::Chunked { chunk: 4 },
-            Attention::Chunked { chunk: 5 },
-            Attention::Chunked { chunk: 13 },
-            Attention::Chunked { chunk: 100 },
+            Attention::Chunked {
+                chunk: 1,
+                fit_cpu_cache: false,
+            },
+            Attention::Chunked {
+                chunk: 4,
+                fit_cpu_cache: false,
+            },
+            Attention::Chunked {
+                chunk: 5,
+                fit_cpu_cache: false,
+            },
+            Attention::Chunked {
+                chunk: 13,
+                fit_cpu_cache: false,
+            },
+            Attention::Chunked {
+                chunk: 100,
+                fit_cpu_cache: false,
+            },
         ] {
             let (o, _) = loss_and_grads(&c, kind);
             let got = o.flatten_all().unwrap().to_vec1::<f64>().unwrap();
@@ -510,7 +577,13 @@ mod tests {
         let c = case();
         let (_, full) = loss_and_grads(&c, Attention::Full);
         for chunk in [1, 3, 7, 13, 64] {
-            let (_, got) = loss_and_grads(&c, Attention::Chunked { chunk });
+            let (_, got) = loss_and_grads(
+                &c,
+                Attention::Chunked {
+                    chunk,
+                    fit_cpu_cache: false,
+                },
+            );
             for (name, (a, b)) in ["q", "k", "v"].iter().zip(got.iter().zip(&full)) {
                 let d = max_diff(a, b);
                 assert!(d < 1e-10, "chunk {chunk}, d{name}: {d}");
@@ -521,7 +594,10 @@ mod tests {
     #[test]
     fn chunked_gradients_match_finite_differences() {
         let c = case();
-        let kind = Attention::Chunked { chunk: 5 };
+        let kind = Attention::Chunked {
+            chunk: 5,
+            fit_cpu_cache: false,
+        };
         let (_, grads) = loss_and_grads(&c, kind);
         let loss = |q: &Tensor, k: &Tensor, v: &Tensor| -> f64 {
             let o = attention(q, k, v, Some(&c.mask), kind).unwrap();

@@ -77,7 +77,14 @@ pub fn report(chunk: usize) -> Result<String> {
     let mut per_token = 0f64;
     let mut per_score = 0f64;
     for (s, refs) in cases() {
-        let (ct, cm) = measure(s, &refs, Attention::Chunked { chunk })?;
+        let (ct, cm) = measure(
+            s,
+            &refs,
+            Attention::Chunked {
+                chunk,
+                fit_cpu_cache: false, // the per-token cost a GPU budget takes: `chunk` rows
+            },
+        )?;
         let full = if s <= FULL_MEASURED_UP_TO {
             let (t, m) = measure(s, &refs, Attention::Full)?;
             if let Some(m) = m {

@@ -197,7 +197,8 @@ pub struct ModelSection {
     pub init: InitName,
     /// How blocks compute attention: memory-linear chunks, or the full maps (the reference).
     pub attention: AttentionName,
-    /// Query rows per chunk of chunked attention.
+    /// Query rows per chunk of chunked attention (at most: on the CPU fewer, down to 128,
+    /// when a chunk's scores would pass `flux::attention::CPU_SCORES_BUDGET`).
     pub attention_chunk: usize,
     /// Fused kernels for the block norms, RoPE, the attention softmax (CUDA) and the optimizer
     /// update (CUDA), or the composed candle ops they are tested against.
@@ -231,6 +232,7 @@ impl ModelSection {
         match self.attention {
             AttentionName::Chunked => flux::Attention::Chunked {
                 chunk: self.attention_chunk,
+                fit_cpu_cache: true,
             },
             AttentionName::Full => flux::Attention::Full,
         }
