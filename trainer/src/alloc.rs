@@ -54,3 +54,50 @@ pub fn reset_peak() {
 pub fn peak() -> usize {
     PEAK.load(Ordering::Relaxed)
 }
+
+/// Has glibc's malloc keep freed memory for reuse instead of returning it to the kernel.
+///
+/// A training step allocates and frees the same activation sizes every step. By default glibc
+/// serves each allocation above its (adaptive) mmap threshold with a fresh mapping and trims the
+/// heap's top when it is freed, so every step pays the kernel's page faults and page clearing
+/// again for every large activation: 18% of a CPU step of the medium preset (docs/kernels.md).
+/// Raising the mmap threshold to its maximum (32 MiB on 64-bit) and never trimming keeps those
+/// pages mapped; the resident set then stays at the step's peak, which it reaches anyway.
+///
+/// Skipped when the user tunes malloc through `GLIBC_TUNABLES` (their setting wins), and on
+/// targets other than glibc. Returns whether the settings were applied.
+pub fn keep_freed_memory() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let user_tuned = std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("malloc"));
+        if user_tuned {
+            return false;
+        }
+        const MMAP_THRESHOLD_MAX: libc::c_int = 32 << 20;
+        // SAFETY: mallopt only changes allocator parameters; called before other threads start.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) == 1
+                && libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX) == 1
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// glibc accepts both settings (a threshold above its maximum would be refused, and the
+    /// allocator would go on trimming), unless the user tuned malloc, whose setting stands.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[test]
+    fn glibc_takes_the_keep_freed_memory_settings() {
+        let user_tuned = std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("malloc"));
+        assert_eq!(super::keep_freed_memory(), !user_tuned);
+        // The allocator still serves large and small blocks afterwards.
+        let big = vec![1u8; 64 << 20];
+        let small = Box::new([2u8; 100]);
+        assert_eq!(big[big.len() - 1] + small[99], 3);
+    }
+}

@@ -803,6 +803,7 @@ fn export_cmd(args: ExportArgs) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    trainer::alloc::keep_freed_memory();
     init_tracing();
     match run(Cli::parse()) {
         Ok(code) => code,
