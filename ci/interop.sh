@@ -12,18 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 run_dir="$1"
 base_dir="${2:-}"
-PY="${INTEROP_PYTHON:-}"
-if [ -z "$PY" ]; then
-  source ci/venv.sh
-  install_interop() {
-    timeout 300 "$VENV/bin/python" -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu \
-      || "$VENV/bin/python" -m pip install -q torch
-    "$VENV/bin/python" -m pip install -q "diffusers==0.42.1" "peft==0.21.2" safetensors
-  }
-  cached_venv interop-venv "import torch, diffusers, peft, safetensors" \
-    "interop check (diffusers/PEFT loading of our export)" install_interop || exit 0
-  PY="$VENV/bin/python"
-fi
+source ci/venv.sh
+interop_python "interop check (diffusers/PEFT loading of our export)" || exit 0
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 cargo run -q -p trainer -- export --checkpoint "$run_dir" --out "$out" --format all

@@ -1,4 +1,5 @@
-# Sourced by the ci/ scripts that need Python packages (s3.sh, interop.sh, tensorboard.sh).
+# Sourced by the ci/ scripts that need Python packages (s3.sh, interop.sh, tensorboard.sh,
+# bench_cpu.sh).
 #
 # cached_venv NAME IMPORTS WHAT INSTALL_FN: sets VENV to a venv cached under
 # ${MOSAIC_CI_CACHE:-~/.cache/mosaic-ci}/NAME whose python imports IMPORTS (a Python import
@@ -27,4 +28,19 @@ cached_venv() {
   python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$install"
+}
+
+# interop_python WHAT: sets PY to a Python with torch, diffusers and peft: INTEROP_PYTHON if set,
+# else the interop-venv cached venv (torch's CPU wheels when download.pytorch.org answers, else
+# PyPI's). Returns 1 (after the loud message) when it cannot be made; WHAT names the skipped job.
+interop_python() {
+  PY="${INTEROP_PYTHON:-}"
+  [ -n "$PY" ] && return 0
+  install_interop() {
+    timeout 300 "$VENV/bin/python" -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu \
+      || "$VENV/bin/python" -m pip install -q torch
+    "$VENV/bin/python" -m pip install -q "diffusers==0.42.1" "peft==0.21.2" safetensors
+  }
+  cached_venv interop-venv "import torch, diffusers, peft, safetensors" "$1" install_interop || return 1
+  PY="$VENV/bin/python"
 }

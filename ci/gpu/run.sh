@@ -178,7 +178,9 @@ bench() { # LABEL PX REFS EXTRA_LIMIT [extra trainer args...]
       --set 'model.preset="tiny"' --set 'data.source="synthetic"'
       --set data.samples=4 --set lora.rank=8 --set train.checkpointing=true --set 'model.device="cpu"')
   fi
+  # Batch 1 on both sides (torch_baseline.py's default): report.py refuses a ratio otherwise.
   step "bench-$label" "$limit" "$BIN/trainer" bench-step "${sets[@]}" --set train.progress=false \
+    --set train.batch_size=1 --set train.grad_accum=1 \
     --set "run.dir=\"$WORK/bench-$label\"" --set "data.resolution=$px" --set "data.ref_resolution=$px" \
     --set "data.min_refs=$refs" --set "data.max_refs=$refs" --label "$label" --json "$RES" "$@"
 }

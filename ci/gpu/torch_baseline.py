@@ -12,6 +12,7 @@ fields `trainer bench-step --json` writes, including the same model-FLOP count a
 """
 import argparse
 import json
+import resource
 import statistics
 import time
 
@@ -53,6 +54,7 @@ def main():
     ap.add_argument("--px", type=int, default=128)
     ap.add_argument("--ref-px", type=int, default=None, help="reference size (default: --px)")
     ap.add_argument("--refs", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=1, help="samples per step (as train.batch_size)")
     ap.add_argument("--text-tokens", type=int, default=None, help="default: 512 (flux-dev), else 16")
     ap.add_argument("--rank", type=int, default=128)
     ap.add_argument("--device", default="cpu")
@@ -120,10 +122,11 @@ def main():
 
     g = torch.Generator(device="cpu").manual_seed(a.seed)
     rnd = lambda *s: torch.randn(*s, generator=g).to(dev, dtype)
-    x = rnd(1, img_tokens, 64)
-    target = rnd(1, img_tokens, 64)
-    enc = rnd(1, text, ctx)
-    pool = rnd(1, pooled)
+    b = a.batch
+    x = rnd(b, img_tokens, 64)
+    target = rnd(b, img_tokens, 64)
+    enc = rnd(b, text, ctx)
+    pool = rnd(b, pooled)
     side = a.px // 16
     img_ids = torch.zeros(img_tokens, 3)
     ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
@@ -131,8 +134,8 @@ def main():
     img_ids[: side * side, 2] = xs.flatten()
     img_ids = img_ids.to(dev, dtype)
     txt_ids = torch.zeros(text, 3).to(dev, dtype)
-    t = torch.full((1,), 0.5).to(dev, dtype)
-    guidance = torch.full((1,), 1.0).to(dev, dtype)
+    t = torch.full((b,), 0.5).to(dev, dtype)
+    guidance = torch.full((b,), 1.0).to(dev, dtype)
 
     def sync():
         if dev.type == "cuda":
@@ -168,24 +171,27 @@ def main():
         sync()
         times.append(time.perf_counter() - t0)
     s = statistics.median(times)
-    flops = model_flops(heads * hd, nd + ns, tokens, 1)
+    flops = model_flops(heads * hd, nd + ns, tokens, b)
     peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else None
+    # The process's peak resident set (KiB on Linux): on the CPU the one measure both sides give.
+    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out = {
         "label": a.label,
         "framework": f"PyTorch {torch.__version__} + diffusers + peft",
         "device": str(dev),
         "dtype": a.dtype,
         "tokens": tokens,
-        "batch": 1,
+        "batch": b,
         "s_per_step": s,
         "steps": a.steps,
         "peak_bytes": peak,
+        "max_rss_bytes": max_rss,
         "model_flops": flops,
         "tflops": flops / s / 1e12,
         "mfu": flops / s / 1e12 / a.peak_tflops,
         "peak_tflops": a.peak_tflops,
     }
-    mem = f"{peak / 1e9:.2f} GB" if peak else "n/a"
+    mem = f"{(peak or max_rss) / 1e9:.2f} GB"
     print(
         f"| {a.label} | {out['framework']} | {dev} | {a.dtype} | {tokens} | {s:.4f} | {mem} "
         f"| {out['tflops']:.2f} | {100 * out['mfu']:.1f}% |"

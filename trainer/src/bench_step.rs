@@ -47,6 +47,9 @@ pub struct StepBench {
     /// Bytes in use once the run is built, before any step: the frozen weights, the LoRA, its
     /// optimizer and EMA state, the data (what a step's peak starts from).
     pub resident_bytes: Option<usize>,
+    /// The process's peak resident set at the end (host memory, whatever the device): the
+    /// measure the PyTorch baseline gives on the CPU.
+    pub max_rss_bytes: Option<usize>,
     pub model_flops: f64,
     /// Achieved model FLOP/s over the median step, in TFLOP/s.
     pub tflops: f64,
@@ -137,6 +140,7 @@ pub fn measure(
         steps,
         peak_bytes: memory.peak(),
         resident_bytes,
+        max_rss_bytes: crate::device_memory::process_peak_rss(),
         model_flops: flops,
         tflops,
         mfu: tflops / peak_tflops,

@@ -45,6 +45,18 @@ impl PeakMemory {
     }
 }
 
+/// The process's peak resident set so far (Linux `getrusage`), in bytes: what a PyTorch CPU
+/// baseline can report too, so CPU runs compare on it. `None` where the call fails.
+pub fn process_peak_rss() -> Option<usize> {
+    // SAFETY: getrusage only writes into the zeroed struct we own.
+    let (rc, usage) = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        (libc::getrusage(libc::RUSAGE_SELF, &mut usage), usage)
+    };
+    // ru_maxrss is in KiB on Linux.
+    (rc == 0).then(|| usize::try_from(usage.ru_maxrss).unwrap_or(0) * 1024)
+}
+
 /// Bytes in use now on `device`: the memory pool's current use on a GPU, the heap on the CPU
 /// (`None` where nothing measures them).
 pub fn resident(device: &Device) -> Option<usize> {
