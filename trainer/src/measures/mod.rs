@@ -24,7 +24,7 @@ use crate::config::Config;
 use crate::data::sample::Sample;
 use crate::error::{Result, TrainerError};
 use attention::AttentionTally;
-use flux::embed::{grid_ids, reference_ids, text_ids};
+use flux::embed::{grid_ids, text_ids};
 use flux::rng::{stream, Purpose};
 use flux::{Flux, LoraView, ModelInputs, RefInputs};
 
@@ -255,18 +255,8 @@ fn inputs_of(
     zero_refs: bool,
     dtype: DType,
 ) -> Result<ModelInputs> {
-    let mut ids = Vec::new();
-    let mut lens = Vec::new();
-    for (k, r) in s.refs.iter().enumerate() {
-        ids.extend(reference_ids(r.grid.rows, r.grid.cols, k));
-        lens.push(r.grid.len());
-    }
-    let latents = Tensor::cat(&s.refs.iter().map(|r| &r.latent).collect::<Vec<_>>(), 0)?;
-    let latents = if zero_refs {
-        latents.zeros_like()?
-    } else {
-        latents
-    };
+    let (ids, lens) = s.ref_positions();
+    let latents = s.ref_latents(zero_refs)?;
     let l = s.txt.dim(0)?;
     Ok(ModelInputs {
         img,

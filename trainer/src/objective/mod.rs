@@ -16,7 +16,7 @@ use rand_distr::{Distribution, Normal, StandardNormal};
 use crate::data::sample::Sample;
 use crate::error::{Result, TrainerError};
 pub use dropout::{DropoutSpec, Dropped, EmptyCaption};
-use flux::embed::{grid_ids, reference_ids, text_ids};
+use flux::embed::{grid_ids, text_ids};
 use flux::grad::{loss_and_grads_into, GradSink, NoSink};
 use flux::rng::{stream, Purpose};
 use flux::{Flux, Lora, ModelInputs, RefInputs};
@@ -279,23 +279,11 @@ fn ref_inputs(
         return Ok(None);
     };
     let b = samples.len();
-    let mut ids = Vec::new();
-    let mut lens = Vec::new();
-    for (i, r) in first.refs.iter().enumerate() {
-        ids.extend(reference_ids(r.grid.rows, r.grid.cols, i));
-        lens.push(r.grid.len());
-    }
+    let (ids, lens) = first.ref_positions();
     let per_sample: Vec<Tensor> = samples
         .iter()
         .zip(dropped)
-        .map(|(s, d)| {
-            let all = Tensor::cat(&s.refs.iter().map(|r| &r.latent).collect::<Vec<_>>(), 0)?;
-            if d.refs {
-                all.zeros_like()
-            } else {
-                Ok(all)
-            }
-        })
+        .map(|(s, d)| s.ref_latents(d.refs))
         .collect::<candle_core::Result<_>>()?;
     Ok(Some(RefInputs {
         latents: Tensor::stack(&per_sample, 0)?.to_dtype(dtype)?,
