@@ -15,6 +15,7 @@
 //! inputs' dtype (P and dS rounded to it) with f32 results ([`crate::matmul`]); scores,
 //! logsumexp, softmax and row sums are f32 (f64 stays f64); the output has the inputs' dtype.
 
+use std::ops::Range;
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor, D};
@@ -75,6 +76,8 @@ pub fn rows_per_chunk(chunk: usize, batch_heads: usize, keys: usize, device: &De
 pub struct GroupMask {
     /// [S] u32 group ids on the model's device.
     groups: Tensor,
+    /// The same ids on the host, for the CPU's per-group blocks ([`KeyBlock`]).
+    ids: Vec<u32>,
 }
 
 impl GroupMask {
@@ -86,7 +89,8 @@ impl GroupMask {
         }
         let n = ids.len();
         Ok(Self {
-            groups: Tensor::from_vec(ids, n, device)?,
+            groups: Tensor::from_slice(&ids, n, device)?,
+            ids,
         })
     }
 
@@ -163,6 +167,33 @@ pub fn full(
     Ok(probs.matmul(&v_bhsd.contiguous()?)?)
 }
 
+/// A run of query rows and the keys they attend to. On a GPU (or without a mask) one block
+/// holds every row and every key, and the softmax applies the mask. On the CPU each run of rows
+/// of one group is a block: shared rows see every key, and a reference's rows see only the
+/// shared keys and their own, gathered into a smaller K and V, so neither the products nor the
+/// softmax spend work on keys the mask would zero (a third of a reference row's keys with two
+/// references). The values are the same: blocked keys contribute exactly zero either way.
+struct KeyBlock {
+    rows: Range<usize>,
+    /// The keys seen, as indices into the sequence; `None`: all of them.
+    keys: Option<Tensor>,
+    /// K and V [B, H, keys, hd] of those keys (the whole tensors when `keys` is `None`).
+    k: Tensor,
+    v: Tensor,
+    /// Whether the softmax must apply the group mask (the block mixes groups).
+    masked: bool,
+}
+
+impl KeyBlock {
+    /// `acc` [B, H, S, hd] plus a block's gradient for its keys [B, H, keys, hd].
+    fn add_to(&self, acc: Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.keys {
+            None => acc + grad,
+            Some(idx) => acc.index_add(idx, grad, 2),
+        }
+    }
+}
+
 /// The inputs of one chunked call, detached from the graph, and the softmax of a chunk.
 ///
 /// The softmax runs in the fused ops of `kernels::softmax` (CUDA kernels for f32 and bf16,
@@ -193,40 +224,112 @@ impl Operands {
         })
     }
 
-    /// Q K^T of query rows `start..start + len`, [B, H, len, S], unscaled, in the compute
-    /// dtype (f32 for half inputs, whose product runs in their own dtype).
-    fn products(&self, q_bhsd: &Tensor, start: usize, len: usize) -> Result<Tensor> {
-        matmul_f32_out(&q_bhsd.narrow(2, start, len)?, &self.k.t()?)
+    /// Q K^T of query rows `start..start + len` against the block's keys, [B, H, len, keys],
+    /// unscaled, in the compute dtype (f32 for half inputs, whose product runs in their own
+    /// dtype).
+    fn products(
+        &self,
+        q_bhsd: &Tensor,
+        block: &KeyBlock,
+        start: usize,
+        len: usize,
+    ) -> Result<Tensor> {
+        matmul_f32_out(&q_bhsd.narrow(2, start, len)?, &block.k.t()?)
     }
 
     /// Scaled and masked scores from `products` (the composed path).
-    fn scores(&self, products: Tensor, start: usize, len: usize) -> Result<Tensor> {
+    fn scores(
+        &self,
+        products: Tensor,
+        block: &KeyBlock,
+        start: usize,
+        len: usize,
+    ) -> Result<Tensor> {
         let scores = (products * self.scale)?;
         Ok(match &self.mask {
-            Some(m) => scores.broadcast_add(&m.rows(start, len, scores.dtype())?)?,
-            None => scores,
+            Some(m) if block.masked => {
+                scores.broadcast_add(&m.rows(start, len, scores.dtype())?)?
+            }
+            _ => scores,
         })
     }
 
-    fn row_mask(&self, start: usize) -> Option<kernels::softmax::RowMask<'_>> {
-        self.mask.as_ref().map(|m| kernels::softmax::RowMask {
-            groups: &m.groups,
-            q_start: start,
-        })
+    /// The blocks of the `rows` query rows and the keys they see ([`KeyBlock`]). Query row i
+    /// is token i (with cached references the queries are the leading shared tokens and the
+    /// keys go on).
+    fn blocks(&self, rows: usize, v: &Tensor) -> Result<Vec<KeyBlock>> {
+        let s = self.k.dim(2)?;
+        let whole = |rows: Range<usize>, masked| KeyBlock {
+            rows,
+            keys: None,
+            k: self.k.clone(),
+            v: v.clone(),
+            masked,
+        };
+        let Some(mask) = self.mask.as_ref() else {
+            return Ok(vec![whole(0..rows, false)]);
+        };
+        if !(self.fused && self.k.device().is_cpu()) || rows > mask.ids.len() {
+            return Ok(vec![whole(0..rows, true)]);
+        }
+        let mut blocks = Vec::new();
+        let mut start = 0;
+        while start < rows {
+            let g = mask.ids[start];
+            let end = start
+                + mask.ids[start..rows]
+                    .iter()
+                    .take_while(|&&x| x == g)
+                    .count();
+            if g == 0 {
+                blocks.push(whole(start..end, false));
+            } else {
+                let seen: Vec<u32> = (0..s as u32)
+                    .filter(|&j| [0, g].contains(&mask.ids[j as usize]))
+                    .collect();
+                let n = seen.len();
+                let idx = Tensor::from_vec(seen, n, self.k.device())?;
+                blocks.push(KeyBlock {
+                    rows: start..end,
+                    k: self.k.index_select(&idx, 2)?,
+                    v: v.index_select(&idx, 2)?,
+                    keys: Some(idx),
+                    masked: false,
+                });
+            }
+            start = end;
+        }
+        Ok(blocks)
+    }
+
+    fn row_mask(&self, block: &KeyBlock, start: usize) -> Option<kernels::softmax::RowMask<'_>> {
+        self.mask
+            .as_ref()
+            .filter(|_| block.masked)
+            .map(|m| kernels::softmax::RowMask {
+                groups: &m.groups,
+                q_start: start,
+            })
     }
 
     /// P in the inputs' dtype and each row's logsumexp [B, H, len, 1] (compute dtype) of query
     /// rows `start..start + len`.
-    fn forward_probs(&self, q_bhsd: &Tensor, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
-        let products = self.products(q_bhsd, start, len)?;
+    fn forward_probs(
+        &self,
+        q_bhsd: &Tensor,
+        block: &KeyBlock,
+        start: usize,
+        len: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let products = self.products(q_bhsd, block, start, len)?;
         let _phase = crate::profile::phase("op: attention softmax", products.device());
         if self.fused {
-            let mask = self.row_mask(start);
+            let mask = self.row_mask(block, start);
             let lse = kernels::softmax::row_logsumexp(&products, mask, self.scale)?;
             let p = kernels::softmax::probs(&products, &lse, mask, self.scale, self.dtype)?;
             return Ok((p, lse));
         }
-        let scores = self.scores(products, start, len)?;
+        let scores = self.scores(products, block, start, len)?;
         let max = scores.max_keepdim(D::Minus1)?;
         let e = scores.broadcast_sub(&max)?.exp()?;
         let sum = e.sum_keepdim(D::Minus1)?;
@@ -235,19 +338,25 @@ impl Operands {
     }
 
     /// P of query rows `start..start + len` recomputed from their logsumexp [B, H, len, 1].
-    fn probs(&self, q_bhsd: &Tensor, start: usize, len: usize, lse: &Tensor) -> Result<Tensor> {
-        let products = self.products(q_bhsd, start, len)?;
+    fn probs(
+        &self,
+        q_bhsd: &Tensor,
+        block: &KeyBlock,
+        (start, len): (usize, usize),
+        lse: &Tensor,
+    ) -> Result<Tensor> {
+        let products = self.products(q_bhsd, block, start, len)?;
         let _phase = crate::profile::phase("op: attention softmax", products.device());
         if self.fused {
             return Ok(kernels::softmax::probs(
                 &products,
                 lse,
-                self.row_mask(start),
+                self.row_mask(block, start),
                 self.scale,
                 self.dtype,
             )?);
         }
-        let scores = self.scores(products, start, len)?;
+        let scores = self.scores(products, block, start, len)?;
         Ok(scores.broadcast_sub(lse)?.exp()?.to_dtype(self.dtype)?)
     }
 
@@ -263,11 +372,11 @@ impl Operands {
     }
 }
 
-/// (start, len) of each chunk of `s` rows.
-fn chunks(s: usize, chunk: usize) -> impl Iterator<Item = (usize, usize)> {
-    (0..s)
-        .step_by(chunk)
-        .map(move |start| (start, chunk.min(s - start)))
+/// (start, len) of each chunk of at most `chunk` rows of `rows`.
+fn chunks(rows: Range<usize>, chunk: usize) -> impl Iterator<Item = (usize, usize)> {
+    let end = rows.end;
+    rows.step_by(chunk)
+        .map(move |start| (start, chunk.min(end - start)))
 }
 
 /// The memory-linear form (module docs).
@@ -283,14 +392,15 @@ pub fn chunked(
     let ops = Operands::new(k_bhsd, dtype, mask)?;
     let q = q_bhsd.detach().contiguous()?;
     let v = v_bhsd.detach().contiguous()?;
-    let s = q.dim(2)?;
     let mut outs = Vec::new();
     let mut lses = Vec::new();
-    for (start, len) in chunks(s, chunk) {
-        // P in the inputs' dtype for its product with V, as FlashAttention does.
-        let (p, lse) = ops.forward_probs(&q, start, len)?;
-        outs.push(matmul_f32_out(&p, &v)?.to_dtype(dtype)?);
-        lses.push(lse);
+    for block in ops.blocks(q.dim(2)?, &v)? {
+        for (start, len) in chunks(block.rows.clone(), chunk) {
+            // P in the inputs' dtype for its product with V, as FlashAttention does.
+            let (p, lse) = ops.forward_probs(&q, &block, start, len)?;
+            outs.push(matmul_f32_out(&p, &block.v)?.to_dtype(dtype)?);
+            lses.push(lse);
+        }
     }
     let out = Tensor::cat(&outs, 2)?.contiguous()?;
     let lse = Tensor::cat(&lses, 2)?;
@@ -395,23 +505,32 @@ impl CustomOp3 for ChunkedAttention {
             v.detach().contiguous()?,
         );
         let (o, g) = (res.detach().to_dtype(cdt)?, grad_res.contiguous()?);
-        let s = q.dim(2)?;
         let mut dq = Vec::new();
         let mut dk = k.zeros_like()?.to_dtype(cdt)?;
         let mut dv = dk.clone();
-        for (start, len) in chunks(s, self.chunk) {
-            let lse = self.lse.narrow(2, start, len)?;
-            let p = self.ops.probs(&q, start, len, &lse).map_err(to_candle)?;
-            let gc = g.narrow(2, start, len)?;
-            let delta = (gc.to_dtype(cdt)? * o.narrow(2, start, len)?)?.sum_keepdim(D::Minus1)?;
-            dv = (dv + mm(&p.t()?, &gc)?)?;
-            let ds = self
-                .ops
-                .softmax_grad(&p, &mm(&gc, &v.t()?)?, &delta)
-                .map_err(to_candle)?;
-            let qc = q.narrow(2, start, len)?;
-            dq.push((mm(&ds, k)? * self.ops.scale)?);
-            dk = (dk + (mm(&ds.t()?, &qc)? * self.ops.scale)?)?;
+        for block in self.ops.blocks(q.dim(2)?, &v).map_err(to_candle)? {
+            let (bk, bv) = (&block.k, &block.v);
+            let mut bdk = bk.zeros_like()?.to_dtype(cdt)?;
+            let mut bdv = bdk.clone();
+            for (start, len) in chunks(block.rows.clone(), self.chunk) {
+                let lse = self.lse.narrow(2, start, len)?;
+                let p = (self.ops)
+                    .probs(&q, &block, (start, len), &lse)
+                    .map_err(to_candle)?;
+                let gc = g.narrow(2, start, len)?;
+                let delta =
+                    (gc.to_dtype(cdt)? * o.narrow(2, start, len)?)?.sum_keepdim(D::Minus1)?;
+                bdv = (bdv + mm(&p.t()?, &gc)?)?;
+                let ds = self
+                    .ops
+                    .softmax_grad(&p, &mm(&gc, &bv.t()?)?, &delta)
+                    .map_err(to_candle)?;
+                let qc = q.narrow(2, start, len)?;
+                dq.push((mm(&ds, bk)? * self.ops.scale)?);
+                bdk = (bdk + (mm(&ds.t()?, &qc)? * self.ops.scale)?)?;
+            }
+            dk = block.add_to(dk, &bdk)?;
+            dv = block.add_to(dv, &bdv)?;
         }
         Ok((
             Some(Tensor::cat(&dq, 2)?.to_dtype(dtype)?),
