@@ -167,9 +167,9 @@ pub fn full(
     Ok(probs.matmul(&v_bhsd.contiguous()?)?)
 }
 
-/// A run of query rows and the keys they attend to. On a GPU (or without a mask) one block
-/// holds every row and every key, and the softmax applies the mask. On the CPU each run of rows
-/// of one group is a block: shared rows see every key, and a reference's rows see only the
+/// A run of query rows and the keys they attend to. On a GPU, with the composed ops, or without
+/// a mask, one block holds every row and every key, and the softmax applies the mask. On the
+/// CPU with the fused ops each run of rows of one group is a block: shared rows see every key, and a reference's rows see only the
 /// shared keys and their own, gathered into a smaller K and V, so neither the products nor the
 /// softmax spend work on keys the mask would zero (a third of a reference row's keys with two
 /// references). The values are the same: blocked keys contribute exactly zero either way.

@@ -60,7 +60,8 @@ pub fn peak() -> usize {
 /// A training step allocates and frees the same activation sizes every step. By default glibc
 /// serves each allocation above its (adaptive) mmap threshold with a fresh mapping and trims the
 /// heap's top when it is freed, so every step pays the kernel's page faults and page clearing
-/// again for every large activation: 18% of a CPU step of the medium preset (docs/kernels.md).
+/// again for every large activation (page faults and memset were 13% of the samples of a
+/// profiled CPU step of the medium preset; the setting saved 12-14% of it: docs/kernels.md).
 /// Raising the mmap threshold to its maximum (32 MiB on 64-bit) and never trimming keeps those
 /// pages mapped; the resident set then stays at the step's peak, which it reaches anyway.
 ///
