@@ -284,8 +284,10 @@ impl Operands {
             if g == 0 {
                 blocks.push(whole(start..end, false));
             } else {
-                let seen: Vec<u32> = (0..s as u32)
-                    .filter(|&j| [0, g].contains(&mask.ids[j as usize]))
+                let seen: Vec<u32> = kernels::softmax::seen_key_ranges(&mask.ids[..s], g)
+                    .into_iter()
+                    .flatten()
+                    .map(|j| j as u32)
                     .collect();
                 let n = seen.len();
                 let idx = Tensor::from_vec(seen, n, self.k.device())?;

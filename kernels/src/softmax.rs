@@ -111,6 +111,25 @@ impl RowFloat for f64 {
 /// reference tokens of different references (group ids > 0 and unequal): shared tokens (group
 /// 0: text and target) see and are seen by every token. Built once per op from the group ids,
 /// as the maximal runs of seen keys, so the row loops run over plain slices.
+/// The key positions a query row of group `g` sees, as ascending, disjoint ranges: with the
+/// reference mask, a row of group 0 (text and target) sees every key, and a row of reference
+/// g > 0 sees the keys of group 0 and of its own group. `groups` holds every key's group id.
+/// This is the CPU's statement of the rule; the CUDA kernel and `flux`'s dense mask apply the
+/// same one on the device.
+pub fn seen_key_ranges(groups: &[u32], g: u32) -> Vec<Range<usize>> {
+    let mut seen: Vec<Range<usize>> = Vec::new();
+    for (j, &gk) in groups.iter().enumerate() {
+        if g != 0 && gk != 0 && gk != g {
+            continue;
+        }
+        match seen.last_mut() {
+            Some(r) if r.end == j => r.end = j + 1,
+            _ => seen.push(j..j + 1),
+        }
+    }
+    seen
+}
+
 struct Visibility {
     /// Every key: rows of group 0, and every row when there is no mask.
     all: Vec<Range<usize>>,
@@ -128,22 +147,8 @@ impl Visibility {
                 by_group: Vec::new(),
             };
         }
-        let top = groups.iter().copied().max().unwrap_or(0) as usize;
-        let by_group = (0..=top as u32)
-            .map(|gq| {
-                let mut seen: Vec<Range<usize>> = Vec::new();
-                for (j, &g) in groups.iter().enumerate() {
-                    if g != 0 && g != gq {
-                        continue;
-                    }
-                    match seen.last_mut() {
-                        Some(r) if r.end == j => r.end = j + 1,
-                        _ => seen.push(j..j + 1),
-                    }
-                }
-                seen
-            })
-            .collect();
+        let top = groups.iter().copied().max().unwrap_or(0);
+        let by_group = (0..=top).map(|gq| seen_key_ranges(groups, gq)).collect();
         Self { all, by_group }
     }
 
@@ -749,6 +754,29 @@ mod tests {
             .map(|j| [0, 2, 1, 2, 0, 3, 3, 1, 2][j as usize % 9])
             .collect();
         check_on(&Device::Cpu, &groups);
+    }
+
+    /// The ranges against the rule tested key by key, and merged: ascending, disjoint, not
+    /// touching.
+    #[test]
+    fn seen_key_ranges_cover_exactly_the_visible_keys() {
+        let groups = [0u32, 0, 1, 1, 2, 0, 2, 1, 3, 3];
+        assert_eq!(seen_key_ranges(&groups, 0), vec![0..10]);
+        assert_eq!(seen_key_ranges(&groups, 1), vec![0..4, 5..6, 7..8]);
+        assert_eq!(seen_key_ranges(&groups, 2), vec![0..2, 4..7]);
+        for g in 0..5u32 {
+            let ranges = seen_key_ranges(&groups, g);
+            let listed: Vec<usize> = ranges.iter().cloned().flatten().collect();
+            let visible: Vec<usize> = (0..groups.len())
+                .filter(|&j| g == 0 || groups[j] == 0 || groups[j] == g)
+                .collect();
+            assert_eq!(listed, visible, "group {g}");
+            assert!(
+                ranges.windows(2).all(|w| w[0].end < w[1].start),
+                "{ranges:?}"
+            );
+        }
+        assert!(seen_key_ranges(&[], 1).is_empty());
     }
 
     /// 10 shared tokens, then references of 12, 10 and 8 tokens.
