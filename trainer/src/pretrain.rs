@@ -8,6 +8,12 @@
 //! model a CPU demo needs), no checkpoints: a run is started again from scratch, or continued
 //! by naming its output as `model.weights`. Every draw (noise, t) comes from the same seeded
 //! streams as training, so the same config gives the same base.
+//!
+//! With `optim.ema_decay` > 0 the written base is the exponential moving average of the
+//! weights (a diffusion model's samples are much less noisy from the average than from the
+//! last step's weights) and the last weights go beside it as `RUN/base-live/`. Every
+//! `checkpoint.every` steps the base as it would be written then goes to
+//! `RUN/base-steps/step-<N>/`, to watch its samples improve; these are not resumable.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -20,7 +26,7 @@ use crate::data::DataFeed;
 use crate::error::{Result, TrainerError};
 use crate::metrics::StepMetrics;
 use crate::objective::{self, DrawAt, DropoutSpec, ObjectiveSpec};
-use crate::optim::{clip_factor, global_norm, lr_at, AdamW};
+use crate::optim::{clip_factor, global_norm, lr_at, AdamW, Ema};
 use crate::run::{base_weights, device_of};
 use flux::{Flux, Lora, LoraSpec, RowBlocks, Weights};
 
@@ -28,8 +34,13 @@ use flux::{Flux, Lora, LoraSpec, RowBlocks, Weights};
 pub struct PretrainOutcome {
     /// L_diff of every step.
     pub losses: Vec<f64>,
-    /// The diffusers folder written (`RUN/base`).
+    /// The diffusers folder written (`RUN/base`): the EMA of the weights when
+    /// `optim.ema_decay` > 0, else the last weights.
     pub base_dir: PathBuf,
+    /// The last weights (`RUN/base-live`), written when the base is their EMA.
+    pub live_dir: Option<PathBuf>,
+    /// The snapshots written every `checkpoint.every` steps (`RUN/base-steps/step-<N>`).
+    pub snapshots: Vec<PathBuf>,
     pub skipped: u64,
 }
 
@@ -141,14 +152,24 @@ fn train_step(
     })
 }
 
-/// Writes the variables as a diffusers transformer folder.
-fn save(t: &Trainable, dir: &std::path::Path) -> Result<()> {
+/// Writes `values` (one per variable, in the variables' order) as a diffusers transformer
+/// folder.
+fn save(t: &Trainable, values: &[&Tensor], dir: &std::path::Path) -> Result<()> {
     let tensors = t
         .vars
         .iter()
-        .map(|(n, v)| Ok((n.clone(), v.as_tensor().to_dtype(DType::F32)?)))
+        .zip(values)
+        .map(|((n, _), v)| Ok((n.clone(), v.to_dtype(DType::F32)?)))
         .collect::<Result<Vec<_>>>()?;
     Ok(Weights::from_tensors(tensors).save_diffusers(&t.fc, dir)?)
+}
+
+/// The base as it is written: the EMA when there is one, else the live weights.
+fn written_values<'a>(t: &'a Trainable, ema: Option<&'a Ema>) -> Vec<&'a Tensor> {
+    match ema {
+        Some(e) => e.shadow.iter().collect(),
+        None => t.vars.iter().map(|(_, v)| v.as_tensor()).collect(),
+    }
 }
 
 /// Trains the whole base as `cfg` says (model, data, optim, train.max_steps and batch_size,
@@ -165,6 +186,11 @@ pub fn pretrain(cfg: Config) -> Result<PretrainOutcome> {
     let mut data = DataFeed::build(&cfg, &t.fc, 0, 1, &device)?;
     let var_refs: Vec<&Var> = t.vars.iter().map(|(_, v)| v).collect();
     let mut opt = AdamW::new(&var_refs)?;
+    let mut ema = if cfg.optim.ema_decay > 0.0 {
+        Some(Ema::new(cfg.optim.ema_decay, &var_refs)?)
+    } else {
+        None
+    };
     let run_dir = cfg.run_dir();
     std::fs::create_dir_all(&run_dir).map_err(|e| TrainerError::io(&run_dir, e))?;
     let mut log = crate::run_log::RunLog::open(&cfg.logging, &run_dir, false, 0)?;
@@ -176,6 +202,7 @@ pub fn pretrain(cfg: Config) -> Result<PretrainOutcome> {
     let max_steps = cfg.train.max_steps;
     let mut losses = Vec::with_capacity(max_steps as usize);
     let mut skipped = 0;
+    let mut snapshots = Vec::new();
     for step in 0..max_steps {
         let m = train_step(&t, &lora, &mut data, &mut opt, &cfg, step)?;
         log.step(&m)?;
@@ -190,14 +217,42 @@ pub fn pretrain(cfg: Config) -> Result<PretrainOutcome> {
         }
         skipped += m.skipped as u64;
         losses.push(m.loss);
+        if let Some(e) = ema.as_mut() {
+            if !m.skipped {
+                e.update(&var_refs)?;
+            }
+        }
+        let every = cfg.checkpoint.every;
+        if every > 0 && m.step % every == 0 && m.step < max_steps {
+            let dir = run_dir
+                .join("base-steps")
+                .join(format!("step-{:08}", m.step));
+            save(&t, &written_values(&t, ema.as_ref()), &dir)?;
+            tracing::info!(step = m.step, base = %dir.display(), "snapshot of the base written");
+            snapshots.push(dir);
+        }
     }
     let base_dir = run_dir.join("base");
-    save(&t, &base_dir)?;
+    save(&t, &written_values(&t, ema.as_ref()), &base_dir)?;
+    let live_dir = match ema {
+        Some(_) => {
+            let dir = run_dir.join("base-live");
+            save(&t, &written_values(&t, None), &dir)?;
+            Some(dir)
+        }
+        None => None,
+    };
     log.finish();
-    tracing::info!(base = %base_dir.display(), "base written (load it as model.weights)");
+    tracing::info!(
+        base = %base_dir.display(),
+        ema = cfg.optim.ema_decay > 0.0,
+        "base written (load it as model.weights)"
+    );
     Ok(PretrainOutcome {
         losses,
         base_dir,
+        live_dir,
+        snapshots,
         skipped,
     })
 }

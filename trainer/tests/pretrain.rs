@@ -1,9 +1,11 @@
 //! `trainer pretrain-base`: the whole base trains (its loss falls), the same config gives the
-//! same base, and the written folder is a base the LoRA training and the sampler load.
+//! same base, the written base is the EMA of the weights (the last ones beside it) with
+//! snapshots on the way, and the written folder is a base the LoRA training and the sampler
+//! load.
 
 use crate::common::tiny_config;
 
-fn config(dir: &std::path::Path, steps: u64) -> trainer::config::Config {
+fn config(dir: &std::path::Path, steps: u64, ema_decay: f64) -> trainer::config::Config {
     tiny_config(
         dir,
         &[
@@ -12,32 +14,59 @@ fn config(dir: &std::path::Path, steps: u64) -> trainer::config::Config {
             "data.samples=8",
             "optim.lr=2e-3",
             "optim.warmup_steps=2",
+            &format!("optim.ema_decay={ema_decay}"),
+            "checkpoint.every=20",
             "logging.chart=false",
         ],
     )
 }
 
+fn weights_file(dir: &std::path::Path) -> Vec<u8> {
+    std::fs::read(dir.join("diffusion_pytorch_model.safetensors")).unwrap()
+}
+
 #[test]
 fn the_whole_base_learns_and_the_same_config_gives_the_same_base() {
     let tmp = tempfile::tempdir().unwrap();
-    let a = trainer::pretrain::pretrain(config(&tmp.path().join("a"), 40)).unwrap();
+    let a = trainer::pretrain::pretrain(config(&tmp.path().join("a"), 40, 0.9)).unwrap();
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let (first, last) = (mean(&a.losses[..5]), mean(&a.losses[35..]));
     assert!(last < 0.8 * first, "loss {first} -> {last}");
     assert_eq!(a.skipped, 0);
-    let b = trainer::pretrain::pretrain(config(&tmp.path().join("b"), 40)).unwrap();
-    let file = |o: &trainer::pretrain::PretrainOutcome| {
-        std::fs::read(o.base_dir.join("diffusion_pytorch_model.safetensors")).unwrap()
-    };
-    assert_eq!(file(&a), file(&b), "seeded: the same bytes");
+    let b = trainer::pretrain::pretrain(config(&tmp.path().join("b"), 40, 0.9)).unwrap();
+    assert_eq!(
+        weights_file(&a.base_dir),
+        weights_file(&b.base_dir),
+        "seeded: the same bytes"
+    );
     let lines = std::fs::read_to_string(tmp.path().join("a/metrics.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 40);
+    // A snapshot every 20 steps before the last, a loadable base.
+    let snap = tmp.path().join("a/base-steps/step-00000020");
+    assert_eq!(a.snapshots, vec![snap.clone()]);
+    flux::weights::load(
+        &snap,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+        None,
+    )
+    .unwrap();
+    // The EMA does not change training: the last weights are those of a run without it, and
+    // the written base (their average) is not.
+    let plain = trainer::pretrain::pretrain(config(&tmp.path().join("c"), 40, 0.0)).unwrap();
+    assert!(plain.live_dir.is_none());
+    let live = a
+        .live_dir
+        .as_deref()
+        .expect("an EMA run writes its last weights");
+    assert_eq!(weights_file(live), weights_file(&plain.base_dir));
+    assert_ne!(weights_file(&a.base_dir), weights_file(&plain.base_dir));
 }
 
 #[test]
 fn the_pretrained_base_is_a_base_training_and_sampling_load() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = trainer::pretrain::pretrain(config(&tmp.path().join("pre"), 3)).unwrap();
+    let out = trainer::pretrain::pretrain(config(&tmp.path().join("pre"), 3, 0.9)).unwrap();
     let weights = format!("model.weights={:?}", out.base_dir.display().to_string());
     // The folder's config.json says the architecture (RoPE split included).
     let (fc, _) = flux::weights::load(
