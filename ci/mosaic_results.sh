@@ -38,3 +38,20 @@ for s in "${seeds[@]}"; do
   done
 done
 python3 ci/mosaic_results.py "$out" "${seeds[@]}"
+# README's picture: seed 1's validation grids at its last step, base alone | paper recipe.
+. ci/venv.sh
+if interop_python "the validation grids picture"; then
+  last=$(find "$out/base-seed${seeds[0]}/samples" -maxdepth 1 -name 'step-*' | sort | tail -1)
+  "$PY" - "$out/validation-grids.png" "$last/grid.png" \
+    "$out/scal-mdl-seed${seeds[0]}/samples/$(basename "$last")/grid.png" <<'PY'
+import sys
+from PIL import Image
+out, left, right = sys.argv[1], Image.open(sys.argv[2]), Image.open(sys.argv[3])
+gap = 16
+sheet = Image.new("RGB", (left.width + gap + right.width, max(left.height, right.height)), "white")
+sheet.paste(left, (0, 0))
+sheet.paste(right, (left.width + gap, 0))
+sheet.save(out)
+print(f"wrote {out}")
+PY
+fi
