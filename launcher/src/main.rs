@@ -231,6 +231,24 @@ fn spec(cli: &Cli) -> anyhow::Result<LaunchSpec> {
     if !std::io::stderr().is_terminal() {
         extra_env.push(("NO_COLOR".to_string(), "1".to_string()));
     }
+    let nproc_per_node = ranks_per_node(cli)?;
+    let cores = launcher::threads::available_cores();
+    match launcher::threads::rank_env(
+        env(launcher::threads::VAR).as_deref(),
+        cores,
+        nproc_per_node,
+    ) {
+        Some((k, v)) => {
+            launcher::say!(
+                "launcher: {nproc_per_node} rank(s) on {cores} core(s): {k}={v} for each (set {k} to choose)"
+            );
+            extra_env.push((k, v));
+        }
+        None => launcher::say!(
+            "launcher: {} from the environment for each rank",
+            launcher::threads::VAR
+        ),
+    }
     let secs = |name: &str, v: f64| -> anyhow::Result<Duration> {
         if !(v.is_finite() && v >= 0.0) {
             bail!("{name} {v}: expected a non-negative number of seconds");
@@ -240,7 +258,7 @@ fn spec(cli: &Cli) -> anyhow::Result<LaunchSpec> {
     Ok(LaunchSpec {
         program: find_trainer(cli.trainer.clone())?,
         args,
-        nproc_per_node: ranks_per_node(cli)?,
+        nproc_per_node,
         topology,
         token,
         run_id,

@@ -167,17 +167,42 @@ fn a_resumed_run_with_validation_on_is_bit_identical_to_an_uninterrupted_one() {
     }
 }
 
+/// Writes `n` held-out scenes under `dir`; returns the dataset's folder.
+fn heldout(dir: &Path, n: usize) -> String {
+    let opts = datasets::synth::SynthOptions {
+        samples: n,
+        max_refs: 2,
+        size: 96,
+        ref_size: 96,
+        split: datasets::synth::Split::HeldOut,
+        ..Default::default()
+    };
+    let wopts = datasets::WriterOptions {
+        row_group_rows: 2,
+        ..Default::default()
+    };
+    datasets::synth::write_dataset(datasets::Location::local(dir), &opts, wopts).unwrap();
+    dir.display().to_string()
+}
+
 #[test]
-fn two_ranks_share_the_images_and_rank_0_writes_them_all() {
+fn two_ranks_share_the_images_and_measures_and_rank_0_writes_them_all() {
     let tmp = tempfile::tempdir().unwrap();
     let list = cases(&tmp.path().join("data"), 3);
-    // Before the first step every rank holds rank 0's initial LoRA, so the images must equal
-    // a single rank's, each in its place.
+    // 3 held-out scenes: rank 0 measures two, rank 1 one.
+    let held = format!(
+        "validation.heldout={:?}",
+        heldout(&tmp.path().join("heldout"), 3)
+    );
+    // Before the first step every rank holds rank 0's initial LoRA, so the images and the
+    // measures must equal a single rank's, each image in its place, the measures to the bit.
     let extra = [
         "train.max_steps=1",
         "validation.at_start=true",
         "validation.seeds=[7]",
+        "validation.identity_steps=2",
         "train.batch_size=1",
+        held.as_str(),
     ];
     let single = tmp.path().join("single");
     trainer::train::train(config(&single, &list, &extra)).unwrap();
@@ -214,4 +239,13 @@ fn two_ranks_share_the_images_and_rank_0_writes_them_all() {
             "{a}"
         );
     }
+    let measures = |run: &Path| {
+        std::fs::read_to_string(run.join("samples/step-00000000/measures.json")).unwrap()
+    };
+    let (m1, m2) = (measures(&single), measures(&run));
+    let m: serde_json::Value = serde_json::from_str(&m1).unwrap();
+    assert_eq!(m["samples"], 3, "{m1}");
+    assert!(m["pairs"].as_u64().unwrap() > 0, "{m1}");
+    assert!(m["identity"].as_f64().unwrap() > 0.0, "{m1}");
+    assert_eq!(m1, m2, "the measures of two ranks are one rank's");
 }

@@ -196,25 +196,63 @@ pub fn measure(
     spec: &MeasureSpec,
     seed: u64,
 ) -> Result<Measures> {
-    let _span = tracing::info_span!("measures", samples = heldout.samples.len()).entered();
+    let all: Vec<usize> = (0..heldout.samples.len()).collect();
+    let tallies = tally_samples(model, lora, heldout, spec, seed, &all)?;
+    Ok(summarize(heldout, spec, &tallies))
+}
+
+/// What one held-out sample adds to the measures' sums. Ranks measure disjoint samples and
+/// gather these; summed in sample order they give the same bits whatever the world size.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct SampleTally {
+    pub attention: AttentionTally,
+    pub identity: identity::IdentityTally,
+}
+
+/// The tallies of the held-out samples at positions `which` (each sample's noise is keyed by
+/// its position, so a sample measures the same wherever it is measured).
+pub fn tally_samples(
+    model: &Flux,
+    lora: LoraView,
+    heldout: &HeldOut,
+    spec: &MeasureSpec,
+    seed: u64,
+    which: &[usize],
+) -> Result<Vec<SampleTally>> {
+    let _span = tracing::info_span!("measures", samples = which.len()).entered();
+    which
+        .iter()
+        .map(|&i| {
+            let s = heldout.samples.get(i).ok_or_else(|| TrainerError::Input {
+                name: heldout.url.clone(),
+                reason: format!(
+                    "held-out sample {i} asked for, {} loaded",
+                    heldout.samples.len()
+                ),
+            })?;
+            let noises = (0..spec.measure_t.len())
+                .map(|j| noise_like(&s.sample.x0, seed, &[i as u64, j as u64]))
+                .collect::<Result<Vec<_>>>()?;
+            let attention = attention_of(model, lora, s, spec, &noises)?;
+            let noise = noise_like(&s.sample.x0, seed, &[i as u64, u64::MAX])?;
+            let identity = identity::of_sample(model, lora, s, spec, &noise, &heldout.decoder)?;
+            Ok(SampleTally {
+                attention,
+                identity,
+            })
+        })
+        .collect()
+}
+
+/// The measures of `heldout` from the tallies of all its samples, in sample order.
+pub fn summarize(heldout: &HeldOut, spec: &MeasureSpec, tallies: &[SampleTally]) -> Measures {
     let mut tally = AttentionTally::default();
     let mut ident = identity::IdentityTally::default();
-    for (i, s) in heldout.samples.iter().enumerate() {
-        let noises = (0..spec.measure_t.len())
-            .map(|j| noise_like(&s.sample.x0, seed, &[i as u64, j as u64]))
-            .collect::<Result<Vec<_>>>()?;
-        tally.merge(&attention_of(model, lora, s, spec, &noises)?);
-        let noise = noise_like(&s.sample.x0, seed, &[i as u64, u64::MAX])?;
-        ident.merge(&identity::of_sample(
-            model,
-            lora,
-            s,
-            spec,
-            &noise,
-            &heldout.decoder,
-        )?);
+    for t in tallies {
+        tally.merge(&t.attention);
+        ident.merge(&t.identity);
     }
-    Ok(Measures {
+    Measures {
         samples: heldout.samples.len(),
         pairs: tally.pairs / spec.measure_t.len().max(1),
         correspondence_accuracy: tally.accuracy(),
@@ -225,7 +263,7 @@ pub fn measure(
         identity_refs_zeroed: ident.refs_zeroed(),
         identity_ceiling: ident.ceiling(),
         skipped: heldout.skipped,
-    })
+    }
 }
 
 /// Standard normal noise shaped as `x` (in f32), from the probe stream keyed by `key`.

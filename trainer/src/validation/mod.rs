@@ -9,8 +9,10 @@
 //!   Only rank 0 writes.
 //! - Prompts and references are encoded once, at start (the encoders are dropped after); only
 //!   the VAE decoder stays loaded.
-//! - With `validation.heldout`, rank 0 also measures correspondence accuracy, separation and
-//!   identity on that held-out dataset ([`crate::measures`]) with the same LoRA, into
+//! - With `validation.heldout`, the ranks also measure correspondence accuracy, separation and
+//!   identity on that held-out dataset ([`crate::measures`]) with the same LoRA, rank `r`
+//!   the samples `r, r + world, ...`; rank 0 gathers the per-sample tallies, sums them in
+//!   sample order (the same bits as one process, `trainer eval --heldout`) and writes
 //!   `measures.json` next to the images and the `metrics.jsonl` line.
 //! - Nothing here draws from a training stream: each image's noise is a function of its seed
 //!   alone (`Purpose::Sample`, the measures' `Purpose::Probe`), and the model and LoRA are only
@@ -28,7 +30,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::error::{Result, TrainerError};
-use crate::measures::{HeldOut, MeasureSpec, Measures};
+use crate::measures::{HeldOut, MeasureSpec, Measures, SampleTally};
 use crate::run::Run;
 use crate::sample::{Conditioning, RenderOptions, Renderer};
 pub use spec::ValidationSpec;
@@ -45,7 +47,7 @@ pub struct Validator {
     size: usize,
     cases: Vec<PreparedCase>,
     decoder: flux::encoders::VaeDecoder,
-    /// Rank 0's held-out dataset for the measures (None elsewhere, or without one).
+    /// The held-out dataset for the measures (every rank loads it; None without one).
     heldout: Option<HeldOut>,
     measure_spec: MeasureSpec,
     seed: u64,
@@ -127,9 +129,9 @@ impl Validator {
                 },
             });
         }
-        let heldout = match (spec.heldout.as_str(), run.dist.rank()) {
-            ("", _) | (_, 1..) => None,
-            (url, 0) => Some(HeldOut::load(cfg, fc, url, device)?),
+        let heldout = match spec.heldout.as_str() {
+            "" => None,
+            url => Some(HeldOut::load(cfg, fc, url, device)?),
         };
         Ok(Some(Self {
             heldout,
@@ -213,15 +215,18 @@ impl Validator {
                 }
             }
         }
+        let measures = match &self.heldout {
+            Some(h) => self.measure(run, renderer.lora, h)?,
+            None => None,
+        };
         if rank != 0 {
             return Ok(None);
         }
         let images: Vec<RgbImage> = images.into_iter().flatten().collect();
         let files = self.write(&jobs, &images, done, run_dir)?;
-        let measures = match &self.heldout {
-            Some(h) => Some(self.measure(run, renderer.lora, h, &run_dir.join(&files.grid))?),
-            None => None,
-        };
+        if let Some(m) = &measures {
+            write_measures(m, &run_dir.join(&files.grid))?;
+        }
         Ok(Some(ValidationRecord {
             measures,
             step: done,
@@ -233,22 +238,61 @@ impl Validator {
         }))
     }
 
-    /// The held-out measures with `lora`, written as `measures.json` beside `grid`.
+    /// The held-out measures with `lora`, shared between the ranks: rank 0 returns them,
+    /// the others None.
     fn measure(
         &self,
         run: &Run,
         lora: flux::LoraView,
         heldout: &HeldOut,
-        grid: &Path,
-    ) -> Result<Measures> {
-        let m = crate::measures::measure(&run.model, lora, heldout, &self.measure_spec, self.seed)?;
-        let path = grid.with_file_name("measures.json");
-        let text = serde_json::to_vec_pretty(&m).map_err(|e| TrainerError::Input {
-            name: path.display().to_string(),
+    ) -> Result<Option<Measures>> {
+        let (rank, world) = (run.dist.rank(), run.dist.world_size());
+        let n = heldout.samples.len();
+        let mine: Vec<usize> = (rank..n).step_by(world).collect();
+        let tallies = crate::measures::tally_samples(
+            &run.model,
+            lora,
+            heldout,
+            &self.measure_spec,
+            self.seed,
+            &mine,
+        )?;
+        let bytes = serde_json::to_vec(&tallies).map_err(|e| TrainerError::Input {
+            name: "held-out measures".into(),
             reason: e.to_string(),
         })?;
-        std::fs::write(&path, text).map_err(|e| TrainerError::io(&path, e))?;
-        Ok(m)
+        let all = run.dist.call("held-out measures all-gather", move |c| {
+            c.all_gather_bytes(&bytes)
+        })?;
+        if rank != 0 {
+            return Ok(None);
+        }
+        let mut by_sample = vec![None; n];
+        for (r, bytes) in all.iter().enumerate() {
+            let part: Vec<SampleTally> =
+                serde_json::from_slice(bytes).map_err(|e| TrainerError::Input {
+                    name: format!("held-out measures from rank {r}"),
+                    reason: e.to_string(),
+                })?;
+            for (i, t) in (r..n).step_by(world).zip(part) {
+                by_sample[i] = Some(t);
+            }
+        }
+        let tallies = by_sample
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| {
+                t.ok_or_else(|| TrainerError::Input {
+                    name: "held-out measures".into(),
+                    reason: format!("no rank measured sample {i}"),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(crate::measures::summarize(
+            heldout,
+            &self.measure_spec,
+            &tallies,
+        )))
     }
 
     /// Writes each image and the grid under `run_dir/samples/step-NNNNNNNN/`.
@@ -293,4 +337,14 @@ impl Validator {
             s: 0.0,
         })
     }
+}
+
+/// `m` as `measures.json` beside `grid`.
+fn write_measures(m: &Measures, grid: &Path) -> Result<()> {
+    let path = grid.with_file_name("measures.json");
+    let text = serde_json::to_vec_pretty(m).map_err(|e| TrainerError::Input {
+        name: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    std::fs::write(&path, text).map_err(|e| TrainerError::io(&path, e))
 }
