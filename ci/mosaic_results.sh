@@ -42,16 +42,6 @@ python3 ci/mosaic_results.py "$out" "${seeds[@]}"
 . ci/venv.sh
 if interop_python "the validation grids picture"; then
   last=$(find "$out/base-seed${seeds[0]}/samples" -maxdepth 1 -name 'step-*' | sort | tail -1)
-  "$PY" - "$out/validation-grids.png" "$last/grid.png" \
-    "$out/scal-mdl-seed${seeds[0]}/samples/$(basename "$last")/grid.png" <<'PY'
-import sys
-from PIL import Image
-out, left, right = sys.argv[1], Image.open(sys.argv[2]), Image.open(sys.argv[3])
-gap = 16
-sheet = Image.new("RGB", (left.width + gap + right.width, max(left.height, right.height)), "white")
-sheet.paste(left, (0, 0))
-sheet.paste(right, (left.width + gap, 0))
-sheet.save(out)
-print(f"wrote {out}")
-PY
+  "$PY" ci/sheet.py "$out/validation-grids.png" 2 16 "$last/grid.png" \
+    "$out/scal-mdl-seed${seeds[0]}/samples/$(basename "$last")/grid.png"
 fi

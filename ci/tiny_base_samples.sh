@@ -11,7 +11,7 @@ base=${1:-trainer/assets/tiny-base}
 out=${2:-docs/tiny-world/base-samples.png}
 . ci/venv.sh
 interop_python "the tiny base's sample picture" || exit 1
-cargo build --release --bin trainer
+cargo build --bins
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 prompts=(
@@ -23,21 +23,10 @@ files=()
 for i in "${!prompts[@]}"; do
   for seed in 1 2; do
     f="$work/$i-$seed.png"
-    target/release/trainer sample --config configs/tiny-cpu.toml --weights "$base" \
+    target/debug/trainer sample --config configs/tiny-cpu.toml --weights "$base" \
       --prompt "${prompts[$i]}" --guidance 1 --seed "$seed" --out "$f" >/dev/null
     files+=("$f")
   done
 done
 # Four samples per row: caption A seed 1, A seed 2, caption B seed 1, B seed 2.
-"$PY" - "$out" "${files[@]}" <<'PY'
-import sys
-from PIL import Image
-out, files = sys.argv[1], sys.argv[2:]
-ims = [Image.open(f).convert("RGB") for f in files]
-w, h = ims[0].size
-sheet = Image.new("RGB", (4 * w, (len(ims) + 3) // 4 * h))
-for i, im in enumerate(ims):
-    sheet.paste(im, ((i % 4) * w, (i // 4) * h))
-sheet.save(out)
-print(f"wrote {out}")
-PY
+"$PY" ci/sheet.py "$out" 4 0 "${files[@]}"
