@@ -9,7 +9,7 @@
 
 use candle_core::{DType, Tensor};
 
-use super::{inputs_of, noised, Element, HeldOutSample, MeasureSpec};
+use super::{inputs_of, noised, HeldOutSample, MeasureSpec};
 use crate::error::Result;
 use flux::embed::unpack_latents;
 use flux::schedule::FlowMatchSchedule;
@@ -130,23 +130,20 @@ pub fn of_sample(
     let sample = &s.sample;
     let dtype = model.dtype();
     let start = noised(&sample.x0, noise, spec.identity_t, dtype)?;
-    // Both denoisings in one batch: element 0 with the references, element 1 with them zeroed.
-    let elements = [false, true].map(|zero_refs| Element {
-        t: spec.identity_t,
-        zero_refs,
-    });
-    let inputs = inputs_of(
-        sample,
-        Tensor::cat(&[&start, &start], 0)?,
-        spec,
-        &elements,
-        dtype,
-    )?;
     let schedule = schedule(spec);
-    let out = flux::sample::denoise(model, lora, inputs, &schedule, spec.guidance, false)?;
-    let generated = (0..2)
-        .map(|k| decode(decoder, &out.latents.narrow(0, k, 1)?, sample.grid))
-        .collect::<Result<Vec<_>>>()?;
+    let mut generated = Vec::with_capacity(2);
+    for zero_refs in [false, true] {
+        let inputs = inputs_of(
+            sample,
+            start.clone(),
+            spec,
+            spec.identity_t,
+            zero_refs,
+            dtype,
+        )?;
+        let out = flux::sample::denoise(model, lora, inputs, &schedule, spec.guidance, false)?;
+        generated.push(decode(decoder, &out.latents, sample.grid)?);
+    }
     let mut out = IdentityTally::default();
     for (reference, dr) in s.references.iter().zip(&s.decoded.refs) {
         for p in &dr.points {

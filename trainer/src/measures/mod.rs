@@ -230,10 +230,11 @@ pub fn tally_samples(
                     heldout.samples.len()
                 ),
             })?;
-            let noises = (0..spec.measure_t.len())
-                .map(|j| noise_like(&s.sample.x0, seed, &[i as u64, j as u64]))
-                .collect::<Result<Vec<_>>>()?;
-            let attention = attention_of(model, lora, s, spec, &noises)?;
+            let mut attention = AttentionTally::default();
+            for (j, &t) in spec.measure_t.iter().enumerate() {
+                let noise = noise_like(&s.sample.x0, seed, &[i as u64, j as u64])?;
+                attention.merge(&attention_of(model, lora, s, spec, t, &noise)?);
+            }
             let noise = noise_like(&s.sample.x0, seed, &[i as u64, u64::MAX])?;
             let identity = identity::of_sample(model, lora, s, spec, &noise, &heldout.decoder)?;
             Ok(SampleTally {
@@ -283,121 +284,84 @@ fn noised(x0: &Tensor, noise: &Tensor, t: f64, dtype: DType) -> Result<Tensor> {
         .to_dtype(dtype)?)
 }
 
-/// One batch element of the measures' inputs: its noise level, and whether its references
-/// are zeroed.
-#[derive(Debug, Clone, Copy)]
-struct Element {
-    t: f64,
-    zero_refs: bool,
-}
-
-/// The model inputs of held-out sample `s`, one batch element per entry of `elements`, at the
-/// noisy targets `img` [B, N, C] (B = elements.len()). The measures batch what they ask of
-/// one sample (its noise levels; with and without references): on a CPU one forward of B
-/// elements costs much less than B forwards of one.
+/// The model inputs of held-out sample `s` at noisy target `img`; its references zeroed when
+/// `zero_refs`.
 fn inputs_of(
     s: &Sample,
     img: Tensor,
     spec: &MeasureSpec,
-    elements: &[Element],
+    t: f64,
+    zero_refs: bool,
     dtype: DType,
 ) -> Result<ModelInputs> {
-    let b = elements.len();
     let (ids, lens) = s.ref_positions();
-    let latents = elements
-        .iter()
-        .map(|e| s.ref_latents(e.zero_refs))
-        .collect::<candle_core::Result<Vec<_>>>()?;
+    let latents = s.ref_latents(zero_refs)?;
     let l = s.txt.dim(0)?;
-    let repeat = |x: &Tensor| -> Result<Tensor> {
-        let x = x.unsqueeze(0)?.to_dtype(dtype)?;
-        let mut dims = vec![b];
-        dims.extend_from_slice(&x.dims()[1..]);
-        Ok(x.broadcast_as(dims)?.contiguous()?)
-    };
     Ok(ModelInputs {
         img,
         img_ids: grid_ids(s.grid.rows, s.grid.cols, 0),
-        txt: repeat(&s.txt)?,
+        txt: s.txt.unsqueeze(0)?.to_dtype(dtype)?,
         txt_ids: text_ids(l),
-        pooled: repeat(&s.pooled)?,
-        timestep: elements.iter().map(|e| e.t as f32).collect(),
-        guidance: vec![spec.guidance; b],
+        pooled: s.pooled.unsqueeze(0)?.to_dtype(dtype)?,
+        timestep: vec![t as f32],
+        guidance: vec![spec.guidance],
         refs: Some(RefInputs {
-            latents: Tensor::stack(&latents, 0)?.to_dtype(dtype)?,
+            latents: latents.unsqueeze(0)?.to_dtype(dtype)?,
             ids,
             lens,
-            timestep: vec![0.0; b],
-            guidance: vec![spec.ref_guidance; b],
+            timestep: vec![0.0],
+            guidance: vec![spec.ref_guidance],
         }),
         isolate_refs: spec.isolate_refs,
         row_queries: None,
     })
 }
 
-/// The attention measures of one held-out sample, at every noise level of `spec.measure_t`
-/// (`noises[j]` for level j), in one batched forward.
+/// The attention measures of one held-out sample at noise level `t`.
 fn attention_of(
     model: &Flux,
     lora: LoraView,
     s: &HeldOutSample,
     spec: &MeasureSpec,
-    noises: &[Tensor],
+    t: f64,
+    noise: &Tensor,
 ) -> Result<AttentionTally> {
     let sample = &s.sample;
+    let img = noised(&sample.x0, noise, t, model.dtype())?;
+    let mut inputs = inputs_of(sample, img, spec, t, false, model.dtype())?;
     let mut queries = Vec::new();
     let mut offset = 0u32;
     for r in &sample.refs {
         queries.extend(r.pairs.iter().map(|p| offset + p.ref_token));
         offset += r.grid.len() as u32;
     }
-    if queries.is_empty() || spec.measure_t.is_empty() {
+    if queries.is_empty() {
         return Ok(AttentionTally::default());
     }
-    let img = spec
-        .measure_t
-        .iter()
-        .zip(noises)
-        .map(|(&t, noise)| noised(&sample.x0, noise, t, model.dtype()))
-        .collect::<Result<Vec<_>>>()?;
-    let elements: Vec<Element> = spec
-        .measure_t
-        .iter()
-        .map(|&t| Element {
-            t,
-            zero_refs: false,
-        })
-        .collect();
-    let mut inputs = inputs_of(
-        sample,
-        Tensor::cat(&img, 0)?,
-        spec,
-        &elements,
-        model.dtype(),
-    )?;
-    inputs.row_queries = Some(vec![queries; elements.len()]);
+    inputs.row_queries = Some(vec![queries]);
     let out = model.forward(&inputs, lora)?;
-    let per_level = out.rows.ok_or_else(|| TrainerError::Input {
-        name: "loss.double_blocks / loss.single_blocks".into(),
-        reason: "select no block: the attention measures read the rows of the loss's blocks".into(),
-    })?;
+    let rows = out
+        .rows
+        .and_then(|mut r| r.pop())
+        .ok_or_else(|| TrainerError::Input {
+            name: "loss.double_blocks / loss.single_blocks".into(),
+            reason: "select no block: the attention measures read the rows of the loss's blocks"
+                .into(),
+        })?
+        .to_dtype(DType::F32)?
+        .to_vec2::<f32>()?;
+    let mut rows = rows.into_iter();
+    let per_ref: Vec<Vec<Vec<f32>>> = sample
+        .refs
+        .iter()
+        .map(|r| rows.by_ref().take(r.pairs.len()).collect())
+        .collect();
     let targets: Vec<Vec<u32>> = sample
         .refs
         .iter()
         .map(|r| r.pairs.iter().map(|p| p.tgt_token).collect())
         .collect();
-    let mut tally = AttentionTally::default();
-    for rows in per_level {
-        let rows = rows.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-        let mut rows = rows.into_iter();
-        let per_ref: Vec<Vec<Vec<f32>>> = sample
-            .refs
-            .iter()
-            .map(|r| rows.by_ref().take(r.pairs.len()).collect())
-            .collect();
-        tally.merge(&attention::tally(&per_ref, &targets, sample.grid));
-    }
-    Ok(tally)
+    Ok(attention::tally(&per_ref, &targets, sample.grid))
 }
 
 /// The measures as a small text table.
