@@ -66,6 +66,37 @@ fn rank_output_is_prefixed_and_ranks_get_the_environment() {
     assert!(stderr.contains("[rank 1] err 127.0.0.1:"), "{stderr}");
 }
 
+/// Each rank gets its share of the cores in RAYON_NUM_THREADS, unless the user set it.
+#[test]
+fn ranks_get_their_share_of_the_cores_unless_the_user_chose() {
+    let tmp = tempfile::tempdir().unwrap();
+    let body = r#"echo "threads $RANK $RAYON_NUM_THREADS""#;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let share = (cores / 2).max(1);
+    let out = two_fake_ranks(tmp.path(), body)
+        .env_remove("RAYON_NUM_THREADS")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    for r in 0..2 {
+        assert!(stdout.contains(&format!("threads {r} {share}")), "{stdout}");
+    }
+    assert!(
+        text(&out.stderr).contains(&format!("RAYON_NUM_THREADS={share} for each")),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = two_fake_ranks(tmp.path(), body)
+        .env("RAYON_NUM_THREADS", "7")
+        .output()
+        .unwrap();
+    let stdout = text(&out.stdout);
+    for r in 0..2 {
+        assert!(stdout.contains(&format!("threads {r} 7")), "{stdout}");
+    }
+}
+
 #[test]
 fn a_failed_rank_is_named_with_its_last_lines() {
     let tmp = tempfile::tempdir().unwrap();
