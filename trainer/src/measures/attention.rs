@@ -11,7 +11,7 @@
 use datasets::TokenGrid;
 
 /// Running sums of the attention measures over pairs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct AttentionTally {
     pub pairs: usize,
     pub hits: usize,

@@ -16,7 +16,7 @@ use flux::schedule::FlowMatchSchedule;
 use flux::{Flux, LoraView};
 
 /// Running sums of the identity similarities over correspondence points.
-#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct IdentityTally {
     pub points: usize,
     pub with_refs: f64,

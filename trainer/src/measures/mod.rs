@@ -203,10 +203,73 @@ pub fn measure(
 
 /// What one held-out sample adds to the measures' sums. Ranks measure disjoint samples and
 /// gather these; summed in sample order they give the same bits whatever the world size.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct SampleTally {
     pub attention: AttentionTally,
     pub identity: identity::IdentityTally,
+}
+
+impl SampleTally {
+    /// Fields of one tally on the wire.
+    const WORDS: usize = 10;
+
+    /// `tallies` as little-endian 64-bit words, floats as their bits: exact for every value,
+    /// a NaN of a diverged model included (JSON would write it as null and fail to read it).
+    pub fn encode(tallies: &[SampleTally]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(tallies.len() * Self::WORDS * 8);
+        for t in tallies {
+            let (a, i) = (&t.attention, &t.identity);
+            let words = [
+                a.pairs as u64,
+                a.hits as u64,
+                a.chance.to_bits(),
+                a.separation_rows as u64,
+                a.separation.to_bits(),
+                a.separation_chance.to_bits(),
+                i.points as u64,
+                i.with_refs.to_bits(),
+                i.refs_zeroed.to_bits(),
+                i.ceiling.to_bits(),
+            ];
+            for w in words {
+                out.extend_from_slice(&w.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    /// The tallies [`SampleTally::encode`] wrote; None for bytes it cannot have written.
+    pub fn decode(bytes: &[u8]) -> Option<Vec<SampleTally>> {
+        if !bytes.len().is_multiple_of(Self::WORDS * 8) {
+            return None;
+        }
+        let words: Vec<u64> = bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+            .collect();
+        let count = |w: u64| usize::try_from(w).ok();
+        words
+            .chunks_exact(Self::WORDS)
+            .map(|w| {
+                Some(SampleTally {
+                    attention: AttentionTally {
+                        pairs: count(w[0])?,
+                        hits: count(w[1])?,
+                        chance: f64::from_bits(w[2]),
+                        separation_rows: count(w[3])?,
+                        separation: f64::from_bits(w[4]),
+                        separation_chance: f64::from_bits(w[5]),
+                    },
+                    identity: identity::IdentityTally {
+                        points: count(w[6])?,
+                        with_refs: f64::from_bits(w[7]),
+                        refs_zeroed: f64::from_bits(w[8]),
+                        ceiling: f64::from_bits(w[9]),
+                    },
+                })
+            })
+            .collect()
+    }
 }
 
 /// The tallies of the held-out samples at positions `which` (each sample's noise is keyed by
@@ -386,4 +449,45 @@ pub fn table(m: &Measures) -> String {
         m.identity_refs_zeroed,
         m.identity_ceiling,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tallies_cross_the_wire_bit_for_bit() {
+        let t = |x: f64, n: usize| SampleTally {
+            attention: AttentionTally {
+                pairs: n,
+                hits: n / 2,
+                chance: x,
+                separation_rows: n + 1,
+                separation: x / 3.0,
+                separation_chance: -x,
+            },
+            identity: identity::IdentityTally {
+                points: n * 7,
+                with_refs: x * 1e-300,
+                refs_zeroed: f64::INFINITY,
+                ceiling: 0.1 + 0.2,
+            },
+        };
+        let mut nan = t(f64::NAN, 3);
+        nan.identity.with_refs = -f64::NAN;
+        let tallies = vec![
+            t(0.123_456_789_012_345_67, 1115),
+            nan,
+            SampleTally::default(),
+        ];
+        let back = SampleTally::decode(&SampleTally::encode(&tallies)).unwrap();
+        assert_eq!(back.len(), 3);
+        for (a, b) in tallies.iter().zip(&back) {
+            assert_eq!(SampleTally::encode(&[*a]), SampleTally::encode(&[*b]));
+        }
+        assert_eq!(back[0], tallies[0]);
+        assert!(back[1].attention.chance.is_nan());
+        assert_eq!(SampleTally::decode(&[]), Some(vec![]));
+        assert_eq!(SampleTally::decode(&[0u8; 79]), None, "a torn tally");
+    }
 }

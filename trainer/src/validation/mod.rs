@@ -257,10 +257,7 @@ impl Validator {
             self.seed,
             &mine,
         )?;
-        let bytes = serde_json::to_vec(&tallies).map_err(|e| TrainerError::Input {
-            name: "held-out measures".into(),
-            reason: e.to_string(),
-        })?;
+        let bytes = SampleTally::encode(&tallies);
         let all = run.dist.call("held-out measures all-gather", move |c| {
             c.all_gather_bytes(&bytes)
         })?;
@@ -269,11 +266,10 @@ impl Validator {
         }
         let mut by_sample = vec![None; n];
         for (r, bytes) in all.iter().enumerate() {
-            let part: Vec<SampleTally> =
-                serde_json::from_slice(bytes).map_err(|e| TrainerError::Input {
-                    name: format!("held-out measures from rank {r}"),
-                    reason: e.to_string(),
-                })?;
+            let part = SampleTally::decode(bytes).ok_or_else(|| TrainerError::Input {
+                name: format!("held-out measures from rank {r}"),
+                reason: format!("{} bytes are not whole tallies", bytes.len()),
+            })?;
             for (i, t) in (r..n).step_by(world).zip(part) {
                 by_sample[i] = Some(t);
             }
