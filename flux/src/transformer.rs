@@ -31,6 +31,7 @@ pub struct RefInputs {
 }
 
 /// What one forward needs. Timesteps are sigma in [0, 1] (the model multiplies by 1000).
+#[derive(Clone)]
 pub struct ModelInputs {
     /// [B, N, C] noisy target latent.
     pub img: Tensor,

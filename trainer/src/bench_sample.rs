@@ -118,6 +118,8 @@ fn measure_in(
                 ref_size: cfg.data.ref_resolution,
                 steps: spec.steps,
                 guidance: 3.5,
+                true_cfg: 1.0,
+                negative_prompt: String::new(),
                 seed: 42,
                 ref_cache,
                 start: None,

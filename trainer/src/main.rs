@@ -209,6 +209,14 @@ struct SampleArgs {
     /// Distilled guidance (FLUX.1-dev's embedded guidance; training uses 1).
     #[arg(long, default_value_t = 3.5)]
     guidance: f32,
+    /// Classifier-free guidance on the prompt (diffusers' true_cfg_scale): each step runs the
+    /// model again with --negative-prompt and takes neg + S * (prompt - neg). 1: off.
+    #[arg(long, default_value_t = 1.0)]
+    true_cfg: f32,
+    /// The negative prompt of --true-cfg; the default "" is the empty caption, the
+    /// unconditional branch a model trained with data.drop_text learnt.
+    #[arg(long, default_value = "")]
+    negative_prompt: String,
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// The PNG to write; its panel (references | result) goes beside it as <OUT>.panel.png.
@@ -551,6 +559,8 @@ fn sample_jobs(
         },
         steps: a.steps,
         guidance: a.guidance,
+        true_cfg: a.true_cfg,
+        negative_prompt: a.negative_prompt.clone(),
         seed: a.seed,
         ref_cache: !a.no_ref_cache,
         start: a

@@ -107,7 +107,13 @@ fn train_step(
     let spec = ObjectiveSpec {
         loss: &cfg.loss,
         conditioning: &cfg.conditioning,
-        dropout: DropoutSpec::default(),
+        // Caption dropout (`data.drop_text`, `data.drop_both`) teaches the base the empty
+        // caption, the unconditional branch of classifier-free guidance (`--true-cfg`); there
+        // are no references to drop.
+        dropout: DropoutSpec {
+            refs: 0.0,
+            ..cfg.data.dropout()
+        },
         empty_caption: data.empty_caption(),
     };
     let at = DrawAt {

@@ -38,6 +38,12 @@ pub struct SampleRequest {
     pub ref_size: usize,
     pub steps: usize,
     pub guidance: f32,
+    /// Classifier-free guidance on the prompt against `negative_prompt` (diffusers'
+    /// `true_cfg_scale`); 1 runs no second forward.
+    pub true_cfg: f32,
+    /// The negative prompt of `true_cfg` ("" is the empty caption, the unconditional branch
+    /// caption dropout trains).
+    pub negative_prompt: String,
     pub seed: u64,
     /// Compute the references' keys and values once (`flux::ref_cache`); they then attend
     /// only to themselves.
@@ -235,10 +241,26 @@ impl Sampler {
     pub fn sample(&mut self, req: &SampleRequest) -> Result<Sampled> {
         let t0 = Instant::now();
         let ref_images = self.prepared_refs(req)?;
+        if !(req.true_cfg.is_finite() && req.true_cfg >= 1.0) {
+            return Err(bad(
+                "--true-cfg",
+                format!("{}: must be a finite number >= 1", req.true_cfg),
+            ));
+        }
         let (txt, pooled) = self.encoders.encode_text(&[req.prompt.as_str()])?;
+        let negative = if req.true_cfg != 1.0 {
+            let (txt, pooled) = self.encoders.encode_text(&[req.negative_prompt.as_str()])?;
+            Some(NegativePrompt {
+                txt: txt.to_device(&self.device)?,
+                pooled: pooled.to_device(&self.device)?,
+            })
+        } else {
+            None
+        };
         let cond = Conditioning {
             txt: txt.to_device(&self.device)?,
             pooled: pooled.to_device(&self.device)?,
+            negative,
             refs: self.ref_inputs(&ref_images)?,
             ref_images,
         };
@@ -258,9 +280,19 @@ pub struct Conditioning {
     /// T5 embeddings [1, L, ctx] and CLIP pooled [1, pooled], on the model's device.
     pub txt: Tensor,
     pub pooled: Tensor,
+    /// The negative prompt, encoded, when `RenderOptions::true_cfg` asks for it.
+    pub negative: Option<NegativePrompt>,
     pub refs: Option<RefInputs>,
     /// The prepared reference images (for panels and grids).
     pub ref_images: Vec<RgbImage>,
+}
+
+/// A negative prompt's T5 embeddings [1, L, ctx] and CLIP pooled [1, pooled], on the model's
+/// device.
+#[derive(Debug, Clone)]
+pub struct NegativePrompt {
+    pub txt: Tensor,
+    pub pooled: Tensor,
 }
 
 /// How to render one image from a [`Conditioning`].
@@ -270,6 +302,8 @@ pub struct RenderOptions {
     pub height: usize,
     pub steps: usize,
     pub guidance: f32,
+    /// Classifier-free guidance scale on the prompt against `Conditioning::negative` (1: none).
+    pub true_cfg: f32,
     pub seed: u64,
     pub ref_cache: bool,
     /// Start latents [1, N, 64] instead of the seed's noise.
@@ -283,6 +317,7 @@ impl SampleRequest {
             height: self.height,
             steps: self.steps,
             guidance: self.guidance,
+            true_cfg: self.true_cfg,
             seed: self.seed,
             ref_cache: self.ref_cache,
             start: self.start.clone(),
@@ -387,15 +422,17 @@ impl Renderer<'_> {
             row_queries: None,
         };
         let schedule = FlowMatchSchedule::flux(opts.steps, n);
+        let prompt_guidance = prompt_guidance(cond, opts)?;
         device.synchronize()?;
         let t1 = Instant::now();
-        let denoised = flux::sample::denoise(
+        let denoised = flux::sample::denoise_guided(
             self.model,
             self.lora,
             inputs,
             &schedule,
             opts.guidance,
             opts.ref_cache,
+            prompt_guidance.as_ref(),
         )?;
         device.synchronize()?;
         let t2 = Instant::now();
@@ -416,6 +453,30 @@ impl Renderer<'_> {
             ref_cache_bytes: denoised.ref_cache_bytes,
         })
     }
+}
+
+/// The classifier-free guidance `opts.true_cfg` asks for, against `cond`'s negative prompt.
+fn prompt_guidance(
+    cond: &Conditioning,
+    opts: &RenderOptions,
+) -> Result<Option<flux::sample::PromptGuidance>> {
+    if opts.true_cfg == 1.0 {
+        return Ok(None);
+    }
+    let neg = cond.negative.as_ref().ok_or_else(|| {
+        bad(
+            "true_cfg",
+            format!(
+                "{} asks for a negative prompt and none was encoded",
+                opts.true_cfg
+            ),
+        )
+    })?;
+    Ok(Some(flux::sample::PromptGuidance {
+        txt: neg.txt.clone(),
+        pooled: neg.pooled.clone(),
+        scale: opts.true_cfg,
+    }))
 }
 
 /// An RGB image as the encoders take it: [3, H, W] in [-1, 1].

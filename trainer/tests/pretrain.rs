@@ -6,19 +6,31 @@
 use crate::common::tiny_config;
 
 fn config(dir: &std::path::Path, steps: u64, ema_decay: f64) -> trainer::config::Config {
-    tiny_config(
-        dir,
-        &[
-            &format!("train.max_steps={steps}"),
-            "train.batch_size=4",
-            "data.samples=8",
-            "optim.lr=2e-3",
-            "optim.warmup_steps=2",
-            &format!("optim.ema_decay={ema_decay}"),
-            "checkpoint.every=20",
-            "logging.chart=false",
-        ],
-    )
+    config_with(dir, steps, ema_decay, &[])
+}
+
+fn config_with(
+    dir: &std::path::Path,
+    steps: u64,
+    ema_decay: f64,
+    extra: &[&str],
+) -> trainer::config::Config {
+    let (steps, ema) = (
+        format!("train.max_steps={steps}"),
+        format!("optim.ema_decay={ema_decay}"),
+    );
+    let mut sets = vec![
+        steps.as_str(),
+        "train.batch_size=4",
+        "data.samples=8",
+        "optim.lr=2e-3",
+        "optim.warmup_steps=2",
+        ema.as_str(),
+        "checkpoint.every=20",
+        "logging.chart=false",
+    ];
+    sets.extend_from_slice(extra);
+    tiny_config(dir, &sets)
 }
 
 fn weights_file(dir: &std::path::Path) -> Vec<u8> {
@@ -64,6 +76,24 @@ fn the_whole_base_learns_and_the_same_config_gives_the_same_base() {
 }
 
 #[test]
+fn caption_dropout_trains_the_empty_caption_and_reference_dropout_is_moot() {
+    // The base learns the unconditional branch of classifier-free guidance when captions are
+    // dropped (data.drop_text, or drop_both: there are no references to drop with them).
+    // With every caption dropped, the captions cannot matter; reference dropout changes
+    // nothing in a pretraining (its scenes' references are never inputs).
+    let tmp = tempfile::tempdir().unwrap();
+    let losses = |name: &str, drop: &str| {
+        let cfg = config_with(&tmp.path().join(name), 3, 0.0, &[drop]);
+        trainer::pretrain::pretrain(cfg).unwrap().losses
+    };
+    let plain = losses("plain", "data.drop_text=0.0");
+    let text = losses("text", "data.drop_text=1.0");
+    assert_ne!(plain, text, "the empty caption is another input");
+    assert_eq!(text, losses("both", "data.drop_both=1.0"));
+    assert_eq!(plain, losses("refs", "data.drop_refs=1.0"));
+}
+
+#[test]
 fn the_pretrained_base_is_a_base_training_and_sampling_load() {
     let tmp = tempfile::tempdir().unwrap();
     let out = trainer::pretrain::pretrain(config(&tmp.path().join("pre"), 3, 0.9)).unwrap();
@@ -93,6 +123,8 @@ fn the_pretrained_base_is_a_base_training_and_sampling_load() {
             ref_size: 32,
             steps: 2,
             guidance: 3.5,
+            true_cfg: 1.0,
+            negative_prompt: String::new(),
             seed: 1,
             ref_cache: true,
             start: None,

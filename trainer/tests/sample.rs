@@ -31,6 +31,8 @@ fn request(refs: Vec<PathBuf>, seed: u64) -> SampleRequest {
         ref_size: 64,
         steps: 3,
         guidance: 3.5,
+        true_cfg: 1.0,
+        negative_prompt: String::new(),
         seed,
         ref_cache: true,
         start: None,
@@ -128,6 +130,12 @@ fn bad_inputs_are_refused_naming_them() {
     odd.width = 50;
     let e = s.sample(&odd).err().unwrap().to_string();
     assert!(e.contains("--width"), "{e}");
+    for scale in [0.5, f32::NAN] {
+        let mut weak = request(vec![], 1);
+        weak.true_cfg = scale;
+        let e = s.sample(&weak).err().unwrap().to_string();
+        assert!(e.contains("--true-cfg") && e.contains(">= 1"), "{e}");
+    }
     // A LoRA for a module the base lacks is refused when loading, naming the file.
     let lora = tmp.path().join("lora.safetensors");
     let t = candle_core::Tensor::zeros((4, 8), candle_core::DType::F32, &candle_core::Device::Cpu)
@@ -147,6 +155,60 @@ fn bad_inputs_are_refused_naming_them() {
         Err(e) => e.to_string(),
     };
     assert!(e.contains("lora.safetensors"), "{e}");
+}
+
+/// The final latents of `req` in f32, flattened.
+fn latents(s: &mut Sampler, req: &SampleRequest) -> Vec<f32> {
+    let out = s.sample(req).unwrap();
+    out.latents.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+#[test]
+fn prompt_guidance_moves_along_the_prompt_minus_the_negative_prompt() {
+    // One Euler step is linear in the velocity: x = x0 + dt * v. So with guidance scale S the
+    // result must be x_neg + S * (x_pos - x_neg), where x_pos and x_neg are the unguided
+    // results of the prompt and of the negative prompt: a check of the combination, the
+    // negative prompt's encoding and each prompt's own reference cache (the references'
+    // modulation reads the pooled prompt) against separate runs.
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(tmp.path(), &[]);
+    let mut s = Sampler::load(&cfg, None, &candle_core::Device::Cpu).unwrap();
+    let refs = vec![reference(tmp.path(), "a.png", [200, 20, 20])];
+    for ref_cache in [true, false] {
+        let one_step = |prompt: &str, true_cfg: f32| SampleRequest {
+            prompt: prompt.into(),
+            steps: 1,
+            true_cfg,
+            negative_prompt: "a blue ball".into(),
+            ref_cache,
+            ..request(refs.clone(), 7)
+        };
+        let pos = latents(&mut s, &one_step("a red box", 1.0));
+        let neg = latents(&mut s, &one_step("a blue ball", 1.0));
+        let scale = 3.0;
+        let guided = latents(&mut s, &one_step("a red box", scale));
+        assert_ne!(pos, neg, "the two prompts give different velocities");
+        let worst = guided
+            .iter()
+            .zip(pos.iter().zip(&neg))
+            .map(|(g, (p, n))| (g - (n + scale * (p - n))).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-4, "ref_cache {ref_cache}: off by {worst}");
+    }
+    // A negative prompt equal to the prompt leaves every step's velocity as it is.
+    let same = SampleRequest {
+        true_cfg: 4.0,
+        negative_prompt: "a red box".into(),
+        ..request(refs.clone(), 7)
+    };
+    let plain = latents(&mut s, &request(refs.clone(), 7));
+    let guided = latents(&mut s, &same);
+    let worst = guided
+        .iter()
+        .zip(&plain)
+        .map(|(g, p)| (g - p).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-4, "off by {worst}");
 }
 
 #[test]
@@ -282,6 +344,8 @@ fn the_pipeline_matches_diffusers_flux_pipeline() {
         ref_size: size,
         steps: case["steps"].as_u64().unwrap() as usize,
         guidance: case["guidance"].as_f64().unwrap() as f32,
+        true_cfg: 1.0,
+        negative_prompt: String::new(),
         seed: 0,
         ref_cache: true,
         start: Some(inp["latents"].clone()),

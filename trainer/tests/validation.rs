@@ -115,6 +115,48 @@ fn validation_writes_images_and_a_grid_where_metrics_say() {
 }
 
 #[test]
+fn validation_guided_against_the_empty_caption_renders_what_trainer_sample_renders() {
+    // Before the first step the LoRA is the identity, so a validation image is the base's own
+    // sample of the case: with validation.true_cfg it must be `trainer sample --true-cfg` with
+    // the empty caption as the negative prompt, to the pixel.
+    let tmp = tempfile::tempdir().unwrap();
+    let list = cases(&tmp.path().join("data"), 1);
+    let run = tmp.path().join("run");
+    let extra = [
+        "train.max_steps=1",
+        "validation.at_start=true",
+        "validation.ema=false",
+        "validation.true_cfg=3.0",
+    ];
+    let cfg = config(&run, &list, &extra);
+    trainer::train::train(cfg.clone()).unwrap();
+    let (step, _, images) = &validations(&run)[0];
+    assert_eq!(*step, 0);
+    let case = &trainer::sample::read_cases(&list.display().to_string()).unwrap()[0];
+    let mut sampler = trainer::sample::Sampler::load(&cfg, None, &Device::Cpu).unwrap();
+    let render = |sampler: &mut trainer::sample::Sampler, true_cfg: f32| {
+        let req = trainer::sample::SampleRequest {
+            prompt: case.prompt.clone(),
+            refs: case.refs(),
+            width: 32,
+            height: 32,
+            ref_size: 32,
+            steps: 3,
+            guidance: cfg.validation.guidance,
+            true_cfg,
+            negative_prompt: String::new(),
+            seed: 1,
+            ref_cache: cfg.validation.ref_cache,
+            start: None,
+        };
+        sampler.sample(&req).unwrap().image
+    };
+    let validated = image::open(run.join(&images[0])).unwrap().to_rgb8();
+    assert_eq!(validated, render(&mut sampler, 3.0));
+    assert_ne!(validated, render(&mut sampler, 1.0), "the guidance acts");
+}
+
+#[test]
 fn a_resumed_run_with_validation_on_is_bit_identical_to_an_uninterrupted_one() {
     let tmp = tempfile::tempdir().unwrap();
     let list = cases(&tmp.path().join("data"), 2);

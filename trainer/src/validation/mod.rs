@@ -94,6 +94,16 @@ impl Validator {
         let device = &run.device;
         let fc = &run.model.cfg;
         let (mut encoders, decoder) = crate::data::shards::encoders_and_decoder(cfg, fc, device)?;
+        // The negative prompt of classifier-free guidance: the empty caption.
+        let negative = if spec.true_cfg != 1.0 {
+            let (txt, pooled) = encoders.encode_text(&[""])?;
+            Some(crate::sample::NegativePrompt {
+                txt: txt.to_device(device)?,
+                pooled: pooled.to_device(device)?,
+            })
+        } else {
+            None
+        };
         let mut prepared = Vec::with_capacity(cases.len());
         for c in &cases {
             let refs = c.refs();
@@ -119,6 +129,7 @@ impl Validator {
                 cond: Conditioning {
                     txt: txt.to_device(device)?,
                     pooled: pooled.to_device(device)?,
+                    negative: negative.clone(),
                     refs: crate::sample::reference_inputs(
                         &encoders,
                         &ref_images,
@@ -153,6 +164,20 @@ impl Validator {
         self.cases.len() * self.spec.seeds.len()
     }
 
+    /// How every validation image of `seed` is rendered.
+    fn options(&self, seed: u64) -> RenderOptions {
+        RenderOptions {
+            width: self.size,
+            height: self.size,
+            steps: self.spec.steps,
+            guidance: self.spec.guidance,
+            true_cfg: self.spec.true_cfg,
+            seed,
+            ref_cache: self.spec.ref_cache,
+            start: None,
+        }
+    }
+
     /// Renders every (case, seed) after `done` steps, sharing the work between the ranks;
     /// rank 0 writes the files under `run_dir` and returns what it wrote.
     pub fn render(&self, run: &Run, done: u64, run_dir: &Path) -> Result<Option<ValidationRecord>> {
@@ -182,16 +207,7 @@ impl Validator {
             let mine = round * world + rank;
             let png = match jobs.get(mine) {
                 Some(&(case, seed)) => {
-                    let opts = RenderOptions {
-                        width: self.size,
-                        height: self.size,
-                        steps: self.spec.steps,
-                        guidance: self.spec.guidance,
-                        seed,
-                        ref_cache: self.spec.ref_cache,
-                        start: None,
-                    };
-                    let out = renderer.render(&self.cases[case].cond, &opts)?;
+                    let out = renderer.render(&self.cases[case].cond, &self.options(seed))?;
                     datasets::transform::png(&out.image)
                 }
                 None => Vec::new(),

@@ -18,6 +18,9 @@ pub struct ValidationSpec {
     pub steps: usize,
     /// Distilled guidance.
     pub guidance: f32,
+    /// Classifier-free guidance on the prompt against the empty caption (`trainer sample
+    /// --true-cfg`; 1: none). For bases trained with caption dropout, as the tiny base.
+    pub true_cfg: f32,
     /// Square side in pixels (0: `data.resolution`).
     pub size: usize,
     /// Render with the EMA of the LoRA (needs `optim.ema_decay` > 0) instead of the live one.
@@ -47,6 +50,7 @@ impl Default for ValidationSpec {
             seeds: vec![42],
             steps: 28,
             guidance: 3.5,
+            true_cfg: 1.0,
             size: 0,
             ema: false,
             at_start: false,
@@ -110,6 +114,12 @@ impl ValidationSpec {
         if !(self.guidance.is_finite() && self.guidance >= 0.0) {
             return err("validation.guidance", "must be a finite number >= 0");
         }
+        if !(self.true_cfg.is_finite() && self.true_cfg >= 1.0) {
+            return err(
+                "validation.true_cfg",
+                "must be a finite number >= 1 (1: none)",
+            );
+        }
         if self.ema && ema_decay <= 0.0 {
             return err(
                 "validation.ema",
@@ -143,75 +153,24 @@ mod tests {
             cases: "c.json".into(),
             ..Default::default()
         };
-        let cases = [
-            (
-                ValidationSpec {
-                    cases: String::new(),
-                    ..on.clone()
-                },
-                "validation.cases",
-            ),
-            (
-                ValidationSpec {
-                    seeds: vec![],
-                    ..on.clone()
-                },
-                "validation.seeds",
-            ),
-            (
-                ValidationSpec {
-                    steps: 0,
-                    ..on.clone()
-                },
-                "validation.steps",
-            ),
-            (
-                ValidationSpec {
-                    size: 100,
-                    ..on.clone()
-                },
-                "validation.size",
-            ),
-            (
-                ValidationSpec {
-                    guidance: f32::NAN,
-                    ..on.clone()
-                },
-                "validation.guidance",
-            ),
-            (
-                ValidationSpec {
-                    ema: true,
-                    ..on.clone()
-                },
-                "validation.ema",
-            ),
-            (
-                ValidationSpec {
-                    heldout: "h".into(),
-                    measure_t: vec![0.5, 1.0],
-                    ..on.clone()
-                },
-                "validation.measure_t",
-            ),
-            (
-                ValidationSpec {
-                    heldout: "h".into(),
-                    identity_t: 0.0,
-                    ..on.clone()
-                },
-                "validation.identity_t",
-            ),
-            (
-                ValidationSpec {
-                    heldout: "h".into(),
-                    identity_steps: 0,
-                    ..on.clone()
-                },
-                "validation.identity_steps",
-            ),
+        type Change = fn(&mut ValidationSpec);
+        let held = |v: &mut ValidationSpec| v.heldout = "h".into();
+        let changes: [(Change, &str); 10] = [
+            (|v| v.cases = String::new(), "validation.cases"),
+            (|v| v.seeds = vec![], "validation.seeds"),
+            (|v| v.steps = 0, "validation.steps"),
+            (|v| v.size = 100, "validation.size"),
+            (|v| v.guidance = f32::NAN, "validation.guidance"),
+            (|v| v.true_cfg = 0.5, "validation.true_cfg"),
+            (|v| v.ema = true, "validation.ema"),
+            (|v| v.measure_t = vec![0.5, 1.0], "validation.measure_t"),
+            (|v| v.identity_t = 0.0, "validation.identity_t"),
+            (|v| v.identity_steps = 0, "validation.identity_steps"),
         ];
-        for (spec, key) in cases {
+        for (change, key) in changes {
+            let mut spec = on.clone();
+            held(&mut spec);
+            change(&mut spec);
             let e = spec.validate(0.0).unwrap_err().to_string();
             assert!(e.contains(key), "{e}");
         }
