@@ -127,3 +127,18 @@ pub fn write_synth_shards(loc: datasets::Location, opts: &datasets::synth::Synth
     };
     datasets::synth::write_dataset(loc, opts, wopts).unwrap();
 }
+
+/// A held-out split (subjects never in training, design.md §14) of `samples` scenes of
+/// `size` px with 1 or 2 references, written to the folder `dir`; returns its path.
+pub fn write_heldout(dir: &Path, samples: usize, size: u32) -> String {
+    let opts = datasets::synth::SynthOptions {
+        samples,
+        max_refs: 2,
+        size,
+        ref_size: size,
+        split: datasets::synth::Split::HeldOut,
+        ..Default::default()
+    };
+    write_synth_shards(datasets::Location::local(dir), &opts);
+    dir.display().to_string()
+}

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use datasets::synth::{write_dataset, Split, SynthOptions};
+use datasets::synth::{write_dataset, SynthOptions};
 use datasets::{Location, WriterOptions};
 use trainer::config::Config;
 use trainer::measures::{eval_heldout, Measures};
@@ -21,20 +21,14 @@ fn synth_data(dir: &Path, samples: usize, heldout: usize) -> (String, String) {
         ref_size: 160,
         ..Default::default()
     };
-    let wopts = || WriterOptions {
+    let wopts = WriterOptions {
         row_group_rows: 8,
         ..Default::default()
     };
     let train = dir.join("data");
-    write_dataset(Location::local(&train), &opts, wopts()).unwrap();
-    let held = dir.join("heldout");
-    let held_opts = SynthOptions {
-        samples: heldout,
-        split: Split::HeldOut,
-        ..opts
-    };
-    write_dataset(Location::local(&held), &held_opts, wopts()).unwrap();
-    (train.display().to_string(), held.display().to_string())
+    write_dataset(Location::local(&train), &opts, wopts).unwrap();
+    let held = crate::common::write_heldout(&dir.join("heldout"), heldout, opts.size);
+    (train.display().to_string(), held)
 }
 
 fn base() -> PathBuf {

@@ -210,23 +210,6 @@ fn a_resumed_run_with_validation_on_is_bit_identical_to_an_uninterrupted_one() {
 }
 
 /// Writes `n` held-out scenes under `dir`; returns the dataset's folder.
-fn heldout(dir: &Path, n: usize) -> String {
-    let opts = datasets::synth::SynthOptions {
-        samples: n,
-        max_refs: 2,
-        size: 96,
-        ref_size: 96,
-        split: datasets::synth::Split::HeldOut,
-        ..Default::default()
-    };
-    let wopts = datasets::WriterOptions {
-        row_group_rows: 2,
-        ..Default::default()
-    };
-    datasets::synth::write_dataset(datasets::Location::local(dir), &opts, wopts).unwrap();
-    dir.display().to_string()
-}
-
 #[test]
 fn two_ranks_share_the_images_and_measures_and_rank_0_writes_them_all() {
     let tmp = tempfile::tempdir().unwrap();
@@ -234,7 +217,7 @@ fn two_ranks_share_the_images_and_measures_and_rank_0_writes_them_all() {
     // 3 held-out scenes: rank 0 measures two, rank 1 one.
     let held = format!(
         "validation.heldout={:?}",
-        heldout(&tmp.path().join("heldout"), 3)
+        crate::common::write_heldout(&tmp.path().join("heldout"), 3, 96)
     );
     // Before the first step every rank holds rank 0's initial LoRA, so the images and the
     // measures must equal a single rank's, each image in its place, the measures to the bit.

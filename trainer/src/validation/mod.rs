@@ -264,7 +264,7 @@ impl Validator {
     ) -> Result<Option<Measures>> {
         let (rank, world) = (run.dist.rank(), run.dist.world_size());
         let n = heldout.samples.len();
-        let mine: Vec<usize> = (rank..n).step_by(world).collect();
+        let mine: Vec<usize> = scenes_of(rank, world, n).collect();
         let tallies = crate::measures::tally_samples(
             &run.model,
             lora,
@@ -286,7 +286,7 @@ impl Validator {
                 name: format!("held-out measures from rank {r}"),
                 reason: format!("{} bytes are not whole tallies", bytes.len()),
             })?;
-            for (i, t) in (r..n).step_by(world).zip(part) {
+            for (i, t) in scenes_of(r, world, n).zip(part) {
                 by_sample[i] = Some(t);
             }
         }
@@ -359,4 +359,10 @@ fn write_measures(m: &Measures, grid: &Path) -> Result<()> {
         reason: e.to_string(),
     })?;
     std::fs::write(&path, text).map_err(|e| TrainerError::io(&path, e))
+}
+
+/// The held-out scenes (of `n`) rank `rank` of `world` measures: rank, rank + world, ...; rank 0
+/// puts the gathered tallies back in scene order by the same rule.
+fn scenes_of(rank: usize, world: usize, n: usize) -> impl Iterator<Item = usize> {
+    (rank..n).step_by(world)
 }
