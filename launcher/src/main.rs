@@ -21,12 +21,16 @@ use launcher::topology::{self, NodeArgs};
     name = "launcher",
     version,
     about = "Run MOSAIC training on every GPU (or several CPU ranks) of one or more nodes",
-    after_help = "Examples:\n  launcher --config configs/tiny-cpu.toml\n  launcher --nodes 2 --node-rank 0 --master-addr node0:29500 --config configs/mosaic-paper-512.toml\n  launcher --config c.toml -- --set train.max_steps=10\nUnder SLURM (one launcher per node), --nodes, --node-rank and --master-addr come from SLURM_*."
+    after_help = "Examples:\n  launcher --config configs/tiny-cpu.toml\n  launcher --nodes 2 --node-rank 0 --master-addr node0:29500 --config configs/mosaic-paper-512.toml\n  launcher --config c.toml -- --set train.max_steps=10\n  launcher --job pretrain-base --config configs/tiny-base.toml\nUnder SLURM (one launcher per node), --nodes, --node-rank and --master-addr come from SLURM_*."
 )]
 struct Cli {
-    /// Run config (TOML), passed to every rank as `trainer train --config FILE`.
+    /// Run config (TOML), passed to every rank as `trainer <JOB> --config FILE`.
     #[arg(long)]
     config: PathBuf,
+    /// What every rank runs: `train` (a LoRA) or `pretrain-base` (all weights of a small
+    /// base, data parallel).
+    #[arg(long, value_enum, default_value_t = Job::Train)]
+    job: Job,
     /// Number of nodes (default 1, or SLURM_NNODES).
     #[arg(long)]
     nodes: Option<usize>,
@@ -61,9 +65,25 @@ struct Cli {
     /// The trainer binary (default: `trainer` next to this launcher).
     #[arg(long)]
     trainer: Option<PathBuf>,
-    /// Extra arguments for every rank's `trainer train`, e.g. -- --set train.max_steps=10.
+    /// Extra arguments for every rank's `trainer <JOB>`, e.g. -- --set train.max_steps=10.
     #[arg(last = true)]
     trainer_args: Vec<String>,
+}
+
+/// The trainer subcommand the ranks run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Job {
+    Train,
+    PretrainBase,
+}
+
+impl Job {
+    fn subcommand(self) -> &'static str {
+        match self {
+            Job::Train => "train",
+            Job::PretrainBase => "pretrain-base",
+        }
+    }
 }
 
 /// `trainer` next to this executable, else on PATH.
@@ -222,7 +242,7 @@ fn spec(cli: &Cli) -> anyhow::Result<LaunchSpec> {
         .or_else(|| env("SLURM_JOB_ID"))
         .unwrap_or_else(|| "mosaic".into());
     let mut args = vec![
-        "train".to_string(),
+        cli.job.subcommand().to_string(),
         "--config".into(),
         cli.config.display().to_string(),
     ];

@@ -66,6 +66,28 @@ fn rank_output_is_prefixed_and_ranks_get_the_environment() {
     assert!(stderr.contains("[rank 1] err 127.0.0.1:"), "{stderr}");
 }
 
+/// `--job pretrain-base` runs the base's pretraining on every rank instead of `train`.
+#[test]
+fn the_job_names_the_trainer_command_every_rank_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = run(
+        tmp.path(),
+        r#"echo "rank $RANK runs $1""#,
+        &["--job", "pretrain-base"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    for r in 0..2 {
+        assert!(
+            stdout.contains(&format!("rank {r} runs pretrain-base")),
+            "{stdout}"
+        );
+    }
+    let out = run(tmp.path(), "true", &["--job", "finetune"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("--job"), "{}", text(&out.stderr));
+}
+
 /// Each rank gets its share of the cores in RAYON_NUM_THREADS, unless the user set it.
 #[test]
 fn ranks_get_their_share_of_the_cores_unless_the_user_chose() {

@@ -99,7 +99,8 @@ enum Command {
     /// overall, as a table and a JSON file.
     Eval(EvalArgs),
     /// Train ALL weights of a (small) FLUX base with flow matching on the data's targets and
-    /// captions, no references, no LoRA; writes RUN/base/ (load it as model.weights).
+    /// captions, no references, no LoRA; writes RUN/base/ (load it as model.weights). Under
+    /// `launcher --job pretrain-base` the ranks train data parallel.
     PretrainBase {
         #[arg(long)]
         config: PathBuf,
@@ -659,7 +660,10 @@ fn bench_sample_cmd(a: BenchSampleArgs) -> anyhow::Result<()> {
 
 fn pretrain_cmd(config: &std::path::Path, set: &[String]) -> anyhow::Result<()> {
     let cfg = load_config(config, set)?;
-    let out = trainer::pretrain::pretrain(cfg).context("pretraining failed")?;
+    let out = trainer::pretrain::pretrain_from_env(cfg).context("pretraining failed")?;
+    if out.rank != 0 {
+        return Ok(());
+    }
     let (first, last) = (out.losses.first(), out.losses.last());
     println!(
         "pretrained {} steps (loss {:.4} -> {:.4}, {} skipped); base written to {}",

@@ -4,10 +4,13 @@
 //! the LoRA: `Weights::trainable` makes every base tensor a variable, and the frozen-weight
 //! ops then give weight gradients.
 //!
-//! One process, one device; no block-wise recomputation (meant for small bases: the tiny
-//! model a CPU demo needs), no checkpoints: a run is started again from scratch, or continued
-//! by naming its output as `model.weights`. Every draw (noise, t) comes from the same seeded
-//! streams as training, so the same config gives the same base.
+//! Data parallel like training (`launcher --job pretrain-base`): every rank starts from rank
+//! 0's weights, trains on its slice of each global batch (`train.batch_size` samples per rank)
+//! and takes the mean gradient over the ranks, so all hold the same weights; rank 0 writes.
+//! No block-wise recomputation (meant for small bases: the tiny model a CPU demo needs), no
+//! checkpoints: a run is started again from scratch, or continued by naming its output as
+//! `model.weights`. Every draw (noise, t) comes from the same seeded streams as training, keyed
+//! by the sample's slot in the global batch, so the same config gives the same base.
 //!
 //! With `optim.ema_decay` > 0 the written base is the exponential moving average of the
 //! weights (a diffusion model's samples are much less noisy from the average than from the
@@ -23,6 +26,8 @@ use candle_core::{DType, Tensor, Var};
 use crate::config::Config;
 use crate::data::sample::Sample;
 use crate::data::DataFeed;
+use crate::ddp::consistency::{broadcast_from_rank0, check_same, mean_over_ranks, text};
+use crate::ddp::Dist;
 use crate::error::{Result, TrainerError};
 use crate::metrics::StepMetrics;
 use crate::objective::{self, DrawAt, DropoutSpec, ObjectiveSpec};
@@ -34,7 +39,7 @@ use flux::{Flux, Lora, LoraSpec, RowBlocks, Weights};
 pub struct PretrainOutcome {
     /// L_diff of every step.
     pub losses: Vec<f64>,
-    /// The diffusers folder written (`RUN/base`): the EMA of the weights when
+    /// The diffusers folder written by rank 0 (`RUN/base`): the EMA of the weights when
     /// `optim.ema_decay` > 0, else the last weights.
     pub base_dir: PathBuf,
     /// The last weights (`RUN/base-live`), written when the base is their EMA.
@@ -42,6 +47,8 @@ pub struct PretrainOutcome {
     /// The snapshots written every `checkpoint.every` steps (`RUN/base-steps/step-<N>`).
     pub snapshots: Vec<PathBuf>,
     pub skipped: u64,
+    /// This process's rank (only rank 0 writes files).
+    pub rank: usize,
 }
 
 /// The base's variables, sorted by name, with the model that reads them.
@@ -51,13 +58,22 @@ struct Trainable {
     fc: flux::FluxConfig,
 }
 
-fn trainable(cfg: &Config, device: &candle_core::Device) -> Result<Trainable> {
+/// The base as variables, every rank starting from rank 0's weights.
+fn trainable(cfg: &Config, dist: &Dist, device: &candle_core::Device) -> Result<Trainable> {
     let (fc, start) = base_weights(cfg, device)?;
     let dtype = match cfg.model.dtype.dtype() {
         DType::F64 => DType::F64,
         _ => DType::F32,
     };
     let (weights, vars) = start.trainable(dtype)?;
+    // A random start is seeded and a loaded one the same file, so the ranks already agree;
+    // the broadcast makes that a guarantee rather than an assumption.
+    if dist.world_size() > 1 {
+        let now: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().clone()).collect();
+        for ((_, v), t) in vars.iter().zip(broadcast_from_rank0(dist, &now)?) {
+            v.set(&t)?;
+        }
+    }
     let mut model = Flux::new(fc.clone(), &weights, RowBlocks::default())?;
     model.attention = cfg.model.attention();
     Ok(Trainable { model, vars, fc })
@@ -91,18 +107,21 @@ fn loss_and_grads(
     Ok((value, grads))
 }
 
-/// One optimizer step of the whole base: the loss, clipping, AdamW (skipped when the loss or
-/// the gradient is not finite).
+/// One optimizer step of the whole base: this rank's slice of the global batch, the loss and
+/// gradient averaged over the ranks, clipping, AdamW (skipped when the loss or the gradient is
+/// not finite; every rank sees the same mean, so all skip together).
 fn train_step(
     t: &Trainable,
     lora: &Lora,
     data: &mut DataFeed,
     opt: &mut AdamW,
     cfg: &Config,
+    dist: &Dist,
     step: u64,
 ) -> Result<StepMetrics> {
     let started = Instant::now();
-    let owned = data.next_micro_batch(0, cfg.train.batch_size)?;
+    let (rank, world, batch) = (dist.rank(), dist.world_size(), cfg.train.batch_size);
+    let owned = data.next_micro_batch(rank, batch)?;
     let samples: Vec<&Sample> = owned.iter().collect();
     let spec = ObjectiveSpec {
         loss: &cfg.loss,
@@ -116,12 +135,17 @@ fn train_step(
         },
         empty_caption: data.empty_caption(),
     };
+    // Draws are keyed by the sample's slot in the global batch, as in training.
     let at = DrawAt {
         seed: cfg.run.seed,
         step,
-        first_slot: 0,
+        first_slot: (rank * batch) as u64,
     };
     let (loss, grads) = loss_and_grads(t, lora, &samples, &spec, at)?;
+    let grads = mean_over_ranks(dist, "gradient all-reduce", &grads)?;
+    let device = t.model.device();
+    let loss = mean_over_ranks(dist, "loss all-reduce", &[Tensor::new(&[loss], device)?])?[0]
+        .to_vec1::<f64>()?[0];
     let norm = global_norm(&grads)?;
     let lr = lr_at(&cfg.optim, step, cfg.train.max_steps);
     let skipped = !(loss.is_finite() && norm.is_finite());
@@ -143,7 +167,11 @@ fn train_step(
         )?;
     }
     let secs = started.elapsed().as_secs_f64();
-    let tokens: usize = samples.iter().map(|s| s.x0.dim(0).unwrap_or(0)).sum();
+    let tokens = world
+        * samples
+            .iter()
+            .map(|s| s.x0.dim(0).unwrap_or(0))
+            .sum::<usize>();
     Ok(StepMetrics {
         step: step + 1,
         loss,
@@ -179,17 +207,72 @@ fn written_values<'a>(t: &'a Trainable, ema: Option<&'a Ema>) -> Vec<&'a Tensor>
 }
 
 /// Trains the whole base as `cfg` says (model, data, optim, train.max_steps and batch_size,
-/// loss.logit_* for t); writes `RUN/base/`, `RUN/metrics.jsonl` and `RUN/metrics.png`.
+/// loss.logit_* for t) on one rank; writes `RUN/base/`, `RUN/metrics.jsonl` and
+/// `RUN/metrics.png`.
 pub fn pretrain(cfg: Config) -> Result<PretrainOutcome> {
     let device = device_of(&cfg, 0)?;
+    pretrain_with(cfg, Dist::single(), device)
+}
+
+/// [`pretrain`] as the rank the environment describes (`launcher --job pretrain-base`; none
+/// means a single rank).
+pub fn pretrain_from_env(cfg: Config) -> Result<PretrainOutcome> {
+    let (dist, device) = crate::train::connect_from_env(&cfg)?;
+    pretrain_with(cfg, dist, device)
+}
+
+/// Rank 0's metrics log in a new run folder.
+fn open_log(cfg: &Config) -> Result<crate::run_log::RunLog> {
+    let run_dir = cfg.run_dir();
+    std::fs::create_dir_all(&run_dir).map_err(|e| TrainerError::io(&run_dir, e))?;
+    crate::run_log::RunLog::open(&cfg.logging, &run_dir, false, 0)
+}
+
+/// Where the base (`RUN/base`) and, with an EMA, the last weights (`RUN/base-live`) go;
+/// written when `leader`.
+fn write_base(
+    t: &Trainable,
+    ema: Option<&Ema>,
+    run_dir: &std::path::Path,
+    leader: bool,
+) -> Result<(PathBuf, Option<PathBuf>)> {
+    let base_dir = run_dir.join("base");
+    let live_dir = ema.is_some().then(|| run_dir.join("base-live"));
+    if leader {
+        save(t, &written_values(t, ema), &base_dir)?;
+        if let Some(dir) = &live_dir {
+            save(t, &written_values(t, None), dir)?;
+        }
+        tracing::info!(
+            base = %base_dir.display(),
+            ema = ema.is_some(),
+            "base written (load it as model.weights)"
+        );
+    }
+    Ok((base_dir, live_dir))
+}
+
+/// [`pretrain`] as one rank of `dist`: the configs must match (fingerprint); rank 0 writes.
+pub fn pretrain_with(
+    cfg: Config,
+    dist: Dist,
+    device: candle_core::Device,
+) -> Result<PretrainOutcome> {
+    check_same(
+        &dist,
+        "config fingerprint (start every rank with the same config and --set overrides)",
+        || Ok(cfg.fingerprint()?.into_bytes()),
+        text,
+    )?;
+    let (rank, leader) = (dist.rank(), dist.rank() == 0);
     flux::fused::set_enabled(cfg.model.kernels == crate::config::KernelsName::Fused);
-    let t = trainable(&cfg, &device)?;
+    let t = trainable(&cfg, &dist, &device)?;
     let no_lora = LoraSpec {
         targets: Vec::new(),
         ..Default::default()
     };
     let lora = Lora::new(&t.fc, &no_lora, 0, DType::F32, &device)?;
-    let mut data = DataFeed::build(&cfg, &t.fc, 0, 1, &device)?;
+    let mut data = DataFeed::build(&cfg, &t.fc, rank, dist.world_size(), &device)?;
     let var_refs: Vec<&Var> = t.vars.iter().map(|(_, v)| v).collect();
     let mut opt = AdamW::new(&var_refs)?;
     let mut ema = if cfg.optim.ema_decay > 0.0 {
@@ -198,11 +281,11 @@ pub fn pretrain(cfg: Config) -> Result<PretrainOutcome> {
         None
     };
     let run_dir = cfg.run_dir();
-    std::fs::create_dir_all(&run_dir).map_err(|e| TrainerError::io(&run_dir, e))?;
-    let mut log = crate::run_log::RunLog::open(&cfg.logging, &run_dir, false, 0)?;
+    let mut log = leader.then(|| open_log(&cfg)).transpose()?;
     tracing::info!(
         parameters = t.vars.iter().map(|(_, v)| v.elem_count()).sum::<usize>(),
         run_dir = %run_dir.display(),
+        ranks = dist.world_size(),
         "pretraining the whole base"
     );
     let max_steps = cfg.train.max_steps;
@@ -210,9 +293,11 @@ pub fn pretrain(cfg: Config) -> Result<PretrainOutcome> {
     let mut skipped = 0;
     let mut snapshots = Vec::new();
     for step in 0..max_steps {
-        let m = train_step(&t, &lora, &mut data, &mut opt, &cfg, step)?;
-        log.step(&m)?;
-        if (step + 1) % cfg.train.log_every == 0 || step + 1 == max_steps {
+        let m = train_step(&t, &lora, &mut data, &mut opt, &cfg, &dist, step)?;
+        if let Some(log) = log.as_mut() {
+            log.step(&m)?;
+        }
+        if leader && ((step + 1) % cfg.train.log_every == 0 || step + 1 == max_steps) {
             tracing::info!(
                 step = m.step,
                 loss = m.loss,
@@ -229,7 +314,7 @@ pub fn pretrain(cfg: Config) -> Result<PretrainOutcome> {
             }
         }
         let every = cfg.checkpoint.every;
-        if every > 0 && m.step % every == 0 && m.step < max_steps {
+        if leader && every > 0 && m.step % every == 0 && m.step < max_steps {
             let dir = run_dir
                 .join("base-steps")
                 .join(format!("step-{:08}", m.step));
@@ -238,27 +323,16 @@ pub fn pretrain(cfg: Config) -> Result<PretrainOutcome> {
             snapshots.push(dir);
         }
     }
-    let base_dir = run_dir.join("base");
-    save(&t, &written_values(&t, ema.as_ref()), &base_dir)?;
-    let live_dir = match ema {
-        Some(_) => {
-            let dir = run_dir.join("base-live");
-            save(&t, &written_values(&t, None), &dir)?;
-            Some(dir)
-        }
-        None => None,
-    };
-    log.finish();
-    tracing::info!(
-        base = %base_dir.display(),
-        ema = cfg.optim.ema_decay > 0.0,
-        "base written (load it as model.weights)"
-    );
+    let (base_dir, live_dir) = write_base(&t, ema.as_ref(), &run_dir, leader)?;
+    if let Some(log) = log {
+        log.finish();
+    }
     Ok(PretrainOutcome {
         losses,
         base_dir,
         live_dir,
         snapshots,
         skipped,
+        rank,
     })
 }

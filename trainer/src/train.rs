@@ -62,8 +62,6 @@ pub fn train(cfg: Config) -> Result<TrainOutcome> {
 /// Trains as the rank the environment describes (RANK, WORLD_SIZE, ... from `launcher` or
 /// another launcher; none means a single rank), stopping cleanly on SIGTERM, SIGINT or SIGUSR1.
 pub fn train_from_env(cfg: Config) -> Result<TrainOutcome> {
-    let env = rendezvous::RankEnv::from_env().map_err(DistError::from)?;
-    let device = device_of(&cfg, env.local_rank)?;
     let stop = crate::signals::stop_flag()?;
     if cfg.train.stop_grace_s > 0.0 {
         crate::signals::arm_grace(
@@ -72,6 +70,15 @@ pub fn train_from_env(cfg: Config) -> Result<TrainOutcome> {
             cfg.train.signal_exit_code,
         );
     }
+    let (dist, device) = connect_from_env(&cfg)?;
+    train_with(cfg, dist, device, stop)
+}
+
+/// This process's rank as the environment describes it (RANK, WORLD_SIZE, ... from `launcher`
+/// or another launcher; none means a single rank), connected to its peers, and its device.
+pub fn connect_from_env(cfg: &Config) -> Result<(Dist, Device)> {
+    let env = rendezvous::RankEnv::from_env().map_err(DistError::from)?;
+    let device = device_of(cfg, env.local_rank)?;
     let mut opts = cfg.distributed.options();
     // The launcher's --connect-timeout bounds this rank's wait for its peers too.
     if let Some(s) = env.connect_timeout_s {
@@ -84,7 +91,7 @@ pub fn train_from_env(cfg: Config) -> Result<TrainOutcome> {
         backend = dist.backend(),
         "ranks connected"
     );
-    train_with(cfg, dist, device, stop)
+    Ok((dist, device))
 }
 
 /// Trains as one rank of `dist`. Rank 0 writes `metrics.jsonl`, `config.toml`,

@@ -3,6 +3,11 @@
 //! snapshots on the way, and the written folder is a base the LoRA training and the sampler
 //! load.
 
+use std::time::Duration;
+
+use candle_core::{DType, Device};
+use trainer::ddp::{self, init::Backend, DistOptions};
+
 use crate::common::tiny_config;
 
 fn config(dir: &std::path::Path, steps: u64, ema_decay: f64) -> trainer::config::Config {
@@ -91,6 +96,65 @@ fn caption_dropout_trains_the_empty_caption_and_reference_dropout_is_moot() {
     assert_ne!(plain, text, "the empty caption is another input");
     assert_eq!(text, losses("both", "data.drop_both=1.0"));
     assert_eq!(plain, losses("refs", "data.drop_refs=1.0"));
+}
+
+#[test]
+fn two_ranks_pretrain_what_one_rank_pretrains_from_the_same_global_batches() {
+    // One rank of batch 4 against two of batch 2: the synthetic source's global batches and
+    // the draws (keyed by the slot in the global batch) do not depend on the ranks, so only
+    // the order of float sums differs.
+    let tmp = tempfile::tempdir().unwrap();
+    let sets = |b: &'static str| ["optim.warmup_steps=0", b];
+    let one = trainer::pretrain::pretrain(config_with(
+        &tmp.path().join("one"),
+        3,
+        0.9,
+        &sets("train.batch_size=4"),
+    ))
+    .unwrap();
+    let run = tmp.path().join("two");
+    let opts = DistOptions {
+        backend: Backend::Tcp,
+        timeout: Duration::from_secs(60),
+        connect_timeout: Duration::from_secs(30),
+    };
+    let handles: Vec<_> = ddp::loopback(2, &opts, "token")
+        .unwrap()
+        .into_iter()
+        .map(|dist| {
+            let cfg = config_with(&run, 3, 0.9, &sets("train.batch_size=2"));
+            std::thread::spawn(move || {
+                trainer::pretrain::pretrain_with(cfg, dist, Device::Cpu).map_err(|e| e.to_string())
+            })
+        })
+        .collect();
+    let two: Vec<_> = handles
+        .into_iter()
+        .map(|h| h.join().unwrap().unwrap())
+        .collect();
+    for out in &two {
+        for (a, b) in one.losses.iter().zip(&out.losses) {
+            assert!(
+                (a - b).abs() < 1e-5 * a.abs(),
+                "{:?} {:?}",
+                one.losses,
+                out.losses
+            );
+        }
+    }
+    let lines = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 3, "rank 0 alone logs");
+    let weights = |dir: &std::path::Path| {
+        let (_, w) = flux::weights::load(dir, DType::F32, &Device::Cpu, None).unwrap();
+        w
+    };
+    let (a, b) = (weights(&one.base_dir), weights(&two[0].base_dir));
+    let mut worst = 0f32;
+    for (name, t) in a.iter() {
+        let d = (t - b.get(name).unwrap()).unwrap().abs().unwrap();
+        worst = worst.max(d.max_all().unwrap().to_scalar::<f32>().unwrap());
+    }
+    assert!(worst < 1e-4, "the bases differ by {worst}");
 }
 
 #[test]

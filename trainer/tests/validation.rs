@@ -209,7 +209,6 @@ fn a_resumed_run_with_validation_on_is_bit_identical_to_an_uninterrupted_one() {
     }
 }
 
-/// Writes `n` held-out scenes under `dir`; returns the dataset's folder.
 #[test]
 fn two_ranks_share_the_images_and_measures_and_rank_0_writes_them_all() {
     let tmp = tempfile::tempdir().unwrap();

@@ -6,7 +6,7 @@ use candle_core::{DType, Tensor};
 use flux::Lora;
 use sha2::{Digest, Sha256};
 
-use super::{Dist, DistError};
+use super::{Dist, DistError, ReduceOp};
 use crate::error::Result;
 
 /// sha256 of the LoRA weights' bytes, in variable order.
@@ -74,18 +74,37 @@ pub fn broadcast_from_rank0(dist: &Dist, tensors: &[Tensor]) -> Result<Vec<Tenso
     if dist.world_size() == 1 || tensors.is_empty() {
         return Ok(tensors.to_vec());
     }
+    let flat = flatten(tensors)?;
+    let got = dist.call("LoRA broadcast", move |c| c.broadcast(&flat, 0))?;
+    split_like(&got, tensors)
+}
+
+/// The mean over the ranks of each of `tensors` (all of one dtype), in one all-reduce.
+pub fn mean_over_ranks(dist: &Dist, what: &'static str, tensors: &[Tensor]) -> Result<Vec<Tensor>> {
+    if dist.world_size() == 1 || tensors.is_empty() {
+        return Ok(tensors.to_vec());
+    }
+    let flat = flatten(tensors)?;
+    let got = dist.call(what, move |c| c.all_reduce(&flat, ReduceOp::Mean))?;
+    split_like(&got, tensors)
+}
+
+/// `tensors` flattened into one vector, in order.
+fn flatten(tensors: &[Tensor]) -> Result<Tensor> {
     let flat: Vec<Tensor> = tensors
         .iter()
         .map(|t| t.flatten_all())
         .collect::<candle_core::Result<_>>()?;
-    let flat = Tensor::cat(&flat, 0)?;
-    let got = dist.call("LoRA broadcast", move |c| c.broadcast(&flat, 0))?;
+    Ok(Tensor::cat(&flat, 0)?)
+}
+
+/// [`flatten`] undone: `flat` cut into tensors of the shapes of `like`.
+fn split_like(flat: &Tensor, like: &[Tensor]) -> Result<Vec<Tensor>> {
     let mut offset = 0;
-    tensors
-        .iter()
+    like.iter()
         .map(|t| {
             let n = t.elem_count();
-            let out = got.narrow(0, offset, n)?.reshape(t.shape())?;
+            let out = flat.narrow(0, offset, n)?.reshape(t.shape())?;
             offset += n;
             Ok(out)
         })
