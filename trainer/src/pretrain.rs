@@ -26,7 +26,7 @@ use candle_core::{DType, Tensor, Var};
 use crate::config::Config;
 use crate::data::sample::Sample;
 use crate::data::DataFeed;
-use crate::ddp::consistency::{broadcast_from_rank0, check_same, mean_over_ranks, text};
+use crate::ddp::consistency::{broadcast_from_rank0, check_same_config, mean_over_ranks};
 use crate::ddp::Dist;
 use crate::error::{Result, TrainerError};
 use crate::metrics::StepMetrics;
@@ -258,12 +258,7 @@ pub fn pretrain_with(
     dist: Dist,
     device: candle_core::Device,
 ) -> Result<PretrainOutcome> {
-    check_same(
-        &dist,
-        "config fingerprint (start every rank with the same config and --set overrides)",
-        || Ok(cfg.fingerprint()?.into_bytes()),
-        text,
-    )?;
+    check_same_config(&dist, &cfg)?;
     let (rank, leader) = (dist.rank(), dist.rank() == 0);
     flux::fused::set_enabled(cfg.model.kernels == crate::config::KernelsName::Fused);
     let t = trainable(&cfg, &dist, &device)?;

@@ -13,7 +13,7 @@ use flux::{Flux, Lora, Weights};
 
 use crate::config::{Config, DeviceName, InitName};
 use crate::data::DataFeed;
-use crate::ddp::consistency::{check_same, sync_lora, text};
+use crate::ddp::consistency::{check_same_config, sync_lora};
 use crate::ddp::{BucketPlan, Dist};
 use crate::error::{Result, TrainerError};
 use crate::objective::ObjectiveSpec;
@@ -107,12 +107,7 @@ impl Run {
     /// rank 0's, and each micro-batch of `train.batch_size` samples per rank is this rank's
     /// slice of a global micro-batch of `batch_size * world` samples.
     pub fn build_with(cfg: Config, dist: Dist, device: Device) -> Result<Self> {
-        check_same(
-            &dist,
-            "config fingerprint (start every rank with the same config and --set overrides)",
-            || Ok(cfg.fingerprint()?.into_bytes()),
-            text,
-        )?;
+        check_same_config(&dist, &cfg)?;
         flux::fused::set_enabled(cfg.model.kernels == crate::config::KernelsName::Fused);
         let (fc, weights) = base_weights(&cfg, &device)?;
         let mut model = Flux::new(fc.clone(), &weights, cfg.loss.row_blocks(&fc))?;

@@ -128,6 +128,33 @@ pub fn write_synth_shards(loc: datasets::Location, opts: &datasets::synth::Synth
     datasets::synth::write_dataset(loc, opts, wopts).unwrap();
 }
 
+/// Loopback TCP ranks' options for the tests: generous timeouts for a loaded CI machine.
+pub fn tcp_options() -> trainer::ddp::DistOptions {
+    trainer::ddp::DistOptions {
+        backend: trainer::ddp::init::Backend::Tcp,
+        timeout: std::time::Duration::from_secs(60),
+        connect_timeout: std::time::Duration::from_secs(30),
+    }
+}
+
+/// Runs `f(rank, dist)` for every rank of a `world`-rank job, each on its own thread.
+pub fn with_ranks<R, F>(world: usize, f: F) -> Vec<R>
+where
+    R: Send + 'static,
+    F: Fn(usize, trainer::ddp::Dist) -> R + Send + Sync + Clone + 'static,
+{
+    let dists = trainer::ddp::loopback(world, &tcp_options(), "token").unwrap();
+    let handles: Vec<_> = dists
+        .into_iter()
+        .enumerate()
+        .map(|(rank, dist)| {
+            let f = f.clone();
+            std::thread::spawn(move || f(rank, dist))
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
 /// A held-out split (subjects never in training, design.md §14) of `samples` scenes of
 /// `size` px with 1 or 2 references, written to the folder `dir`; returns its path.
 pub fn write_heldout(dir: &Path, samples: usize, size: u32) -> String {

@@ -9,37 +9,10 @@ use candle_core::{DType, Device, Tensor};
 use launcher::agent::{self, LaunchSpec};
 use launcher::topology::Topology;
 use launcher::{RankEnv, StoreServer};
-use trainer::ddp::init::Backend;
-use trainer::ddp::{self, Dist, DistOptions, ReduceOp};
+use trainer::ddp::{self, Dist, ReduceOp};
 use trainer::run::Run;
 
-use crate::common::{repo_root, steps_logged, tiny_config};
-
-fn options() -> DistOptions {
-    DistOptions {
-        backend: Backend::Tcp,
-        timeout: Duration::from_secs(60),
-        connect_timeout: Duration::from_secs(30),
-    }
-}
-
-/// Runs `f(rank, dist)` for every rank of a `world`-rank job, each on its own thread.
-fn with_ranks<R, F>(world: usize, f: F) -> Vec<R>
-where
-    R: Send + 'static,
-    F: Fn(usize, Dist) -> R + Send + Sync + Clone + 'static,
-{
-    let dists = ddp::loopback(world, &options(), "token").unwrap();
-    let handles: Vec<_> = dists
-        .into_iter()
-        .enumerate()
-        .map(|(rank, dist)| {
-            let f = f.clone();
-            std::thread::spawn(move || f(rank, dist))
-        })
-        .collect();
-    handles.into_iter().map(|h| h.join().unwrap()).collect()
-}
+use crate::common::{repo_root, steps_logged, tiny_config, with_ranks};
 
 #[test]
 fn ring_collectives_give_every_rank_the_same_exact_answer() {
@@ -201,7 +174,9 @@ fn ranks_with_different_configs_refuse_to_start() {
 fn a_rank_with_the_wrong_job_token_is_refused() {
     let server = StoreServer::bind("127.0.0.1:0", "right").unwrap();
     let env = RankEnv::on_store(0, 2, &server.local_addr().to_string(), "wrong", "test");
-    let e = ddp::connect(&env, &options(), &Device::Cpu).err().unwrap();
+    let e = ddp::connect(&env, &crate::common::tcp_options(), &Device::Cpu)
+        .err()
+        .unwrap();
     assert!(e.to_string().contains("wrong job token"), "{e}");
 }
 

@@ -3,10 +3,7 @@
 //! snapshots on the way, and the written folder is a base the LoRA training and the sampler
 //! load.
 
-use std::time::Duration;
-
 use candle_core::{DType, Device};
-use trainer::ddp::{self, init::Backend, DistOptions};
 
 use crate::common::tiny_config;
 
@@ -113,25 +110,14 @@ fn two_ranks_pretrain_what_one_rank_pretrains_from_the_same_global_batches() {
     ))
     .unwrap();
     let run = tmp.path().join("two");
-    let opts = DistOptions {
-        backend: Backend::Tcp,
-        timeout: Duration::from_secs(60),
-        connect_timeout: Duration::from_secs(30),
-    };
-    let handles: Vec<_> = ddp::loopback(2, &opts, "token")
-        .unwrap()
-        .into_iter()
-        .map(|dist| {
-            let cfg = config_with(&run, 3, 0.9, &sets("train.batch_size=2"));
-            std::thread::spawn(move || {
-                trainer::pretrain::pretrain_with(cfg, dist, Device::Cpu).map_err(|e| e.to_string())
-            })
-        })
-        .collect();
-    let two: Vec<_> = handles
-        .into_iter()
-        .map(|h| h.join().unwrap().unwrap())
-        .collect();
+    let dir = run.clone();
+    let two: Vec<_> = crate::common::with_ranks(2, move |_, dist| {
+        let cfg = config_with(&dir, 3, 0.9, &sets("train.batch_size=2"));
+        trainer::pretrain::pretrain_with(cfg, dist, Device::Cpu).map_err(|e| e.to_string())
+    })
+    .into_iter()
+    .map(|r| r.unwrap())
+    .collect();
     for out in &two {
         for (a, b) in one.losses.iter().zip(&out.losses) {
             assert!(

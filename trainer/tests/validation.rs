@@ -5,10 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Duration;
 
 use candle_core::Device;
-use trainer::ddp::{self, init::Backend, DistOptions};
 
 use crate::common::tiny_config;
 
@@ -231,26 +229,15 @@ fn two_ranks_share_the_images_and_measures_and_rank_0_writes_them_all() {
     let single = tmp.path().join("single");
     trainer::train::train(config(&single, &list, &extra)).unwrap();
     let run = tmp.path().join("two");
-    let opts = DistOptions {
-        backend: Backend::Tcp,
-        timeout: Duration::from_secs(60),
-        connect_timeout: Duration::from_secs(30),
-    };
     // 3 images on 2 ranks: the second round has one image, rank 1 sends none.
-    let handles: Vec<_> = ddp::loopback(2, &opts, "token")
-        .unwrap()
-        .into_iter()
-        .map(|dist| {
-            let cfg = config(&run, &list, &extra);
-            std::thread::spawn(move || {
-                trainer::train::train_with(cfg, dist, Device::Cpu, Arc::new(AtomicBool::new(false)))
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-            })
-        })
-        .collect();
-    for h in handles {
-        h.join().unwrap().unwrap();
+    let cfg = config(&run, &list, &extra);
+    for done in crate::common::with_ranks(2, move |_, dist| {
+        let stop = Arc::new(AtomicBool::new(false));
+        trainer::train::train_with(cfg.clone(), dist, Device::Cpu, stop)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }) {
+        done.unwrap();
     }
     let (one, two) = (validations(&single), validations(&run));
     assert_eq!(two.len(), 2, "before the first step and after the last");

@@ -61,6 +61,16 @@ pub fn check_same(
     .into())
 }
 
+/// Fails unless every rank was started with the same config and `--set` overrides.
+pub fn check_same_config(dist: &Dist, cfg: &crate::config::Config) -> Result<()> {
+    check_same(
+        dist,
+        "config fingerprint (start every rank with the same config and --set overrides)",
+        || Ok(cfg.fingerprint()?.into_bytes()),
+        text,
+    )
+}
+
 pub fn hex_prefix(b: &[u8]) -> String {
     b.iter().take(6).map(|x| format!("{x:02x}")).collect()
 }
