@@ -70,7 +70,10 @@ fn trainable(cfg: &Config, dist: &Dist, device: &candle_core::Device) -> Result<
     // the broadcast makes that a guarantee rather than an assumption.
     if dist.world_size() > 1 {
         let now: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().clone()).collect();
-        for ((_, v), t) in vars.iter().zip(broadcast_from_rank0(dist, &now)?) {
+        for ((_, v), t) in
+            vars.iter()
+                .zip(broadcast_from_rank0(dist, "base weights broadcast", &now)?)
+        {
             v.set(&t)?;
         }
     }

@@ -129,7 +129,7 @@ impl Run {
                     .collect::<Result<Vec<_>>>()?,
                 None => live.to_vec(),
             };
-            broadcast_from_rank0(&self.dist, &local)
+            broadcast_from_rank0(&self.dist, "LoRA broadcast", &local)
         };
         let live: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         for (v, t) in vars.iter().zip(pick(super::LORA_FILE, "", &live)?) {

@@ -79,13 +79,18 @@ pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).chars().take(12).collect()
 }
 
-/// Rank 0's values of `tensors` (all of one dtype) on every rank, in one broadcast.
-pub fn broadcast_from_rank0(dist: &Dist, tensors: &[Tensor]) -> Result<Vec<Tensor>> {
+/// Rank 0's values of `tensors` (all of one dtype) on every rank, in one broadcast (`what`
+/// names it in errors).
+pub fn broadcast_from_rank0(
+    dist: &Dist,
+    what: &'static str,
+    tensors: &[Tensor],
+) -> Result<Vec<Tensor>> {
     if dist.world_size() == 1 || tensors.is_empty() {
         return Ok(tensors.to_vec());
     }
     let flat = flatten(tensors)?;
-    let got = dist.call("LoRA broadcast", move |c| c.broadcast(&flat, 0))?;
+    let got = dist.call(what, move |c| c.broadcast(&flat, 0))?;
     split_like(&got, tensors)
 }
 
@@ -128,7 +133,10 @@ pub fn sync_lora(dist: &Dist, lora: &Lora, what: &str) -> Result<()> {
     }
     let vars: Vec<&candle_core::Var> = lora.named_vars().into_iter().map(|(_, v)| v).collect();
     let now: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-    for (v, t) in vars.iter().zip(broadcast_from_rank0(dist, &now)?) {
+    for (v, t) in vars
+        .iter()
+        .zip(broadcast_from_rank0(dist, "LoRA broadcast", &now)?)
+    {
         v.set(&t)?;
     }
     check_same(dist, what, || lora_digest(lora), hex_prefix)
