@@ -248,15 +248,9 @@ impl Sampler {
             ));
         }
         let (txt, pooled) = self.encoders.encode_text(&[req.prompt.as_str()])?;
-        let negative = if req.true_cfg != 1.0 {
-            let (txt, pooled) = self.encoders.encode_text(&[req.negative_prompt.as_str()])?;
-            Some(NegativePrompt {
-                txt: txt.to_device(&self.device)?,
-                pooled: pooled.to_device(&self.device)?,
-            })
-        } else {
-            None
-        };
+        let negative = (req.true_cfg != 1.0)
+            .then(|| NegativePrompt::encode(&mut self.encoders, &req.negative_prompt, &self.device))
+            .transpose()?;
         let cond = Conditioning {
             txt: txt.to_device(&self.device)?,
             pooled: pooled.to_device(&self.device)?,
@@ -293,6 +287,21 @@ pub struct Conditioning {
 pub struct NegativePrompt {
     pub txt: Tensor,
     pub pooled: Tensor,
+}
+
+impl NegativePrompt {
+    /// `text` through the pipeline's text encoders, on `device`.
+    pub fn encode(
+        encoders: &mut flux::encoders::Encoders,
+        text: &str,
+        device: &Device,
+    ) -> Result<Self> {
+        let (txt, pooled) = encoders.encode_text(&[text])?;
+        Ok(Self {
+            txt: txt.to_device(device)?,
+            pooled: pooled.to_device(device)?,
+        })
+    }
 }
 
 /// How to render one image from a [`Conditioning`].

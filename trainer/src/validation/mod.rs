@@ -95,15 +95,9 @@ impl Validator {
         let fc = &run.model.cfg;
         let (mut encoders, decoder) = crate::data::shards::encoders_and_decoder(cfg, fc, device)?;
         // The negative prompt of classifier-free guidance: the empty caption.
-        let negative = if spec.true_cfg != 1.0 {
-            let (txt, pooled) = encoders.encode_text(&[""])?;
-            Some(crate::sample::NegativePrompt {
-                txt: txt.to_device(device)?,
-                pooled: pooled.to_device(device)?,
-            })
-        } else {
-            None
-        };
+        let negative = (spec.true_cfg != 1.0)
+            .then(|| crate::sample::NegativePrompt::encode(&mut encoders, "", device))
+            .transpose()?;
         let mut prepared = Vec::with_capacity(cases.len());
         for c in &cases {
             let refs = c.refs();
