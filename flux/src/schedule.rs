@@ -10,7 +10,7 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::error::Result;
+use crate::error::{FluxError, Result};
 
 /// mu(n): the resolution shift for `n` target tokens (linear through (256, 0.5) and
 /// (4096, 1.15), in f64 as diffusers' `calculate_shift`).
@@ -46,6 +46,32 @@ impl FlowMatchSchedule {
             .collect();
         sigmas.push(0.0);
         Self { sigmas }
+    }
+
+    /// The part of this schedule image-to-image sampling at `strength` runs, as diffusers'
+    /// FluxImg2ImgPipeline does: the schedule of `steps` from index
+    /// t_start = int(max(steps - min(steps * strength, steps), 0)). Its first sigma is the
+    /// noise level of the start latents, sigma n + (1 - sigma) x0 (the scheduler's
+    /// `scale_noise`). A strength outside (0, 1] or one that leaves no step is refused.
+    pub fn img2img(&self, strength: f64) -> Result<Self> {
+        let steps = self.steps();
+        let bad = |reason: String| FluxError::Input {
+            name: "strength".into(),
+            reason,
+        };
+        if !(strength > 0.0 && strength <= 1.0) {
+            return Err(bad(format!("{strength}: must be in (0, 1]")));
+        }
+        let init = (steps as f64 * strength).min(steps as f64);
+        let t_start = (steps as f64 - init).max(0.0) as usize;
+        if t_start >= steps {
+            return Err(bad(format!(
+                "{strength} of {steps} steps leaves no step to run (diffusers refuses it too)"
+            )));
+        }
+        Ok(Self {
+            sigmas: self.sigmas[t_start..].to_vec(),
+        })
     }
 
     /// Denoising steps.
@@ -120,6 +146,38 @@ mod tests {
         let v = (&n - &x0).unwrap();
         let s = FlowMatchSchedule::flux(4, 1024);
         let mut x = n.clone();
+        for i in 0..s.steps() {
+            x = s.step(i, &x, &v).unwrap();
+        }
+        let d: Vec<f32> = (x - x0).unwrap().abs().unwrap().to_vec1().unwrap();
+        assert!(d.iter().all(|&e| e < 1e-6), "{d:?}");
+    }
+
+    #[test]
+    fn img2img_starts_where_diffusers_does() {
+        let full = FlowMatchSchedule::flux(28, 64);
+        // diffusers: t_start = int(max(28 - min(28 * s, 28), 0)).
+        for (strength, t_start) in [(1.0, 0), (0.6, 11), (0.5, 14), (0.3, 19), (0.01, 27)] {
+            let s = full.img2img(strength).unwrap();
+            assert_eq!(s.steps(), 28 - t_start, "strength {strength}");
+            assert_eq!(s.sigmas[..], full.sigmas[t_start..], "strength {strength}");
+        }
+        for strength in [0.0, -0.1, 1.5, f64::NAN, 1e-300] {
+            let e = full.img2img(strength).unwrap_err().to_string();
+            assert!(e.contains("strength"), "{strength}: {e}");
+        }
+    }
+
+    #[test]
+    fn img2img_reaches_x0_from_its_start_latents() {
+        let dev = Device::Cpu;
+        let x0 = Tensor::new(&[0.5f32, -1.0, 2.0], &dev).unwrap();
+        let n = Tensor::new(&[1.0f32, 0.25, -0.5], &dev).unwrap();
+        let v = (&n - &x0).unwrap();
+        let s = FlowMatchSchedule::flux(10, 256).img2img(0.45).unwrap();
+        let sigma = s.sigmas[0] as f64;
+        assert!(sigma < 1.0 && sigma > 0.0);
+        let mut x = ((&n * sigma).unwrap() + (&x0 * (1.0 - sigma)).unwrap()).unwrap();
         for i in 0..s.steps() {
             x = s.step(i, &x, &v).unwrap();
         }

@@ -14,6 +14,7 @@ mod checks;
 pub mod config;
 pub mod data;
 pub mod ddp;
+pub mod denoise_profile;
 pub mod device_check;
 pub mod device_memory;
 pub mod error;

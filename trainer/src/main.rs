@@ -107,6 +107,11 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
+    /// How well a base denoises the run's data: per noise level t the velocity error (L_diff
+    /// at t) and the error of the clean latents one step recovers, per img2img strength the
+    /// error FLUX's sampler ends at; prints a markdown table, writes OUT/profile.json and
+    /// OUT/profile.png (per sample: clean, one tile per level, one per strength).
+    DenoiseProfile(DenoiseProfileArgs),
     /// A PNG of a run's curves (total loss, L_diff, SCAL, MDL, lr, grad norm, s/step) from its
     /// metrics.jsonl, raw and smoothed.
     Plot {
@@ -238,6 +243,50 @@ struct SampleArgs {
     /// Override a config key, e.g. --set model.preset="tiny".
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct DenoiseProfileArgs {
+    /// A run config: its base (model.*) and data (data.*) are profiled.
+    #[arg(long)]
+    config: PathBuf,
+    /// The base (overrides model.weights): a diffusers folder or a safetensors file.
+    #[arg(long)]
+    weights: Option<String>,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Samples profiled (the data's first).
+    #[arg(long, default_value_t = 32)]
+    samples: usize,
+    /// Noise levels, comma-separated, each in (0, 1].
+    #[arg(
+        long = "t",
+        default_value = "0.1,0.3,0.5,0.7,0.9,1",
+        value_delimiter = ','
+    )]
+    noise_levels: Vec<f64>,
+    /// img2img strengths, comma-separated, each in (0, 1].
+    #[arg(
+        long = "strength",
+        default_value = "0.3,0.5,0.7,0.9",
+        value_delimiter = ','
+    )]
+    strengths: Vec<f64>,
+    /// Steps of the full sampling schedule img2img runs the tail of.
+    #[arg(long, default_value_t = 28)]
+    steps: usize,
+    /// Distilled guidance (default: the config's conditioning.guidance, as in training).
+    #[arg(long)]
+    guidance: Option<f32>,
+    /// Seed of the noise draws.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Samples shown in profile.png.
+    #[arg(long, default_value_t = 4)]
+    sheet_rows: usize,
+    /// Folder for profile.json and profile.png.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -434,6 +483,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::BenchSample(args) => bench_sample_cmd(args)?,
         Command::Eval(args) => eval_cmd(args)?,
         Command::PretrainBase { config, set } => pretrain_cmd(&config, &set)?,
+        Command::DenoiseProfile(args) => denoise_profile_cmd(args)?,
         Command::Plot { run, out } => {
             let out = out.unwrap_or_else(|| run.join("metrics.png"));
             trainer::charts::plot_run(&run, &out).context("plotting failed")?;
@@ -655,6 +705,37 @@ fn bench_sample_cmd(a: BenchSampleArgs) -> anyhow::Result<()> {
             append_json(&path, r)?;
         }
     }
+    Ok(())
+}
+
+fn denoise_profile_cmd(a: DenoiseProfileArgs) -> anyhow::Result<()> {
+    let mut set = a.set.clone();
+    if let Some(w) = &a.weights {
+        set.push(format!("model.weights={w:?}"));
+    }
+    let cfg = load_config(&a.config, &set)?;
+    let device = trainer::run::device_of(&cfg, 0)?;
+    let spec = trainer::denoise_profile::ProfileSpec {
+        noise_levels: a.noise_levels,
+        strengths: a.strengths,
+        steps: a.steps,
+        guidance: a.guidance.unwrap_or(cfg.conditioning.guidance as f32),
+        seed: a.seed,
+        sheet_rows: a.sheet_rows,
+    };
+    spec.check()?;
+    let (profile, sheet) = trainer::denoise_profile::run(&cfg, a.samples, &spec, &device)
+        .context("profiling the base")?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let json = a.out.join("profile.json");
+    std::fs::write(&json, serde_json::to_string_pretty(&profile)? + "\n")
+        .with_context(|| format!("writing {}", json.display()))?;
+    let png = a.out.join("profile.png");
+    sheet
+        .save(&png)
+        .with_context(|| format!("writing {}", png.display()))?;
+    print!("{}", trainer::denoise_profile::table(&profile));
+    println!("wrote {} and {}", json.display(), png.display());
     Ok(())
 }
 

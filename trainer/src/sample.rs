@@ -526,7 +526,7 @@ pub fn load_lora(fc: &flux::FluxConfig, path: Option<&Path>, device: &Device) ->
 }
 
 /// A decoded image [1, 3, H, W] in [-1, 1] as 8-bit RGB (clamped, rounded).
-fn to_rgb(x: &Tensor) -> Result<RgbImage> {
+pub(crate) fn to_rgb(x: &Tensor) -> Result<RgbImage> {
     let (_, _, h, w) = x.dims4()?;
     let v: Vec<f32> = x.get(0)?.flatten_all()?.to_vec1()?;
     let mut img = RgbImage::new(w as u32, h as u32);

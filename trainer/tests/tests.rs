@@ -5,6 +5,7 @@
 
 mod cli;
 mod common;
+mod denoise_profile;
 mod distributed;
 mod eval;
 mod export;

@@ -112,15 +112,33 @@ pub(crate) fn encoders_and_decoder(
     device: &Device,
 ) -> Result<(Encoders, flux::encoders::VaeDecoder)> {
     let spec = encoder_spec(cfg, fc);
-    let dtype = if device.is_cpu() {
+    Ok((
+        datasets::encode::load_encoders(&spec, encoder_dtype(device), device)?,
+        vae_decoder(cfg, fc, device)?,
+    ))
+}
+
+/// f32 on a CPU, bf16 elsewhere.
+fn encoder_dtype(device: &Device) -> DType {
+    if device.is_cpu() {
         DType::F32
     } else {
         DType::BF16
-    };
-    Ok((
-        datasets::encode::load_encoders(&spec, dtype, device)?,
-        datasets::encode::load_vae_decoder(&spec, dtype, device)?,
-    ))
+    }
+}
+
+/// The run's VAE decoder alone (no text encoders), as [`encoders_and_decoder`] loads it.
+pub(crate) fn vae_decoder(
+    cfg: &Config,
+    fc: &FluxConfig,
+    device: &Device,
+) -> Result<flux::encoders::VaeDecoder> {
+    let spec = encoder_spec(cfg, fc);
+    Ok(datasets::encode::load_vae_decoder(
+        &spec,
+        encoder_dtype(device),
+        device,
+    )?)
 }
 
 /// The empty caption's embeddings stored in the latent cache at `cache`.
