@@ -61,7 +61,8 @@ pub struct LevelError {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Img2ImgError {
     pub strength: f64,
-    /// The noise level sampling starts from.
+    /// The noise level sampling starts from (the first sample's: it depends on the token
+    /// count).
     pub start_sigma: f64,
     pub steps: usize,
     /// Mean |x_final - x0|^2.
@@ -164,15 +165,9 @@ pub fn measure(
     if samples.is_empty() {
         return Err(bad("--samples", "the data gave no sample".into()));
     }
-    let full = FlowMatchSchedule::flux(spec.steps, samples[0].grid.len());
-    let tails = spec
-        .strengths
-        .iter()
-        .map(|&s| {
-            full.img2img(s)
-                .map_err(|e| bad("--strength", e.to_string()))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    // Reported: the first sample's tails (the shift, so each start sigma, depends on a
+    // sample's token count; with aspect buckets the others may start elsewhere).
+    let tails = img2img_tails(spec, samples[0].grid.len())?;
     let dtype = model.dtype();
     let mut level_sums = vec![(0.0, 0.0); spec.noise_levels.len()];
     let mut img2img_sums = vec![0.0; spec.strengths.len()];
@@ -195,8 +190,8 @@ pub fn measure(
             sum.1 += mse(&x0_hat, &x0)?;
             row.push(x0_hat);
         }
-        // Each strength restarts from the prompt's own inputs (no references).
-        let per_strength = img2img_sums.iter_mut().zip(&tails);
+        let own_tails = img2img_tails(spec, s.grid.len())?;
+        let per_strength = img2img_sums.iter_mut().zip(&own_tails);
         for (sum, tail) in per_strength {
             let start = noised(&x0, &n, tail.sigmas[0] as f64)?;
             let inp = inputs_of(s, start, dtype)?;
@@ -238,6 +233,18 @@ pub fn measure(
             .collect(),
     };
     Ok((profile, sheet))
+}
+
+/// The schedule tails img2img runs at each strength for a target of `tokens` tokens.
+fn img2img_tails(spec: &ProfileSpec, tokens: usize) -> Result<Vec<FlowMatchSchedule>> {
+    let full = FlowMatchSchedule::flux(spec.steps, tokens);
+    spec.strengths
+        .iter()
+        .map(|&s| {
+            full.img2img(s)
+                .map_err(|e| bad("--strength", e.to_string()))
+        })
+        .collect()
 }
 
 /// Mean |mean(x0) - x0|^2 over `samples`, when they all have one shape.
