@@ -147,9 +147,8 @@ fn inputs_of(s: &Sample, img: Tensor, dtype: DType) -> Result<ModelInputs> {
     })
 }
 
-/// `(1 - t) x0 + t n`, in f32.
+/// `(1 - t) x0 + t n`.
 fn noised(x0: &Tensor, n: &Tensor, t: f64) -> Result<Tensor> {
-    let x0 = x0.to_dtype(DType::F32)?;
     Ok(((x0 * (1.0 - t))? + (n * t)?)?)
 }
 
