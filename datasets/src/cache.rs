@@ -527,10 +527,20 @@ pub fn precompute(
     let progress_rel = part_file(r, w);
     let mut progress = match load_part(out, &progress_rel)? {
         Some(p) if p.fingerprint != fingerprint || p.data_manifest_sha256 != data_sha => {
+            // Finished or not: a cache made before the encoders changed (a new pixel codec
+            // scale, other widths) meets this on the README's command line.
+            let what = if p.fingerprint != fingerprint {
+                format!(
+                    "other encoders or transforms:\n  here: {}\n  now:  {fingerprint}\n",
+                    p.fingerprint
+                )
+            } else {
+                "another version of the dataset (its manifest changed); ".to_string()
+            };
             return Err(DataError::input(
                 out.name(&progress_rel),
-                "an unfinished precompute of other encoders, transforms or another version of the dataset is here; use another --out or delete this folder",
-            ))
+                format!("a precompute of {what}use another --out or delete this folder"),
+            ));
         }
         Some(p) => p,
         None => PartProgress {

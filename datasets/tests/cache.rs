@@ -124,6 +124,25 @@ fn a_cache_for_other_encoders_or_another_dataset_is_refused() {
     .message();
     assert!(err.contains("another version of the dataset"), "{err}");
     assert!(Manifest::load(&out).is_ok());
+    // Precomputing into it again is refused too, saying which changed and what to do.
+    let err = cache::precompute(&data, &out, &opts).unwrap_err().message();
+    assert!(
+        err.contains("another version of the dataset") && err.contains("delete this folder"),
+        "{err}"
+    );
+    write_synth(&data, 6, 2);
+    let again = PrecomputeOptions {
+        encoders: other,
+        ..options()
+    };
+    let err = cache::precompute(&data, &out, &again)
+        .unwrap_err()
+        .message();
+    assert!(
+        err.contains("other encoders or transforms") && err.contains("seed10"),
+        "{err}"
+    );
+    assert!(Manifest::load(&out).is_ok());
 }
 
 #[test]

@@ -588,6 +588,12 @@ fn sample_jobs(
     a: &SampleArgs,
     cfg: &Config,
 ) -> anyhow::Result<Vec<(trainer::sample::SampleRequest, PathBuf)>> {
+    if !a.negative_prompt.is_empty() && a.true_cfg == 1.0 {
+        // diffusers only warns and drops it; a prompt the user wrote is never silently unused.
+        anyhow::bail!(
+            "--negative-prompt: used only by classifier-free guidance; add --true-cfg S with S > 1"
+        );
+    }
     let from_config = a.config.is_some();
     let side = a.size.unwrap_or(if from_config {
         cfg.data.resolution

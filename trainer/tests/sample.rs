@@ -212,6 +212,28 @@ fn prompt_guidance_moves_along_the_prompt_minus_the_negative_prompt() {
 }
 
 #[test]
+fn a_negative_prompt_without_prompt_guidance_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("x.png");
+    let o = Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args(["sample", "--config"])
+        .arg(repo_root().join("configs/tiny-cpu.toml"))
+        .args(crate::common::random_tiny_args())
+        .args(["--prompt", "a red box", "--negative-prompt", "a blue ball"])
+        .args(["--steps", "1", "--size", "64", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("--negative-prompt") && err.contains("--true-cfg"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
+
+#[test]
 fn the_command_writes_the_image_and_its_panel() {
     let tmp = tempfile::tempdir().unwrap();
     let r = reference(tmp.path(), "a.png", [200, 20, 20]);
