@@ -164,3 +164,56 @@ pub struct Denoised {
     /// Bytes the reference cache held (0 without it).
     pub ref_cache_bytes: usize,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    fn inputs(b: usize, l: usize, ctx: usize, pooled: usize) -> ModelInputs {
+        let dev = Device::Cpu;
+        ModelInputs {
+            img: Tensor::zeros((b, 4, 64), DType::F32, &dev).unwrap(),
+            img_ids: crate::embed::grid_ids(2, 2, 0),
+            txt: Tensor::zeros((b, l, ctx), DType::F32, &dev).unwrap(),
+            txt_ids: text_ids(l),
+            pooled: Tensor::zeros((b, pooled), DType::F32, &dev).unwrap(),
+            timestep: vec![1.0; b],
+            guidance: vec![1.0; b],
+            refs: None,
+            isolate_refs: false,
+            row_queries: None,
+        }
+    }
+
+    fn guidance(b: usize, l: usize, ctx: usize, pooled: usize) -> PromptGuidance {
+        let g = inputs(b, l, ctx, pooled);
+        PromptGuidance {
+            txt: (g.txt + 1.0).unwrap(),
+            pooled: (g.pooled + 1.0).unwrap(),
+            scale: 3.0,
+        }
+    }
+
+    #[test]
+    fn the_negative_prompt_replaces_the_text_of_a_matching_shape() {
+        let prompt = inputs(2, 8, 32, 16);
+        // Another caption length is fine: the text ids follow it.
+        let neg = negative_inputs(&prompt, &guidance(2, 5, 32, 16)).unwrap();
+        assert_eq!(neg.txt.dims(), &[2, 5, 32]);
+        assert_eq!(neg.txt_ids.len(), 5);
+        let ones = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(ones(&neg.txt).iter().all(|v| *v == 1.0));
+        assert!(ones(&neg.pooled).iter().all(|v| *v == 1.0));
+        assert_eq!(neg.img_ids, prompt.img_ids);
+        // Another batch, width or pooled width is refused, naming the negative prompt.
+        for (g, what) in [
+            (guidance(1, 8, 32, 16), "batch and width"),
+            (guidance(2, 8, 16, 16), "batch and width"),
+            (guidance(2, 8, 32, 8), "pooled embedding"),
+        ] {
+            let e = negative_inputs(&prompt, &g).err().unwrap().to_string();
+            assert!(e.contains("negative prompt") && e.contains(what), "{e}");
+        }
+    }
+}
