@@ -391,6 +391,22 @@ pub fn decode_row(batch: &RecordBatch, row: usize) -> CacheRow {
     decoded.map_err(|p| (id, p))
 }
 
+/// Why a cache (or a precompute's progress) made for `made` = (fingerprint, sha256 of the
+/// dataset's manifest) does not serve `now`, or `None` when it does: the one wording both the
+/// reader and `precompute` give.
+fn stale(made: (&str, &str), now: (&str, &str)) -> Option<String> {
+    if made.0 != now.0 {
+        Some(format!(
+            "was made for other encoders or transforms:\n  made for: {}\n  now:      {}",
+            made.0, now.0
+        ))
+    } else if made.1 != now.1 {
+        Some("was made from another version of the dataset (its manifest changed since)".into())
+    } else {
+        None
+    }
+}
+
 /// Reads `cache.json` below `cache` and checks it against the expected fingerprint and the
 /// dataset at `data`; returns the cache's manifest.
 pub fn open(cache: &Location, data: &Location, expected_fingerprint: &str) -> Result<Manifest> {
@@ -403,24 +419,18 @@ pub fn open(cache: &Location, data: &Location, expected_fingerprint: &str) -> Re
     if info.format != CACHE_FORMAT {
         return Err(DataError::input(&at, format!("format `{}`", info.format)));
     }
-    if info.fingerprint != expected_fingerprint {
-        return Err(DataError::input(
-            &at,
-            format!(
-                "was made for other encoders or transforms:\n  cache: {}\n  run:   {}\nrun `datasets precompute` again with the run's settings, or train without the cache",
-                info.fingerprint, expected_fingerprint
-            ),
-        ));
-    }
     let data_manifest = data
         .get(MANIFEST)?
         .ok_or_else(|| DataError::manifest(data.name(MANIFEST), "not found"))?;
-    if sha256_hex(&data_manifest) != info.data_manifest_sha256 {
+    let made = (
+        info.fingerprint.as_str(),
+        info.data_manifest_sha256.as_str(),
+    );
+    if let Some(why) = stale(made, (expected_fingerprint, &sha256_hex(&data_manifest))) {
         return Err(DataError::input(
             &at,
             format!(
-                "was made from another version of the dataset ({} changed since)",
-                data.name(MANIFEST)
+                "{why}\nrun `datasets precompute` again with the run's settings, or train without the cache"
             ),
         ));
     }
@@ -526,23 +536,20 @@ pub fn precompute(
     let data_sha = sha256_hex(&manifest_bytes);
     let progress_rel = part_file(r, w);
     let mut progress = match load_part(out, &progress_rel)? {
-        Some(p) if p.fingerprint != fingerprint || p.data_manifest_sha256 != data_sha => {
+        Some(p) => {
             // Finished or not: a cache made before the encoders changed (a new pixel codec
             // scale, other widths) meets this on the README's command line.
-            let what = if p.fingerprint != fingerprint {
-                format!(
-                    "other encoders or transforms:\n  here: {}\n  now:  {fingerprint}\n",
-                    p.fingerprint
-                )
-            } else {
-                "another version of the dataset (its manifest changed); ".to_string()
-            };
-            return Err(DataError::input(
-                out.name(&progress_rel),
-                format!("a precompute of {what}use another --out or delete this folder"),
-            ));
+            let made = (p.fingerprint.as_str(), p.data_manifest_sha256.as_str());
+            if let Some(why) = stale(made, (&fingerprint, &data_sha)) {
+                return Err(DataError::input(
+                    out.name(&progress_rel),
+                    format!(
+                        "this folder's precompute {why}\nuse another --out or delete this folder"
+                    ),
+                ));
+            }
+            p
         }
-        Some(p) => p,
         None => PartProgress {
             fingerprint: fingerprint.clone(),
             data_manifest_sha256: data_sha.clone(),

@@ -110,7 +110,9 @@ fn a_cache_for_other_encoders_or_another_dataset_is_refused() {
     .unwrap_err()
     .message();
     assert!(
-        err.contains("other encoders or transforms") && err.contains("seed10"),
+        err.contains("other encoders or transforms")
+            && err.contains("made for:")
+            && err.contains("seed10"),
         "{err}"
     );
     // The dataset changes (one more sample): its manifest no longer matches the cache's pin.
@@ -139,7 +141,9 @@ fn a_cache_for_other_encoders_or_another_dataset_is_refused() {
         .unwrap_err()
         .message();
     assert!(
-        err.contains("other encoders or transforms") && err.contains("seed10"),
+        err.contains("other encoders or transforms")
+            && err.contains("made for:")
+            && err.contains("seed10"),
         "{err}"
     );
     assert!(Manifest::load(&out).is_ok());
