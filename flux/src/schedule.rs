@@ -20,6 +20,15 @@ pub fn shift_mu(image_seq_len: usize) -> f64 {
     image_seq_len as f64 * m + b
 }
 
+/// The flow-matching interpolation at noise level `sigma`: (1 - sigma) x0 + sigma noise, in
+/// f32 (training's x_t; at a schedule's first sigma, the start latents of img2img, which
+/// diffusers' scheduler calls `scale_noise`).
+pub fn noised(x0: &Tensor, noise: &Tensor, sigma: f64) -> Result<Tensor> {
+    let x0 = x0.to_dtype(DType::F32)?;
+    let noise = noise.to_dtype(DType::F32)?;
+    Ok(((x0 * (1.0 - sigma))? + (noise * sigma)?)?)
+}
+
 /// The sigmas of one sampling run: `steps + 1` values from 1 down to 0.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FlowMatchSchedule {
@@ -72,6 +81,12 @@ impl FlowMatchSchedule {
         Ok(Self {
             sigmas: self.sigmas[t_start..].to_vec(),
         })
+    }
+
+    /// The latents this schedule starts from for clean latents `x0` and `noise`: `x0` noised
+    /// to its first sigma (the noise itself for a full schedule), in f32.
+    pub fn start_latents(&self, x0: &Tensor, noise: &Tensor) -> Result<Tensor> {
+        noised(x0, noise, self.sigmas[0] as f64)
     }
 
     /// Denoising steps.
@@ -144,8 +159,7 @@ mod tests {
         let x0 = Tensor::new(&[0.5f32, -1.0, 2.0], &dev).unwrap();
         let n = Tensor::new(&[1.0f32, 0.25, -0.5], &dev).unwrap();
         let v = (&n - &x0).unwrap();
-        let sigma = s.sigmas[0] as f64;
-        let mut x = ((&n * sigma).unwrap() + (&x0 * (1.0 - sigma)).unwrap()).unwrap();
+        let mut x = s.start_latents(&x0, &n).unwrap();
         for i in 0..s.steps() {
             x = s.step(i, &x, &v).unwrap();
         }
@@ -180,5 +194,26 @@ mod tests {
         let s = FlowMatchSchedule::flux(10, 256).img2img(0.45).unwrap();
         assert!(s.sigmas[0] < 1.0 && s.sigmas[0] > 0.0);
         assert_lands_on_x0(&s);
+    }
+
+    #[test]
+    fn start_latents_mix_noise_and_x0_at_the_first_sigma() {
+        let dev = Device::Cpu;
+        let x0 = Tensor::new(&[0.5f32, -1.0], &dev).unwrap();
+        let n = Tensor::new(&[1.0f32, 0.25], &dev).unwrap();
+        let full = FlowMatchSchedule::flux(8, 64);
+        let start: Vec<f32> = full.start_latents(&x0, &n).unwrap().to_vec1().unwrap();
+        assert_eq!(
+            start,
+            vec![1.0, 0.25],
+            "a full schedule starts from the noise"
+        );
+        let tail = full.img2img(0.5).unwrap();
+        let s = tail.sigmas[0];
+        let start: Vec<f32> = tail.start_latents(&x0, &n).unwrap().to_vec1().unwrap();
+        for (got, (x, e)) in start.iter().zip([(0.5f32, 1.0f32), (-1.0, 0.25)]) {
+            let want = (1.0 - s) * x + s * e;
+            assert!((got - want).abs() < 1e-6, "{got} against {want}");
+        }
     }
 }

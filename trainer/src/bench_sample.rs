@@ -123,6 +123,7 @@ fn measure_in(
                 seed: 42,
                 ref_cache,
                 start: None,
+                init: None,
             };
             sampler.sample(&req)?; // warm-up
             let (mut total, mut per_step, mut encode, mut decode) =

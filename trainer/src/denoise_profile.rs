@@ -27,7 +27,7 @@ use crate::data::Sample;
 use crate::error::{Result, TrainerError};
 use flux::embed::{grid_ids, text_ids, unpack_latents};
 use flux::rng::{name_hash, stream, Purpose};
-use flux::schedule::FlowMatchSchedule;
+use flux::schedule::{noised, FlowMatchSchedule};
 use flux::{Flux, LoraView, ModelInputs};
 
 /// What to measure.
@@ -147,11 +147,6 @@ fn inputs_of(s: &Sample, img: Tensor, dtype: DType) -> Result<ModelInputs> {
     })
 }
 
-/// `(1 - t) x0 + t n`.
-fn noised(x0: &Tensor, n: &Tensor, t: f64) -> Result<Tensor> {
-    Ok(((x0 * (1.0 - t))? + (n * t)?)?)
-}
-
 /// Profiles `model` on `samples` (no references, so a LoRA, which MOSAIC puts on reference
 /// tokens only, changes nothing: `lora` is the empty one).
 pub fn measure(
@@ -192,7 +187,7 @@ pub fn measure(
         let own_tails = img2img_tails(spec, s.grid.len())?;
         let per_strength = img2img_sums.iter_mut().zip(&own_tails);
         for (sum, tail) in per_strength {
-            let start = noised(&x0, &n, tail.sigmas[0] as f64)?;
+            let start = tail.start_latents(&x0, &n)?;
             let inp = inputs_of(s, start, dtype)?;
             let out = flux::sample::denoise(model, lora, inp, tail, spec.guidance, false)?
                 .latents
@@ -239,10 +234,7 @@ fn img2img_tails(spec: &ProfileSpec, tokens: usize) -> Result<Vec<FlowMatchSched
     let full = FlowMatchSchedule::flux(spec.steps, tokens);
     spec.strengths
         .iter()
-        .map(|&s| {
-            full.img2img(s)
-                .map_err(|e| bad("--strength", e.to_string()))
-        })
+        .map(|&s| crate::sample::img2img_schedule(&full, s))
         .collect()
 }
 

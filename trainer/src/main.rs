@@ -197,9 +197,18 @@ struct SampleArgs {
     #[arg(long)]
     out_dir: Option<PathBuf>,
     /// Start latents (safetensors tensor `latents`, [1, N, 64] packed) instead of the seed's
-    /// noise.
+    /// noise (with --image: the noise mixed into it).
     #[arg(long)]
     latents: Option<String>,
+    /// Image-to-image (diffusers' FluxImg2ImgPipeline): start from this picture (a path or
+    /// URL), resized to the target size, noised to where the last --strength of the schedule
+    /// begins.
+    #[arg(long, conflicts_with = "cases")]
+    image: Option<String>,
+    /// With --image: the share of the --steps schedule that runs, in (0, 1]; 1 starts from
+    /// pure noise (diffusers' default 0.6).
+    #[arg(long, requires = "image", default_value_t = 0.6)]
+    strength: f64,
     /// A reference image, a path or URL (repeat for several, up to 6).
     #[arg(long = "ref")]
     refs: Vec<String>,
@@ -624,6 +633,16 @@ fn sample_jobs(
             .latents
             .as_deref()
             .map(|l| trainer::sample::read_start(&trainer::sample::local_copy(l)?))
+            .transpose()?,
+        init: a
+            .image
+            .as_deref()
+            .map(|i| -> trainer::error::Result<_> {
+                Ok(trainer::sample::InitImage {
+                    path: trainer::sample::local_copy(i)?,
+                    strength: a.strength,
+                })
+            })
             .transpose()?,
     };
     let cases = a

@@ -48,8 +48,22 @@ pub struct SampleRequest {
     /// Compute the references' keys and values once (`flux::ref_cache`); they then attend
     /// only to themselves.
     pub ref_cache: bool,
-    /// Start latents [1, N, 64] (packed) instead of the seed's noise (tests, parity).
+    /// Start latents [1, N, 64] (packed) instead of the seed's noise (tests, parity); with
+    /// `init`, the noise mixed into the image.
     pub start: Option<Tensor>,
+    /// Image-to-image: the picture sampling starts from.
+    pub init: Option<InitImage>,
+}
+
+/// Image-to-image (diffusers' FluxImg2ImgPipeline): the image at `path`, resized to the
+/// target's size and VAE-encoded (posterior mode), is noised to the sigma where the last
+/// `strength` of the schedule begins, and only that tail is run. Strength 1 runs the whole
+/// schedule from pure noise; small strengths change little.
+#[derive(Debug, Clone)]
+pub struct InitImage {
+    pub path: PathBuf,
+    /// In (0, 1]: the share of the schedule's steps that run.
+    pub strength: f64,
 }
 
 /// One entry of an official case list (`example_cases.json`): `image_paths` is one path or a
@@ -226,6 +240,10 @@ impl Sampler {
         if req.steps == 0 {
             return Err(bad("--steps", "must be at least 1"));
         }
+        if let Some(init) = &req.init {
+            let tokens = (req.width / 16) * (req.height / 16);
+            img2img_schedule(&FlowMatchSchedule::flux(req.steps, tokens), init.strength)?;
+        }
         req.refs
             .iter()
             .map(|p| load_reference(p, req.ref_size))
@@ -235,6 +253,26 @@ impl Sampler {
     /// The references as model inputs: VAE latents packed into tokens, with their ids.
     fn ref_inputs(&self, refs: &[RgbImage]) -> Result<Option<RefInputs>> {
         reference_inputs(&self.encoders, refs, self.model.dtype(), &self.device)
+    }
+
+    /// The image at `path` as clean packed latents [1, N, 64] of a `width` x `height` target:
+    /// resized to that size (Lanczos, as diffusers' image processor) and VAE-encoded.
+    fn init_latents(&self, path: &Path, width: usize, height: usize) -> Result<Tensor> {
+        let img = image::open(path)
+            .map_err(|e| bad(path.display().to_string(), e.to_string()))?
+            .to_rgb8();
+        let img = if img.dimensions() == (width as u32, height as u32) {
+            img
+        } else {
+            image::imageops::resize(
+                &img,
+                width as u32,
+                height as u32,
+                image::imageops::FilterType::Lanczos3,
+            )
+        };
+        let z = self.encoders.encode_images(&[&pixels(&img)])?;
+        Ok(pack_latents(&z.to_device(&self.device)?)?)
     }
 
     /// Makes the image `req` asks for.
@@ -263,7 +301,14 @@ impl Sampler {
             lora: self.lora.view(false),
             decoder: &self.decoder,
         };
-        let mut out = view.render(&cond, &req.render())?;
+        let init = match &req.init {
+            Some(init) => Some(Img2Img {
+                latents: self.init_latents(&init.path, req.width, req.height)?,
+                strength: init.strength,
+            }),
+            None => None,
+        };
+        let mut out = view.render(&cond, &req.render(init))?;
         out.timings.encode += t0.elapsed() - out.timings.total();
         Ok(out)
     }
@@ -315,12 +360,23 @@ pub struct RenderOptions {
     pub true_cfg: f32,
     pub seed: u64,
     pub ref_cache: bool,
-    /// Start latents [1, N, 64] instead of the seed's noise.
+    /// Start latents [1, N, 64] instead of the seed's noise; with `init`, the noise mixed
+    /// into the image.
     pub start: Option<Tensor>,
+    /// Image-to-image: the clean latents to start from and the strength.
+    pub init: Option<Img2Img>,
+}
+
+/// The encoded start image of image-to-image sampling ([`InitImage`]).
+#[derive(Debug, Clone)]
+pub struct Img2Img {
+    /// Clean latents, packed [1, N, 64].
+    pub latents: Tensor,
+    pub strength: f64,
 }
 
 impl SampleRequest {
-    fn render(&self) -> RenderOptions {
+    fn render(&self, init: Option<Img2Img>) -> RenderOptions {
         RenderOptions {
             width: self.width,
             height: self.height,
@@ -330,6 +386,7 @@ impl SampleRequest {
             seed: self.seed,
             ref_cache: self.ref_cache,
             start: self.start.clone(),
+            init,
         }
     }
 }
@@ -397,27 +454,7 @@ impl Renderer<'_> {
         let (h, w) = (opts.height / 8, opts.width / 8);
         let (rows, cols) = (h / 2, w / 2);
         let n = rows * cols;
-        let start = match &opts.start {
-            Some(t) if t.dims() == [1, n, 64] => t.to_device(&device)?,
-            Some(t) => {
-                return Err(bad(
-                    "--latents",
-                    format!(
-                        "{:?}, expected [1, {n}, 64] for {}x{} px",
-                        t.dims(),
-                        opts.width,
-                        opts.height
-                    ),
-                ))
-            }
-            None => {
-                let mut rng = stream(opts.seed, Purpose::Sample, &[0]);
-                let v: Vec<f32> = (0..n * 64)
-                    .map(|_| StandardNormal.sample(&mut rng))
-                    .collect();
-                Tensor::from_vec(v, (1, n, 64), &device)?
-            }
-        };
+        let (schedule, start) = start_of(opts, n, &device)?;
         let inputs = ModelInputs {
             img: start.to_dtype(dtype)?,
             img_ids: grid_ids(rows, cols, 0),
@@ -430,7 +467,6 @@ impl Renderer<'_> {
             isolate_refs: true,
             row_queries: None,
         };
-        let schedule = FlowMatchSchedule::flux(opts.steps, n);
         let prompt_guidance = prompt_guidance(cond, opts)?;
         device.synchronize()?;
         let t1 = Instant::now();
@@ -462,6 +498,68 @@ impl Renderer<'_> {
             ref_cache_bytes: denoised.ref_cache_bytes,
         })
     }
+}
+
+/// The schedule `opts` runs on `n` target tokens and the latents it starts from: the seed's
+/// noise (or `opts.start`), mixed into the start image's latents for img2img.
+fn start_of(
+    opts: &RenderOptions,
+    n: usize,
+    device: &Device,
+) -> Result<(FlowMatchSchedule, Tensor)> {
+    let noise = match &opts.start {
+        Some(t) if t.dims() == [1, n, 64] => t.to_device(device)?,
+        Some(t) => {
+            return Err(bad(
+                "--latents",
+                format!(
+                    "{:?}, expected [1, {n}, 64] for {}x{} px",
+                    t.dims(),
+                    opts.width,
+                    opts.height
+                ),
+            ))
+        }
+        None => {
+            let mut rng = stream(opts.seed, Purpose::Sample, &[0]);
+            let v: Vec<f32> = (0..n * 64)
+                .map(|_| StandardNormal.sample(&mut rng))
+                .collect();
+            Tensor::from_vec(v, (1, n, 64), device)?
+        }
+    };
+    let full = FlowMatchSchedule::flux(opts.steps, n);
+    Ok(match &opts.init {
+        None => (full, noise),
+        Some(init) if init.latents.dims() != [1, n, 64] => {
+            return Err(bad(
+                "--image",
+                format!(
+                    "latents {:?}, expected [1, {n}, 64] for {}x{} px",
+                    init.latents.dims(),
+                    opts.width,
+                    opts.height
+                ),
+            ))
+        }
+        Some(init) => {
+            let tail = img2img_schedule(&full, init.strength)?;
+            let x0 = init.latents.to_device(device)?;
+            let start = tail.start_latents(&x0, &noise)?;
+            (tail, start)
+        }
+    })
+}
+
+/// The tail of `full` image-to-image at `strength` runs, a bad strength named as the flag.
+pub(crate) fn img2img_schedule(
+    full: &FlowMatchSchedule,
+    strength: f64,
+) -> Result<FlowMatchSchedule> {
+    full.img2img(strength).map_err(|e| match e {
+        flux::FluxError::Input { reason, .. } => bad("--strength", reason),
+        other => other.into(),
+    })
 }
 
 /// The classifier-free guidance `opts.true_cfg` asks for, against `cond`'s negative prompt.

@@ -178,6 +178,7 @@ fn the_pretrained_base_is_a_base_training_and_sampling_load() {
             seed: 1,
             ref_cache: true,
             start: None,
+            init: None,
         })
         .unwrap();
     assert_eq!(img.image.dimensions(), (32, 32));

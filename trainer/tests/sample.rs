@@ -36,6 +36,7 @@ fn request(refs: Vec<PathBuf>, seed: u64) -> SampleRequest {
         seed,
         ref_cache: true,
         start: None,
+        init: None,
     }
 }
 
@@ -113,7 +114,7 @@ fn bad_inputs_are_refused_naming_them() {
     let mut s = Sampler::load(&cfg, None, &candle_core::Device::Cpu).unwrap();
     let one = reference(tmp.path(), "a.png", [200, 20, 20]);
     let e = s
-        .sample(&request(vec![one; 7], 1))
+        .sample(&request(vec![one.clone(); 7], 1))
         .err()
         .unwrap()
         .to_string();
@@ -121,7 +122,7 @@ fn bad_inputs_are_refused_naming_them() {
     let broken = tmp.path().join("broken.png");
     std::fs::write(&broken, b"\x89PNG\r\n\x1a\n not really").unwrap();
     let e = s
-        .sample(&request(vec![broken], 1))
+        .sample(&request(vec![broken.clone()], 1))
         .err()
         .unwrap()
         .to_string();
@@ -130,6 +131,26 @@ fn bad_inputs_are_refused_naming_them() {
     odd.width = 50;
     let e = s.sample(&odd).err().unwrap().to_string();
     assert!(e.contains("--width"), "{e}");
+    // img2img: a strength outside (0, 1] or leaving no step, and an unreadable picture.
+    for strength in [0.0, 1.5, 1e-300] {
+        let mut i2i = request(vec![], 1);
+        i2i.init = Some(trainer::sample::InitImage {
+            path: one.clone(),
+            strength,
+        });
+        let e = s.sample(&i2i).err().unwrap().to_string();
+        assert!(
+            e.contains("--strength") && e.contains(&strength.to_string()),
+            "{e}"
+        );
+    }
+    let mut i2i = request(vec![], 1);
+    i2i.init = Some(trainer::sample::InitImage {
+        path: broken.clone(),
+        strength: 0.5,
+    });
+    let e = s.sample(&i2i).err().unwrap().to_string();
+    assert!(e.contains("broken.png"), "{e}");
     for scale in [0.5, f32::NAN] {
         let mut weak = request(vec![], 1);
         weak.true_cfg = scale;
@@ -234,6 +255,35 @@ fn a_negative_prompt_without_prompt_guidance_is_refused() {
 }
 
 #[test]
+fn the_command_samples_image_to_image_and_wants_an_image_for_a_strength() {
+    let tmp = tempfile::tempdir().unwrap();
+    let init = reference(tmp.path(), "init.png", [200, 20, 20]);
+    let sample = |extra: &[&str], out: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_trainer"))
+            .args(["sample", "--config"])
+            .arg(repo_root().join("configs/tiny-cpu.toml"))
+            .args(crate::common::random_tiny_args())
+            .args(["--prompt", "a red box", "--steps", "4", "--size", "64"])
+            .args(extra)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let out = tmp.path().join("i2i.png");
+    let init_arg = init.display().to_string();
+    let o = sample(&["--image", &init_arg, "--strength", "0.5"], &out);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let img = image::open(&out).unwrap();
+    assert_eq!((img.width(), img.height()), (64, 64));
+    let lone = tmp.path().join("lone.png");
+    let o = sample(&["--strength", "0.5"], &lone);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--image"), "{err}");
+    assert!(!lone.exists());
+}
+
+#[test]
 fn the_command_writes_the_image_and_its_panel() {
     let tmp = tempfile::tempdir().unwrap();
     let r = reference(tmp.path(), "a.png", [200, 20, 20]);
@@ -327,16 +377,13 @@ fn a_case_list_renders_every_case_and_fixed_latents_override_the_seed() {
 /// The whole pipeline against diffusers' FluxPipeline (ci/make_pipeline_fixture.py): the tiny
 /// transformer, T5, CLIP and VAE, a prompt and fixed start latents give the same final latents
 /// and the same image.
-#[test]
-fn the_pipeline_matches_diffusers_flux_pipeline() {
+/// The sampler of the diffusers parity fixtures: the tiny transformer, encoders and VAE
+/// `ci/make_pipeline_fixture.py` and `ci/make_img2img_fixture.py` give diffusers.
+fn parity_sampler(tmp: &Path, case: &serde_json::Value) -> Sampler {
     let fx = crate::common::fixtures();
     let datasets_fx = repo_root().join("datasets/tests/fixtures");
-    let case: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fx.join("pipeline/case.json")).unwrap())
-            .unwrap();
-    let tmp = tempfile::tempdir().unwrap();
     let cfg = tiny_config(
-        tmp.path(),
+        tmp,
         &[
             &format!(
                 "model.weights={:?}",
@@ -353,12 +400,32 @@ fn the_pipeline_matches_diffusers_flux_pipeline() {
             &format!("data.text_tokens={}", case["t5_tokens"]),
         ],
     );
-    let dev = candle_core::Device::Cpu;
-    let mut s = Sampler::load(&cfg, None, &dev).unwrap();
-    let load = |f: &str| candle_core::safetensors::load(fx.join("pipeline").join(f), &dev).unwrap();
-    let (inp, want) = (load("inputs.safetensors"), load("expected.safetensors"));
+    Sampler::load(&cfg, None, &candle_core::Device::Cpu).unwrap()
+}
+
+/// A fixture folder's case.json, inputs and expected outputs.
+fn parity_case(
+    folder: &str,
+) -> (
+    serde_json::Value,
+    std::collections::HashMap<String, candle_core::Tensor>,
+    std::collections::HashMap<String, candle_core::Tensor>,
+) {
+    let dir = crate::common::fixtures().join(folder);
+    let case =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+    let load = |f: &str| candle_core::safetensors::load(dir.join(f), &candle_core::Device::Cpu);
+    (
+        case,
+        load("inputs.safetensors").unwrap(),
+        load("expected.safetensors").unwrap(),
+    )
+}
+
+/// The request of a parity case: its prompt, size, steps and guidance, from `start`.
+fn parity_request(case: &serde_json::Value, start: &candle_core::Tensor) -> SampleRequest {
     let size = case["size"].as_u64().unwrap() as usize;
-    let req = SampleRequest {
+    SampleRequest {
         prompt: case["prompt"].as_str().unwrap().into(),
         refs: vec![],
         width: size,
@@ -370,12 +437,19 @@ fn the_pipeline_matches_diffusers_flux_pipeline() {
         negative_prompt: String::new(),
         seed: 0,
         ref_cache: true,
-        start: Some(inp["latents"].clone()),
-    };
-    let got = s.sample(&req).unwrap();
+        start: Some(start.clone()),
+        init: None,
+    }
+}
+
+/// `got` against diffusers' final latents and image (floats in [0, 1] against ours rounded
+/// to 8 bits).
+fn assert_matches_diffusers(
+    got: &trainer::sample::Sampled,
+    want: &std::collections::HashMap<String, candle_core::Tensor>,
+) {
     let err = crate::common::max_abs_diff(&got.latents, &want["latents"]);
     assert!(err <= 1e-3, "final latents differ by {err}");
-    // The image: diffusers' floats in [0, 1] against ours rounded to 8 bits.
     let expected: Vec<f32> = want["image"].flatten_all().unwrap().to_vec1().unwrap();
     let ours: Vec<f32> = got
         .image
@@ -391,6 +465,44 @@ fn the_pipeline_matches_diffusers_flux_pipeline() {
         .sum::<f32>()
         / ours.len() as f32;
     assert!(mean <= 1.0 / 255.0, "mean pixel error {mean}");
+}
+
+#[test]
+fn the_pipeline_matches_diffusers_flux_pipeline() {
+    let (case, inp, want) = parity_case("pipeline");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = parity_sampler(tmp.path(), &case);
+    let got = s.sample(&parity_request(&case, &inp["latents"])).unwrap();
+    assert_matches_diffusers(&got, &want);
+}
+
+#[test]
+fn image_to_image_matches_diffusers_flux_img2img_pipeline() {
+    let (case, inp, want) = parity_case("img2img");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = parity_sampler(tmp.path(), &case);
+    let init = trainer::sample::InitImage {
+        path: crate::common::fixtures().join("img2img/init.png"),
+        strength: case["strength"].as_f64().unwrap(),
+    };
+    let req = SampleRequest {
+        init: Some(init.clone()),
+        ..parity_request(&case, &inp["noise"])
+    };
+    let got = s.sample(&req).unwrap();
+    assert_matches_diffusers(&got, &want);
+    // The picture matters: the same noise from pure noise (strength 1) ends elsewhere.
+    let full = s
+        .sample(&SampleRequest {
+            init: Some(trainer::sample::InitImage {
+                strength: 1.0,
+                ..init
+            }),
+            ..req.clone()
+        })
+        .unwrap();
+    let moved = crate::common::max_abs_diff(&full.latents, &got.latents);
+    assert!(moved > 1e-2, "strength 1 ends {moved} from strength 0.6");
 }
 
 #[test]

@@ -146,6 +146,7 @@ fn validation_guided_against_the_empty_caption_renders_what_trainer_sample_rende
             seed: 1,
             ref_cache: cfg.validation.ref_cache,
             start: None,
+            init: None,
         };
         sampler.sample(&req).unwrap().image
     };

@@ -341,8 +341,7 @@ fn noise_like(x: &Tensor, seed: u64, key: &[u64]) -> Result<Tensor> {
 
 /// (1 - t) x0 + t noise, in `dtype`, with a batch dimension.
 fn noised(x0: &Tensor, noise: &Tensor, t: f64, dtype: DType) -> Result<Tensor> {
-    let x0 = x0.to_dtype(DType::F32)?;
-    Ok(((x0 * (1.0 - t))? + (noise * t)?)?
+    Ok(flux::schedule::noised(x0, noise, t)?
         .unsqueeze(0)?
         .to_dtype(dtype)?)
 }

@@ -169,6 +169,7 @@ impl Validator {
             seed,
             ref_cache: self.spec.ref_cache,
             start: None,
+            init: None,
         }
     }
 
