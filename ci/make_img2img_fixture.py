@@ -1,8 +1,6 @@
 #!/usr/bin/env python3
-"""Image-to-image sampling parity: diffusers' FluxImg2ImgPipeline with the components of
-ci/make_pipeline_fixture.py (the tiny transformer of trainer/tests/fixtures/parity, the tiny
-T5, CLIP and tokenizers of datasets/tests/fixtures/encoders, the tiny VAE of
-datasets/tests/fixtures/vae_decoder), from a fixed start picture and fixed noise. Writes
+"""Image-to-image sampling parity: diffusers' FluxImg2ImgPipeline with the tiny pipeline of
+ci/tiny_flux_pipeline.py, from a fixed start picture and fixed noise. Writes
 trainer/tests/fixtures/img2img/:
   init.png              the 64 x 64 start picture (its own size: no resize)
   inputs.safetensors    `noise` [1, 16, 64] (packed) mixed into the picture's latents
@@ -18,19 +16,21 @@ Usage: python ci/make_img2img_fixture.py   (from the repository root)
 """
 import json
 import os
+import sys
 
 import numpy as np
 import torch
 from PIL import Image
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline, FluxTransformer2DModel
+from diffusers import FluxImg2ImgPipeline
 from diffusers.pipelines.flux import pipeline_flux_img2img
 from safetensors.torch import save_file
-from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-enc = "datasets/tests/fixtures/encoders"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tiny_flux_pipeline  # noqa: E402
+
 out = "trainer/tests/fixtures/img2img"
 os.makedirs(out, exist_ok=True)
-captions = json.load(open(os.path.join(enc, "captions.json")))
+captions = tiny_flux_pipeline.captions()
 t5_tokens = captions["t5_tokens"]
 prompt, steps, strength, guidance, size = captions["captions"][0], 5, 0.6, 3.5, 64
 
@@ -54,19 +54,7 @@ class ModeFluxImg2Img(FluxImg2ImgPipeline):
 
 
 pipeline_flux_img2img.randn_tensor = lambda shape, **kw: noise.clone()
-transformer = FluxTransformer2DModel.from_pretrained(
-    "trainer/tests/fixtures/parity/diffusers", subfolder="transformer", torch_dtype=torch.float32)
-vae = AutoencoderKL.from_pretrained("datasets/tests/fixtures/vae_decoder/vae", torch_dtype=torch.float32)
-scheduler = FlowMatchEulerDiscreteScheduler(
-    base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15,
-    num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
-pipe = ModeFluxImg2Img(
-    scheduler=scheduler, vae=vae,
-    text_encoder=CLIPTextModel.from_pretrained(os.path.join(enc, "text_encoder")),
-    tokenizer=CLIPTokenizer.from_pretrained(os.path.join(enc, "tokenizer")),
-    text_encoder_2=T5EncoderModel.from_pretrained(os.path.join(enc, "text_encoder_2")),
-    tokenizer_2=T5TokenizerFast.from_pretrained(os.path.join(enc, "tokenizer_2")),
-    transformer=transformer)
+pipe = ModeFluxImg2Img(**tiny_flux_pipeline.components())
 common = dict(prompt=prompt, image=Image.open(init_path), strength=strength, height=size,
               width=size, num_inference_steps=steps, guidance_scale=guidance,
               max_sequence_length=t5_tokens)
