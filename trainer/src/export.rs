@@ -69,6 +69,12 @@ pub fn resolve_checkpoint(path: &Path) -> Result<Loaded> {
 
 /// The adapters of a checkpoint (raw or EMA) with the run's scale.
 pub fn adapters(loaded: &Loaded, cfg: &Config, ema: bool) -> Result<LoraTensors> {
+    if loaded.tensors.contains_key(checkpoint::BASE_FILE) {
+        return Err(TrainerError::Checkpoint {
+            path: loaded.dir.clone(),
+            reason: "is a checkpoint of a base pretraining (`trainer pretrain-base`), which has no LoRA to export: its base is the run folder's base/ (a diffusers transformer folder)".into(),
+        });
+    }
     let file = if ema {
         checkpoint::EMA_FILE
     } else {

@@ -100,13 +100,9 @@ enum Command {
     Eval(EvalArgs),
     /// Train ALL weights of a (small) FLUX base with flow matching on the data's targets and
     /// captions, no references, no LoRA; writes RUN/base/ (load it as model.weights). Under
-    /// `launcher --job pretrain-base` the ranks train data parallel.
-    PretrainBase {
-        #[arg(long)]
-        config: PathBuf,
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        set: Vec<String>,
-    },
+    /// `launcher --job pretrain-base` the ranks train data parallel. Checkpoints and resumes
+    /// as `train` does.
+    PretrainBase(TrainArgs),
     /// How well a base denoises the run's data: per noise level t the velocity error (L_diff
     /// at t) and the error of the clean latents one step recovers, per img2img strength the
     /// error FLUX's sampler ends at; prints a markdown table, writes OUT/profile.json and
@@ -491,7 +487,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::BenchStep(args) => bench_step_cmd(args)?,
         Command::BenchSample(args) => bench_sample_cmd(args)?,
         Command::Eval(args) => eval_cmd(args)?,
-        Command::PretrainBase { config, set } => pretrain_cmd(&config, &set)?,
+        Command::PretrainBase(args) => return pretrain_cmd(args),
         Command::DenoiseProfile(args) => denoise_profile_cmd(args)?,
         Command::Plot { run, out } => {
             let out = out.unwrap_or_else(|| run.join("metrics.png"));
@@ -763,22 +759,40 @@ fn denoise_profile_cmd(a: DenoiseProfileArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn pretrain_cmd(config: &std::path::Path, set: &[String]) -> anyhow::Result<()> {
-    let cfg = load_config(config, set)?;
+fn pretrain_cmd(args: TrainArgs) -> anyhow::Result<ExitCode> {
+    let cfg = train_config(args)?;
+    let exit_on_signal = cfg.train.signal_exit_code;
     let out = trainer::pretrain::pretrain_from_env(cfg).context("pretraining failed")?;
-    if out.rank != 0 {
-        return Ok(());
+    let first = out.losses.first().copied().unwrap_or(f64::NAN);
+    let last = out.losses.last().copied().unwrap_or(f64::NAN);
+    if out.rank == 0 && out.losses.is_empty() {
+        println!(
+            "nothing to pretrain: the run is already at step {} (to train further: raise train.max_steps, or start over with --no-resume --overwrite, or another run.dir); base written to {}",
+            out.start_step,
+            out.base_dir.display()
+        );
+    } else if out.rank == 0 && out.stopped_by_signal {
+        println!(
+            "stopped by a signal after step {} of {} ({} steps this time, loss {first:.4} -> {last:.4}, {} skipped); checkpoint saved: started again, the run resumes there; base so far written to {}",
+            out.start_step + out.losses.len() as u64,
+            out.max_steps,
+            out.losses.len(),
+            out.skipped,
+            out.base_dir.display()
+        );
+    } else if out.rank == 0 {
+        println!(
+            "pretrained {} steps (loss {first:.4} -> {last:.4}, {} skipped); base written to {}",
+            out.losses.len(),
+            out.skipped,
+            out.base_dir.display()
+        );
     }
-    let (first, last) = (out.losses.first(), out.losses.last());
-    println!(
-        "pretrained {} steps (loss {:.4} -> {:.4}, {} skipped); base written to {}",
-        out.losses.len(),
-        first.copied().unwrap_or(f64::NAN),
-        last.copied().unwrap_or(f64::NAN),
-        out.skipped,
-        out.base_dir.display()
-    );
-    Ok(())
+    Ok(if out.stopped_by_signal {
+        ExitCode::from(exit_on_signal)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn eval_cmd(a: EvalArgs) -> anyhow::Result<()> {
@@ -840,7 +854,9 @@ fn bench_step_cmd(a: BenchStepArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn train_cmd(args: TrainArgs) -> anyhow::Result<ExitCode> {
+/// The config of `train` or `pretrain-base`: the file, its --set overrides, and the resume
+/// flags as checkpoint.* settings.
+fn train_config(args: TrainArgs) -> anyhow::Result<Config> {
     let TrainArgs {
         config,
         mut set,
@@ -860,7 +876,11 @@ fn train_cmd(args: TrainArgs) -> anyhow::Result<ExitCode> {
     if overwrite {
         set.push("checkpoint.overwrite=true".into());
     }
-    let cfg = load_config(&config, &set)?;
+    load_config(&config, &set)
+}
+
+fn train_cmd(args: TrainArgs) -> anyhow::Result<ExitCode> {
+    let cfg = train_config(args)?;
     let exit_on_signal = cfg.train.signal_exit_code;
     let outcome = trainer::train::train_from_env(cfg).context("training failed")?;
     let first = outcome.losses.first().map(|l| l.total).unwrap_or(f64::NAN);

@@ -145,11 +145,7 @@ impl Run {
             stop_agreed: false,
             start_step: 0,
             skipped: 0,
-            lineage: format!(
-                "{:016x}{:08x}",
-                rand::random::<u64>(),
-                crate::run_dir::holder::now_s() as u32
-            ),
+            lineage: new_lineage(),
             cfg,
             device,
             model,
@@ -193,6 +189,15 @@ impl Run {
         }
         Ok(())
     }
+}
+
+/// A fresh run lineage (`checkpoint::State::lineage`): random, with the start time.
+pub fn new_lineage() -> String {
+    format!(
+        "{:016x}{:08x}",
+        rand::random::<u64>(),
+        crate::run_dir::holder::now_s() as u32
+    )
 }
 
 /// Where a run writes its final LoRA.

@@ -62,6 +62,14 @@ pub fn train(cfg: Config) -> Result<TrainOutcome> {
 /// Trains as the rank the environment describes (RANK, WORLD_SIZE, ... from `launcher` or
 /// another launcher; none means a single rank), stopping cleanly on SIGTERM, SIGINT or SIGUSR1.
 pub fn train_from_env(cfg: Config) -> Result<TrainOutcome> {
+    let stop = stop_on_signals(&cfg)?;
+    let (dist, device) = connect_from_env(&cfg)?;
+    train_with(cfg, dist, device, stop)
+}
+
+/// The flag SIGTERM, SIGINT and SIGUSR1 set, with `train.stop_grace_s` to finish the step and
+/// save before the process exits with `train.signal_exit_code` regardless.
+pub fn stop_on_signals(cfg: &Config) -> Result<Arc<AtomicBool>> {
     let stop = crate::signals::stop_flag()?;
     if cfg.train.stop_grace_s > 0.0 {
         crate::signals::arm_grace(
@@ -70,8 +78,7 @@ pub fn train_from_env(cfg: Config) -> Result<TrainOutcome> {
             cfg.train.signal_exit_code,
         );
     }
-    let (dist, device) = connect_from_env(&cfg)?;
-    train_with(cfg, dist, device, stop)
+    Ok(stop)
 }
 
 /// This process's rank as the environment describes it (RANK, WORLD_SIZE, ... from `launcher`
@@ -116,7 +123,7 @@ pub fn train_with(
     let mut log = leader
         .then(|| RunLog::open(&run.cfg.logging, &run_dir, resumed, run.start_step))
         .transpose()?;
-    let mut checkpointer = Checkpointer::new(&run)?;
+    let mut checkpointer = Checkpointer::new(&run.cfg, rank, run.start_step)?;
     let max_steps = run.cfg.train.max_steps;
     let validator = Validator::prepare(&run.cfg, &run)?;
     if run.start_step == 0 && run.cfg.validation.at_start {
@@ -212,7 +219,10 @@ fn validate(
 
 /// Rank 0 takes the run folder and checks that the start loses nothing there
 /// ([`crate::run_dir`]); every rank learns the verdict, so a refusal stops them all at once.
-fn take_run_folder(cfg: &Config, dist: &Dist) -> Result<Option<crate::run_dir::Ownership>> {
+pub(crate) fn take_run_folder(
+    cfg: &Config,
+    dist: &Dist,
+) -> Result<Option<crate::run_dir::Ownership>> {
     let verdict = (dist.rank() == 0).then(|| {
         let held = crate::run_dir::take(cfg, crate::run_dir::lease::LeaseTiming::default())?;
         crate::run_dir::prepare(cfg)?;
@@ -235,7 +245,7 @@ fn take_run_folder(cfg: &Config, dist: &Dist) -> Result<Option<crate::run_dir::O
 }
 
 /// Writes the resolved config as `config.toml` in the run folder.
-fn write_resolved_config(cfg: &Config, run_dir: &std::path::Path) -> Result<()> {
+pub(crate) fn write_resolved_config(cfg: &Config, run_dir: &std::path::Path) -> Result<()> {
     std::fs::create_dir_all(run_dir).map_err(|e| TrainerError::io(run_dir, e))?;
     let resolved = run_dir.join("config.toml");
     std::fs::write(&resolved, cfg.to_toml()?).map_err(|e| TrainerError::io(&resolved, e))

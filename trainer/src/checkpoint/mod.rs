@@ -3,6 +3,8 @@
 //! Layout under the checkpoint folder (default `<run dir>/checkpoints`):
 //! ```text
 //! step-00000120/lora.safetensors        LoRA variables by internal name (<module>.lora_A/B)
+//!                                       (`trainer pretrain-base`: base.safetensors, every
+//!                                       weight of the base by its diffusers name)
 //! step-00000120/optimizer.safetensors   AdamW moments: <name>.exp_avg, <name>.exp_avg_sq
 //! step-00000120/ema.safetensors         EMA shadows (when EMA is on)
 //! step-00000120/config.toml             the resolved config of the run
@@ -32,8 +34,9 @@ mod resume;
 mod retention;
 mod schedule;
 
+pub use resume::{find, Found, Progress, Trainables};
 pub use retention::Retention;
-pub use schedule::Checkpointer;
+pub use schedule::{Checkpointed, Checkpointer};
 
 use crate::error::{Result, TrainerError};
 use crate::storage::{Location, Remote};
@@ -46,6 +49,8 @@ const CONFIG: &str = "config.toml";
 pub const LORA_FILE: &str = "lora.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const EMA_FILE: &str = "ema.safetensors";
+/// A pretrained base's variables (`trainer pretrain-base`), by their diffusers names.
+pub const BASE_FILE: &str = "base.safetensors";
 
 /// `state.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -412,10 +417,19 @@ fn read_verified(
             ),
         ));
     }
-    for needed in [LORA_FILE, OPTIMIZER_FILE, CONFIG] {
+    for needed in [OPTIMIZER_FILE, CONFIG] {
         if !state.files.contains_key(needed) {
             return Err(ckpt_err(&dir, format!("state.json lists no {needed}")));
         }
+    }
+    if ![LORA_FILE, BASE_FILE]
+        .iter()
+        .any(|w| state.files.contains_key(*w))
+    {
+        return Err(ckpt_err(
+            &dir,
+            format!("state.json lists no weights ({LORA_FILE} or {BASE_FILE})"),
+        ));
     }
     for (file, want) in &state.files {
         let path = dir.join(file);

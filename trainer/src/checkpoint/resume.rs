@@ -1,179 +1,283 @@
 //! A run's state in and out of checkpoints: the snapshot a save copies off the live state, and
 //! resuming (rank 0 finds and verifies the checkpoint, every rank receives rank 0's state).
+//! Shared by LoRA training ([`Run`]) and base pretraining (`crate::pretrain`), which differ
+//! only in what their variables are ([`Trainables`]).
 
 use candle_core::{Tensor, Var};
 
 use super::{Loaded, Snapshot, State};
+use crate::config::Config;
+use crate::data::DataFeed;
 use crate::ddp::consistency::{broadcast_from_rank0, check_lora};
-use crate::ddp::DistError;
+use crate::ddp::{Dist, DistError};
 use crate::error::{Result, TrainerError};
+use crate::optim::{AdamW, Ema};
 use crate::run::Run;
 
-/// Where a resumed run comes from.
-struct ResumeHeader {
-    state: State,
-    dir: String,
+/// The variables a run trains (a LoRA's, or every tensor of a base), by the names the
+/// checkpoint stores them under in `file`; their AdamW moments go to `optimizer.safetensors`
+/// as `<name>.exp_avg` and `<name>.exp_avg_sq`, their EMA shadows to `ema.safetensors`.
+pub struct Trainables<'a> {
+    pub file: &'static str,
+    pub named: Vec<(String, &'a Var)>,
 }
 
-impl Run {
-    /// Everything a checkpoint after `steps` completed steps holds, copied off the live state.
-    pub fn snapshot(
+type Files = Vec<(&'static str, Vec<(String, Tensor)>)>;
+
+impl Trainables<'_> {
+    /// The checkpoint files of the variables, their moments and EMA shadows, copied off the
+    /// live state.
+    fn files(&self, opt: &AdamW, ema: Option<&Ema>) -> Result<Files> {
+        let names: Vec<&String> = self.named.iter().map(|(n, _)| n).collect();
+        let values = super::detached(self.named.iter().map(|(n, v)| (n.clone(), v.as_tensor())))?;
+        let suffixed = |suffix: &str, ts: &[Tensor]| {
+            super::detached(
+                names
+                    .iter()
+                    .zip(ts)
+                    .map(|(n, t)| (format!("{n}{suffix}"), t)),
+            )
+        };
+        let mut moments = suffixed(".exp_avg", &opt.m)?;
+        moments.extend(suffixed(".exp_avg_sq", &opt.v)?);
+        let mut files = vec![(self.file, values), (super::OPTIMIZER_FILE, moments)];
+        if let Some(ema) = ema {
+            files.push((super::EMA_FILE, suffixed("", &ema.shadow)?));
+        }
+        Ok(files)
+    }
+
+    /// Sets the variables, moments and shadows to rank 0's checkpoint: rank 0 reads them from
+    /// `loaded`, every other rank receives them.
+    fn restore(
         &self,
-        steps: u64,
-        data_reports: Vec<datasets::DataReport>,
-    ) -> Result<Snapshot> {
-        let named = self.lora.named_vars();
-        let names: Vec<String> = named.iter().map(|(n, _)| n.clone()).collect();
-        let lora = super::detached(named.iter().map(|(n, v)| (n.clone(), v.as_tensor())))?;
-        let mut moments = super::detached(
-            names
-                .iter()
-                .zip(&self.opt.m)
-                .map(|(n, t)| (format!("{n}.exp_avg"), t)),
-        )?;
-        moments.extend(super::detached(
-            names
-                .iter()
-                .zip(&self.opt.v)
-                .map(|(n, t)| (format!("{n}.exp_avg_sq"), t)),
-        )?);
-        let mut files = vec![(super::LORA_FILE, lora), (super::OPTIMIZER_FILE, moments)];
-        if let Some(ema) = &self.ema {
-            files.push((
-                super::EMA_FILE,
-                super::detached(names.iter().cloned().zip(&ema.shadow))?,
-            ));
-        }
-        Ok(Snapshot {
-            state: State {
-                format: super::FORMAT,
-                step: steps,
-                cursor: self.data.global_cursor(),
-                data_cursors: self.data_cursors.clone(),
-                world_size: self.dist.world_size(),
-                global_batch: self.cfg.train.batch_size * self.dist.world_size(),
-                fingerprint: self.cfg.fingerprint()?,
-                seed: self.cfg.run.seed,
-                rng: super::RNG_SCHEME.into(),
-                adam_t: self.opt.t,
-                skipped: self.skipped,
-                files: Default::default(),
-                lineage: self.lineage.clone(),
-                data_reports,
-            },
-            config_toml: self.cfg.to_toml()?,
-            files,
-        })
-    }
-
-    /// Continues from a checkpoint, as configured (`checkpoint.resume`, `resume_from`): rank 0
-    /// finds and verifies it, every rank gets rank 0's state. Returns the folder resumed from.
-    pub fn resume(&mut self) -> Result<Option<String>> {
-        let c = &self.cfg.checkpoint;
-        let loaded = if self.dist.rank() != 0 || (!c.resume && c.resume_from.is_empty()) {
-            None
-        } else if !c.resume_from.is_empty() {
-            Some(super::load_folder(&c.resume_from)?)
-        } else {
-            super::latest_valid(&self.cfg.checkpoint_location()?)?
-        };
-        if let Some(l) = &loaded {
-            let current = self.cfg.to_toml()?;
-            let diff = super::config_differences(&l.config_toml, &current);
-            if !diff.is_empty() {
-                return Err(TrainerError::Checkpoint {
-                    path: l.dir.clone(),
-                    reason: format!(
-                        "was written with another config; these fields differ:\n  {}\n(use the same config, start a new run with another run.dir, or checkpoint.resume = false)",
-                        diff.join("\n  ")
-                    ),
-                });
-            }
-        }
-        // Every rank learns whether and from what rank 0 resumes (this also stops a rank that
-        // could not load from racing ahead alone).
-        let header = match &loaded {
-            Some(l) => {
-                serde_json::to_vec(&(l.dir.display().to_string(), &l.state)).map_err(|e| {
-                    TrainerError::Serialize {
-                        what: "the checkpoint header",
-                        source: Box::new(e),
-                    }
-                })?
-            }
-            None => Vec::new(),
-        };
-        let all = self.dist.call("resume header all-gather", move |c| {
-            c.all_gather_bytes(&header)
-        })?;
-        if all[0].is_empty() {
-            return Ok(None);
-        }
-        let (dir, state): (String, State) = serde_json::from_slice(&all[0])
-            .map_err(|e| DistError::Mismatch(format!("resume header from rank 0: {e}")))?;
-        let header = ResumeHeader { state, dir };
-        self.apply(&header, loaded.as_ref())?;
-        Ok(Some(header.dir))
-    }
-
-    /// Sets LoRA, optimizer, EMA, step and data position from rank 0's checkpoint.
-    fn apply(&mut self, h: &ResumeHeader, loaded: Option<&Loaded>) -> Result<()> {
-        let named = self.lora.named_vars();
-        let vars: Vec<&Var> = named.iter().map(|(_, v)| *v).collect();
+        dist: &Dist,
+        loaded: Option<&Loaded>,
+        opt: &mut AdamW,
+        ema: Option<&mut Ema>,
+        adam_t: u64,
+    ) -> Result<()> {
         let pick = |file: &str, suffix: &str, live: &[Tensor]| -> Result<Vec<Tensor>> {
             let local = match loaded {
-                Some(l) => named
+                Some(l) => self
+                    .named
                     .iter()
                     .zip(live)
                     .map(|((n, _), like)| l.tensor(file, &format!("{n}{suffix}"), like))
                     .collect::<Result<Vec<_>>>()?,
                 None => live.to_vec(),
             };
-            broadcast_from_rank0(&self.dist, "LoRA broadcast", &local)
+            broadcast_from_rank0(dist, "checkpoint broadcast", &local)
         };
-        let live: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-        for (v, t) in vars.iter().zip(pick(super::LORA_FILE, "", &live)?) {
+        let live: Vec<Tensor> = self
+            .named
+            .iter()
+            .map(|(_, v)| v.as_tensor().clone())
+            .collect();
+        for ((_, v), t) in self.named.iter().zip(pick(self.file, "", &live)?) {
             v.set(&t)?;
         }
-        let m = pick(super::OPTIMIZER_FILE, ".exp_avg", &self.opt.m)?;
-        let v = pick(super::OPTIMIZER_FILE, ".exp_avg_sq", &self.opt.v)?;
-        let ema = match &self.ema {
-            Some(e) => Some(pick(super::EMA_FILE, "", &e.shadow)?),
-            None => None,
-        };
-        self.opt.m = m;
-        self.opt.v = v;
-        self.opt.t = h.state.adam_t;
-        if let (Some(e), Some(shadow)) = (&mut self.ema, ema) {
-            e.shadow = shadow;
+        let m = pick(super::OPTIMIZER_FILE, ".exp_avg", &opt.m)?;
+        let v = pick(super::OPTIMIZER_FILE, ".exp_avg_sq", &opt.v)?;
+        if let Some(e) = ema {
+            e.shadow = pick(super::EMA_FILE, "", &e.shadow)?;
         }
-        let world = self.dist.world_size();
-        let global = self.cfg.train.batch_size * world;
-        let mut cursor = h.state.cursor;
-        if h.state.global_batch != global {
+        opt.m = m;
+        opt.v = v;
+        opt.t = adam_t;
+        Ok(())
+    }
+}
+
+/// What a checkpoint records of a run besides its tensors.
+pub struct Progress<'a> {
+    pub cfg: &'a Config,
+    pub dist: &'a Dist,
+    pub data: &'a DataFeed,
+    /// Every rank's shard position after the last step.
+    pub data_cursors: &'a [datasets::Cursor],
+    pub skipped: u64,
+    pub lineage: &'a str,
+}
+
+impl Progress<'_> {
+    /// The checkpoint after `steps` completed steps of `trainables`, optimizer `opt` and `ema`,
+    /// with every rank's data report.
+    pub fn snapshot(
+        &self,
+        steps: u64,
+        data_reports: Vec<datasets::DataReport>,
+        trainables: &Trainables<'_>,
+        opt: &AdamW,
+        ema: Option<&Ema>,
+    ) -> Result<Snapshot> {
+        Ok(Snapshot {
+            state: State {
+                format: super::FORMAT,
+                step: steps,
+                cursor: self.data.global_cursor(),
+                data_cursors: self.data_cursors.to_vec(),
+                world_size: self.dist.world_size(),
+                global_batch: self.cfg.train.batch_size * self.dist.world_size(),
+                fingerprint: self.cfg.fingerprint()?,
+                seed: self.cfg.run.seed,
+                rng: super::RNG_SCHEME.into(),
+                adam_t: opt.t,
+                skipped: self.skipped,
+                files: Default::default(),
+                lineage: self.lineage.to_string(),
+                data_reports,
+            },
+            config_toml: self.cfg.to_toml()?,
+            files: trainables.files(opt, ema)?,
+        })
+    }
+}
+
+/// The checkpoint a run resumes from: its folder and state on every rank, its files on rank 0.
+pub struct Found {
+    pub dir: String,
+    pub state: State,
+    pub loaded: Option<Loaded>,
+}
+
+impl Found {
+    /// Sets `trainables`, `opt` and `ema` to the checkpoint's, and puts `data` where its run
+    /// was.
+    pub fn restore(
+        &self,
+        cfg: &Config,
+        dist: &Dist,
+        trainables: &Trainables<'_>,
+        opt: &mut AdamW,
+        ema: Option<&mut Ema>,
+        data: &mut DataFeed,
+    ) -> Result<()> {
+        let h = &self.state;
+        trainables.restore(dist, self.loaded.as_ref(), opt, ema, h.adam_t)?;
+        let world = dist.world_size();
+        let global = cfg.train.batch_size * world;
+        let mut cursor = h.cursor;
+        if h.global_batch != global {
             // Another world size (or batch size): keep the epoch and about the number of its
             // samples already consumed; not bit-identical to any uninterrupted run.
-            let consumed = cursor.batch * h.state.global_batch;
+            let consumed = cursor.batch * h.global_batch;
             cursor.batch = consumed.div_ceil(global);
             tracing::warn!(
-                was = h.state.world_size,
+                was = h.world_size,
                 now = world,
                 epoch = cursor.epoch,
                 "resuming with another global batch ({} -> {global} samples): the data order continues approximately",
-                h.state.global_batch
+                h.global_batch
             );
         }
-        self.data.restore_global(cursor);
-        self.data
-            .restore_shards(&h.state.data_cursors, h.state.world_size);
-        self.data
-            .restore_reports(&h.state.data_reports, self.dist.rank(), world);
-        self.data_cursors = h.state.data_cursors.clone();
-        self.start_step = h.state.step;
-        self.skipped = h.state.skipped;
-        self.lineage = h.state.lineage.clone();
-        check_lora(&self.dist, &self.lora, "after resuming")?;
-        tracing::info!(from = %h.dir, step = h.state.step, "resumed");
+        data.restore_global(cursor);
+        data.restore_shards(&h.data_cursors, h.world_size);
+        data.restore_reports(&h.data_reports, dist.rank(), world);
+        tracing::info!(from = %self.dir, step = h.step, "resumed");
         Ok(())
+    }
+}
+
+/// The checkpoint to continue from, as `cfg` says (`checkpoint.resume`, `resume_from`): rank 0
+/// finds it, verifies it and checks that it was written with this config; every rank learns
+/// its folder and state (which also stops a rank that could not load from racing ahead alone).
+pub fn find(cfg: &Config, dist: &Dist) -> Result<Option<Found>> {
+    let c = &cfg.checkpoint;
+    let loaded = if dist.rank() != 0 || (!c.resume && c.resume_from.is_empty()) {
+        None
+    } else if !c.resume_from.is_empty() {
+        Some(super::load_folder(&c.resume_from)?)
+    } else {
+        super::latest_valid(&cfg.checkpoint_location()?)?
+    };
+    if let Some(l) = &loaded {
+        let diff = super::config_differences(&l.config_toml, &cfg.to_toml()?);
+        if !diff.is_empty() {
+            return Err(TrainerError::Checkpoint {
+                path: l.dir.clone(),
+                reason: format!(
+                    "was written with another config; these fields differ:\n  {}\n(use the same config, start a new run with another run.dir, or checkpoint.resume = false)",
+                    diff.join("\n  ")
+                ),
+            });
+        }
+    }
+    let header = match &loaded {
+        Some(l) => serde_json::to_vec(&(l.dir.display().to_string(), &l.state)).map_err(|e| {
+            TrainerError::Serialize {
+                what: "the checkpoint header",
+                source: Box::new(e),
+            }
+        })?,
+        None => Vec::new(),
+    };
+    let all = dist.call("resume header all-gather", move |c| {
+        c.all_gather_bytes(&header)
+    })?;
+    if all[0].is_empty() {
+        return Ok(None);
+    }
+    let (dir, state): (String, State) = serde_json::from_slice(&all[0])
+        .map_err(|e| DistError::Mismatch(format!("resume header from rank 0: {e}")))?;
+    Ok(Some(Found { dir, state, loaded }))
+}
+
+impl Run {
+    fn trainables(&self) -> Trainables<'_> {
+        Trainables {
+            file: super::LORA_FILE,
+            named: self.lora.named_vars(),
+        }
+    }
+
+    /// Everything a checkpoint after `steps` completed steps holds, copied off the live state.
+    pub fn snapshot(
+        &self,
+        steps: u64,
+        data_reports: Vec<datasets::DataReport>,
+    ) -> Result<Snapshot> {
+        let progress = Progress {
+            cfg: &self.cfg,
+            dist: &self.dist,
+            data: &self.data,
+            data_cursors: &self.data_cursors,
+            skipped: self.skipped,
+            lineage: &self.lineage,
+        };
+        progress.snapshot(
+            steps,
+            data_reports,
+            &self.trainables(),
+            &self.opt,
+            self.ema.as_ref(),
+        )
+    }
+
+    /// Continues from a checkpoint, as configured (`checkpoint.resume`, `resume_from`): rank 0
+    /// finds and verifies it, every rank gets rank 0's state. Returns the folder resumed from.
+    pub fn resume(&mut self) -> Result<Option<String>> {
+        let Some(found) = find(&self.cfg, &self.dist)? else {
+            return Ok(None);
+        };
+        let named = self.lora.named_vars();
+        let trainables = Trainables {
+            file: super::LORA_FILE,
+            named,
+        };
+        found.restore(
+            &self.cfg,
+            &self.dist,
+            &trainables,
+            &mut self.opt,
+            self.ema.as_mut(),
+            &mut self.data,
+        )?;
+        self.data_cursors = found.state.data_cursors.clone();
+        self.start_step = found.state.step;
+        self.skipped = found.state.skipped;
+        self.lineage = found.state.lineage.clone();
+        check_lora(&self.dist, &self.lora, "after resuming")?;
+        Ok(Some(found.dir))
     }
 }

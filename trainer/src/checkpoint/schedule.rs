@@ -6,12 +6,34 @@
 
 use datasets::DataReport;
 
-use crate::ddp::DistError;
+use crate::config::Config;
+use crate::data::DataFeed;
+use crate::ddp::{Dist, DistError};
 use crate::error::{Result, TrainerError};
-use crate::run::Run;
 use crate::storage::Location;
 
-use super::Writer;
+use super::{Snapshot, Writer};
+
+/// A run that checkpoints: LoRA training ([`crate::run::Run`]) or base pretraining.
+pub trait Checkpointed {
+    fn dist(&self) -> &Dist;
+    fn data(&self) -> &DataFeed;
+    /// Everything a checkpoint after `steps` completed steps holds, with every rank's data
+    /// report.
+    fn snapshot(&self, steps: u64, reports: Vec<DataReport>) -> Result<Snapshot>;
+}
+
+impl Checkpointed for crate::run::Run {
+    fn dist(&self) -> &Dist {
+        &self.dist
+    }
+    fn data(&self) -> &DataFeed {
+        &self.data
+    }
+    fn snapshot(&self, steps: u64, reports: Vec<DataReport>) -> Result<Snapshot> {
+        crate::run::Run::snapshot(self, steps, reports)
+    }
+}
 
 /// The saving schedule, on every rank.
 pub struct Checkpointer {
@@ -20,13 +42,15 @@ pub struct Checkpointer {
     keep: usize,
     /// Rank 0's writer; None on the other ranks.
     writer: Option<Writer>,
+    /// The run's last step (`train.max_steps`), which [`Self::finish`] saves.
+    last: u64,
     /// Steps covered by the newest save (or the resumed checkpoint).
     saved_at: u64,
 }
 
 /// Every rank's data report, in rank order (empty where the source reads no files).
-fn gather_reports(run: &Run) -> Result<Vec<DataReport>> {
-    let mine = match run.data.report() {
+fn gather_reports(run: &impl Checkpointed) -> Result<Vec<DataReport>> {
+    let mine = match run.data().report() {
         Some(r) => serde_json::to_vec(&r).map_err(|e| TrainerError::Serialize {
             what: "a data report",
             source: Box::new(e),
@@ -34,7 +58,7 @@ fn gather_reports(run: &Run) -> Result<Vec<DataReport>> {
         None => Vec::new(),
     };
     let all = run
-        .dist
+        .dist()
         .call("data report all-gather", move |c| c.all_gather_bytes(&mine))?;
     if all.iter().all(Vec::is_empty) {
         return Ok(Vec::new());
@@ -50,22 +74,22 @@ fn gather_reports(run: &Run) -> Result<Vec<DataReport>> {
 }
 
 impl Checkpointer {
-    /// The schedule of `run`'s config, starting after `run.start_step`.
-    pub fn new(run: &Run) -> Result<Self> {
+    /// The schedule of `cfg`, on rank `rank`, starting after `start_step` completed steps.
+    pub fn new(cfg: &Config, rank: usize, start_step: u64) -> Result<Self> {
         Ok(Self {
-            root: run.cfg.checkpoint_location()?,
-            every: run.cfg.checkpoint.every,
-            keep: run.cfg.checkpoint.keep,
-            writer: (run.dist.rank() == 0).then(Writer::default),
-            saved_at: run.start_step,
+            root: cfg.checkpoint_location()?,
+            every: cfg.checkpoint.every,
+            keep: cfg.checkpoint.keep,
+            writer: (rank == 0).then(Writer::default),
+            last: cfg.train.max_steps,
+            saved_at: start_step,
         })
     }
 
     /// After `done` completed steps: saves when the period says so (not at the last step,
     /// which [`Self::finish`] saves).
-    pub fn after_step(&mut self, run: &Run, done: u64) -> Result<()> {
-        let last = run.cfg.train.max_steps;
-        if self.every > 0 && done.is_multiple_of(self.every) && done < last {
+    pub fn after_step(&mut self, run: &impl Checkpointed, done: u64) -> Result<()> {
+        if self.every > 0 && done.is_multiple_of(self.every) && done < self.last {
             self.save(run, done)?;
         }
         Ok(())
@@ -73,7 +97,7 @@ impl Checkpointer {
 
     /// At the end or at a stop: saves `done` steps unless already saved, and waits for every
     /// background write.
-    pub fn finish(&mut self, run: &Run, done: u64) -> Result<()> {
+    pub fn finish(&mut self, run: &impl Checkpointed, done: u64) -> Result<()> {
         if done > self.saved_at {
             self.save(run, done)?;
         }
@@ -83,7 +107,7 @@ impl Checkpointer {
         }
     }
 
-    fn save(&mut self, run: &Run, done: u64) -> Result<()> {
+    fn save(&mut self, run: &impl Checkpointed, done: u64) -> Result<()> {
         let reports = gather_reports(run)?;
         if let Some(w) = &mut self.writer {
             w.save(self.root.clone(), run.snapshot(done, reports)?, self.keep)?;
