@@ -31,7 +31,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Tensor, Var};
 
-use crate::checkpoint::{self, Checkpointed, Checkpointer, Progress, Snapshot, Trainables};
+use crate::checkpoint::{self, Checkpointed, Checkpointer, Ledger, Progress, Snapshot, Trainables};
 use crate::config::Config;
 use crate::data::sample::Sample;
 use crate::data::DataFeed;
@@ -147,11 +147,7 @@ struct Pretraining {
     data: DataFeed,
     opt: AdamW,
     ema: Option<Ema>,
-    /// Every rank's shard position after the last step (agreed with the step's all-reduce).
-    data_cursors: Vec<datasets::Cursor>,
-    start_step: u64,
-    skipped: u64,
-    lineage: String,
+    ledger: Ledger,
     stop_requested: Arc<AtomicBool>,
     /// Set once the ranks agreed, at the end of a step, that some rank was asked to stop.
     stop_agreed: bool,
@@ -182,10 +178,7 @@ impl Pretraining {
             data,
             opt,
             ema,
-            data_cursors: Vec::new(),
-            start_step: 0,
-            skipped: 0,
-            lineage: crate::run::new_lineage(),
+            ledger: Ledger::fresh(),
             stop_requested: Arc::new(AtomicBool::new(false)),
             stop_agreed: false,
         })
@@ -196,7 +189,7 @@ impl Pretraining {
         let Some(found) = checkpoint::find(&self.cfg, &self.dist)? else {
             return Ok(false);
         };
-        found.restore(
+        self.ledger = found.restore(
             &self.cfg,
             &self.dist,
             &self.t.trainables(),
@@ -204,10 +197,6 @@ impl Pretraining {
             self.ema.as_mut(),
             &mut self.data,
         )?;
-        self.data_cursors = found.state.data_cursors.clone();
-        self.start_step = found.state.step;
-        self.skipped = found.state.skipped;
-        self.lineage = found.state.lineage.clone();
         Ok(true)
     }
 
@@ -259,7 +248,7 @@ impl Pretraining {
         )?;
         self.stop_agreed = agreed.any_stop;
         if let Some(cursors) = agreed.cursors {
-            self.data_cursors = cursors;
+            self.ledger.data_cursors = cursors;
         }
         let loss = agreed.losses.total;
         let (lr, norm, skipped) = self.update(step, loss, &grads)?;
@@ -297,7 +286,7 @@ impl Pretraining {
                 norm,
                 "non-finite loss or gradient: update skipped"
             );
-            self.skipped += 1;
+            self.ledger.skipped += 1;
             return Ok((lr, norm, true));
         }
         let vars: Vec<&Var> = self.t.vars.iter().map(|(_, v)| v).collect();
@@ -335,6 +324,20 @@ impl Pretraining {
         Ok(Weights::from_tensors(tensors).save_diffusers(&self.t.fc, dir)?)
     }
 
+    /// Every `checkpoint.every` steps before the last, the base as it would be written now
+    /// to `RUN/base-steps/step-<N>/` (rank 0); where it went.
+    fn snapshot_base(&self, run_dir: &Path, done: u64) -> Result<Option<PathBuf>> {
+        let every = self.cfg.checkpoint.every;
+        let due = every > 0 && done.is_multiple_of(every) && done < self.cfg.train.max_steps;
+        if !due || self.dist.rank() != 0 {
+            return Ok(None);
+        }
+        let dir = run_dir.join("base-steps").join(format!("step-{done:08}"));
+        self.save(&dir, true)?;
+        tracing::info!(step = done, base = %dir.display(), "snapshot of the base written");
+        Ok(Some(dir))
+    }
+
     /// Writes `RUN/base` and, with an EMA, the last weights as `RUN/base-live` (rank 0).
     fn write_base(&self, run_dir: &Path) -> Result<(PathBuf, Option<PathBuf>)> {
         let base_dir = run_dir.join("base");
@@ -366,9 +369,7 @@ impl Checkpointed for Pretraining {
             cfg: &self.cfg,
             dist: &self.dist,
             data: &self.data,
-            data_cursors: &self.data_cursors,
-            skipped: self.skipped,
-            lineage: &self.lineage,
+            ledger: &self.ledger,
         };
         progress.snapshot(
             steps,
@@ -421,22 +422,24 @@ pub fn pretrain_with(
     p.stop_requested = stop;
     let resumed = p.resume()?;
     let mut log = leader
-        .then(|| crate::run_log::RunLog::open(&p.cfg.logging, &run_dir, resumed, p.start_step))
+        .then(|| {
+            crate::run_log::RunLog::open(&p.cfg.logging, &run_dir, resumed, p.ledger.start_step)
+        })
         .transpose()?;
     tracing::info!(
         parameters = p.t.vars.iter().map(|(_, v)| v.elem_count()).sum::<usize>(),
         run_dir = %run_dir.display(),
         ranks = p.dist.world_size(),
-        start_step = p.start_step,
+        start_step = p.ledger.start_step,
         "pretraining the whole base"
     );
-    let mut checkpointer = Checkpointer::new(&p.cfg, rank, p.start_step)?;
+    let mut checkpointer = Checkpointer::new(&p.cfg, rank, p.ledger.start_step)?;
     let max_steps = p.cfg.train.max_steps;
-    let mut losses = Vec::with_capacity(max_steps.saturating_sub(p.start_step) as usize);
+    let mut losses = Vec::with_capacity(max_steps.saturating_sub(p.ledger.start_step) as usize);
     let mut snapshots = Vec::new();
     let mut stopped_by_signal = false;
     crate::signals::mark_stepping();
-    for step in p.start_step..max_steps {
+    for step in p.ledger.start_step..max_steps {
         let m = p.step(step)?;
         if let Some(log) = log.as_mut() {
             log.step(&m)?;
@@ -452,15 +455,7 @@ pub fn pretrain_with(
         }
         losses.push(m.loss);
         checkpointer.after_step(&p, m.step)?;
-        let every = p.cfg.checkpoint.every;
-        if leader && every > 0 && m.step % every == 0 && m.step < max_steps {
-            let dir = run_dir
-                .join("base-steps")
-                .join(format!("step-{:08}", m.step));
-            p.save(&dir, true)?;
-            tracing::info!(step = m.step, base = %dir.display(), "snapshot of the base written");
-            snapshots.push(dir);
-        }
+        snapshots.extend(p.snapshot_base(&run_dir, m.step)?);
         if p.stop_agreed && m.step < max_steps {
             tracing::warn!(
                 step = m.step,
@@ -471,7 +466,7 @@ pub fn pretrain_with(
         }
     }
     p.data.write_report_into(&run_dir, rank)?;
-    let done = p.start_step + losses.len() as u64;
+    let done = p.ledger.start_step + losses.len() as u64;
     checkpointer.finish(&p, done)?;
     let (base_dir, live_dir) = p.write_base(&run_dir)?;
     if let Some(log) = log {
@@ -482,9 +477,9 @@ pub fn pretrain_with(
         base_dir,
         live_dir,
         snapshots,
-        skipped: p.skipped,
+        skipped: p.ledger.skipped,
         rank,
-        start_step: p.start_step,
+        start_step: p.ledger.start_step,
         max_steps,
         stopped_by_signal,
     })

@@ -26,8 +26,6 @@ pub struct Run {
     pub model: Flux,
     pub lora: Lora,
     pub data: DataFeed,
-    /// Every rank's shard position after the last step (agreed with the step's all-reduce).
-    pub data_cursors: Vec<datasets::Cursor>,
     pub opt: AdamW,
     pub ema: Option<Ema>,
     /// The other ranks (a single rank needs none).
@@ -38,13 +36,9 @@ pub struct Run {
     pub stop_requested: Arc<AtomicBool>,
     /// Set once the ranks agreed, at the end of a step, that some rank was asked to stop.
     pub stop_agreed: bool,
-    /// The first step to run (after a resume, the checkpoint's step).
-    pub start_step: u64,
-    /// Updates skipped for non-finite losses, over the whole run.
-    pub skipped: u64,
-    /// The run's lineage (checkpoint::State::lineage): fresh here, the checkpoint's after a
+    /// Step, skipped updates, shard cursors and lineage: fresh here, the checkpoint's after a
     /// resume.
-    pub lineage: String,
+    pub ledger: crate::checkpoint::Ledger,
 }
 
 /// The device of this rank: CUDA device `ordinal` (LOCAL_RANK) or the CPU.
@@ -143,15 +137,12 @@ impl Run {
             plan,
             stop_requested: Arc::new(AtomicBool::new(false)),
             stop_agreed: false,
-            start_step: 0,
-            skipped: 0,
-            lineage: new_lineage(),
+            ledger: crate::checkpoint::Ledger::fresh(),
             cfg,
             device,
             model,
             lora,
             data,
-            data_cursors: Vec::new(),
             opt,
             ema,
         })
@@ -189,15 +180,6 @@ impl Run {
         }
         Ok(())
     }
-}
-
-/// A fresh run lineage (`checkpoint::State::lineage`): random, with the start time.
-pub fn new_lineage() -> String {
-    format!(
-        "{:016x}{:08x}",
-        rand::random::<u64>(),
-        crate::run_dir::holder::now_s() as u32
-    )
 }
 
 /// Where a run writes its final LoRA.

@@ -139,7 +139,7 @@ impl Run {
         )?;
         self.stop_agreed = agreed.any_stop;
         if let Some(cursors) = &agreed.cursors {
-            self.data_cursors = cursors.clone();
+            self.ledger.data_cursors = cursors.clone();
         }
         let (lr, grad_norm, skipped) = self.update(step, acc.grads, &agreed)?;
         let every = self.cfg.distributed.check_weights_every;

@@ -121,22 +121,22 @@ pub fn train_with(
     let resumed = run.resume()?.is_some();
     log_built(&run, &run_dir)?;
     let mut log = leader
-        .then(|| RunLog::open(&run.cfg.logging, &run_dir, resumed, run.start_step))
+        .then(|| RunLog::open(&run.cfg.logging, &run_dir, resumed, run.ledger.start_step))
         .transpose()?;
-    let mut checkpointer = Checkpointer::new(&run.cfg, rank, run.start_step)?;
+    let mut checkpointer = Checkpointer::new(&run.cfg, rank, run.ledger.start_step)?;
     let max_steps = run.cfg.train.max_steps;
     let validator = Validator::prepare(&run.cfg, &run)?;
-    if run.start_step == 0 && run.cfg.validation.at_start {
+    if run.ledger.start_step == 0 && run.cfg.validation.at_start {
         validate(validator.as_ref(), &run, 0, &mut log)?;
     }
     let bar = progress_bar(max_steps, run.cfg.train.progress && leader);
-    bar.set_position(run.start_step.min(max_steps));
+    bar.set_position(run.ledger.start_step.min(max_steps));
     let mut losses = Vec::with_capacity(max_steps as usize);
     let mut stopped_by_signal = false;
     crate::signals::mark_stepping();
-    for step in run.start_step..max_steps {
+    for step in run.ledger.start_step..max_steps {
         let (m, parts) = run.train_step(step)?;
-        run.skipped += m.skipped as u64;
+        run.ledger.skipped += m.skipped as u64;
         losses.push(parts);
         if let Some(log) = &mut log {
             log.step(&m)?;
@@ -161,7 +161,7 @@ pub fn train_with(
     }
     bar.finish_and_clear();
     run.data.write_report_into(&run_dir, rank)?;
-    let done = run.start_step + losses.len() as u64;
+    let done = run.ledger.start_step + losses.len() as u64;
     let lora_path = lora_path(&run_dir);
     checkpointer.finish(&run, done)?;
     if let Some(log) = &log {
@@ -169,16 +169,16 @@ pub fn train_with(
     }
     if leader {
         run.save_loras(&run_dir)?;
-        tracing::info!(lora = %lora_path.display(), skipped = run.skipped, "training finished");
+        tracing::info!(lora = %lora_path.display(), skipped = run.ledger.skipped, "training finished");
     }
     Ok(TrainOutcome {
         losses,
-        skipped: run.skipped,
+        skipped: run.ledger.skipped,
         lora_path,
         run_dir,
         stopped_by_signal,
         rank,
-        start_step: run.start_step,
+        start_step: run.ledger.start_step,
         max_steps,
     })
 }

@@ -34,7 +34,7 @@ mod resume;
 mod retention;
 mod schedule;
 
-pub use resume::{find, Found, Progress, Trainables};
+pub use resume::{find, Found, Ledger, Progress, Trainables};
 pub use retention::Retention;
 pub use schedule::{Checkpointed, Checkpointer};
 

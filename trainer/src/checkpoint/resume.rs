@@ -89,15 +89,52 @@ impl Trainables<'_> {
     }
 }
 
+/// Where a run is, besides its tensors and data feed: what a checkpoint records with them and
+/// a resume restores.
+#[derive(Debug, Clone)]
+pub struct Ledger {
+    /// Every rank's shard position after the last step (agreed with the step's all-reduce).
+    pub data_cursors: Vec<datasets::Cursor>,
+    /// The first step to run (after a resume, the checkpoint's step).
+    pub start_step: u64,
+    /// Updates skipped for non-finite losses, over the whole run.
+    pub skipped: u64,
+    /// The run's lineage ([`State::lineage`]): fresh at a start, the checkpoint's after a
+    /// resume.
+    pub lineage: String,
+}
+
+impl Ledger {
+    /// A run starting from scratch.
+    pub fn fresh() -> Self {
+        Self {
+            data_cursors: Vec::new(),
+            start_step: 0,
+            skipped: 0,
+            lineage: format!(
+                "{:016x}{:08x}",
+                rand::random::<u64>(),
+                crate::run_dir::holder::now_s() as u32
+            ),
+        }
+    }
+
+    fn of(state: &State) -> Self {
+        Self {
+            data_cursors: state.data_cursors.clone(),
+            start_step: state.step,
+            skipped: state.skipped,
+            lineage: state.lineage.clone(),
+        }
+    }
+}
+
 /// What a checkpoint records of a run besides its tensors.
 pub struct Progress<'a> {
     pub cfg: &'a Config,
     pub dist: &'a Dist,
     pub data: &'a DataFeed,
-    /// Every rank's shard position after the last step.
-    pub data_cursors: &'a [datasets::Cursor],
-    pub skipped: u64,
-    pub lineage: &'a str,
+    pub ledger: &'a Ledger,
 }
 
 impl Progress<'_> {
@@ -116,16 +153,16 @@ impl Progress<'_> {
                 format: super::FORMAT,
                 step: steps,
                 cursor: self.data.global_cursor(),
-                data_cursors: self.data_cursors.to_vec(),
+                data_cursors: self.ledger.data_cursors.clone(),
                 world_size: self.dist.world_size(),
                 global_batch: self.cfg.train.batch_size * self.dist.world_size(),
                 fingerprint: self.cfg.fingerprint()?,
                 seed: self.cfg.run.seed,
                 rng: super::RNG_SCHEME.into(),
                 adam_t: opt.t,
-                skipped: self.skipped,
+                skipped: self.ledger.skipped,
                 files: Default::default(),
-                lineage: self.lineage.to_string(),
+                lineage: self.ledger.lineage.clone(),
                 data_reports,
             },
             config_toml: self.cfg.to_toml()?,
@@ -143,7 +180,7 @@ pub struct Found {
 
 impl Found {
     /// Sets `trainables`, `opt` and `ema` to the checkpoint's, and puts `data` where its run
-    /// was.
+    /// was; returns the run's ledger.
     pub fn restore(
         &self,
         cfg: &Config,
@@ -152,7 +189,7 @@ impl Found {
         opt: &mut AdamW,
         ema: Option<&mut Ema>,
         data: &mut DataFeed,
-    ) -> Result<()> {
+    ) -> Result<Ledger> {
         let h = &self.state;
         trainables.restore(dist, self.loaded.as_ref(), opt, ema, h.adam_t)?;
         let world = dist.world_size();
@@ -175,7 +212,7 @@ impl Found {
         data.restore_shards(&h.data_cursors, h.world_size);
         data.restore_reports(&h.data_reports, dist.rank(), world);
         tracing::info!(from = %self.dir, step = h.step, "resumed");
-        Ok(())
+        Ok(Ledger::of(h))
     }
 }
 
@@ -241,9 +278,7 @@ impl Run {
             cfg: &self.cfg,
             dist: &self.dist,
             data: &self.data,
-            data_cursors: &self.data_cursors,
-            skipped: self.skipped,
-            lineage: &self.lineage,
+            ledger: &self.ledger,
         };
         progress.snapshot(
             steps,
@@ -265,7 +300,7 @@ impl Run {
             file: super::LORA_FILE,
             named,
         };
-        found.restore(
+        self.ledger = found.restore(
             &self.cfg,
             &self.dist,
             &trainables,
@@ -273,10 +308,6 @@ impl Run {
             self.ema.as_mut(),
             &mut self.data,
         )?;
-        self.data_cursors = found.state.data_cursors.clone();
-        self.start_step = found.state.step;
-        self.skipped = found.state.skipped;
-        self.lineage = found.state.lineage.clone();
         check_lora(&self.dist, &self.lora, "after resuming")?;
         Ok(Some(found.dir))
     }
