@@ -259,7 +259,7 @@ pub fn attention_rows(
 
 fn gated_add(x: &Tensor, gate_bd: &Tensor, y: &Tensor) -> Result<Tensor> {
     let _phase = crate::profile::phase("op: modulate, gate forward", x.device());
-    Ok((x + y.broadcast_mul(&gate_bd.unsqueeze(1)?)?)?)
+    Ok((x + y.broadcast_mul(&crate::ops::per_token(gate_bd, y.dim(1)?)?)?)?)
 }
 
 /// Weights of one branch kind inside a double block.
