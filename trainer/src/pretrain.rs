@@ -31,7 +31,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Tensor, Var};
 
-use crate::checkpoint::{self, Checkpointed, Checkpointer, Ledger, Progress, Snapshot, Trainables};
+use crate::checkpoint::{self, Checkpointed, Checkpointer, Ledger, Progress, Trainables};
 use crate::config::Config;
 use crate::data::sample::Sample;
 use crate::data::DataFeed;
@@ -332,7 +332,9 @@ impl Pretraining {
         if !due || self.dist.rank() != 0 {
             return Ok(None);
         }
-        let dir = run_dir.join("base-steps").join(format!("step-{done:08}"));
+        let dir = run_dir
+            .join("base-steps")
+            .join(checkpoint::step_dir_name(done));
         self.save(&dir, true)?;
         tracing::info!(step = done, base = %dir.display(), "snapshot of the base written");
         Ok(Some(dir))
@@ -364,20 +366,16 @@ impl Checkpointed for Pretraining {
     fn data(&self) -> &DataFeed {
         &self.data
     }
-    fn snapshot(&self, steps: u64, reports: Vec<datasets::DataReport>) -> Result<Snapshot> {
-        let progress = Progress {
+    fn progress(&self) -> Progress<'_> {
+        Progress {
             cfg: &self.cfg,
             dist: &self.dist,
             data: &self.data,
             ledger: &self.ledger,
-        };
-        progress.snapshot(
-            steps,
-            reports,
-            &self.t.trainables(),
-            &self.opt,
-            self.ema.as_ref(),
-        )
+        }
+    }
+    fn trained(&self) -> (Trainables<'_>, &AdamW, Option<&Ema>) {
+        (self.t.trainables(), &self.opt, self.ema.as_ref())
     }
 }
 

@@ -13,6 +13,7 @@ use crate::ddp::{Dist, DistError};
 use crate::error::{Result, TrainerError};
 use crate::optim::{AdamW, Ema};
 use crate::run::Run;
+use flux::Lora;
 
 /// The variables a run trains (a LoRA's, or every tensor of a base), by the names the
 /// checkpoint stores them under in `file`; their AdamW moments go to `optimizer.safetensors`
@@ -260,50 +261,25 @@ pub fn find(cfg: &Config, dist: &Dist) -> Result<Option<Found>> {
     Ok(Some(Found { dir, state, loaded }))
 }
 
+/// A LoRA's variables as a checkpoint stores them: in `lora.safetensors`.
+pub(super) fn lora_trainables(lora: &Lora) -> Trainables<'_> {
+    Trainables {
+        file: super::LORA_FILE,
+        named: lora.named_vars(),
+    }
+}
+
 impl Run {
-    fn trainables(&self) -> Trainables<'_> {
-        Trainables {
-            file: super::LORA_FILE,
-            named: self.lora.named_vars(),
-        }
-    }
-
-    /// Everything a checkpoint after `steps` completed steps holds, copied off the live state.
-    pub fn snapshot(
-        &self,
-        steps: u64,
-        data_reports: Vec<datasets::DataReport>,
-    ) -> Result<Snapshot> {
-        let progress = Progress {
-            cfg: &self.cfg,
-            dist: &self.dist,
-            data: &self.data,
-            ledger: &self.ledger,
-        };
-        progress.snapshot(
-            steps,
-            data_reports,
-            &self.trainables(),
-            &self.opt,
-            self.ema.as_ref(),
-        )
-    }
-
     /// Continues from a checkpoint, as configured (`checkpoint.resume`, `resume_from`): rank 0
     /// finds and verifies it, every rank gets rank 0's state. Returns the folder resumed from.
     pub fn resume(&mut self) -> Result<Option<String>> {
         let Some(found) = find(&self.cfg, &self.dist)? else {
             return Ok(None);
         };
-        let named = self.lora.named_vars();
-        let trainables = Trainables {
-            file: super::LORA_FILE,
-            named,
-        };
         self.ledger = found.restore(
             &self.cfg,
             &self.dist,
-            &trainables,
+            &lora_trainables(&self.lora),
             &mut self.opt,
             self.ema.as_mut(),
             &mut self.data,

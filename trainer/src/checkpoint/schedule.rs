@@ -10,17 +10,27 @@ use crate::config::Config;
 use crate::data::DataFeed;
 use crate::ddp::{Dist, DistError};
 use crate::error::{Result, TrainerError};
+use crate::optim::{AdamW, Ema};
 use crate::storage::Location;
 
-use super::{Snapshot, Writer};
+use super::{Progress, Snapshot, Trainables, Writer};
 
 /// A run that checkpoints: LoRA training ([`crate::run::Run`]) or base pretraining.
 pub trait Checkpointed {
     fn dist(&self) -> &Dist;
     fn data(&self) -> &DataFeed;
+    /// What a checkpoint records of the run besides its tensors.
+    fn progress(&self) -> Progress<'_>;
+    /// The trained variables, their optimizer and their EMA, if any.
+    fn trained(&self) -> (Trainables<'_>, &AdamW, Option<&Ema>);
+
     /// Everything a checkpoint after `steps` completed steps holds, with every rank's data
-    /// report.
-    fn snapshot(&self, steps: u64, reports: Vec<DataReport>) -> Result<Snapshot>;
+    /// report, copied off the live state.
+    fn snapshot(&self, steps: u64, reports: Vec<DataReport>) -> Result<Snapshot> {
+        let (trainables, opt, ema) = self.trained();
+        self.progress()
+            .snapshot(steps, reports, &trainables, opt, ema)
+    }
 }
 
 impl Checkpointed for crate::run::Run {
@@ -30,8 +40,20 @@ impl Checkpointed for crate::run::Run {
     fn data(&self) -> &DataFeed {
         &self.data
     }
-    fn snapshot(&self, steps: u64, reports: Vec<DataReport>) -> Result<Snapshot> {
-        crate::run::Run::snapshot(self, steps, reports)
+    fn progress(&self) -> Progress<'_> {
+        Progress {
+            cfg: &self.cfg,
+            dist: &self.dist,
+            data: &self.data,
+            ledger: &self.ledger,
+        }
+    }
+    fn trained(&self) -> (Trainables<'_>, &AdamW, Option<&Ema>) {
+        (
+            super::resume::lora_trainables(&self.lora),
+            &self.opt,
+            self.ema.as_ref(),
+        )
     }
 }
 
