@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the GPU kit on a machine without a GPU, into gpu-kit/ (git-ignored), for ci/gpu/run.sh:
-#   - the CUDA `trainer` (feature cuda) and `launcher`, release, stripped;
+#   - the CUDA `trainer` (feature cuda) and `launcher`, and `datasets`, release, stripped;
 #   - the test binaries with GPU variants: kernels (rows op) and flux (frozen linear, chunked
 #     attention), `cargo test --no-run --features cuda`, stripped;
 #   - each xz-compressed (the CUDA kernels' PTX compresses about 8x);
@@ -46,10 +46,10 @@ pack() { # NAME PATH
   echo "  $1: $stripped MiB stripped -> $(mib "$KIT/$1.xz") MiB packed"
 }
 
-echo "== CUDA trainer and launcher"
+echo "== CUDA trainer and launcher, and datasets (ci/gpu/tiny_base.sh makes its data on the machine)"
 while read -r name path; do
-  case "$name" in trainer | launcher) pack "$name" "$path" ;; esac
-done < <(executables build --release --features trainer/cuda -p trainer -p launcher --bins)
+  case "$name" in trainer | launcher | datasets) pack "$name" "$path" ;; esac
+done < <(executables build --release --features trainer/cuda -p trainer -p launcher -p datasets --bins)
 
 echo "== GPU test variants (kernels, flux)"
 while read -r name path; do

@@ -21,6 +21,7 @@
 #                          the plumbing and the report in CI (BIN=... picks other binaries)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
+source ci/gpu/kit.sh
 MODE=gpu
 [ "${1:-}" = "--cpu" ] && MODE=cpu
 OUT=${OUT:-$(mktemp -d)}
@@ -63,24 +64,9 @@ skip() {
 }
 
 if [ "$MODE" = gpu ]; then
-  # CUDA libraries from the machine's Python wheels (the binaries link them dynamically). The
-  # PyTorch baseline runs with the path as it was: torch loads its own libraries, and a mixed
-  # set gave illegal memory accesses inside cuBLAS on the first device run.
-  ORIG_LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}
-  LD_LIBRARY_PATH="$(python3 -c 'import nvidia,glob,os;print(":".join(sorted({os.path.dirname(f) for p in nvidia.__path__ for f in glob.glob(p+"/*/lib/lib*.so*")})))')${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-  export LD_LIBRARY_PATH
+  gpu_kit_libraries
   BIN="$WORK/bin"
-  mkdir -p "$BIN"
-  python3 - gpu-kit "$BIN" <<'EOF'
-import lzma, os, pathlib, shutil, sys
-src, dst = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
-for f in sorted(src.glob("*.xz")):
-    out = dst / f.stem
-    with lzma.open(f) as i, open(out, "wb") as o:
-        shutil.copyfileobj(i, o)
-    os.chmod(out, 0o755)
-    print("unpacked", out.name, out.stat().st_size)
-EOF
+  gpu_kit_unpack "$BIN"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1
   echo "profilers: nsys=$(command -v nsys || echo none) ncu=$(command -v ncu || echo none)" >> "$OUT/gpu.txt"
   DEVICE_SETS=(--set 'model.device="cuda"')
