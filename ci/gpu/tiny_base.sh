@@ -86,9 +86,9 @@ cp "$WORK/run/base/"* "$WORK/run/metrics.jsonl" "$WORK/run/metrics.png" "$DEST/"
 
 # ---- 3. what it did
 python3 - "$WORK/run/metrics.jsonl" "$DEST/summary.json" "$MODE" "$SCENES" "$BATCH" "$rc" <<'EOF'
-import json, sys
+import json, os, sys
 path, out, mode, scenes, batch, rc = sys.argv[1:]
-rows = [json.loads(l) for l in open(path)] if __import__("os").path.exists(path) else []
+rows = [json.loads(l) for l in open(path)] if os.path.exists(path) else []
 s = sorted(r["s_per_step"] for r in rows[10:]) or [float("nan")]
 tail = rows[-100:] or [{"loss": float("nan")}]
 summary = {

@@ -118,10 +118,7 @@ pub fn frozen_linear(x: &Tensor, w_oi: &Tensor, b_o: Option<&Tensor>) -> Result<
         x.apply_op2(w_oi, FrozenMatmul)?
     };
     Ok(match b_o {
-        Some(b) if b.track_op() => {
-            let rows = y.elem_count() / b.elem_count().max(1);
-            (&y + repeat_rows(&b.reshape((1, b.elem_count()))?, rows)?.reshape(y.shape())?)?
-        }
+        Some(b) if b.track_op() => (&y + repeat_to(b, y.shape())?)?,
         Some(b) => y.broadcast_add(b)?,
         None => y,
     })
@@ -147,6 +144,13 @@ pub(crate) fn repeat_rows(v: &Tensor, n: usize) -> Result<Tensor> {
     ones_shape[rank - 1] = 1;
     let ones = Tensor::ones(ones_shape, v.dtype(), v.device())?;
     Ok(ones.matmul(&v.contiguous()?)?)
+}
+
+/// The vector `v_d` [D] repeated over every row of `shape` [..., D], through [`repeat_rows`].
+fn repeat_to(v_d: &Tensor, shape: &Shape) -> Result<Tensor> {
+    let d = v_d.elem_count();
+    let rows = shape.elem_count() / d.max(1);
+    Ok(repeat_rows(&v_d.reshape((1, d))?, rows)?.reshape(shape)?)
 }
 
 /// `v_bd` [B, D] for each of the `n` tokens of a [B, n, D] tensor, to broadcast against it:
@@ -225,9 +229,7 @@ pub(crate) fn rms_norm_composed(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tens
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
     let y = x.broadcast_div(&(ms + eps)?.sqrt()?)?.to_dtype(dtype)?;
     if w.track_op() {
-        let d = w.elem_count();
-        let w = repeat_rows(&w.reshape((1, d))?, y.elem_count() / d.max(1))?;
-        return Ok((&y * w.reshape(y.shape())?)?);
+        return Ok((&y * repeat_to(w, y.shape())?)?);
     }
     Ok(y.broadcast_mul(w)?)
 }

@@ -360,12 +360,6 @@ impl Pretraining {
 }
 
 impl Checkpointed for Pretraining {
-    fn dist(&self) -> &Dist {
-        &self.dist
-    }
-    fn data(&self) -> &DataFeed {
-        &self.data
-    }
     fn progress(&self) -> Progress<'_> {
         Progress {
             cfg: &self.cfg,

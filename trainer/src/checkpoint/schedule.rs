@@ -17,12 +17,17 @@ use super::{Progress, Snapshot, Trainables, Writer};
 
 /// A run that checkpoints: LoRA training ([`crate::run::Run`]) or base pretraining.
 pub trait Checkpointed {
-    fn dist(&self) -> &Dist;
-    fn data(&self) -> &DataFeed;
     /// What a checkpoint records of the run besides its tensors.
     fn progress(&self) -> Progress<'_>;
     /// The trained variables, their optimizer and their EMA, if any.
     fn trained(&self) -> (Trainables<'_>, &AdamW, Option<&Ema>);
+
+    fn dist(&self) -> &Dist {
+        self.progress().dist
+    }
+    fn data(&self) -> &DataFeed {
+        self.progress().data
+    }
 
     /// Everything a checkpoint after `steps` completed steps holds, with every rank's data
     /// report, copied off the live state.
@@ -34,12 +39,6 @@ pub trait Checkpointed {
 }
 
 impl Checkpointed for crate::run::Run {
-    fn dist(&self) -> &Dist {
-        &self.dist
-    }
-    fn data(&self) -> &DataFeed {
-        &self.data
-    }
     fn progress(&self) -> Progress<'_> {
         Progress {
             cfg: &self.cfg,
