@@ -93,8 +93,10 @@ fn stretched(target: RgbImage, opts: &SynthOptions, index: usize) -> RgbImage {
     image::imageops::resize(&target, w, h, image::imageops::FilterType::Triangle)
 }
 
-const SHAPES: [&str; 4] = ["square", "disc", "diamond", "ring"];
-const COLOURS: [(&str, [f32; 3]); 8] = [
+/// The shapes' names, indexed by `Identity::shape` (geometry: [`inside`]).
+pub const SHAPES: [&str; 4] = ["square", "disc", "diamond", "ring"];
+/// The colours' names and RGB (0-255) before shading, indexed by `Identity::colour`.
+pub const COLOURS: [(&str, [f32; 3]); 8] = [
     ("red", [210.0, 40.0, 40.0]),
     ("green", [40.0, 180.0, 60.0]),
     ("blue", [40.0, 70.0, 210.0]),
@@ -105,7 +107,7 @@ const COLOURS: [(&str, [f32; 3]); 8] = [
     ("pink", [240.0, 120.0, 180.0]),
 ];
 /// Patterns: the subject's colour alternates with a light version of it ("" is plain).
-const PATTERNS: [&str; 4] = ["", "striped", "checked", "two-tone"];
+pub const PATTERNS: [&str; 4] = ["", "striped", "checked", "two-tone"];
 
 /// A subject's identity: shape, colour and pattern (indices into the tables above).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,7 +176,10 @@ impl Subject {
     }
 }
 
-fn inside(shape: usize, u: f32, v: f32) -> bool {
+/// Whether subject-local (u, v) (the subject's square is [0, 1) x [0, 1)) is on shape
+/// `shape`: the whole square, the inscribed disc, the inscribed diamond, or the disc less a
+/// hole of 0.4 of its diameter (ring).
+pub fn inside(shape: usize, u: f32, v: f32) -> bool {
     if !(0.0..1.0).contains(&u) || !(0.0..1.0).contains(&v) {
         return false;
     }
@@ -185,6 +190,17 @@ fn inside(shape: usize, u: f32, v: f32) -> bool {
         2 => du.abs() + dv.abs() <= 0.5,
         _ => (0.04..=0.25).contains(&(du * du + dv * dv)),
     }
+}
+
+/// Brightness at subject-local height v: shading from top to bottom shows orientation.
+fn shade(v: f32) -> f32 {
+    0.8 + 0.3 * v
+}
+
+/// The mean RGB (0-255) of a plain subject of colour `colour` (its shading is symmetric about
+/// the middle row).
+pub fn mean_plain_rgb(colour: usize) -> [f32; 3] {
+    COLOURS[colour % COLOURS.len()].1.map(|c| c * shade(0.5))
 }
 
 /// The colour of subject `id` at subject-local (u, v): its pattern in its colour and a light
@@ -198,7 +214,7 @@ fn colour(id: Identity, u: f32, v: f32) -> [u8; 3] {
         "two-tone" => v >= 0.5,
         _ => false,
     };
-    let shade = 0.8 + 0.3 * v;
+    let shade = shade(v);
     [0, 1, 2].map(|c| {
         let b = if light {
             0.45 * base[c] + 0.55 * 255.0

@@ -31,6 +31,7 @@ pub mod run;
 pub mod run_dir;
 pub mod run_log;
 pub mod sample;
+pub mod shape_check;
 pub mod signals;
 pub mod step;
 pub mod storage;

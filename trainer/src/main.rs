@@ -108,6 +108,11 @@ enum Command {
     /// error FLUX's sampler ends at; prints a markdown table, writes OUT/profile.json and
     /// OUT/profile.png (per sample: clean, one tile per level, one per strength).
     DenoiseProfile(DenoiseProfileArgs),
+    /// Whether a base draws the tiny world's shapes: samples "<colour> <shape>" for every
+    /// colour and shape of `datasets synth` from noise, names the shape and colour each picture
+    /// shows, and prints the accuracies beside the data's own scenes' (the ceiling); writes
+    /// OUT/shapes.json and OUT/shapes.png (framed green when the shape is right).
+    Shapes(ShapesArgs),
     /// A PNG of a run's curves (total loss, L_diff, SCAL, MDL, lr, grad norm, s/step) from its
     /// metrics.jsonl, raw and smoothed.
     Plot {
@@ -291,6 +296,38 @@ struct DenoiseProfileArgs {
     sheet_rows: usize,
     /// Folder for profile.json and profile.png.
     #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct ShapesArgs {
+    /// A run config: its base (model.*), encoders (data.*) and resolution.
+    #[arg(long)]
+    config: PathBuf,
+    /// The base (overrides model.weights): a diffusers folder or a safetensors file.
+    #[arg(long)]
+    weights: Option<String>,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Seeds per prompt (1 to N).
+    #[arg(long, default_value_t = 4)]
+    seeds: u64,
+    #[arg(long, default_value_t = 28)]
+    steps: usize,
+    /// Distilled guidance (default: the config's conditioning.guidance, as in training).
+    #[arg(long)]
+    guidance: Option<f32>,
+    /// Classifier-free guidance against the empty caption (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    true_cfg: f32,
+    /// Picture side in pixels (default: the config's data.resolution).
+    #[arg(long)]
+    size: Option<usize>,
+    /// The data generator's one-subject scenes named for the ceiling.
+    #[arg(long, default_value_t = 64)]
+    ceiling: usize,
+    /// Folder for shapes.json and shapes.png.
+    #[arg(long, default_value = "shapes")]
     out: PathBuf,
 }
 
@@ -489,6 +526,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Eval(args) => eval_cmd(args)?,
         Command::PretrainBase(args) => return pretrain_cmd(args),
         Command::DenoiseProfile(args) => denoise_profile_cmd(args)?,
+        Command::Shapes(args) => shapes_cmd(args)?,
         Command::Plot { run, out } => {
             let out = out.unwrap_or_else(|| run.join("metrics.png"));
             trainer::charts::plot_run(&run, &out).context("plotting failed")?;
@@ -561,15 +599,9 @@ fn bench_rows_cmd(reps: usize, device: trainer::config::DeviceName) -> anyhow::R
 /// and the flags that override its keys.
 fn sample_config(a: &SampleArgs) -> anyhow::Result<Config> {
     let mut set = a.set.clone();
-    if let Some(w) = &a.weights {
-        set.push(format!("model.weights={w:?}"));
-    }
-    if let Some(e) = &a.encoders {
-        set.push(format!("data.encoders={e:?}"));
-    }
-    if let Some(d) = &a.device {
-        set.push(format!("model.device={d:?}"));
-    }
+    push_key(&mut set, "model.weights", a.weights.as_deref());
+    push_key(&mut set, "data.encoders", a.encoders.as_deref());
+    push_key(&mut set, "model.device", a.device.as_deref());
     if let Some(d) = a.dtype {
         let name = match d {
             DtypeArg::F32 => "f32",
@@ -692,6 +724,50 @@ fn sample_cmd(a: SampleArgs) -> anyhow::Result<()> {
 }
 
 /// The config at `path` with `--set` overrides, naming the file when it cannot be used.
+/// Appends `key=value` (a TOML string) to the `--set` list when a flag gave `value`: the flags
+/// that stand for a config key.
+fn push_key(set: &mut Vec<String>, key: &str, value: Option<&str>) {
+    if let Some(v) = value {
+        set.push(format!("{key}={v:?}"));
+    }
+}
+
+/// The config at `path` with `--set` and `--weights` applied, and its device: what the
+/// commands that measure a base load.
+fn base_config(
+    path: &std::path::Path,
+    set: &[String],
+    weights: Option<&str>,
+) -> anyhow::Result<(Config, candle_core::Device)> {
+    let mut set = set.to_vec();
+    push_key(&mut set, "model.weights", weights);
+    let cfg = load_config(path, &set)?;
+    let device = trainer::run::device_of(&cfg, 0)?;
+    Ok((cfg, device))
+}
+
+fn shapes_cmd(a: ShapesArgs) -> anyhow::Result<()> {
+    let (cfg, device) = base_config(&a.config, &a.set, a.weights.as_deref())?;
+    let spec = trainer::shape_check::ShapeSpec {
+        seeds: a.seeds,
+        steps: a.steps,
+        guidance: a.guidance.unwrap_or(cfg.conditioning.guidance as f32),
+        true_cfg: a.true_cfg,
+        size: a.size.unwrap_or(cfg.data.resolution),
+        ceiling_scenes: a.ceiling,
+    };
+    let (report, sheet) =
+        trainer::shape_check::run(&cfg, &spec, &device).context("naming the base's shapes")?;
+    trainer::shape_check::write(&report, &sheet, &a.out)?;
+    print!("{}", trainer::shape_check::table(&report));
+    println!(
+        "wrote {} and {}",
+        a.out.join("shapes.json").display(),
+        a.out.join("shapes.png").display()
+    );
+    Ok(())
+}
+
 fn load_config(path: &std::path::Path, set: &[String]) -> anyhow::Result<Config> {
     Config::load(path, set).with_context(|| format!("loading config {}", path.display()))
 }
@@ -730,12 +806,7 @@ fn bench_sample_cmd(a: BenchSampleArgs) -> anyhow::Result<()> {
 }
 
 fn denoise_profile_cmd(a: DenoiseProfileArgs) -> anyhow::Result<()> {
-    let mut set = a.set.clone();
-    if let Some(w) = &a.weights {
-        set.push(format!("model.weights={w:?}"));
-    }
-    let cfg = load_config(&a.config, &set)?;
-    let device = trainer::run::device_of(&cfg, 0)?;
+    let (cfg, device) = base_config(&a.config, &a.set, a.weights.as_deref())?;
     let spec = trainer::denoise_profile::ProfileSpec {
         noise_levels: a.noise_levels,
         strengths: a.strengths,

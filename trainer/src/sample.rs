@@ -275,6 +275,12 @@ impl Sampler {
         Ok(pack_latents(&z.to_device(&self.device)?)?)
     }
 
+    /// `img` as the pipeline sees a picture: VAE-encoded (posterior mode) and decoded.
+    pub fn through_codec(&self, img: &RgbImage) -> Result<RgbImage> {
+        let z = self.encoders.encode_images(&[&pixels(img)])?;
+        to_rgb(&self.decoder.decode(&z)?)
+    }
+
     /// Makes the image `req` asks for.
     pub fn sample(&mut self, req: &SampleRequest) -> Result<Sampled> {
         let t0 = Instant::now();

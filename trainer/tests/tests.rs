@@ -18,6 +18,7 @@ mod pretrain;
 mod resume;
 mod run_folder;
 mod sample;
+mod shapes;
 mod shards;
 mod training;
 mod validation;

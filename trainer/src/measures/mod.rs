@@ -9,12 +9,16 @@
 //!   with the references, and again with the references zeroed; each generated image is
 //!   compared with the references at the correspondence points, in pixel space.
 //!
+//! [`shapes`] measures a base rather than a LoRA: which shape and colour a picture of one
+//! subject shows (`trainer shapes`).
+//!
 //! Nothing here draws from a training stream (noise comes from `Purpose::Probe` keyed by the
 //! held-out sample's position), and the model and LoRA are only read, so measuring during
 //! training leaves the run bit-identical.
 
 pub mod attention;
 pub mod identity;
+pub mod shapes;
 
 use candle_core::{DType, Device, Tensor};
 use rand_distr::{Distribution, StandardNormal};
