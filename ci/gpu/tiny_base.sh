@@ -11,8 +11,10 @@
 #      schedule ends; a SIGTERM at the budget's end stops it cleanly all the same, and it
 #      writes the base so far. Arguments after the mode go to both runs (`--set
 #      optim.lr=2e-3`, `--set model.weights=...` to continue a base);
-#   3. $OUT/tiny-base/: the base (the EMA: config.json and diffusion_pytorch_model.safetensors),
-#      metrics.jsonl, metrics.png, summary.json, log.txt.
+#   3. `trainer shapes` on the base written (seeds 1-4): shapes/shapes.json and shapes.png, the
+#      shape and colour accuracies also in summary.json;
+#   4. $OUT/tiny-base/: the base (the EMA: config.json and diffusion_pytorch_model.safetensors),
+#      metrics.jsonl, metrics.png, summary.json, shapes/, log.txt.
 # Its samples, on the CPU machine: ci/tiny_base_samples.sh <files>/tiny-base OUT.png.
 #
 #   ci/gpu/tiny_base.sh [--set KEY=VALUE ...]        on the GPU machine, carrying gpu-kit/
@@ -84,10 +86,17 @@ timeout -s TERM -k 30 $(( left > 30 ? left - 10 : 20 )) "$BIN/trainer" pretrain-
 rc=$?
 cp "$WORK/run/base/"* "$WORK/run/metrics.jsonl" "$WORK/run/metrics.png" "$DEST/" 2>/dev/null
 
-# ---- 3. what it did
-python3 - "$WORK/run/metrics.jsonl" "$DEST/summary.json" "$MODE" "$SCENES" "$BATCH" "$rc" <<'EOF'
+# ---- 3. whether the base draws the shapes (trainer shapes: every plain colour and shape)
+if [ "$MODE" = gpu ]; then SHAPE_ARGS=(--seeds 4); else SHAPE_ARGS=(--seeds 1 --steps 4 --ceiling 8); fi
+say "shapes: ${SHAPE_ARGS[*]}"
+"$BIN/trainer" shapes --config configs/tiny-cpu.toml --weights "$DEST" --set "model.device=\"$DEVICE\"" \
+  "${SHAPE_ARGS[@]}" --out "$DEST/shapes" > "$WORK/shapes.log" 2>&1 || { tail -20 "$WORK/shapes.log"; exit 1; }
+grep -v " INFO " "$WORK/shapes.log" | head -8
+
+# ---- 4. what it did
+python3 - "$WORK/run/metrics.jsonl" "$DEST/summary.json" "$MODE" "$SCENES" "$BATCH" "$rc" "$DEST/shapes/shapes.json" <<'EOF'
 import json, os, sys
-path, out, mode, scenes, batch, rc = sys.argv[1:]
+path, out, mode, scenes, batch, rc, shapes = sys.argv[1:]
 rows = [json.loads(l) for l in open(path)] if os.path.exists(path) else []
 s = sorted(r["s_per_step"] for r in rows[10:]) or [float("nan")]
 tail = rows[-100:] or [{"loss": float("nan")}]
@@ -100,6 +109,10 @@ summary = {
     "loss_first_10": sum(r["loss"] for r in rows[:10]) / max(1, len(rows[:10])),
     "loss_last_100": sum(r["loss"] for r in tail) / len(tail),
 }
+if os.path.exists(shapes):
+    base = json.load(open(shapes))["base"]
+    summary["shape_accuracy"] = base["shape_accuracy"]
+    summary["colour_accuracy"] = base["colour_accuracy"]
 json.dump(summary, open(out, "w"), indent=1)
 print(json.dumps(summary))
 EOF

@@ -7,8 +7,8 @@
 //!   squares to a band along the picture's border, then fitted again without the band's
 //!   outliers (a subject touching the border).
 //! - Subject: the pixels farther than [`SUBJECT_DISTANCE`] from that plane (RGB in [0, 1],
-//!   Euclidean), their largest 4-connected component. A ring's hole is background, so it stays
-//!   a hole.
+//!   Euclidean), their largest 4-connected component, unless it is a speck or covers more
+//!   than half the picture (noise). A ring's hole is background, so it stays a hole.
 //! - Shape: each synth shape ([`datasets::synth::inside`], the renderer's own geometry) is
 //!   placed on the component's bounding box at sizes 0.8 to 1.25 of its larger side and shifts
 //!   of up to two pixels; the shape whose best placement has the largest intersection over
@@ -27,6 +27,10 @@ pub const SUBJECT_DISTANCE: f64 = 0.15;
 
 /// Components smaller than this share of the picture are not a subject (specks).
 const MIN_AREA_SHARE: f64 = 0.005;
+/// Nor are components larger than this share: synth's subjects span at most 0.55 of the side
+/// (0.3 of the picture), and a picture of noise is off its fitted background nearly
+/// everywhere, which would fit the square.
+const MAX_AREA_SHARE: f64 = 0.5;
 
 /// Sizes tried, as shares of the bounding box's larger side.
 const SIZE_STEPS: usize = 10;
@@ -185,7 +189,8 @@ fn subject_mask(img: &RgbImage) -> Option<Vec<bool>> {
             (best, best_size) = (next, size);
         }
     }
-    if (best_size as f64) < MIN_AREA_SHARE * (w * h) as f64 {
+    let share = best_size as f64 / (w * h) as f64;
+    if !(MIN_AREA_SHARE..=MAX_AREA_SHARE).contains(&share) {
         return None;
     }
     Some(label.iter().map(|&l| l == best).collect())
@@ -321,6 +326,17 @@ mod tests {
         let img = drawn(0, 0, 500.0, 500.0, 10.0);
         assert_eq!(find(&img), None);
         assert_eq!(find(&RgbImage::new(0, 0)), None);
+        // Noise is off any plane nearly everywhere: no subject, not a picture-sized square.
+        let mut state = 7u64;
+        let noise = RgbImage::from_fn(128, 128, |_, _| {
+            Rgb([0, 1, 2].map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (state >> 56) as u8
+            }))
+        });
+        assert_eq!(find(&noise), None);
     }
 
     #[test]
