@@ -723,7 +723,6 @@ fn sample_cmd(a: SampleArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The config at `path` with `--set` overrides, naming the file when it cannot be used.
 /// Appends `key=value` (a TOML string) to the `--set` list when a flag gave `value`: the flags
 /// that stand for a config key.
 fn push_key(set: &mut Vec<String>, key: &str, value: Option<&str>) {
@@ -768,6 +767,7 @@ fn shapes_cmd(a: ShapesArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The config at `path` with `--set` overrides, naming the file when it cannot be used.
 fn load_config(path: &std::path::Path, set: &[String]) -> anyhow::Result<Config> {
     Config::load(path, set).with_context(|| format!("loading config {}", path.display()))
 }

@@ -199,37 +199,59 @@ fn plain_identity_of(caption: &str) -> Option<Identity> {
     })
 }
 
-/// The ceiling: the data generator's one-subject scenes of plain subjects (training split,
-/// seed 0, the first `count` such), through the pipeline's codec, named.
-fn ceiling_rows(sampler: &Sampler, count: usize, size: usize) -> Result<Vec<ShapeRow>> {
+/// One of the data generator's one-subject scenes of a plain subject.
+struct PlainScene {
+    index: usize,
+    caption: String,
+    id: Identity,
+    image: RgbImage,
+}
+
+/// The one-subject scenes among synth's samples `indices` (training split, seed 0, `size`
+/// pixels) whose subject is plain, decoded.
+fn plain_scenes(
+    size: usize,
+    indices: std::ops::Range<usize>,
+) -> impl Iterator<Item = Result<PlainScene>> {
     let opts = SynthOptions {
         min_refs: 1,
         max_refs: 1,
         size: size as u32,
         ..Default::default()
     };
-    let mut rows = Vec::with_capacity(count);
-    // A quarter of the training identities are plain; stop long after any plausible need.
-    for index in 0..count.saturating_mul(64) {
-        if rows.len() == count {
-            break;
-        }
+    indices.filter_map(move |index| {
         let s = datasets::synth::sample(&opts, index);
-        let Some(id) = plain_identity_of(&s.caption) else {
-            continue;
-        };
-        let img = image::load_from_memory(&s.target)
-            .map_err(|e| bad("synth target", format!("{}: {e}", s.sample_id)))?
-            .to_rgb8();
-        let seen = sampler.through_codec(&img)?;
-        rows.push(row(
-            s.caption.clone(),
-            index as u64,
-            id,
-            find(&seen).as_ref(),
-        ));
-    }
-    Ok(rows)
+        let id = plain_identity_of(&s.caption)?;
+        Some(
+            image::load_from_memory(&s.target)
+                .map_err(|e| bad("synth target", format!("{}: {e}", s.sample_id)))
+                .map(|img| PlainScene {
+                    index,
+                    caption: s.caption,
+                    id,
+                    image: img.to_rgb8(),
+                }),
+        )
+    })
+}
+
+/// The ceiling: the first `count` plain one-subject scenes, through the pipeline's codec,
+/// named.
+fn ceiling_rows(sampler: &Sampler, count: usize, size: usize) -> Result<Vec<ShapeRow>> {
+    // A quarter of the training identities are plain; stop long after any plausible need.
+    plain_scenes(size, 0..count.saturating_mul(64))
+        .take(count)
+        .map(|scene| {
+            let scene = scene?;
+            let seen = sampler.through_codec(&scene.image)?;
+            Ok(row(
+                scene.caption,
+                scene.index as u64,
+                scene.id,
+                find(&seen).as_ref(),
+            ))
+        })
+        .collect()
 }
 
 /// Per (shape, seed) a row of the colours' pictures, each framed green when its shape was
@@ -433,19 +455,9 @@ mod tests {
     /// pixel means): nearly every one must be named right, or the measure says nothing.
     #[test]
     fn the_data_s_own_scenes_are_named_right() {
-        let opts = SynthOptions {
-            min_refs: 1,
-            max_refs: 1,
-            size: 128,
-            ..Default::default()
-        };
         let (mut right_shape, mut right_colour, mut n) = (0, 0, 0);
-        for index in 0..400 {
-            let s = datasets::synth::sample(&opts, index);
-            let Some(id) = plain_identity_of(&s.caption) else {
-                continue;
-            };
-            let img = image::load_from_memory(&s.target).unwrap().to_rgb8();
+        for scene in plain_scenes(128, 0..400) {
+            let PlainScene { id, image: img, .. } = scene.unwrap();
             let pooled = RgbImage::from_fn(128, 128, |x, y| {
                 let (bx, by) = (x / 4 * 4, y / 4 * 4);
                 let mut sum = [0u32; 3];

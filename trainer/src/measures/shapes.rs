@@ -57,7 +57,7 @@ pub fn find(img: &RgbImage) -> Option<Found> {
     let mask = subject_mask(img)?;
     let area = mask.iter().filter(|&&m| m).count();
     let (w, h) = (img.width() as usize, img.height() as usize);
-    let iou = fit_shapes(&mask, w, h);
+    let iou = fit_shapes(&mask, area, w, h);
     let shape = (0..SHAPES.len())
         .max_by(|&a, &b| iou[a].total_cmp(&iou[b]))
         .unwrap_or(0);
@@ -196,8 +196,9 @@ fn subject_mask(img: &RgbImage) -> Option<Vec<bool>> {
     Some(label.iter().map(|&l| l == best).collect())
 }
 
-/// The best intersection over union of each shape placed on the mask's bounding box.
-fn fit_shapes(mask: &[bool], w: usize, h: usize) -> [f64; 4] {
+/// The best intersection over union of each shape placed on the bounding box of the mask (of
+/// `area` pixels).
+fn fit_shapes(mask: &[bool], area: usize, w: usize, h: usize) -> [f64; 4] {
     let (mut x0, mut y0, mut x1, mut y1) = (w, h, 0, 0);
     for (i, _) in mask.iter().enumerate().filter(|(_, &m)| m) {
         let (x, y) = (i % w, i / w);
@@ -205,7 +206,6 @@ fn fit_shapes(mask: &[bool], w: usize, h: usize) -> [f64; 4] {
     }
     let (cx, cy) = ((x0 + x1) as f64 / 2.0, (y0 + y1) as f64 / 2.0);
     let extent = (x1 - x0).max(y1 - y0) as f64;
-    let area = mask.iter().filter(|&&m| m).count();
     [0, 1, 2, 3].map(|shape| {
         let mut best = 0.0f64;
         for k in 0..SIZE_STEPS {
