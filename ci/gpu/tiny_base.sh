@@ -98,16 +98,19 @@ python3 - "$WORK/run/metrics.jsonl" "$DEST/summary.json" "$MODE" "$SCENES" "$BAT
 import json, os, sys
 path, out, mode, scenes, batch, rc, shapes = sys.argv[1:]
 rows = [json.loads(l) for l in open(path)] if os.path.exists(path) else []
-s = sorted(r["s_per_step"] for r in rows[10:]) or [float("nan")]
-tail = rows[-100:] or [{"loss": float("nan")}]
+# The first steps (start-up, warm-up) are not the run's speed; a run of a few steps (CPU mode)
+# keeps its second half. None where the run logged no step.
+s = sorted(r["s_per_step"] for r in rows[min(10, len(rows) // 2):])
+median = s[len(s) // 2] if s else None
+tail = rows[-100:]
 summary = {
     "mode": mode, "scenes": int(scenes), "batch": int(batch), "exit_code": int(rc),
     "steps": rows[-1]["step"] if rows else 0,
     "samples": (rows[-1]["step"] if rows else 0) * int(batch),
-    "median_s_per_step": s[len(s) // 2],
-    "samples_per_s": int(batch) / s[len(s) // 2],
-    "loss_first_10": sum(r["loss"] for r in rows[:10]) / max(1, len(rows[:10])),
-    "loss_last_100": sum(r["loss"] for r in tail) / len(tail),
+    "median_s_per_step": median,
+    "samples_per_s": int(batch) / median if median else None,
+    "loss_first_10": sum(r["loss"] for r in rows[:10]) / len(rows[:10]) if rows else None,
+    "loss_last_100": sum(r["loss"] for r in tail) / len(tail) if tail else None,
 }
 if os.path.exists(shapes):
     base = json.load(open(shapes))["base"]
