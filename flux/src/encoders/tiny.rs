@@ -23,7 +23,10 @@ use super::{EncodeError, Result};
 
 /// What the fingerprint says about these encoders.
 pub fn fingerprint(seed: u64, context_dim: usize, pooled_dim: usize) -> String {
-    format!("tiny-random/pixel-codec-pool4/t5-d{context_dim}-l2/clip-d{pooled_dim}-l2/seed{seed}")
+    format!(
+        "tiny-random/pixel-codec-pool4-x{}/t5-d{context_dim}-l2/clip-d{pooled_dim}-l2/seed{seed}",
+        super::pixel_codec::SCALE
+    )
 }
 
 const T5_SPECIAL: u32 = 3;
