@@ -388,15 +388,29 @@ pub fn sample(opts: &SynthOptions, index: usize) -> RawSample {
     }
 }
 
-/// Writes samples 0..opts.samples as a dataset at `loc`.
+/// Samples drawn at once on rayon's threads before the writer takes them in order: enough to
+/// keep every core busy, few enough (a few MB) not to matter in memory.
+const DRAW_CHUNK: usize = 512;
+
+/// Writes samples 0..opts.samples as a dataset at `loc`. Each sample depends only on (options,
+/// seed, index), so they are drawn in parallel (rayon's pool) and written in index order: the
+/// bytes are those of a sequential loop whatever the number of threads (test).
 pub fn write_dataset(
     loc: crate::store::Location,
     opts: &SynthOptions,
     wopts: crate::writer::WriterOptions,
 ) -> crate::error::Result<crate::manifest::Manifest> {
+    use rayon::prelude::*;
     let mut w = crate::writer::ShardWriter::new(loc, wopts)?;
-    for i in 0..opts.samples {
-        w.add(sample(opts, i))?;
+    for start in (0..opts.samples).step_by(DRAW_CHUNK) {
+        let end = (start + DRAW_CHUNK).min(opts.samples);
+        let drawn: Vec<RawSample> = (start..end)
+            .into_par_iter()
+            .map(|i| sample(opts, i))
+            .collect();
+        for s in drawn {
+            w.add(s)?;
+        }
     }
     w.finish()
 }
@@ -459,6 +473,78 @@ pub fn write_validation_cases(
 mod tests {
     use super::*;
     use crate::transform::{decode_sample, TransformSpec};
+
+    /// Every file of a dataset folder, by relative path, with its bytes.
+    fn folder_bytes(dir: &std::path::Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+        let mut out = std::collections::BTreeMap::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    let rel = p.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
+                    out.insert(rel, std::fs::read(&p).unwrap());
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_dataset_written_is_the_samples_in_order_whatever_the_threads() {
+        // More samples than one draw chunk, so the chunks' seams are crossed too.
+        let opts = SynthOptions {
+            samples: DRAW_CHUNK + 37,
+            size: 32,
+            ref_size: 32,
+            ..Default::default()
+        };
+        let wopts = crate::writer::WriterOptions {
+            rows_per_shard: 200,
+            row_group_rows: 50,
+            ..Default::default()
+        };
+        let written = |write: &dyn Fn(crate::store::Location)| {
+            let tmp = tempfile::tempdir().unwrap();
+            write(crate::store::Location::local(tmp.path()));
+            folder_bytes(tmp.path())
+        };
+        // The reference: one sample after the other, as the writer takes them.
+        let sequential = written(&|loc| {
+            let mut w = crate::writer::ShardWriter::new(loc, wopts.clone()).unwrap();
+            for i in 0..opts.samples {
+                w.add(sample(&opts, i)).unwrap();
+            }
+            w.finish().unwrap();
+        });
+        assert!(
+            sequential.len() >= 4,
+            "shards and manifest: {:?}",
+            sequential.keys()
+        );
+        for threads in [1, 4] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let parallel = written(&|loc| {
+                pool.install(|| write_dataset(loc, &opts, wopts.clone()))
+                    .unwrap();
+            });
+            assert_eq!(
+                sequential.keys().collect::<Vec<_>>(),
+                parallel.keys().collect::<Vec<_>>()
+            );
+            for (name, bytes) in &sequential {
+                assert!(
+                    bytes == &parallel[name],
+                    "{name} differs with {threads} threads"
+                );
+            }
+        }
+    }
 
     #[test]
     fn validation_cases_are_unseen_scenes_in_the_official_format() {
