@@ -118,10 +118,10 @@ summary = {
     "loss_last_100": sum(r["loss"] for r in tail) / len(tail) if tail else None,
 }
 if os.path.exists(shapes):
-    base = json.load(open(shapes))["base"]
-    summary["shape_accuracy"] = base["shape_accuracy"]
-    summary["colour_accuracy"] = base["colour_accuracy"]
-    summary["shapes_true_cfg"] = json.load(open(shapes))["true_cfg"]
+    measured = json.load(open(shapes))
+    summary["shape_accuracy"] = measured["base"]["shape_accuracy"]
+    summary["colour_accuracy"] = measured["base"]["colour_accuracy"]
+    summary["shapes_true_cfg"] = measured["true_cfg"]
 json.dump(summary, open(out, "w"), indent=1)
 print(json.dumps(summary))
 EOF

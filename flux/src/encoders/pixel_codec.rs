@@ -4,8 +4,9 @@
 //! Encode: 4 x 4 average pooling of the [-1, 1] image, then each 2 x 2 block of the pooled
 //! image's three channels into 12 channels (space to depth), times [`SCALE`], and 4 zero
 //! channels: latents [B, 16, H/8, W/8] like FLUX's VAE's. Decode: the first 12 channels over
-//! [`SCALE`] back to the pooled image (depth to space), enlarged 4x by repeating pixels. `decode(encode(x))` is `x` at a quarter
-//! of its resolution, and `encode(decode(z)) = z` for latents whose last 4 channels are zero.
+//! [`SCALE`] back to the pooled image (depth to space), enlarged 4x by repeating pixels.
+//! `decode(encode(x))` is `x` at a quarter of its resolution, and `encode(decode(z)) = z` for
+//! latents whose last 4 channels are zero.
 //! A seeded random VAE (what the tiny pipeline used before) has a decoder that does not
 //! invert its encoder, so even a perfect tiny denoiser could only show noise.
 
