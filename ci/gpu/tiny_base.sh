@@ -14,7 +14,7 @@
 #      schedule ends; a SIGTERM at the budget's end stops it cleanly all the same, and it
 #      writes the base so far. Arguments after the mode go to both runs (`--set
 #      optim.lr=2e-3`, `--set model.weights=...` to continue a base);
-#   3. `trainer shapes` on the base written (seeds 1-4, `--true-cfg 3` as README's table):
+#   3. `trainer shapes` on the base written (seeds 1-4, `--true-cfg 5`, the best of README's table):
 #      shapes/shapes.json and shapes.png, the shape and colour accuracies also in summary.json;
 #   4. $OUT/tiny-base/: the base (the EMA: config.json and diffusion_pytorch_model.safetensors),
 #      metrics.jsonl, metrics.png, summary.json, shapes/, log.txt.
@@ -92,7 +92,7 @@ cp "$WORK/run/base/"* "$WORK/run/metrics.jsonl" "$WORK/run/metrics.png" "$DEST/"
 
 # ---- 3. whether the base draws the shapes (trainer shapes: every plain colour and shape)
 if [ "$MODE" = gpu ]; then SHAPE_ARGS=(--seeds 4); else SHAPE_ARGS=(--seeds 1 --steps 4 --ceiling 8); fi
-SHAPE_ARGS+=(--true-cfg 3)
+SHAPE_ARGS+=(--true-cfg 5)
 say "shapes: ${SHAPE_ARGS[*]}"
 "$BIN/trainer" shapes --config configs/tiny-cpu.toml --weights "$DEST" --set "model.device=\"$DEVICE\"" \
   "${SHAPE_ARGS[@]}" --out "$DEST/shapes" > "$WORK/shapes.log" 2>&1 || { tail -20 "$WORK/shapes.log"; exit 1; }
