@@ -2,7 +2,7 @@
 //!
 //! Exit codes: 0 success, 1 error (printed with its cause chain), 2 bad command line.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -834,36 +834,76 @@ fn pretrain_cmd(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let cfg = train_config(args)?;
     let exit_on_signal = cfg.train.signal_exit_code;
     let out = trainer::pretrain::pretrain_from_env(cfg).context("pretraining failed")?;
-    let first = out.losses.first().copied().unwrap_or(f64::NAN);
-    let last = out.losses.last().copied().unwrap_or(f64::NAN);
-    if out.rank == 0 && out.losses.is_empty() {
-        println!(
-            "nothing to pretrain: the run is already at step {} (to train further: raise train.max_steps, or start over with --no-resume --overwrite, or another run.dir); base written to {}",
-            out.start_step,
-            out.base_dir.display()
-        );
-    } else if out.rank == 0 && out.stopped_by_signal {
-        println!(
-            "stopped by a signal after step {} of {} ({} steps this time, loss {first:.4} -> {last:.4}, {} skipped); checkpoint saved: started again, the run resumes there; base so far written to {}",
-            out.start_step + out.losses.len() as u64,
-            out.max_steps,
-            out.losses.len(),
-            out.skipped,
-            out.base_dir.display()
-        );
-    } else if out.rank == 0 {
-        println!(
-            "pretrained {} steps (loss {first:.4} -> {last:.4}, {} skipped); base written to {}",
-            out.losses.len(),
-            out.skipped,
-            out.base_dir.display()
-        );
+    Ok(RunEnd {
+        verb: "pretrain",
+        product: "base",
+        path: &out.base_dir,
+        rank: out.rank,
+        start_step: out.start_step,
+        max_steps: out.max_steps,
+        steps: out.losses.len(),
+        first_loss: out.losses.first().copied().unwrap_or(f64::NAN),
+        last_loss: out.losses.last().copied().unwrap_or(f64::NAN),
+        skipped: out.skipped,
+        stopped_by_signal: out.stopped_by_signal,
     }
-    Ok(if out.stopped_by_signal {
-        ExitCode::from(exit_on_signal)
-    } else {
-        ExitCode::SUCCESS
-    })
+    .report(exit_on_signal))
+}
+
+/// How a run of `train` or `pretrain-base` ended, for its last line.
+struct RunEnd<'a> {
+    /// "train" or "pretrain".
+    verb: &'static str,
+    /// What the run writes: "LoRA" or "base".
+    product: &'static str,
+    path: &'a Path,
+    rank: usize,
+    start_step: u64,
+    max_steps: u64,
+    /// Steps this process ran (0: the run was already at max_steps).
+    steps: usize,
+    first_loss: f64,
+    last_loss: f64,
+    skipped: u64,
+    stopped_by_signal: bool,
+}
+
+impl RunEnd<'_> {
+    /// Rank 0 says how the run ended; the exit code is `exit_on_signal`
+    /// (train.signal_exit_code) when a signal stopped it, so a scheduler can requeue the job.
+    fn report(&self, exit_on_signal: u8) -> ExitCode {
+        let RunEnd {
+            verb,
+            product,
+            path,
+            steps,
+            skipped,
+            ..
+        } = self;
+        let path = path.display();
+        let (first, last) = (self.first_loss, self.last_loss);
+        if self.rank == 0 && *steps == 0 {
+            println!(
+                "nothing to {verb}: the run is already at step {} (to train further: raise train.max_steps, or start over with --no-resume --overwrite, or another run.dir); {product} written to {path}",
+                self.start_step
+            );
+        } else if self.rank == 0 && self.stopped_by_signal {
+            println!(
+                "stopped by a signal after step {} of {} ({steps} steps this time, loss {first:.4} -> {last:.4}, {skipped} skipped); checkpoint saved: started again, the run resumes there; {product} so far written to {path}",
+                self.start_step + *steps as u64,
+                self.max_steps
+            );
+        } else if self.rank == 0 {
+            println!(
+                "{verb}ed {steps} steps (loss {first:.4} -> {last:.4}, {skipped} skipped); {product} written to {path}"
+            );
+        }
+        if self.stopped_by_signal {
+            ExitCode::from(exit_on_signal)
+        } else {
+            ExitCode::SUCCESS
+        }
+    }
 }
 
 fn eval_cmd(a: EvalArgs) -> anyhow::Result<()> {
@@ -953,37 +993,21 @@ fn train_config(args: TrainArgs) -> anyhow::Result<Config> {
 fn train_cmd(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let cfg = train_config(args)?;
     let exit_on_signal = cfg.train.signal_exit_code;
-    let outcome = trainer::train::train_from_env(cfg).context("training failed")?;
-    let first = outcome.losses.first().map(|l| l.total).unwrap_or(f64::NAN);
-    let last = outcome.losses.last().map(|l| l.total).unwrap_or(f64::NAN);
-    if outcome.rank == 0 && outcome.losses.is_empty() {
-        println!(
-            "nothing to train: the run is already at step {} (to train again: raise train.max_steps, or start over with --no-resume --overwrite, or another run.dir); LoRA written to {}",
-            outcome.start_step,
-            outcome.lora_path.display()
-        );
-    } else if outcome.rank == 0 && outcome.stopped_by_signal {
-        println!(
-            "stopped by a signal after step {} of {} ({} steps this time, loss {first:.4} -> {last:.4}, {} skipped); checkpoint saved: started again, the run resumes there; LoRA so far written to {}",
-            outcome.start_step + outcome.losses.len() as u64,
-            outcome.max_steps,
-            outcome.losses.len(),
-            outcome.skipped,
-            outcome.lora_path.display()
-        );
-    } else if outcome.rank == 0 {
-        println!(
-            "trained {} steps (loss {first:.4} -> {last:.4}, {} skipped); LoRA written to {}",
-            outcome.losses.len(),
-            outcome.skipped,
-            outcome.lora_path.display()
-        );
+    let out = trainer::train::train_from_env(cfg).context("training failed")?;
+    Ok(RunEnd {
+        verb: "train",
+        product: "LoRA",
+        path: &out.lora_path,
+        rank: out.rank,
+        start_step: out.start_step,
+        max_steps: out.max_steps,
+        steps: out.losses.len(),
+        first_loss: out.losses.first().map(|l| l.total).unwrap_or(f64::NAN),
+        last_loss: out.losses.last().map(|l| l.total).unwrap_or(f64::NAN),
+        skipped: out.skipped,
+        stopped_by_signal: out.stopped_by_signal,
     }
-    Ok(if outcome.stopped_by_signal {
-        ExitCode::from(exit_on_signal)
-    } else {
-        ExitCode::SUCCESS
-    })
+    .report(exit_on_signal))
 }
 
 /// `trainer export`, then the optional Hub upload.
