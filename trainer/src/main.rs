@@ -851,6 +851,7 @@ fn pretrain_cmd(args: TrainArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// How a run of `train` or `pretrain-base` ended, for its last line.
+#[derive(Clone, Copy)]
 struct RunEnd<'a> {
     /// "train" or "pretrain".
     verb: &'static str,
@@ -876,29 +877,33 @@ impl RunEnd<'_> {
             verb,
             product,
             path,
+            rank,
+            start_step,
+            max_steps,
             steps,
+            first_loss: first,
+            last_loss: last,
             skipped,
-            ..
-        } = self;
+            stopped_by_signal,
+        } = *self;
         let path = path.display();
-        let (first, last) = (self.first_loss, self.last_loss);
-        if self.rank == 0 && *steps == 0 {
-            println!(
-                "nothing to {verb}: the run is already at step {} (to train further: raise train.max_steps, or start over with --no-resume --overwrite, or another run.dir); {product} written to {path}",
-                self.start_step
-            );
-        } else if self.rank == 0 && self.stopped_by_signal {
-            println!(
-                "stopped by a signal after step {} of {} ({steps} steps this time, loss {first:.4} -> {last:.4}, {skipped} skipped); checkpoint saved: started again, the run resumes there; {product} so far written to {path}",
-                self.start_step + *steps as u64,
-                self.max_steps
-            );
-        } else if self.rank == 0 {
-            println!(
-                "{verb}ed {steps} steps (loss {first:.4} -> {last:.4}, {skipped} skipped); {product} written to {path}"
-            );
+        if rank == 0 {
+            if steps == 0 {
+                println!(
+                    "nothing to {verb}: the run is already at step {start_step} (to train further: raise train.max_steps, or start over with --no-resume --overwrite, or another run.dir); {product} written to {path}"
+                );
+            } else if stopped_by_signal {
+                println!(
+                    "stopped by a signal after step {} of {max_steps} ({steps} steps this time, loss {first:.4} -> {last:.4}, {skipped} skipped); checkpoint saved: started again, the run resumes there; {product} so far written to {path}",
+                    start_step + steps as u64
+                );
+            } else {
+                println!(
+                    "{verb}ed {steps} steps (loss {first:.4} -> {last:.4}, {skipped} skipped); {product} written to {path}"
+                );
+            }
         }
-        if self.stopped_by_signal {
+        if stopped_by_signal {
             ExitCode::from(exit_on_signal)
         } else {
             ExitCode::SUCCESS
