@@ -379,7 +379,8 @@ struct EvalArgs {
     /// A CLIPModel checkpoint folder or URL (e.g. openai/clip-vit-base-patch32's files).
     #[arg(long)]
     clip: Option<String>,
-    /// A DINO ViT checkpoint folder or URL (e.g. facebook/dino-vits16's files).
+    /// A DINO checkpoint folder or URL: a DINOv2 (facebook/dinov2-base's files, the network the
+    /// paper's DINO score cites) or a DINO ViT (facebook/dino-vits16's).
     #[arg(long)]
     dino: Option<String>,
     /// Where to write the metrics (JSON).

@@ -1,7 +1,7 @@
-//! `trainer eval` against transformers (fixture from ci/eval_fixture.py: tiny random CLIPModel
-//! and ViTModel, their PIL image processors, three cases of one to three references): the
-//! models' embeddings from the same pixels (<= 1e-4), our preprocessing against the
-//! processors', and the metrics averaged as the paper does.
+//! `trainer eval` against transformers (fixture from ci/eval_fixture.py: tiny random CLIPModel,
+//! ViTModel and Dinov2Models, their PIL image processors, three cases of one to three
+//! references): the models' embeddings from the same pixels (<= 1e-4), our preprocessing
+//! against the processors', and the metrics averaged as the paper does.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -36,11 +36,12 @@ fn scorers() -> (ClipScorer, DinoScorer) {
         &ClipFiles::from_folder(&folder("clip")).unwrap(),
         &Device::Cpu,
     );
-    let dino = DinoScorer::load(
-        &DinoFiles::from_folder(&folder("dino")).unwrap(),
-        &Device::Cpu,
-    );
-    (clip.unwrap(), dino.unwrap())
+    (clip.unwrap(), dino("dino"))
+}
+
+/// The DINO scorer of the fixture's folder `name` (`dino`, `dinov2`, `dinov2-swiglu`).
+fn dino(name: &str) -> DinoScorer {
+    DinoScorer::load(&DinoFiles::from_folder(&folder(name)).unwrap(), &Device::Cpu).unwrap()
 }
 
 /// Every image of the fixture by its key (`refs.0-0.png`, `samples.1.png`).
@@ -97,9 +98,27 @@ fn clip_and_dino_match_transformers_on_the_same_pixels() {
 }
 
 #[test]
+fn dinov2_matches_transformers_on_the_same_pixels() {
+    // The fixture's position embeddings are learnt for 5 x 5 patches and the images give
+    // 4 x 4, so this also checks their bicubic resizing.
+    let want = expected();
+    for (name, key_of) in [("dinov2", "dinov2_cls"), ("dinov2-swiglu", "dinov2_swiglu_cls")] {
+        let net = dino(name);
+        for (key, _) in images() {
+            let d = net
+                .image_pixels(&want[&format!("dinov2_pixels.{key}")])
+                .unwrap();
+            let err = max_abs_diff(&d, &want[&format!("{key_of}.{key}")]);
+            assert!(err <= EMBED_TOL, "{name} {key}: {err}");
+        }
+    }
+}
+
+#[test]
 fn preprocessing_is_within_a_grey_level_of_transformers_pil_processors() {
     let want = expected();
     let (clip, dino) = scorers();
+    let dinov2 = self::dino("dinov2");
     for (key, path) in images() {
         let img = image::open(&path).unwrap().to_rgb8();
         for (what, ours, theirs, std) in [
@@ -113,6 +132,12 @@ fn preprocessing_is_within_a_grey_level_of_transformers_pil_processors() {
                 "DINO",
                 dino.pixels(&img).unwrap(),
                 &want[&format!("dino_pixels.{key}")],
+                0.224,
+            ),
+            (
+                "DINOv2",
+                dinov2.pixels(&img).unwrap(),
+                &want[&format!("dinov2_pixels.{key}")],
                 0.224,
             ),
         ] {
@@ -130,19 +155,23 @@ fn preprocessing_is_within_a_grey_level_of_transformers_pil_processors() {
     }
 }
 
-#[test]
-fn metrics_are_averaged_as_the_paper_does() {
-    let want = expected();
-    let r = evaluate(
+fn evaluate_with(dino: &str) -> trainer::eval::EvalReport {
+    evaluate(
         &EvalOptions {
             samples: dir().join("samples"),
             cases: dir().join("cases.json"),
             clip: Some(dir().join("clip").display().to_string()),
-            dino: Some(dir().join("dino").display().to_string()),
+            dino: Some(dir().join(dino).display().to_string()),
         },
         &Device::Cpu,
     )
-    .unwrap();
+    .unwrap()
+}
+
+#[test]
+fn metrics_are_averaged_as_the_paper_does() {
+    let want = expected();
+    let r = evaluate_with("dino");
     // Preprocessing differs from PIL's by about a grey level, so the scores agree to ~1e-3.
     let close = |got: Option<f64>, key: &str| {
         let w = scalar(&want[key]);
@@ -162,6 +191,12 @@ fn metrics_are_averaged_as_the_paper_does() {
         r.cases.iter().map(|c| c.references).collect::<Vec<_>>(),
         vec![1, 2, 3]
     );
+    // The DINO score with DINOv2, the network the paper cites.
+    let r = evaluate_with("dinov2");
+    close(r.dino, "dinov2");
+    for c in &r.cases {
+        close(c.dino, &format!("dinov2.{}", c.index));
+    }
 }
 
 #[test]
@@ -215,6 +250,16 @@ fn the_command_writes_metrics_and_names_what_is_missing() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         !o.status.success() && err.contains("tokenizer.json"),
+        "{err}"
+    );
+    // Nor one that is not a DINO checkpoint, with its config.
+    let o = run(
+        &dir().join("samples"),
+        &["--dino", &dir().join("clip").display().to_string()],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("model_type `clip`") && err.contains("config.json"),
         "{err}"
     );
 }

@@ -1,11 +1,13 @@
 //! The models of DreamBench's metrics, from transformers checkpoints in local files: CLIP
-//! (image and text embeddings, projected: CLIP-I and CLIP-T) and DINO (a ViT's CLS token after
-//! its final layer norm: the DINO score). candle-transformers provides the networks; this
-//! module reads transformers' configs, weights and preprocessing around them. Checked against
-//! transformers' CLIPModel and ViTModel on tiny random models (trainer/tests/eval.rs).
+//! (image and text embeddings, projected: CLIP-I and CLIP-T) and DINO (the CLS token after the
+//! final layer norm of a DINO ViT or a DINOv2: the DINO score). candle-transformers provides
+//! CLIP and the ViT, [`dinov2`] DINOv2; this module reads transformers' configs, weights and
+//! preprocessing around them. Checked against transformers' CLIPModel, ViTModel and
+//! Dinov2Model on tiny random models (trainer/tests/eval.rs).
 
 pub mod clip;
 pub mod dino;
+pub mod dinov2;
 pub mod preprocess;
 
 use candle_core::{DType, Tensor, D};
@@ -72,10 +74,10 @@ impl ClipFiles {
 }
 
 impl DinoFiles {
-    /// The files of the ViT checkpoint folder `folder`.
+    /// The files of the DINO (ViT or DINOv2) checkpoint folder `folder`.
     pub fn from_folder(folder: &dyn ModelFiles) -> Result<Self> {
         Ok(Self {
-            config: needed(folder, "config.json", "the ViT config")?,
+            config: needed(folder, "config.json", "the ViT or DINOv2 config")?,
             weights: crate::encoders::pretrained::weight_files(folder, "", "model")?,
             preprocessor: optional(folder, "preprocessor_config.json")?,
         })

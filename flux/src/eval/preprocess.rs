@@ -59,6 +59,17 @@ impl ImageProcessor {
         }
     }
 
+    /// DINOv2's processor (facebook/dinov2-*, a BitImageProcessor): shortest edge 256,
+    /// centre crop 224, bicubic, ImageNet statistics.
+    pub fn dinov2_default() -> Self {
+        Self {
+            resize: Some(Resize::ShortestEdge(256)),
+            filter: FilterType::CatmullRom,
+            crop: Some((224, 224)),
+            ..Self::vit_default()
+        }
+    }
+
     /// The processor `preprocessor_config.json` (at `path`, for messages) describes, with
     /// `base`'s values for what it leaves out.
     pub fn from_json(text: &str, path: &Path, base: Self) -> Result<Self> {
