@@ -29,7 +29,7 @@ pub struct EvalOptions {
     pub cases: PathBuf,
     /// A CLIPModel checkpoint folder (path or URL).
     pub clip: Option<String>,
-    /// A DINO ViT checkpoint folder (path or URL).
+    /// A DINO checkpoint folder, DINOv2 or DINO ViT (path or URL).
     pub dino: Option<String>,
 }
 

@@ -41,7 +41,11 @@ fn scorers() -> (ClipScorer, DinoScorer) {
 
 /// The DINO scorer of the fixture's folder `name` (`dino`, `dinov2`, `dinov2-swiglu`).
 fn dino(name: &str) -> DinoScorer {
-    DinoScorer::load(&DinoFiles::from_folder(&folder(name)).unwrap(), &Device::Cpu).unwrap()
+    DinoScorer::load(
+        &DinoFiles::from_folder(&folder(name)).unwrap(),
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 /// Every image of the fixture by its key (`refs.0-0.png`, `samples.1.png`).
@@ -102,7 +106,10 @@ fn dinov2_matches_transformers_on_the_same_pixels() {
     // The fixture's position embeddings are learnt for 5 x 5 patches and the images give
     // 4 x 4, so this also checks their bicubic resizing.
     let want = expected();
-    for (name, key_of) in [("dinov2", "dinov2_cls"), ("dinov2-swiglu", "dinov2_swiglu_cls")] {
+    for (name, key_of) in [
+        ("dinov2", "dinov2_cls"),
+        ("dinov2-swiglu", "dinov2_swiglu_cls"),
+    ] {
         let net = dino(name);
         for (key, _) in images() {
             let d = net

@@ -69,7 +69,8 @@ impl Dinov2Config {
                 cfg.hidden_act
             )));
         }
-        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
+        {
             return Err(bad(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 cfg.hidden_size, cfg.num_attention_heads
@@ -125,9 +126,15 @@ impl Dinov2Config {
 }
 
 enum Mlp {
-    Gelu { fc1: Linear, fc2: Linear },
+    Gelu {
+        fc1: Linear,
+        fc2: Linear,
+    },
     /// `weights_in` holds the gate's rows, then the up projection's.
-    SwiGlu { weights_in: Linear, weights_out: Linear },
+    SwiGlu {
+        weights_in: Linear,
+        weights_out: Linear,
+    },
 }
 
 impl Mlp {
@@ -213,7 +220,9 @@ impl Layer {
         let (b, n, d) = x.dims3()?;
         let hd = d / self.heads;
         let split = |t: Tensor| -> candle_core::Result<Tensor> {
-            t.reshape((b, n, self.heads, hd))?.transpose(1, 2)?.contiguous()
+            t.reshape((b, n, self.heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()
         };
         let q = split(self.query.forward(x)?)?;
         let k = split(self.key.forward(x)?)?;
@@ -280,7 +289,11 @@ impl Dinov2 {
                 ),
             ));
         }
-        let patches = self.patch_embed.forward(pixels)?.flatten_from(2)?.transpose(1, 2)?;
+        let patches = self
+            .patch_embed
+            .forward(pixels)?
+            .flatten_from(2)?
+            .transpose(1, 2)?;
         let d = patches.dim(2)?;
         let cls = self.cls_token.broadcast_as((b, 1, d))?;
         let position = self.position_for(gh, gw)?.unsqueeze(0)?;
@@ -423,7 +436,11 @@ mod tests {
         for (key, value, says) in [
             ("hidden_act", serde_json::json!("relu"), "hidden_act `relu`"),
             ("num_attention_heads", 3.into(), "not a multiple"),
-            ("image_size", serde_json::json!([40, 32]), "`image_size` [40,32]"),
+            (
+                "image_size",
+                serde_json::json!([40, 32]),
+                "`image_size` [40,32]",
+            ),
             ("patch_size", 64.into(), "no patch fits"),
         ] {
             let mut v = base.clone();
