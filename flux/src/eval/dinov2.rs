@@ -415,6 +415,121 @@ mod tests {
         }
     }
 
+    fn tiny(swiglu: bool) -> Dinov2Config {
+        Dinov2Config::from_json(
+            serde_json::json!({
+                "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+                "mlp_ratio": 2, "image_size": 40, "patch_size": 8, "use_swiglu_ffn": swiglu
+            }),
+            "tiny",
+        )
+        .unwrap()
+    }
+
+    /// `cfg`'s network with seeded uniform weights for every tensor it reads, on `device`.
+    fn random(cfg: &Dinov2Config, device: &Device) -> Dinov2 {
+        let mut names: Vec<(String, Vec<usize>)> = Vec::new();
+        let (d, h, p, g) = (cfg.hidden_size, cfg.mlp_hidden(), cfg.patch(), cfg.grid());
+        let mut add = |name: String, shape: &[usize]| names.push((name, shape.to_vec()));
+        add("embeddings.cls_token".into(), &[1, 1, d]);
+        add("embeddings.position_embeddings".into(), &[1, 1 + g * g, d]);
+        add(
+            "embeddings.patch_embeddings.projection.weight".into(),
+            &[d, 3, p, p],
+        );
+        add("embeddings.patch_embeddings.projection.bias".into(), &[d]);
+        add("layernorm.weight".into(), &[d]);
+        add("layernorm.bias".into(), &[d]);
+        let (fc1, fc2) = if cfg.use_swiglu_ffn {
+            (("mlp.weights_in", 2 * h), "mlp.weights_out")
+        } else {
+            (("mlp.fc1", h), "mlp.fc2")
+        };
+        for l in 0..cfg.num_hidden_layers {
+            let at = |n: &str| format!("encoder.layer.{l}.{n}");
+            for n in ["query", "key", "value"] {
+                add(at(&format!("attention.attention.{n}.weight")), &[d, d]);
+                add(at(&format!("attention.attention.{n}.bias")), &[d]);
+            }
+            add(at("attention.output.dense.weight"), &[d, d]);
+            add(at("attention.output.dense.bias"), &[d]);
+            add(at(&format!("{}.weight", fc1.0)), &[fc1.1, d]);
+            add(at(&format!("{}.bias", fc1.0)), &[fc1.1]);
+            add(at(&format!("{fc2}.weight")), &[d, h]);
+            add(at(&format!("{fc2}.bias")), &[d]);
+            for n in ["norm1", "norm2"] {
+                add(at(&format!("{n}.weight")), &[d]);
+                add(at(&format!("{n}.bias")), &[d]);
+            }
+            add(at("layer_scale1.lambda1"), &[d]);
+            add(at("layer_scale2.lambda1"), &[d]);
+        }
+        let tensors = names
+            .into_iter()
+            .enumerate()
+            .map(|(i, (name, shape))| {
+                let t = crate::test_util::uniform(&shape, i as u64, 0.5)
+                    .to_dtype(DType::F32)
+                    .and_then(|t| t.to_device(device))
+                    .unwrap();
+                (name, t)
+            })
+            .collect();
+        Dinov2::load(cfg, VarBuilder::from_tensors(tensors, DType::F32, device)).unwrap()
+    }
+
+    fn pixels(batch: usize, side: usize, seed: u64) -> Tensor {
+        crate::test_util::uniform(&[batch, 3, side, side], seed, 1.0)
+            .to_dtype(DType::F32)
+            .unwrap()
+    }
+
+    #[test]
+    fn images_of_a_batch_do_not_mix_and_the_learnt_grid_is_not_resized() {
+        for swiglu in [false, true] {
+            let net = random(&tiny(swiglu), &Device::Cpu);
+            let x = pixels(2, 32, 7);
+            let both = net.cls(&x).unwrap();
+            assert_eq!(both.dims(), &[2, 16]);
+            for i in 0..2 {
+                let one = net.cls(&x.narrow(0, i, 1).unwrap()).unwrap();
+                let err = crate::test_util::max_diff(&one, &both.narrow(0, i, 1).unwrap());
+                assert!(err < 1e-5, "swiglu {swiglu}, image {i}: {err}");
+            }
+        }
+        let net = random(&tiny(false), &Device::Cpu);
+        let learnt = crate::test_util::max_diff(&net.position_for(5, 5).unwrap(), &net.position);
+        assert_eq!(learnt, 0.0);
+        assert_eq!(net.position_for(4, 4).unwrap().dims(), &[17, 16]);
+        // The learnt count on a grid that is not square is resized too, as transformers does.
+        let flat = net.position_for(25, 1).unwrap();
+        assert_eq!(flat.dims(), &[26, 16]);
+        assert!(crate::test_util::max_diff(&flat, &net.position) > 1e-3);
+    }
+
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_dinov2_matches_the_cpu() {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("not run: no CUDA device");
+            return;
+        };
+        for swiglu in [false, true] {
+            let cfg = tiny(swiglu);
+            let (cpu, cuda) = (random(&cfg, &Device::Cpu), random(&cfg, &gpu));
+            // 48 pixels: a 6 x 6 grid, so the position embeddings are resized on both.
+            let x = pixels(2, 48, 11);
+            let want = cpu.cls(&x).unwrap();
+            let got = cuda
+                .cls(&x.to_device(&gpu).unwrap())
+                .unwrap()
+                .to_device(&Device::Cpu)
+                .unwrap();
+            let err = crate::test_util::max_diff(&got, &want);
+            assert!(err < 1e-4, "swiglu {swiglu}: {err}");
+        }
+    }
+
     #[test]
     fn configs_it_cannot_run_are_named() {
         let at = "dinov2/config.json";
