@@ -8,19 +8,27 @@
 #     diffusers and no network).
 # It fails when the kit is above 56 MiB, which leaves room under the 64 MiB a device run carries.
 #
-# The CUDA toolchain comes from a build-cuda.sh that installs a pinned nvcc and prints its
-# environment (CUDA_ENV_ONLY=1): BUILD_CUDA=path, default ../shared/gpu/build-cuda.sh.
-# The release build goes to target/cuda so it never disturbs the CPU build.
+# The CUDA toolchain: a CUDA toolkit whose nvcc is on PATH (candle's kernels are compiled for
+# CUDA_COMPUTE_CAP, default 90: H100/H200), or BUILD_CUDA=path to a script that installs a
+# pinned nvcc and prints the environment for it when run with CUDA_ENV_ONLY=1 (what a machine
+# without a toolkit uses). The release build goes to target/cuda so it never disturbs the CPU
+# build.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-BUILD_CUDA=${BUILD_CUDA:-../shared/gpu/build-cuda.sh}
 KIT=gpu-kit
 LIMIT_MIB=56
-if [ ! -x "$BUILD_CUDA" ]; then
-  echo "build.sh: no CUDA toolchain script at $BUILD_CUDA (set BUILD_CUDA)" >&2
+if [ -n "${BUILD_CUDA:-}" ]; then
+  if [ ! -x "$BUILD_CUDA" ]; then
+    echo "build.sh: BUILD_CUDA=$BUILD_CUDA is not an executable script" >&2
+    exit 1
+  fi
+  eval "$(CUDA_ENV_ONLY=1 "$BUILD_CUDA")"
+elif ! command -v nvcc > /dev/null; then
+  echo "build.sh: no nvcc on PATH; install a CUDA toolkit, or set BUILD_CUDA to a script that" \
+    "prints the environment of one (CUDA_ENV_ONLY=1)" >&2
   exit 1
 fi
-eval "$(CUDA_ENV_ONLY=1 "$BUILD_CUDA")"
+export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/cuda}
 rm -rf "$KIT"
 mkdir -p "$KIT/wheels"
