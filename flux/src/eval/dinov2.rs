@@ -18,27 +18,42 @@ use serde::Deserialize;
 
 use crate::encoders::{EncodeError, Result};
 
-/// The fields of transformers' `Dinov2Config` the network needs.
-#[derive(Debug, Clone, Deserialize)]
+/// The fields of transformers' `Dinov2Config` the network needs, checked.
+#[derive(Debug, Clone)]
 pub struct Dinov2Config {
     pub hidden_size: usize,
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
-    #[serde(default = "default_mlp_ratio")]
     pub mlp_ratio: f64,
-    #[serde(default = "default_act")]
-    pub hidden_act: String,
-    #[serde(default = "default_eps")]
     pub layer_norm_eps: f64,
-    /// The image side the position embeddings were learnt for (an int or [h, w] in the file).
-    pub image_size: serde_json::Value,
-    pub patch_size: serde_json::Value,
-    #[serde(default = "default_channels")]
+    /// The image side the position embeddings were learnt for.
+    pub image_size: usize,
+    pub patch_size: usize,
     pub num_channels: usize,
-    #[serde(default = "default_true")]
     pub qkv_bias: bool,
-    #[serde(default)]
     pub use_swiglu_ffn: bool,
+}
+
+/// `config.json` as written: sizes may be an int or an [h, w] pair.
+#[derive(Deserialize)]
+struct Raw {
+    hidden_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    #[serde(default = "default_mlp_ratio")]
+    mlp_ratio: f64,
+    #[serde(default = "default_act")]
+    hidden_act: String,
+    #[serde(default = "default_eps")]
+    layer_norm_eps: f64,
+    image_size: serde_json::Value,
+    patch_size: serde_json::Value,
+    #[serde(default = "default_channels")]
+    num_channels: usize,
+    #[serde(default = "default_true")]
+    qkv_bias: bool,
+    #[serde(default)]
+    use_swiglu_ffn: bool,
 }
 
 fn default_mlp_ratio() -> f64 {
@@ -62,55 +77,56 @@ impl Dinov2Config {
     /// implements.
     pub fn from_json(v: serde_json::Value, at: &str) -> Result<Self> {
         let bad = |reason: String| EncodeError::file(at.to_string(), reason);
-        let cfg: Self = serde_json::from_value(v).map_err(|e| bad(e.to_string()))?;
-        if cfg.hidden_act != "gelu" {
+        let raw: Raw = serde_json::from_value(v).map_err(|e| bad(e.to_string()))?;
+        if raw.hidden_act != "gelu" {
             return Err(bad(format!(
                 "hidden_act `{}`: DINOv2's `gelu` is expected",
-                cfg.hidden_act
+                raw.hidden_act
             )));
         }
-        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
+        if raw.num_attention_heads == 0 || !raw.hidden_size.is_multiple_of(raw.num_attention_heads)
         {
             return Err(bad(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
-                cfg.hidden_size, cfg.num_attention_heads
+                raw.hidden_size, raw.num_attention_heads
             )));
         }
-        let (image, patch) = (cfg.side("image_size", at)?, cfg.side("patch_size", at)?);
-        if patch == 0 || image < patch {
+        // A square side from an int or an [h, w] pair with h = w.
+        let side = |key: &str, v: &serde_json::Value| {
+            let n = match v {
+                serde_json::Value::Array(a) if a.len() == 2 && a[0] == a[1] => a[0].as_u64(),
+                other => other.as_u64(),
+            };
+            n.map(|n| n as usize).ok_or_else(|| {
+                bad(format!(
+                    "`{key}` {v}: a side in pixels (or a square [h, w]) is expected"
+                ))
+            })
+        };
+        let image_size = side("image_size", &raw.image_size)?;
+        let patch_size = side("patch_size", &raw.patch_size)?;
+        if patch_size == 0 || image_size < patch_size {
             return Err(bad(format!(
-                "image_size {image} and patch_size {patch}: no patch fits"
+                "image_size {image_size} and patch_size {patch_size}: no patch fits"
             )));
         }
-        Ok(cfg)
-    }
-
-    /// A square side from an int or an [h, w] pair with h = w.
-    fn side(&self, key: &str, at: &str) -> Result<usize> {
-        let v = if key == "image_size" {
-            &self.image_size
-        } else {
-            &self.patch_size
-        };
-        let n = match v {
-            serde_json::Value::Array(a) if a.len() == 2 && a[0] == a[1] => a[0].as_u64(),
-            other => other.as_u64(),
-        };
-        n.map(|n| n as usize).ok_or_else(|| {
-            EncodeError::file(
-                at.to_string(),
-                format!("`{key}` {v}: a side in pixels (or a square [h, w]) is expected"),
-            )
+        Ok(Self {
+            hidden_size: raw.hidden_size,
+            num_hidden_layers: raw.num_hidden_layers,
+            num_attention_heads: raw.num_attention_heads,
+            mlp_ratio: raw.mlp_ratio,
+            layer_norm_eps: raw.layer_norm_eps,
+            image_size,
+            patch_size,
+            num_channels: raw.num_channels,
+            qkv_bias: raw.qkv_bias,
+            use_swiglu_ffn: raw.use_swiglu_ffn,
         })
-    }
-
-    fn patch(&self) -> usize {
-        self.side("patch_size", "").unwrap_or(14)
     }
 
     /// The side of the grid of patches the position embeddings were learnt for.
     fn grid(&self) -> usize {
-        self.side("image_size", "").unwrap_or(518) / self.patch()
+        self.image_size / self.patch_size
     }
 
     /// The MLP's hidden width: hidden x mlp_ratio, and for SwiGLU two thirds of it rounded up
@@ -249,7 +265,7 @@ impl Dinov2 {
     /// The network of `cfg` from `vb` (rooted where `embeddings.` is).
     pub fn load(cfg: &Dinov2Config, vb: VarBuilder) -> candle_core::Result<Self> {
         let d = cfg.hidden_size;
-        let (patch, grid) = (cfg.patch(), cfg.grid());
+        let (patch, grid) = (cfg.patch_size, cfg.grid());
         let conv = Conv2dConfig {
             stride: patch,
             ..Default::default()
@@ -429,7 +445,12 @@ mod tests {
     /// `cfg`'s network with seeded uniform weights for every tensor it reads, on `device`.
     fn random(cfg: &Dinov2Config, device: &Device) -> Dinov2 {
         let mut names: Vec<(String, Vec<usize>)> = Vec::new();
-        let (d, h, p, g) = (cfg.hidden_size, cfg.mlp_hidden(), cfg.patch(), cfg.grid());
+        let (d, h, p, g) = (
+            cfg.hidden_size,
+            cfg.mlp_hidden(),
+            cfg.patch_size,
+            cfg.grid(),
+        );
         let mut add = |name: String, shape: &[usize]| names.push((name, shape.to_vec()));
         add("embeddings.cls_token".into(), &[1, 1, d]);
         add("embeddings.position_embeddings".into(), &[1, 1 + g * g, d]);
@@ -538,7 +559,7 @@ mod tests {
             "image_size": 40, "patch_size": 8
         });
         let cfg = Dinov2Config::from_json(base.clone(), at).unwrap();
-        assert_eq!((cfg.grid(), cfg.patch(), cfg.mlp_hidden()), (5, 8, 64));
+        assert_eq!((cfg.grid(), cfg.patch_size, cfg.mlp_hidden()), (5, 8, 64));
         let mut swiglu = base.clone();
         swiglu["use_swiglu_ffn"] = true.into();
         swiglu["image_size"] = serde_json::json!([518, 518]);
