@@ -76,12 +76,8 @@ fn clip_and_dino_match_transformers_on_the_same_pixels() {
             .unwrap();
         let err = max_abs_diff(&e, &want[&format!("clip_image.{key}")]);
         assert!(err <= EMBED_TOL, "CLIP image {key}: {err}");
-        let d = dino
-            .image_pixels(&want[&format!("dino_pixels.{key}")])
-            .unwrap();
-        let err = max_abs_diff(&d, &want[&format!("dino_cls.{key}")]);
-        assert!(err <= EMBED_TOL, "DINO {key}: {err}");
     }
+    dino_matches(&want, &dino, "DINO", "dino_pixels", "dino_cls");
     let cases = trainer::sample::read_cases(dir().join("cases.json").to_str().unwrap()).unwrap();
     for c in &cases {
         let i = c.stem();
@@ -106,18 +102,27 @@ fn dinov2_matches_transformers_on_the_same_pixels() {
     // The fixture's position embeddings are learnt for 5 x 5 patches and the images give
     // 4 x 4, so this also checks their bicubic resizing.
     let want = expected();
-    for (name, key_of) in [
+    for (name, cls) in [
         ("dinov2", "dinov2_cls"),
         ("dinov2-swiglu", "dinov2_swiglu_cls"),
     ] {
-        let net = dino(name);
-        for (key, _) in images() {
-            let d = net
-                .image_pixels(&want[&format!("dinov2_pixels.{key}")])
-                .unwrap();
-            let err = max_abs_diff(&d, &want[&format!("{key_of}.{key}")]);
-            assert!(err <= EMBED_TOL, "{name} {key}: {err}");
-        }
+        dino_matches(&want, &dino(name), name, "dinov2_pixels", cls);
+    }
+}
+
+/// `net`'s CLS feature of every fixture image, from transformers' pixels (`<pixels>.<image>`),
+/// within EMBED_TOL of transformers' (`<cls>.<image>`).
+fn dino_matches(
+    want: &HashMap<String, Tensor>,
+    net: &DinoScorer,
+    name: &str,
+    pixels: &str,
+    cls: &str,
+) {
+    for (key, _) in images() {
+        let d = net.image_pixels(&want[&format!("{pixels}.{key}")]).unwrap();
+        let err = max_abs_diff(&d, &want[&format!("{cls}.{key}")]);
+        assert!(err <= EMBED_TOL, "{name} {key}: {err}");
     }
 }
 

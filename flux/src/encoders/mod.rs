@@ -72,6 +72,21 @@ impl EncodeError {
 
 pub type Result<T> = std::result::Result<T, EncodeError>;
 
+/// `vb` under `prefix` when the weights carry it (a checkpoint of a larger model keeps this
+/// one under its name: CLIP's text model in a CLIPModel, a backbone under its head), found by
+/// `probe`, a tensor every such checkpoint has.
+pub(crate) fn unprefixed<'a>(
+    vb: candle_nn::VarBuilder<'a>,
+    prefix: &str,
+    probe: &str,
+) -> candle_nn::VarBuilder<'a> {
+    if vb.contains_tensor(&format!("{prefix}.{probe}")) {
+        vb.pp(prefix)
+    } else {
+        vb
+    }
+}
+
 /// An image as f32 CHW in [-1, 1].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Pixels {

@@ -450,11 +450,7 @@ pub(crate) fn load(
     let clip_cfg = files.clip_cfg()?;
     let clip_at = files.clip_weights[0].display().to_string();
     let vb = mmaped(&files.clip_weights, dtype, device)?;
-    let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
-        vb.pp("text_model")
-    } else {
-        vb
-    };
+    let vb = super::unprefixed(vb, "text_model", "embeddings.token_embedding.weight");
     let clip =
         ClipTextTransformer::new(vb, &clip_cfg).map_err(|e| EncodeError::candle(&clip_at, e))?;
     let clip_tokens = clip_cfg.max_position_embeddings;

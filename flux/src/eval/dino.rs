@@ -13,13 +13,13 @@
 use std::path::PathBuf;
 
 use candle_core::{Device, IndexOp, Module, Tensor};
-use candle_nn::{LayerNorm, VarBuilder};
+use candle_nn::LayerNorm;
 use candle_transformers::models::vit;
 use image::RgbImage;
 
 use super::dinov2::{Dinov2, Dinov2Config};
 use super::{processor, read_json, weights, ImageProcessor};
-use crate::encoders::{EncodeError, Result};
+use crate::encoders::{unprefixed, EncodeError, Result};
 
 /// The files of a DINO checkpoint, local.
 #[derive(Debug, Clone)]
@@ -122,15 +122,5 @@ impl DinoScorer {
     /// The CLS feature of `img`, [D].
     pub fn image(&self, img: &RgbImage) -> Result<Tensor> {
         self.image_pixels(&self.pixels(img)?)
-    }
-}
-
-/// `vb` under `prefix` when the weights carry it (a checkpoint of a model with a head keeps
-/// the backbone under its name), found by a tensor every such checkpoint has.
-fn unprefixed<'a>(vb: VarBuilder<'a>, prefix: &str, probe: &str) -> VarBuilder<'a> {
-    if vb.contains_tensor(&format!("{prefix}.{probe}")) {
-        vb.pp(prefix)
-    } else {
-        vb
     }
 }

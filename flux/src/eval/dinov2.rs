@@ -12,7 +12,7 @@
 //! a final layer norm. The feature is the CLS token after it (transformers'
 //! `last_hidden_state[:, 0]`, its `pooler_output`). Inference only: no op here needs a backward.
 
-use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
+use candle_core::{DType, IndexOp, Module, Tensor, D};
 use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
@@ -243,9 +243,8 @@ impl Layer {
         let q = split(self.query.forward(x)?)?;
         let k = split(self.key.forward(x)?)?;
         let v = split(self.value.forward(x)?)?;
-        let scores = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?;
-        let p = candle_nn::ops::softmax_last_dim(&scores)?;
-        Ok(p.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?)
+        let o = crate::attention::full(&q, &k, &v, None)?;
+        Ok(o.transpose(1, 2)?.reshape((b, n, d))?)
     }
 }
 
@@ -324,7 +323,7 @@ impl Dinov2 {
     /// the learnt square one, else its patch part resized bicubically (transformers resizes
     /// whenever the grid is not square, even at the learnt count).
     fn position_for(&self, gh: usize, gw: usize) -> Result<Tensor> {
-        if gh * gw == self.grid * self.grid && gh == gw {
+        if gh == self.grid && gw == self.grid {
             return Ok(self.position.clone());
         }
         let d = self.position.dim(1)?;
@@ -332,10 +331,10 @@ impl Dinov2 {
         let learnt = self.position.i(1..)?.to_dtype(DType::F32)?;
         // [g, g, D] -> rows resized: [gh, g * D], then columns: [gh, gw, D].
         let g = self.grid;
-        let rows = matrix(&bicubic_weights(g, gh), gh, g, device)?
+        let rows = Tensor::from_slice(&bicubic_weights(g, gh), (gh, g), device)?
             .matmul(&learnt.reshape((g, g * d))?)?
             .reshape((gh, g, d))?;
-        let cols = matrix(&bicubic_weights(g, gw), gw, g, device)?;
+        let cols = Tensor::from_slice(&bicubic_weights(g, gw), (gw, g), device)?;
         let resized = cols
             .unsqueeze(0)?
             .broadcast_as((gh, gw, g))?
@@ -345,10 +344,6 @@ impl Dinov2 {
             .to_dtype(self.position.dtype())?;
         Ok(Tensor::cat(&[&self.position.i(..1)?, &resized], 0)?)
     }
-}
-
-fn matrix(w: &[f32], rows: usize, cols: usize, device: &Device) -> Result<Tensor> {
-    Ok(Tensor::from_slice(w, (rows, cols), device)?)
 }
 
 /// The [out, in] matrix (row-major) of 1-D bicubic resizing from `n_in` samples to `n_out`
@@ -378,6 +373,7 @@ pub fn bicubic_weights(n_in: usize, n_out: usize) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     fn resize(values: &[f32], n_out: usize) -> Vec<f32> {
         let w = bicubic_weights(values.len(), n_out);
