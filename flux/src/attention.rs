@@ -6,7 +6,9 @@
 //!   query rows and keeps only the output and each row's logsumexp. The backward recomputes
 //!   each chunk's probabilities from them (as FlashAttention does, but with candle's matmuls,
 //!   so cuBLAS on the GPU). One call holds O(H x chunk x S) attention values at a time instead
-//!   of O(H x S x S).
+//!   of O(H x S x S). On the CPU in f32 and f64 with the fused ops, the whole call runs in
+//!   `kernels::cpu_attention` instead: per head and per tile of rows that fits the core's
+//!   cache, strided GEMM calls and the softmax in one pass (the chunk caps the tile's rows).
 //!
 //! The reference isolation mask ([`GroupMask`]) is generated per chunk on the device from one
 //! group id per token, so no [S, S] mask is ever stored.
@@ -30,16 +32,19 @@ pub enum Attention {
     /// Scores and probabilities of all rows at once (kept for the backward).
     Full,
     /// Query rows in chunks of `chunk`, probabilities recomputed in the backward. With
-    /// `fit_cpu_cache`, CPU chunks shrink to keep their scores in cache ([`rows_per_chunk`]);
-    /// without, every device takes `chunk` rows (what a GPU memory estimate measures).
-    Chunked { chunk: usize, fit_cpu_cache: bool },
+    /// `cpu_tiles`, a CPU call in f32 or f64 with the fused ops runs in
+    /// `kernels::cpu_attention`'s cache-sized tiles (at most `chunk` rows each), and other CPU
+    /// chunks shrink to keep their scores in cache ([`rows_per_chunk`]); without, every device
+    /// takes `chunk` rows through the chunked candle ops (what a GPU memory estimate measures,
+    /// and the reference the tiles are tested against).
+    Chunked { chunk: usize, cpu_tiles: bool },
 }
 
 impl Default for Attention {
     fn default() -> Self {
         Attention::Chunked {
             chunk: DEFAULT_CHUNK,
-            fit_cpu_cache: true,
+            cpu_tiles: true,
         }
     }
 }
@@ -132,17 +137,14 @@ pub fn attention(
 ) -> Result<Tensor> {
     match kind {
         Attention::Full => full(q_bhsd, k_bhsd, v_bhsd, mask),
-        Attention::Chunked {
-            chunk,
-            fit_cpu_cache,
-        } => {
-            let rows = if fit_cpu_cache {
+        Attention::Chunked { chunk, cpu_tiles } => {
+            let rows = if cpu_tiles {
                 let (b, h, _, _) = q_bhsd.dims4()?;
                 rows_per_chunk(chunk, b * h, k_bhsd.dim(2)?, q_bhsd.device())
             } else {
                 chunk
             };
-            chunked(q_bhsd, k_bhsd, v_bhsd, mask, rows.max(1))
+            chunked_call(q_bhsd, k_bhsd, v_bhsd, mask, rows.max(1), cpu_tiles)
         }
     }
 }
@@ -169,7 +171,8 @@ pub fn full(
 
 /// A run of query rows and the keys they attend to. On a GPU, with the composed ops, or without
 /// a mask, one block holds every row and every key, and the softmax applies the mask. On the
-/// CPU with the fused ops each run of rows of one group is a block: shared rows see every key, and a reference's rows see only the
+/// CPU with the fused ops and half-precision inputs (f32 and f64 run in `kernels::cpu_attention`,
+/// whose tiles take the same key ranges in place) each run of rows of one group is a block: shared rows see every key, and a reference's rows see only the
 /// shared keys and their own, gathered into a smaller K and V, so neither the products nor the
 /// softmax spend work on keys the mask would zero (a third of a reference row's keys with two
 /// references). The values are the same: blocked keys contribute exactly zero either way.
@@ -209,18 +212,27 @@ struct Operands {
     mask: Option<GroupMask>,
     /// The fused softmax applies: enabled, and on the CPU or (f32, bf16) on CUDA.
     fused: bool,
+    /// The whole call runs in `kernels::cpu_attention`'s tiles: fused ops enabled, on the CPU,
+    /// f32 or f64 (half inputs on the CPU keep the chunks, whose products round P to them).
+    tiled: bool,
 }
 
 impl Operands {
-    fn new(k_bhsd: &Tensor, dtype: DType, mask: Option<&GroupMask>) -> Result<Self> {
+    fn new(
+        k_bhsd: &Tensor,
+        dtype: DType,
+        mask: Option<&GroupMask>,
+        cpu_tiles: bool,
+    ) -> Result<Self> {
         let d = k_bhsd.dim(3)?;
+        let (enabled, cpu) = (crate::fused::enabled(), k_bhsd.device().is_cpu());
         Ok(Self {
             dtype,
             scale: 1.0 / (d as f64).sqrt(),
             k: k_bhsd.detach().contiguous()?,
             mask: mask.cloned(),
-            fused: crate::fused::enabled()
-                && (k_bhsd.device().is_cpu() || matches!(dtype, DType::F32 | DType::BF16)),
+            fused: enabled && (cpu || matches!(dtype, DType::F32 | DType::BF16)),
+            tiled: cpu_tiles && enabled && cpu && matches!(dtype, DType::F32 | DType::F64),
         })
     }
 
@@ -252,6 +264,11 @@ impl Operands {
             }
             _ => scores,
         })
+    }
+
+    /// The group ids of the mask, for `kernels::cpu_attention`.
+    fn group_ids(&self) -> Option<&[u32]> {
+        self.mask.as_ref().map(|m| m.ids.as_slice())
     }
 
     /// The blocks of the `rows` query rows and the keys they see ([`KeyBlock`]). Query row i
@@ -381,7 +398,8 @@ fn chunks(rows: Range<usize>, chunk: usize) -> impl Iterator<Item = (usize, usiz
         .map(move |start| (start, chunk.min(end - start)))
 }
 
-/// The memory-linear form (module docs).
+/// The memory-linear form (module docs) in chunks of `chunk` rows on every device, as a GPU
+/// runs it: [`Attention::Chunked`] without `cpu_tiles`.
 pub fn chunked(
     q_bhsd: &Tensor,
     k_bhsd: &Tensor,
@@ -389,23 +407,40 @@ pub fn chunked(
     mask: Option<&GroupMask>,
     chunk: usize,
 ) -> Result<Tensor> {
+    chunked_call(q_bhsd, k_bhsd, v_bhsd, mask, chunk, false)
+}
+
+/// The memory-linear form; with `cpu_tiles` f32 and f64 on the CPU run in
+/// `kernels::cpu_attention` (tiles of at most `chunk` rows).
+fn chunked_call(
+    q_bhsd: &Tensor,
+    k_bhsd: &Tensor,
+    v_bhsd: &Tensor,
+    mask: Option<&GroupMask>,
+    chunk: usize,
+    cpu_tiles: bool,
+) -> Result<Tensor> {
     let _phase = crate::profile::phase("op: attention forward", q_bhsd.device());
     let dtype = q_bhsd.dtype();
-    let ops = Operands::new(k_bhsd, dtype, mask)?;
+    let ops = Operands::new(k_bhsd, dtype, mask, cpu_tiles)?;
     let q = q_bhsd.detach().contiguous()?;
     let v = v_bhsd.detach().contiguous()?;
-    let mut outs = Vec::new();
-    let mut lses = Vec::new();
-    for block in ops.blocks(q.dim(2)?, &v)? {
-        for (start, len) in chunks(block.rows.clone(), chunk) {
-            // P in the inputs' dtype for its product with V, as FlashAttention does.
-            let (p, lse) = ops.forward_probs(&q, &block, start, len)?;
-            outs.push(matmul_f32_out(&p, &block.v)?.to_dtype(dtype)?);
-            lses.push(lse);
+    let (out, lse) = if ops.tiled {
+        let groups = ops.group_ids();
+        kernels::cpu_attention::forward(&q, &ops.k, &v, groups, ops.scale, chunk)?
+    } else {
+        let mut outs = Vec::new();
+        let mut lses = Vec::new();
+        for block in ops.blocks(q.dim(2)?, &v)? {
+            for (start, len) in chunks(block.rows.clone(), chunk) {
+                // P in the inputs' dtype for its product with V, as FlashAttention does.
+                let (p, lse) = ops.forward_probs(&q, &block, start, len)?;
+                outs.push(matmul_f32_out(&p, &block.v)?.to_dtype(dtype)?);
+                lses.push(lse);
+            }
         }
-    }
-    let out = Tensor::cat(&outs, 2)?.contiguous()?;
-    let lse = Tensor::cat(&lses, 2)?;
+        (Tensor::cat(&outs, 2)?.contiguous()?, Tensor::cat(&lses, 2)?)
+    };
     let op = ChunkedAttention {
         ops,
         chunk,
@@ -506,6 +541,23 @@ impl CustomOp3 for ChunkedAttention {
             &self.ops.k,
             v.detach().contiguous()?,
         );
+        if self.ops.tiled {
+            let (o, g) = (res.detach().contiguous()?, grad_res.contiguous()?);
+            let groups = self.ops.group_ids();
+            let (dq, dk, dv) = kernels::cpu_attention::backward(
+                &q,
+                k,
+                &v,
+                &o,
+                &g,
+                &self.lse,
+                groups,
+                self.ops.scale,
+                self.chunk,
+            )
+            .map_err(|e| to_candle(e.into()))?;
+            return Ok((Some(dq), Some(dk), Some(dv)));
+        }
         let (o, g) = (res.detach().to_dtype(cdt)?, grad_res.contiguous()?);
         let mut dq = Vec::new();
         let mut dk = k.zeros_like()?.to_dtype(cdt)?;
@@ -663,24 +715,34 @@ mod tests {
             Attention::Full,
             Attention::Chunked {
                 chunk: 1,
-                fit_cpu_cache: false,
+                cpu_tiles: false,
             },
             Attention::Chunked {
                 chunk: 4,
-                fit_cpu_cache: false,
+                cpu_tiles: false,
             },
             Attention::Chunked {
                 chunk: 5,
-                fit_cpu_cache: false,
+                cpu_tiles: false,
             },
             Attention::Chunked {
                 chunk: 13,
-                fit_cpu_cache: false,
+                cpu_tiles: false,
             },
             Attention::Chunked {
                 chunk: 100,
-                fit_cpu_cache: false,
+                cpu_tiles: false,
             },
+            // The CPU tiles (kernels::cpu_attention), tiles capped at 1, 5 and 100 rows.
+            Attention::Chunked {
+                chunk: 1,
+                cpu_tiles: true,
+            },
+            Attention::Chunked {
+                chunk: 5,
+                cpu_tiles: true,
+            },
+            Attention::default(),
         ] {
             let (o, _) = loss_and_grads(&c, kind);
             let got = o.flatten_all().unwrap().to_vec1::<f64>().unwrap();
@@ -698,27 +760,28 @@ mod tests {
         let c = case();
         let (_, full) = loss_and_grads(&c, Attention::Full);
         for chunk in [1, 3, 7, 13, 64] {
-            let (_, got) = loss_and_grads(
-                &c,
-                Attention::Chunked {
-                    chunk,
-                    fit_cpu_cache: false,
-                },
-            );
-            for (name, (a, b)) in ["q", "k", "v"].iter().zip(got.iter().zip(&full)) {
-                let d = max_diff(a, b);
-                assert!(d < 1e-10, "chunk {chunk}, d{name}: {d}");
+            for cpu_tiles in [false, true] {
+                let (_, got) = loss_and_grads(&c, Attention::Chunked { chunk, cpu_tiles });
+                for (name, (a, b)) in ["q", "k", "v"].iter().zip(got.iter().zip(&full)) {
+                    let d = max_diff(a, b);
+                    assert!(d < 1e-10, "chunk {chunk}, tiles {cpu_tiles}, d{name}: {d}");
+                }
             }
         }
     }
 
     #[test]
     fn chunked_gradients_match_finite_differences() {
+        for cpu_tiles in [false, true] {
+            gradients_match_finite_differences(Attention::Chunked {
+                chunk: 5,
+                cpu_tiles,
+            });
+        }
+    }
+
+    fn gradients_match_finite_differences(kind: Attention) {
         let c = case();
-        let kind = Attention::Chunked {
-            chunk: 5,
-            fit_cpu_cache: false,
-        };
         let (_, grads) = loss_and_grads(&c, kind);
         let loss = |q: &Tensor, k: &Tensor, v: &Tensor| -> f64 {
             let o = attention(q, k, v, Some(&c.mask), kind).unwrap();
@@ -751,7 +814,7 @@ mod tests {
                 let fd = (bump(1.0) - bump(-1.0)) / (2.0 * eps);
                 assert!(
                     (fd - g[idx]).abs() < 1e-6 * (1.0 + fd.abs()),
-                    "input {which} element {idx}: fd {fd} vs {}",
+                    "{kind:?} input {which} element {idx}: fd {fd} vs {}",
                     g[idx]
                 );
             }

@@ -3,8 +3,11 @@
 //! `rows::attention_rows` computes, for sampled reference points, their head-averaged softmax
 //! over the target tokens without any full attention map (a candle op with a CPU and an NVRTC
 //! CUDA forward and a backward); `losses` turns rows into SCAL and MDL (candle ops with a
-//! backward on the small rows tensor).
+//! backward on the small rows tensor). `softmax` and `fused` are the fused softmax and row ops
+//! of the training step (CUDA and CPU), `cpu_attention` the CPU's whole attention call in
+//! cache-sized tiles, `optim` the in-place AdamW and EMA on CUDA.
 
+pub mod cpu_attention;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod error;

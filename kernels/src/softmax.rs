@@ -56,7 +56,7 @@ fn group_ids<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [u32]
 /// The CPU work, in the scores' float type (f32 for f32 and half inputs, f64 for f64): a row's
 /// logsumexp, P from it, and dS. Rows run in parallel (rayon); each row loops over the key
 /// ranges it sees ([`Visibility`]), so the loops have no per-key test and vectorize.
-trait RowFloat:
+pub(crate) trait RowFloat:
     Copy
     + Send
     + Sync
@@ -161,7 +161,7 @@ impl Visibility {
     }
 }
 
-fn row_lse<F: RowFloat>(row: &[F], scale: F, seen: &[Range<usize>]) -> F {
+pub(crate) fn row_lse<F: RowFloat>(row: &[F], scale: F, seen: &[Range<usize>]) -> F {
     if let Some(lse) = F::fast_lse(row, scale, seen) {
         return lse;
     }

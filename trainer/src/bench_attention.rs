@@ -82,7 +82,7 @@ pub fn report(chunk: usize) -> Result<String> {
             &refs,
             Attention::Chunked {
                 chunk,
-                fit_cpu_cache: false, // the per-token cost a GPU budget takes: `chunk` rows
+                cpu_tiles: false, // the per-token cost a GPU budget takes: `chunk` rows
             },
         )?;
         let full = if s <= FULL_MEASURED_UP_TO {

@@ -232,7 +232,7 @@ impl ModelSection {
         match self.attention {
             AttentionName::Chunked => flux::Attention::Chunked {
                 chunk: self.attention_chunk,
-                fit_cpu_cache: true,
+                cpu_tiles: true,
             },
             AttentionName::Full => flux::Attention::Full,
         }
