@@ -198,7 +198,7 @@ fn row_probs<F: RowFloat, T: Send>(
 
 /// Lanes of the f32 row loops: fixed-size inner loops the compiler turns into SIMD (a float
 /// sum is otherwise a serial chain: it may not reorder it).
-const LANES: usize = 8;
+pub(crate) const LANES: usize = 8;
 
 /// e^x in f32 without a libm call, so loops over it vectorize: n = round(x log2 e), the
 /// remainder r = x - n ln 2 in two steps (ln 2 split into a short high part and a low part, so
@@ -206,7 +206,7 @@ const LANES: usize = 8;
 /// 1e-8 before rounding), 2^n through the exponent bits. Inputs are clamped to [-87, 88] (e^-87
 /// is near the smallest normal f32; softmax arguments are <= 0 here).
 #[inline(always)]
-fn exp_f32(x: f32) -> f32 {
+pub(crate) fn exp_f32(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4; // 0.693359375, 9 significant bits
     const LN2_LO: f32 = -2.121_944_4e-4;
     // 1.5 x 2^23: adding and subtracting it rounds to the nearest integer without a call.
