@@ -161,7 +161,7 @@ impl Visibility {
     }
 }
 
-pub(crate) fn row_lse<F: RowFloat>(row: &[F], scale: F, seen: &[Range<usize>]) -> F {
+fn row_lse<F: RowFloat>(row: &[F], scale: F, seen: &[Range<usize>]) -> F {
     if let Some(lse) = F::fast_lse(row, scale, seen) {
         return lse;
     }
