@@ -567,7 +567,6 @@ fn forward_typed<F: TileFloat>(
     ))
 }
 
-#[allow(clippy::too_many_arguments)]
 fn backward_typed<F: TileFloat>(
     [q, k, v]: [&Tensor; 3],
     [o, g, lse]: [&Tensor; 3],
