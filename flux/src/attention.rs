@@ -290,33 +290,23 @@ impl Operands {
             return Ok(vec![whole(0..rows, true)]);
         }
         let mut blocks = Vec::new();
-        let mut start = 0;
-        while start < rows {
-            let g = mask.ids[start];
-            let end = start
-                + mask.ids[start..rows]
-                    .iter()
-                    .take_while(|&&x| x == g)
-                    .count();
-            if g == 0 {
-                blocks.push(whole(start..end, false));
-            } else {
-                let seen: Vec<u32> = kernels::softmax::seen_key_ranges(&mask.ids[..s], g)
-                    .into_iter()
-                    .flatten()
-                    .map(|j| j as u32)
-                    .collect();
-                let n = seen.len();
-                let idx = Tensor::from_vec(seen, n, self.k.device())?;
-                blocks.push(KeyBlock {
-                    rows: start..end,
-                    k: self.k.index_select(&idx, 2)?,
-                    v: v.index_select(&idx, 2)?,
-                    keys: Some(idx),
-                    masked: false,
-                });
+        // The same runs of rows and seen key ranges the CPU tiles take.
+        for b in kernels::cpu_attention::row_blocks(Some(&mask.ids[..s]), rows, s)? {
+            #[allow(clippy::single_range_in_vec_init)] // one range: every key
+            if b.keys == [0..s] {
+                blocks.push(whole(b.rows, false));
+                continue;
             }
-            start = end;
+            let seen: Vec<u32> = b.keys.into_iter().flatten().map(|j| j as u32).collect();
+            let n = seen.len();
+            let idx = Tensor::from_vec(seen, n, self.k.device())?;
+            blocks.push(KeyBlock {
+                rows: b.rows,
+                k: self.k.index_select(&idx, 2)?,
+                v: v.index_select(&idx, 2)?,
+                keys: Some(idx),
+                masked: false,
+            });
         }
         Ok(blocks)
     }
@@ -733,7 +723,7 @@ mod tests {
                 chunk: 100,
                 cpu_tiles: false,
             },
-            // The CPU tiles (kernels::cpu_attention), tiles capped at 1, 5 and 100 rows.
+            // The CPU tiles (kernels::cpu_attention), tiles capped at 1, 5 and the default 512 rows.
             Attention::Chunked {
                 chunk: 1,
                 cpu_tiles: true,

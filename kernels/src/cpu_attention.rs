@@ -22,7 +22,7 @@ use candle_core::{DType, Device, Layout, Storage, Tensor, WithDType};
 use rayon::prelude::*;
 
 use crate::error::{KernelError, Result};
-use crate::softmax::{exp_f32, seen_key_ranges, RowFloat, LANES};
+use crate::softmax::{exp_f32, max_scaled_f32, seen_key_ranges, RowFloat, LANES};
 
 const OP: &str = "cpu attention";
 
@@ -190,18 +190,7 @@ mod avx2 {
 
 #[inline(always)]
 fn softmax_f32(row: &mut [f32], scale: f32) -> f32 {
-    let mut lane_max = [f32::NEG_INFINITY; LANES];
-    let chunks = row.chunks_exact(LANES);
-    let mut m = chunks
-        .remainder()
-        .iter()
-        .fold(f32::NEG_INFINITY, |m, v| m.max(v * scale));
-    for c in chunks {
-        for i in 0..LANES {
-            lane_max[i] = lane_max[i].max(c[i] * scale);
-        }
-    }
-    m = lane_max.into_iter().fold(m, f32::max);
+    let m = max_scaled_f32(row, scale, std::slice::from_ref(&(0..row.len())));
     let mut lane_sum = [0f32; LANES];
     let mut chunks = row.chunks_exact_mut(LANES);
     for c in &mut chunks {
@@ -481,12 +470,8 @@ fn dims(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(usize, usize, usize, usiz
     if v.dims() != k.dims() {
         return Err(shape_err("v", format!("{:?} as k", k.dims()), v));
     }
-    for (arg, t) in [("q", q), ("k", k), ("v", v)] {
-        if !t.device().is_cpu() {
-            return Err(KernelError::Candle(candle_core::Error::Msg(format!(
-                "{OP}: `{arg}` is not on the CPU"
-            ))));
-        }
+    // Devices: `values` names a tensor that is not on the CPU.
+    for (arg, t) in [("k", k), ("v", v)] {
         if t.dtype() != q.dtype() {
             return Err(KernelError::Candle(candle_core::Error::Msg(format!(
                 "{OP}: `{arg}` is {:?}, q is {:?}",

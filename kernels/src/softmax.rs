@@ -225,8 +225,9 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
-/// The logsumexp of `scale` x `row` over the `seen` key ranges, in lanes (f32).
-fn lse_f32(row: &[f32], scale: f32, seen: &[Range<usize>]) -> f32 {
+/// The largest of `scale` x `row` over the `seen` key ranges, in lanes (f32).
+#[inline(always)]
+pub(crate) fn max_scaled_f32(row: &[f32], scale: f32, seen: &[Range<usize>]) -> f32 {
     let mut lane_max = [f32::NEG_INFINITY; LANES];
     let mut m = f32::NEG_INFINITY;
     for r in seen {
@@ -238,7 +239,12 @@ fn lse_f32(row: &[f32], scale: f32, seen: &[Range<usize>]) -> f32 {
             }
         }
     }
-    let m = lane_max.into_iter().fold(m, f32::max);
+    lane_max.into_iter().fold(m, f32::max)
+}
+
+/// The logsumexp of `scale` x `row` over the `seen` key ranges, in lanes (f32).
+fn lse_f32(row: &[f32], scale: f32, seen: &[Range<usize>]) -> f32 {
+    let m = max_scaled_f32(row, scale, seen);
     let mut lane_sum = [0f32; LANES];
     let mut tail = 0f32;
     for r in seen {
