@@ -261,6 +261,8 @@ fn synth_to(out: &str, opts: &SynthOptions, shards: &ShardArgs) -> Result<datase
 }
 
 fn main() -> Result<()> {
+    // Before any thread starts (it sets an environment variable): see kernels::cpu_threads.
+    kernels::cpu_threads::settle();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

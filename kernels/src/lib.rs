@@ -5,9 +5,11 @@
 //! CUDA forward and a backward); `losses` turns rows into SCAL and MDL (candle ops with a
 //! backward on the small rows tensor). `softmax` and `fused` are the fused softmax and row ops
 //! of the training step (CUDA and CPU), `cpu_attention` the CPU's whole attention call in
-//! cache-sized tiles, `optim` the in-place AdamW and EMA on CUDA.
+//! cache-sized tiles, `cpu_threads` candle's CPU thread count fixed once per process, `optim`
+//! the in-place AdamW and EMA on CUDA.
 
 pub mod cpu_attention;
+pub mod cpu_threads;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod error;

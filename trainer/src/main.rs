@@ -1044,6 +1044,8 @@ fn export_cmd(args: ExportArgs) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     trainer::alloc::keep_freed_memory();
+    // Before any thread starts (it sets an environment variable): see kernels::cpu_threads.
+    kernels::cpu_threads::settle();
     init_tracing();
     match run(Cli::parse()) {
         Ok(code) => code,
