@@ -9,7 +9,8 @@
 #      (default 256), with what the committed base's seven CPU runs taught as one run:
 #      `loss.logit_mean=1.0` (more training at high noise, where the shapes are decided) and a
 #      cosine to a hundredth of the lr (`optim.min_lr_ratio=0.01`; trainer/assets/tiny-base/
-#      README.md). A 30-step probe measures the seconds per step, then the run proper gets
+#      README.md), with the EMA's warmup (`optim.ema_warmup=true`: a run from random weights of a
+#      few thousand steps would keep decay^steps of them in its average). A 30-step probe measures the seconds per step, then the run proper gets
 #      the steps that fit in what is left of BUDGET_S (default 480 s), so that its cosine
 #      schedule ends; a SIGTERM at the budget's end stops it cleanly all the same, and it
 #      writes the base so far. Arguments after the mode go to both runs (`--set
@@ -71,7 +72,7 @@ for p in "${pids[@]}"; do wait "$p" || { cat "$WORK"/precompute-*.log; exit 1; }
 SETS=(--config configs/tiny-base.toml --set "data.url=\"$WORK/synth\"" --set "data.cache=\"$WORK/cache\""
   --set "model.device=\"$DEVICE\"" --set "train.batch_size=$BATCH" --set train.progress=false
   --set checkpoint.every=0 --set train.log_every=50
-  --set loss.logit_mean=1.0 --set optim.min_lr_ratio=0.01)
+  --set loss.logit_mean=1.0 --set optim.min_lr_ratio=0.01 --set optim.ema_warmup=true)
 say "probe: 30 steps of $BATCH"
 "$BIN/trainer" pretrain-base "${SETS[@]}" --set "run.dir=\"$WORK/probe\"" --set train.max_steps=30 \
   --set optim.warmup_steps=10 "$@" > "$WORK/probe.log" 2>&1 || { tail -20 "$WORK/probe.log"; exit 1; }

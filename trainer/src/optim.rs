@@ -33,6 +33,11 @@ pub struct OptimSpec {
     pub min_lr_ratio: f64,
     /// EMA decay of the LoRA weights; 0 disables the EMA.
     pub ema_decay: f64,
+    /// Caps the EMA's decay at optimizer step s (from 0) at (1 + s) / (10 + s), as diffusers'
+    /// `EMAModel` does: without it the average keeps ema_decay^steps of the weights the run
+    /// started from, which a run from random weights must train many times 1 / (1 - decay)
+    /// steps to forget.
+    pub ema_warmup: bool,
 }
 
 impl Default for OptimSpec {
@@ -48,6 +53,7 @@ impl Default for OptimSpec {
             schedule: Schedule::Constant,
             min_lr_ratio: 0.0,
             ema_decay: 0.99,
+            ema_warmup: false,
         }
     }
 }
@@ -235,10 +241,24 @@ impl AdamW {
 /// steps of a 2.3 M parameter base).
 pub struct Ema {
     pub decay: f64,
+    /// `optim.ema_warmup`: the decay at step s is at most (1 + s) / (10 + s).
+    pub warmup: bool,
     pub shadow: Vec<Tensor>,
 }
 
 impl Ema {
+    /// The EMA `spec` asks for (`optim.ema_decay`, `optim.ema_warmup`) of `vars`, or None when
+    /// its decay is 0.
+    pub fn for_spec(spec: &OptimSpec, vars: &[&Var]) -> Result<Option<Self>> {
+        if spec.ema_decay <= 0.0 {
+            return Ok(None);
+        }
+        let mut ema = Self::new(spec.ema_decay, vars)?;
+        ema.warmup = spec.ema_warmup;
+        Ok(Some(ema))
+    }
+
+    /// The average of `vars` as they are now, with a constant `decay`.
     pub fn new(decay: f64, vars: &[&Var]) -> Result<Self> {
         let shadow = vars
             .iter()
@@ -249,22 +269,38 @@ impl Ema {
                     .map(|t| t.detach())
             })
             .collect::<candle_core::Result<_>>()?;
-        Ok(Self { decay, shadow })
+        Ok(Self {
+            decay,
+            warmup: false,
+            shadow,
+        })
     }
 
-    /// shadow = shadow * decay + w * (1 - decay); in place on a GPU (as [`AdamW::step`]).
-    pub fn update(&mut self, vars: &[&Var]) -> Result<()> {
+    /// The decay of the update after optimizer step `step` (from 0).
+    pub fn decay_at(&self, step: u64) -> f64 {
+        if self.warmup {
+            let s = step as f64;
+            self.decay.min((1.0 + s) / (10.0 + s))
+        } else {
+            self.decay
+        }
+    }
+
+    /// shadow = shadow * d + w * (1 - d) with d = [`Ema::decay_at`] `step`, the optimizer step
+    /// (from 0) just taken; in place on a GPU (as [`AdamW::step`]).
+    pub fn update(&mut self, vars: &[&Var], step: u64) -> Result<()> {
+        let decay = self.decay_at(step);
         for (s, v) in self.shadow.iter_mut().zip(vars) {
             #[cfg(feature = "cuda")]
             if flux::fused::enabled()
                 && kernels::optim::applies(s)
                 && kernels::optim::applies(v.as_tensor())
             {
-                kernels::optim::ema_in_place(s, v.as_tensor(), self.decay)?;
+                kernels::optim::ema_in_place(s, v.as_tensor(), decay)?;
                 continue;
             }
             let w = v.as_tensor().to_dtype(DType::F32)?;
-            *s = ((&*s * self.decay)? + (w * (1.0 - self.decay))?)?.detach();
+            *s = ((&*s * decay)? + (w * (1.0 - decay))?)?.detach();
         }
         Ok(())
     }
@@ -354,8 +390,60 @@ mod tests {
         let mut ema = Ema::new(0.9, &[&var]).unwrap();
         var.set(&Tensor::new(&[1.0f32], &Device::Cpu).unwrap())
             .unwrap();
-        ema.update(&[&var]).unwrap();
+        ema.update(&[&var], 0).unwrap();
         assert!((ema.shadow[0].to_vec1::<f32>().unwrap()[0] - 0.1).abs() < 1e-7);
+    }
+
+    /// With `optim.ema_warmup` the decay follows diffusers' EMAModel, min(decay, (1 + s) /
+    /// (10 + s)): 0.1 after the first step, so the average starts near the trained weights,
+    /// and the configured decay once (1 + s) / (10 + s) passes it (s = 890 for 0.99).
+    #[test]
+    fn ema_warmup_caps_the_decay_as_diffusers_does() {
+        let spec = OptimSpec {
+            ema_decay: 0.99,
+            ema_warmup: true,
+            ..OptimSpec::default()
+        };
+        let var = Var::new(&[0.0f32], &Device::Cpu).unwrap();
+        let mut ema = Ema::for_spec(&spec, &[&var]).unwrap().unwrap();
+        assert_eq!(ema.decay_at(0), 0.1);
+        assert_eq!(ema.decay_at(1), 2.0 / 11.0);
+        assert_eq!(ema.decay_at(889), 890.0 / 899.0);
+        assert!(ema.decay_at(889) < 0.99);
+        assert_eq!(ema.decay_at(891), 0.99);
+        assert_eq!(ema.decay_at(100_000), 0.99);
+        // A slow reference: the running average of a weight that is 1 from the first step on.
+        var.set(&Tensor::new(&[1.0f32], &Device::Cpu).unwrap())
+            .unwrap();
+        let mut expect = 0.0f64;
+        for step in 0..5u64 {
+            ema.update(&[&var], step).unwrap();
+            let d = (1.0 + step as f64) / (10.0 + step as f64);
+            expect = expect * d + (1.0 - d);
+            let got = ema.shadow[0].to_vec1::<f32>().unwrap()[0] as f64;
+            assert!(
+                (got - expect).abs() < 1e-6,
+                "step {step}: {got} vs {expect}"
+            );
+        }
+        // Without warmup the same spec keeps its decay from the start; decay 0 keeps no EMA.
+        let plain = Ema::for_spec(
+            &OptimSpec {
+                ema_warmup: false,
+                ..spec.clone()
+            },
+            &[&var],
+        );
+        assert_eq!(plain.unwrap().unwrap().decay_at(0), 0.99);
+        let none = Ema::for_spec(
+            &OptimSpec {
+                ema_decay: 0.0,
+                ..spec
+            },
+            &[&var],
+        )
+        .unwrap();
+        assert!(none.is_none());
     }
 
     /// The optimizer's state records no ops: a state that did would keep every earlier step's
@@ -371,7 +459,7 @@ mod tests {
             let g = (var.as_tensor() * 0.5).unwrap();
             assert!(g.track_op());
             opt.step(&spec(), &[&var], &[g], 0.1, 1.0).unwrap();
-            ema.update(&[&var]).unwrap();
+            ema.update(&[&var], 0).unwrap();
             assert!(!ema.shadow[0].track_op(), "the EMA records its history");
             assert!(
                 !opt.m[0].track_op() && !opt.v[0].track_op(),

@@ -165,11 +165,7 @@ impl Pretraining {
         let data = DataFeed::build(&cfg, &t.fc, dist.rank(), dist.world_size(), device)?;
         let var_refs: Vec<&Var> = t.vars.iter().map(|(_, v)| v).collect();
         let opt = AdamW::new(&var_refs)?;
-        let ema = if cfg.optim.ema_decay > 0.0 {
-            Some(Ema::new(cfg.optim.ema_decay, &var_refs)?)
-        } else {
-            None
-        };
+        let ema = Ema::for_spec(&cfg.optim, &var_refs)?;
         Ok(Self {
             cfg,
             dist,
@@ -298,7 +294,7 @@ impl Pretraining {
             clip_factor(norm, self.cfg.optim.clip()),
         )?;
         if let Some(e) = self.ema.as_mut() {
-            e.update(&vars)?;
+            e.update(&vars, step)?;
         }
         Ok((lr, norm, false))
     }

@@ -118,11 +118,7 @@ impl Run {
         let data = DataFeed::build(&cfg, &fc, dist.rank(), dist.world_size(), &device)?;
         let vars = lora_vars(&lora);
         let opt = AdamW::new(&vars)?;
-        let ema = if cfg.optim.ema_decay > 0.0 {
-            Some(Ema::new(cfg.optim.ema_decay, &vars)?)
-        } else {
-            None
-        };
+        let ema = Ema::for_spec(&cfg.optim, &vars)?;
         let bytes: Vec<usize> = vars
             .iter()
             .map(|v| v.as_tensor().elem_count() * v.as_tensor().dtype().size_in_bytes())

@@ -249,7 +249,7 @@ impl Run {
         self.opt
             .step(&self.cfg.optim, &vars, &grads, lr, grad_scale)?;
         if let Some(ema) = &mut self.ema {
-            ema.update(&vars)?;
+            ema.update(&vars, step)?;
         }
         Ok((lr, norm, false))
     }

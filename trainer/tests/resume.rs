@@ -71,6 +71,9 @@ fn sets(dir: &Path, every: u64) -> Vec<String> {
         "train.batch_size=1".into(),
         format!("checkpoint.every={every}"),
         "train.signal_exit_code=75".into(),
+        // The EMA's decay then depends on the step (below 0.99 for all 40): a resumed run must
+        // count it from where it stopped.
+        "optim.ema_warmup=true".into(),
     ]);
     all
 }
