@@ -34,9 +34,10 @@ pub fn settle() -> Option<usize> {
 mod tests {
     use super::*;
 
-    // The only test in this crate that touches the environment or rayon's global pool, so it
-    // cannot race with another test over them. What a process would have: the same counts for
-    // candle and rayon before and after, and the variable set only when it was not.
+    // The only test in this crate that changes the environment. Other tests start rayon's
+    // global pool too, but it reads the variable only when it starts, and `settle` has it
+    // started before setting it. What a process would have: the same counts for candle and
+    // rayon before and after, and the variable set only when it was not.
     #[test]
     fn settle_keeps_candle_and_rayon_counts_and_sets_the_variable_once() {
         let was_set = std::env::var_os(VAR).is_some();
