@@ -10,11 +10,12 @@
 #      `loss.logit_mean=1.0` (more training at high noise, where the shapes are decided) and a
 #      cosine to a hundredth of the lr (`optim.min_lr_ratio=0.01`; trainer/assets/tiny-base/
 #      README.md), with the EMA's warmup (`optim.ema_warmup=true`: a run from random weights of a
-#      few thousand steps would keep decay^steps of them in its average). A 30-step probe measures the seconds per step, then the run proper gets
-#      the steps that fit in what is left of BUDGET_S (default 480 s), so that its cosine
-#      schedule ends; a SIGTERM at the budget's end stops it cleanly all the same, and it
-#      writes the base so far. Arguments after the mode go to both runs (`--set
-#      optim.lr=2e-3`, `--set model.weights=...` to continue a base);
+#      few thousand steps would keep decay^steps of them in its average). A 30-step probe
+#      measures the seconds per step, then the run proper gets the steps that fit in what is
+#      left of BUDGET_S (default 480 s), so that its cosine schedule ends; a SIGTERM at the
+#      budget's end stops it cleanly all the same, and it writes the base so far. Arguments
+#      after the mode go to both runs (`--set optim.lr=2e-3`, `--set model.weights=...` to
+#      continue a base);
 #   3. `trainer shapes` on the base written (seeds 1-4, `--true-cfg 5`, the best of README's table):
 #      shapes/shapes.json and shapes.png, the shape and colour accuracies also in summary.json;
 #   4. $OUT/tiny-base/: the base (the EMA: config.json and diffusion_pytorch_model.safetensors),

@@ -253,13 +253,12 @@ impl Ema {
         if spec.ema_decay <= 0.0 {
             return Ok(None);
         }
-        let mut ema = Self::new(spec.ema_decay, vars)?;
-        ema.warmup = spec.ema_warmup;
-        Ok(Some(ema))
+        Self::new(spec.ema_decay, spec.ema_warmup, vars).map(Some)
     }
 
-    /// The average of `vars` as they are now, with a constant `decay`.
-    pub fn new(decay: f64, vars: &[&Var]) -> Result<Self> {
+    /// The average of `vars` as they are now, with decay `decay` (capped early on when
+    /// `warmup`: [`Ema::decay_at`]).
+    pub fn new(decay: f64, warmup: bool, vars: &[&Var]) -> Result<Self> {
         let shadow = vars
             .iter()
             .map(|v| {
@@ -271,7 +270,7 @@ impl Ema {
             .collect::<candle_core::Result<_>>()?;
         Ok(Self {
             decay,
-            warmup: false,
+            warmup,
             shadow,
         })
     }
@@ -387,7 +386,7 @@ mod tests {
     #[test]
     fn ema_moves_toward_the_weights() {
         let var = Var::new(&[0.0f32], &Device::Cpu).unwrap();
-        let mut ema = Ema::new(0.9, &[&var]).unwrap();
+        let mut ema = Ema::new(0.9, false, &[&var]).unwrap();
         var.set(&Tensor::new(&[1.0f32], &Device::Cpu).unwrap())
             .unwrap();
         ema.update(&[&var], 0).unwrap();
@@ -452,7 +451,7 @@ mod tests {
     #[test]
     fn optimizer_state_keeps_no_graph_of_earlier_steps() {
         let var = Var::new(&[1.0f32, -2.0], &Device::Cpu).unwrap();
-        let mut ema = Ema::new(0.9, &[&var]).unwrap();
+        let mut ema = Ema::new(0.9, false, &[&var]).unwrap();
         let mut opt = AdamW::new(&[&var]).unwrap();
         assert!(!ema.shadow[0].track_op());
         for _ in 0..3 {
